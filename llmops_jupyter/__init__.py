@@ -1,0 +1,28 @@
+"""llmops-jupyter: the LLM lifecycle from notebook cells.
+
+``%load_ext llmops_jupyter`` registers ``%llmops`` / ``%%llmops``. This module imports only the standard library:
+loading the extension must stay cheap (a test asserts torch, transformers, peft, plotly, papermill and datasets
+are not imported by it).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython) -> None:
+    from .magics import load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:  # pragma: no cover - nothing to tear down
+    pass
+
+
+def _jupyter_labextension_paths():  # the prebuilt Lab extension shipped in the wheel
+    return [{"src": "labextension", "dest": "llmops-jupyter"}]
+
+
+def _jupyter_server_extension_points():
+    return [{"module": "llmops_jupyter.server"}]

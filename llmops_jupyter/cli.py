@@ -1,0 +1,62 @@
+"""``llmops`` console script: the same commands and configs as ``%llmops``, outside notebooks."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from .argparsing import HelpRequested, parse_config
+from .errors import ConfigError, LlmopsError
+
+
+def _print(obj: Any) -> None:
+    if obj is None:
+        return
+    if hasattr(obj, "to_plotly_json"):  # figures are for notebooks; the CLI reports numbers
+        return
+    text = obj.__str__() if type(obj).__str__ is not object.__str__ else repr(obj)
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .magics import overview  # noqa: PLC0415 - IPython is a core dependency
+    from .stages.base import get_command
+
+    if argv and argv[0] == "--home":
+        if len(argv) < 2:
+            print("llmops: --home needs a folder", file=sys.stderr)
+            return 2
+        os.environ["LLMOPS_HOME"] = argv[1]
+        argv = argv[2:]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(overview().replace("%llmops", "llmops").replace("%%llmops", "llmops"))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    try:
+        cmd = get_command(name)
+        config = parse_config(cmd.config_cls, rest, prog=f"llmops {name}", description=cmd.help)
+        from .frontdoor import execute
+
+        result = execute(cmd, config, front_end="cli", display=_print)
+        _print(result)
+    except HelpRequested as req:
+        print(req.text)
+        return 0
+    except LlmopsError as exc:
+        print(f"llmops: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except KeyboardInterrupt as exc:
+        print(f"llmops: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

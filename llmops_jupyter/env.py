@@ -1,0 +1,76 @@
+"""Where a run happens: package versions, git commit, notebook path, hardware. All cheap; no heavy imports."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+TRACKED = (
+    "llmops-jupyter", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes",
+    "gptqmodel", "tokenizers", "papermill", "ipykernel",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in TRACKED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "packages": package_versions(),
+    }
+    torch = sys.modules.get("torch")  # only describe CUDA if torch is already loaded: never import it here
+    if torch is not None:
+        try:
+            env["cuda"] = torch.version.cuda
+            if torch.cuda.is_available():
+                env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+    return env
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def current_notebook() -> str | None:
+    """Path of the notebook driving this kernel, when it can be known.
+
+    ``LLMOPS_NOTEBOOK`` is set by our papermill glue; ``JPY_SESSION_NAME`` by jupyter-server for kernels it starts.
+    """
+    for var in ("LLMOPS_NOTEBOOK", "JPY_SESSION_NAME"):
+        value = os.environ.get(var)
+        if value:
+            return value
+    main = sys.modules.get("__main__")
+    for attr in ("__vsc_ipynb_file__", "__session__"):
+        value = getattr(main, attr, None)
+        if isinstance(value, str) and value.endswith(".ipynb"):
+            return value
+    return None
+
+
+def project_root() -> Path:
+    return Path.cwd()

@@ -1,0 +1,17 @@
+"""The run/lineage registry: embedded SQLite (WAL) plus a content-addressed artifact store.
+
+Layout under the registry home (``$LLMOPS_HOME`` or ``./.llmops``)::
+
+    registry.db            runs, metrics, artifacts, run_artifacts, edges (+ tables other modules register)
+    artifacts/ab/abcd…/    one directory per artifact, named by the content hash of its files
+    tmp/                   staging area; a crashed write leaves nothing in artifacts/
+
+Every write is one ``BEGIN IMMEDIATE`` transaction with a generous busy timeout, so several processes (a kernel,
+a detached trainer, the server, a sweep's workers) can write at once without losing anything.
+"""
+
+from __future__ import annotations
+
+from .core import Artifact, Registry, RunStatus, default_home, register_schema
+
+__all__ = ["Artifact", "Registry", "RunStatus", "default_home", "register_schema"]

@@ -1,0 +1,595 @@
+"""SQLite registry implementation (see the package docstring for the layout)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import getpass
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .._io import hash_tree, tree_size
+from ..errors import NotFoundError, RegistryError
+
+
+class RunStatus(str, enum.Enum):
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    CACHED = "cached"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    stage TEXT NOT NULL,
+    name TEXT,
+    status TEXT NOT NULL,
+    params TEXT NOT NULL DEFAULT '{}',
+    summary TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    duration_s REAL,
+    notebook TEXT,
+    git_commit TEXT,
+    env TEXT NOT NULL DEFAULT '{}',
+    error TEXT,
+    parent_id TEXT,
+    user TEXT,
+    host TEXT,
+    pid INTEGER,
+    tags TEXT NOT NULL DEFAULT '[]',
+    cache_key TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_cache ON runs(cache_key);
+CREATE INDEX IF NOT EXISTS runs_stage ON runs(stage, created_at);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    key TEXT NOT NULL,
+    value REAL,
+    step INTEGER,
+    ts REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, key);
+CREATE TABLE IF NOT EXISTS artifacts (
+    hash TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    name TEXT,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    run_id TEXT,
+    meta TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS artifacts_kind ON artifacts(kind, created_at);
+CREATE TABLE IF NOT EXISTS run_artifacts (
+    run_id TEXT NOT NULL,
+    artifact TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('input', 'output')),
+    PRIMARY KEY (run_id, artifact, role)
+);
+CREATE TABLE IF NOT EXISTS path_hashes (
+    path TEXT PRIMARY KEY,
+    sig TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS edges (
+    src TEXT NOT NULL,
+    dst TEXT NOT NULL,
+    relation TEXT NOT NULL DEFAULT 'derived',
+    run_id TEXT,
+    PRIMARY KEY (src, dst, relation)
+);
+"""
+
+_EXTRA_SCHEMA: list[str] = []
+
+
+def register_schema(ddl: str) -> None:
+    """Let a module add its own tables (``CREATE TABLE IF NOT EXISTS``); applied on every open."""
+    if ddl not in _EXTRA_SCHEMA:
+        _EXTRA_SCHEMA.append(ddl)
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LLMOPS_HOME") or ".llmops").expanduser()
+
+
+@dataclasses.dataclass
+class Artifact:
+    hash: str
+    kind: str
+    name: str | None
+    path: Path
+    size: int
+    created_at: float
+    run_id: str | None
+    meta: dict[str, Any]
+
+    @property
+    def short(self) -> str:
+        return self.hash[:12]
+
+    def file(self, name: str | None = None) -> Path:
+        """The artifact's directory, or a named file inside it."""
+        return self.path / name if name else self.path
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def _json(value: Any) -> str:
+    from ..config import jsonable
+
+    return json.dumps(jsonable(value), sort_keys=True)
+
+
+class Registry:
+    """Handle on one registry home. Cheap to create; connections are per thread."""
+
+    _instances: dict[Path, Registry] = {}
+
+    def __init__(self, home: str | os.PathLike | None = None):
+        self.home = Path(home).expanduser() if home is not None else default_home()
+        self.db_path = self.home / "registry.db"
+        self.artifacts_dir = self.home / "artifacts"
+        self.tmp_dir = self.home / "tmp"
+        self._local = threading.local()
+        self._prepare()
+
+    @classmethod
+    def open(cls, home: str | os.PathLike | None = None) -> Registry:
+        path = (Path(home).expanduser() if home is not None else default_home()).resolve()
+        inst = cls._instances.get(path)
+        if inst is None or not inst.db_path.exists():
+            inst = cls._instances[path] = cls(path)
+        return inst
+
+    # -- connection --------------------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        try:
+            for d in (self.home, self.artifacts_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            probe = self.tmp_dir / f".probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise RegistryError(
+                f"Registry folder '{self.home}' is not writable ({exc.strerror or exc}).",
+                fix="set LLMOPS_HOME (or pass --home) to a writable folder, or fix its permissions",
+            ) from None
+        con = self._connect()
+        script = "BEGIN IMMEDIATE;\n" + SCHEMA + "\n".join(_EXTRA_SCHEMA) + "\nCOMMIT;"
+        try:
+            con.executescript(script)
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            try:
+                con = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
+                con.row_factory = sqlite3.Row
+                con.execute("PRAGMA busy_timeout=60000")
+                mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode.lower() != "wal":  # pragma: no cover - filesystems without shared memory
+                    con.execute("PRAGMA journal_mode=DELETE")
+                con.execute("PRAGMA synchronous=NORMAL")
+                con.execute("PRAGMA foreign_keys=OFF")
+            except sqlite3.Error as exc:
+                raise RegistryError(
+                    f"Cannot open registry database '{self.db_path}': {exc}.",
+                    fix="check the folder is writable and not on a network filesystem without locking",
+                ) from None
+            self._local.con = con
+        return con
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write. ``BEGIN IMMEDIATE`` takes the write lock up front, so writers queue, never fail."""
+        con = self._connect()
+        for attempt in range(50):
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:  # busy beyond busy_timeout: keep queueing
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        else:  # pragma: no cover
+            raise RegistryError(f"Registry '{self.db_path}' stayed locked.", fix="close the process holding it")
+        try:
+            yield con
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        return self._connect().execute(sql, tuple(params)).fetchall()
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+    # -- runs -----------------------------------------------------------------------------------------------------
+    def create_run(
+        self,
+        stage: str,
+        params: dict[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        notebook: str | None = None,
+        git_commit: str | None = None,
+        env: dict[str, Any] | None = None,
+        parent_id: str | None = None,
+        tags: list[str] | None = None,
+        status: RunStatus = RunStatus.RUNNING,
+        run_id: str | None = None,
+    ) -> str:
+        run_id = run_id or f"{stage}-{secrets.token_hex(4)}"
+        now = time.time()
+        with self.transaction() as con:
+            con.execute(
+                "INSERT INTO runs (id, stage, name, status, params, created_at, started_at, notebook, git_commit, env,"
+                " parent_id, user, host, pid, tags) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    run_id,
+                    stage,
+                    name,
+                    str(status),
+                    _json(params or {}),
+                    now,
+                    now,
+                    notebook,
+                    git_commit,
+                    _json(env or {}),
+                    parent_id,
+                    _user(),
+                    os.uname().nodename,
+                    os.getpid(),
+                    _json(tags or []),
+                ),
+            )
+        return run_id
+
+    def finish_run(
+        self, run_id: str, status: RunStatus, *, error: str | None = None, summary: dict | None = None
+    ) -> None:
+        now = time.time()
+        with self.transaction() as con:
+            row = con.execute("SELECT started_at FROM runs WHERE id=?", (run_id,)).fetchone()
+            started = row["started_at"] if row else now
+            con.execute(
+                "UPDATE runs SET status=?, finished_at=?, duration_s=?, error=?,"
+                " summary=COALESCE(?, summary) WHERE id=?",
+                (str(status), now, now - (started or now), error, _json(summary) if summary else None, run_id),
+            )
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        allowed = {"name", "status", "params", "summary", "notebook", "error", "tags", "parent_id", "pid", "cache_key"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"cannot update run fields {sorted(bad)}")
+        cols = ", ".join(f"{k}=?" for k in fields)
+        vals = [_json(v) if k in ("params", "summary", "tags") else (str(v) if k == "status" else v)
+                for k, v in fields.items()]
+        with self.transaction() as con:
+            con.execute(f"UPDATE runs SET {cols} WHERE id=?", (*vals, run_id))
+
+    def resolve_run(self, ref: str) -> str:
+        """Resolve a run reference: full id, unique prefix, ``latest`` or ``<stage>@latest`` / ``<stage>:latest``."""
+        ref = str(ref).strip()
+        if not ref:
+            raise NotFoundError("Empty run reference.", fix="pass a run id from `%llmops runs`")
+        if ref == "latest" or ref.endswith(("@latest", ":latest")):
+            stage = None if ref == "latest" else ref.rsplit("@", 1)[0].rsplit(":", 1)[0]
+            sql = "SELECT id FROM runs" + (" WHERE stage=?" if stage else "") + " ORDER BY created_at DESC LIMIT 1"
+            rows = self.query(sql, (stage,) if stage else ())
+            if not rows:
+                raise NotFoundError(f"No {stage + ' ' if stage else ''}runs in the registry at '{self.home}'.",
+                                    fix="run that stage first, or check LLMOPS_HOME")
+            return rows[0]["id"]
+        rows = self.query("SELECT id FROM runs WHERE id=? OR id LIKE ? OR name=? ORDER BY created_at DESC LIMIT 3",
+                          (ref, ref.replace("%", "") + "%", ref))
+        exact = [r["id"] for r in rows if r["id"] == ref]
+        if exact:
+            return exact[0]
+        if len(rows) == 1:
+            return rows[0]["id"]
+        if not rows:
+            raise NotFoundError(f"No run '{ref}' in the registry at '{self.home}'.",
+                                fix="list runs with `%llmops runs` (or `llmops runs`)")
+        raise NotFoundError(f"Run reference '{ref}' is ambiguous ({', '.join(r['id'] for r in rows)}).",
+                            fix="give more characters of the run id")
+
+    def get_run(self, ref: str) -> dict[str, Any]:
+        run_id = self.resolve_run(ref)
+        row = self.query("SELECT * FROM runs WHERE id=?", (run_id,))[0]
+        return _run_dict(row)
+
+    def list_runs(
+        self, *, stage: str | None = None, status: str | None = None, limit: int | None = 50, since: float = 0.0
+    ) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM runs WHERE created_at >= ?"
+        args: list[Any] = [since]
+        if stage:
+            sql += " AND stage=?"
+            args.append(stage)
+        if status:
+            sql += " AND status=?"
+            args.append(str(status))
+        sql += " ORDER BY created_at DESC, rowid DESC"
+        if limit:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        return [_run_dict(r) for r in self.query(sql, args)]
+
+    # -- metrics --------------------------------------------------------------------------------------------------
+    def log_metrics(self, run_id: str, values: dict[str, float], step: int | None = None) -> None:
+        now = time.time()
+        rows = [(run_id, k, _num(v), step, now) for k, v in values.items()]
+        with self.transaction() as con:
+            con.executemany("INSERT INTO metrics (run_id, key, value, step, ts) VALUES (?,?,?,?,?)", rows)
+
+    def log_metric(self, run_id: str, key: str, value: float, step: int | None = None) -> None:
+        self.log_metrics(run_id, {key: value}, step)
+
+    def metrics(self, run_id: str) -> dict[str, float]:
+        """Latest value of every metric of a run."""
+        rows = self.query(
+            "SELECT key, value FROM metrics WHERE run_id=? ORDER BY ts, rowid", (self.resolve_run(run_id),)
+        )
+        return {r["key"]: r["value"] for r in rows}
+
+    def metric_history(self, run_id: str, key: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT key, value, step, ts FROM metrics WHERE run_id=?"
+        args: list[Any] = [self.resolve_run(run_id)]
+        if key:
+            sql += " AND key=?"
+            args.append(key)
+        return [dict(r) for r in self.query(sql + " ORDER BY ts, rowid", args)]
+
+    # -- artifacts ------------------------------------------------------------------------------------------------
+    def staging_dir(self, prefix: str = "stage") -> Path:
+        """A fresh folder inside the registry to build an artifact in (same filesystem → atomic rename)."""
+        path = self.tmp_dir / f"{prefix}-{uuid.uuid4().hex}"
+        path.mkdir(parents=True)
+        return path
+
+    def add_artifact(
+        self,
+        source: str | os.PathLike,
+        kind: str,
+        *,
+        name: str | None = None,
+        run_id: str | None = None,
+        meta: dict[str, Any] | None = None,
+        move: bool = False,
+        inputs: Iterable[str] = (),
+        relation: str = "derived",
+    ) -> Artifact:
+        """Store a file or folder by content hash. Identical content is stored once.
+
+        ``move=True`` renames a staging folder made by :meth:`staging_dir` instead of copying it. The object is
+        built under ``tmp/`` and renamed into ``artifacts/`` only when complete, so readers never see half of it.
+        """
+        src = Path(source)
+        if not src.exists():
+            raise RegistryError(f"Artifact source '{src}' does not exist.", fix="check the path the stage wrote")
+        staging = self.tmp_dir / f"ingest-{uuid.uuid4().hex}"
+        try:
+            if move and src.is_dir() and src.resolve().parent == self.tmp_dir.resolve():
+                os.replace(src, staging)
+            elif src.is_dir():
+                shutil.copytree(src, staging, symlinks=False)
+            else:
+                staging.mkdir()
+                shutil.copy2(src, staging / src.name)
+                if move:
+                    src.unlink()
+            digest = hash_tree(staging)
+            size = tree_size(staging)
+            final = self.artifacts_dir / digest[:2] / digest
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                shutil.rmtree(staging)
+            else:
+                try:
+                    os.replace(staging, final)
+                except OSError:  # another process won the race with identical content
+                    shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        now = time.time()
+        rel = final.relative_to(self.home).as_posix()
+        with self.transaction() as con:
+            con.execute(
+                "INSERT OR IGNORE INTO artifacts (hash, kind, name, path, size, created_at, run_id, meta)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (digest, kind, name, rel, size, now, run_id, _json(meta or {})),
+            )
+            if run_id:
+                con.execute("INSERT OR IGNORE INTO run_artifacts VALUES (?,?,?)", (run_id, digest, "output"))
+            for src_hash in inputs:
+                if src_hash != digest:
+                    con.execute("INSERT OR IGNORE INTO edges VALUES (?,?,?,?)", (src_hash, digest, relation, run_id))
+        return self.get_artifact(digest)
+
+    def add_reference(
+        self, path: str | os.PathLike, kind: str, *, name: str | None = None, meta: dict[str, Any] | None = None
+    ) -> Artifact:
+        """Register a folder outside the store by reference (e.g. a 14 GB base model): hashed, not copied.
+
+        The hash is cached against the files' sizes and mtimes, so re-using a base model costs a ``stat`` walk.
+        """
+        src = Path(path).expanduser().resolve()
+        files = sorted(f for f in src.rglob("*") if f.is_file()) if src.is_dir() else [src]
+        sig = json.dumps([(f.relative_to(src).as_posix() if src.is_dir() else f.name, f.stat().st_size,
+                           f.stat().st_mtime_ns) for f in files])
+        rows = self.query("SELECT sig, hash FROM path_hashes WHERE path=?", (str(src),))
+        if rows and rows[0]["sig"] == sig:
+            digest = rows[0]["hash"]
+        else:
+            digest = hash_tree(src)
+            with self.transaction() as con:
+                con.execute("INSERT OR REPLACE INTO path_hashes VALUES (?,?,?)", (str(src), sig, digest))
+        with self.transaction() as con:
+            con.execute(
+                "INSERT OR IGNORE INTO artifacts (hash, kind, name, path, size, created_at, run_id, meta)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (digest, kind, name or src.name, str(src), tree_size(src), time.time(), None,
+                 _json({"external": True, **(meta or {})})),
+            )
+        return self.get_artifact(digest)
+
+    def get_artifact(self, ref: str | Artifact) -> Artifact:
+        """Resolve an artifact: hash or unique hash prefix, ``<run>`` (its main output) or ``<run>:<kind>``."""
+        if isinstance(ref, Artifact):
+            return ref
+        ref = str(ref).strip()
+        rows = []
+        if len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref.lower()):
+            rows = self.query("SELECT * FROM artifacts WHERE hash LIKE ? LIMIT 2", (ref.lower() + "%",))
+            if len(rows) > 1:
+                raise NotFoundError(f"Artifact prefix '{ref}' is ambiguous.", fix="give more characters of the hash")
+        if not rows:
+            kind = None
+            run_ref = ref
+            if ":" in ref and not ref.endswith(":latest"):
+                run_ref, kind = ref.split(":", 1)
+            try:
+                run_id = self.resolve_run(run_ref)
+            except NotFoundError:
+                raise NotFoundError(f"No artifact or run '{ref}' in the registry at '{self.home}'.",
+                                    fix="see `%llmops runs` / `%llmops show <run>` for artifact hashes") from None
+            sql = ("SELECT a.* FROM artifacts a JOIN run_artifacts ra ON ra.artifact=a.hash"
+                   " WHERE ra.run_id=? AND ra.role='output'")
+            args: list[Any] = [run_id]
+            if kind:
+                sql += " AND a.kind=?"
+                args.append(kind)
+            rows = self.query(sql + " ORDER BY a.created_at DESC, a.rowid DESC LIMIT 1", args)
+            if not rows:
+                raise NotFoundError(f"Run '{run_id}' has no {kind + ' ' if kind else ''}output artifact.",
+                                    fix="check the run finished (`%llmops show " + run_id + "`)")
+        return self._artifact(rows[0])
+
+    def _artifact(self, row: sqlite3.Row) -> Artifact:
+        return Artifact(
+            hash=row["hash"], kind=row["kind"], name=row["name"], path=self.home / row["path"], size=row["size"],
+            created_at=row["created_at"], run_id=row["run_id"], meta=json.loads(row["meta"] or "{}"),
+        )
+
+    def list_artifacts(self, kind: str | None = None, limit: int = 200) -> list[Artifact]:
+        sql = "SELECT * FROM artifacts" + (" WHERE kind=?" if kind else "") + " ORDER BY created_at DESC LIMIT ?"
+        return [self._artifact(r) for r in self.query(sql, ((kind, limit) if kind else (limit,)))]
+
+    def run_artifacts(self, run_id: str, role: str = "output") -> list[Artifact]:
+        rows = self.query(
+            "SELECT a.* FROM artifacts a JOIN run_artifacts ra ON ra.artifact=a.hash WHERE ra.run_id=? AND ra.role=?"
+            " ORDER BY a.created_at", (run_id, role))
+        return [self._artifact(r) for r in rows]
+
+    def link_input(self, run_id: str, artifact: str | Artifact) -> Artifact:
+        art = self.get_artifact(artifact)
+        with self.transaction() as con:
+            con.execute("INSERT OR IGNORE INTO run_artifacts VALUES (?,?,?)", (run_id, art.hash, "input"))
+        return art
+
+    def add_edge(self, src: str, dst: str, relation: str = "derived", run_id: str | None = None) -> None:
+        with self.transaction() as con:
+            con.execute("INSERT OR IGNORE INTO edges VALUES (?,?,?,?)", (src, dst, relation, run_id))
+
+    def lineage(self, ref: str | Artifact, direction: str = "both") -> dict[str, Any]:
+        """Artifacts upstream and/or downstream of ``ref`` with the edges between them (recursive CTE)."""
+        root = self.get_artifact(ref)
+        nodes: dict[str, Artifact] = {root.hash: root}
+        edges: set[tuple[str, str, str, str | None]] = set()
+        queries = []
+        if direction in ("both", "up"):
+            queries.append(("WITH RECURSIVE up(h) AS (SELECT ? UNION SELECT e.src FROM edges e JOIN up ON e.dst=up.h)"
+                            " SELECT e.* FROM edges e WHERE e.dst IN (SELECT h FROM up)"))
+        if direction in ("both", "down"):
+            queries.append(("WITH RECURSIVE dn(h) AS (SELECT ? UNION SELECT e.dst FROM edges e JOIN dn ON e.src=dn.h)"
+                            " SELECT e.* FROM edges e WHERE e.src IN (SELECT h FROM dn)"))
+        for sql in queries:
+            for row in self.query(sql, (root.hash,)):
+                edges.add((row["src"], row["dst"], row["relation"], row["run_id"]))
+        for src, dst, _, _ in edges:
+            for h in (src, dst):
+                if h not in nodes:
+                    rows = self.query("SELECT * FROM artifacts WHERE hash=?", (h,))
+                    if rows:
+                        nodes[h] = self._artifact(rows[0])
+        return {
+            "root": root.hash,
+            "nodes": [
+                {"hash": a.hash, "kind": a.kind, "name": a.name, "run_id": a.run_id, "size": a.size}
+                for a in nodes.values()
+            ],
+            "edges": [{"src": s, "dst": d, "relation": r, "run_id": rid} for s, d, r, rid in sorted(edges, key=str)],
+        }
+
+    def lineage_chain(self, ref: str | Artifact) -> list[Artifact]:
+        """The upstream chain ending at ``ref`` in dependency order (dataset first)."""
+        graph = self.lineage(ref, "up")
+        by_hash = {n["hash"]: n for n in graph["nodes"]}
+        parents: dict[str, list[str]] = {}
+        for e in graph["edges"]:
+            parents.setdefault(e["dst"], []).append(e["src"])
+        order: list[str] = []
+
+        def visit(h: str) -> None:
+            for p in sorted(parents.get(h, [])):
+                visit(p)
+            if h not in order and h in by_hash:
+                order.append(h)
+
+        visit(graph["root"])
+        return [self.get_artifact(h) for h in order]
+
+
+def _run_dict(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    for key in ("params", "summary", "env", "tags"):
+        d[key] = json.loads(d.get(key) or ("[]" if key == "tags" else "{}"))
+    return d
+
+
+def _num(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _user() -> str:
+    for var in ("JUPYTERHUB_USER", "LLMOPS_USER"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return "unknown"

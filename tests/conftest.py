@@ -1,0 +1,78 @@
+"""Shared fixtures: an isolated registry per test and the tiny offline model, built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = False
+    if any("gpu" in item.keywords for item in items):
+        try:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        except ImportError:
+            cuda = False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model-cache")
+    os.environ["LLMOPS_MODEL_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache) -> Path:
+    """Path to a tiny Llama checkpoint + tokenizer (built offline once per session)."""
+    pytest.importorskip("transformers")
+    from llmops_jupyter.testing import build_tiny_model
+
+    return build_tiny_model(model_cache / "tiny-llama")
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty registry home for this test (LLMOPS_HOME)."""
+    path = tmp_path / ".llmops"
+    monkeypatch.setenv("LLMOPS_HOME", str(path))
+    monkeypatch.chdir(tmp_path)
+    return path
+
+
+@pytest.fixture()
+def registry(home):
+    from llmops_jupyter.registry import Registry
+
+    return Registry(home)
+
+
+@pytest.fixture()
+def shell(home):
+    """A real IPython InteractiveShell with the extension loaded."""
+    from IPython.testing.globalipapp import get_ipython
+
+    ip = get_ipython()
+    ip.run_line_magic("load_ext", "llmops_jupyter")
+    yield ip
+
+
+PY = sys.executable
