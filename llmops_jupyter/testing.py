@@ -87,3 +87,44 @@ def tiny_model_path(cache: str | os.PathLike | None = None) -> Path:
     if not (target / "config.json").exists():
         build_tiny_model(target)
     return target
+
+
+def tiny_records(n: int = 48, seed: int = 0) -> list[dict[str, str]]:
+    """Small, deterministic instruction/response pairs with variable lengths (arithmetic, colours, echo)."""
+    import random
+
+    rng = random.Random(seed)
+    colours = ["red", "green", "blue", "yellow", "black", "white"]
+    rows = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            rows.append({"instruction": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."})
+        elif kind == 1:
+            c = rng.choice(colours)
+            rows.append({"instruction": f"Repeat the colour {c}.", "response": f"The colour is {c}."})
+        else:
+            words = " ".join(rng.choice(colours) for _ in range(rng.randint(1, 12)))
+            rows.append({"instruction": f"Echo: {words}", "response": words})
+    return rows
+
+
+def write_tiny_dataset(registry, tokenizer_path, n: int = 48, eval_fraction: float = 0.25, seed: int = 0):
+    """Register a dataset artifact in the standard format without running the data stage (fixtures only)."""
+    from transformers import AutoTokenizer
+
+    from .dataformat import render, write_dataset_dir
+    from .registry import RunStatus
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    examples = [render([{"role": "user", "content": r["instruction"]},
+                        {"role": "assistant", "content": r["response"]}], tok) for r in tiny_records(n, seed)]
+    n_eval = max(1, int(len(examples) * eval_fraction))
+    run_id = registry.create_run("data", {"source": "tiny_records", "n": n})
+    folder = registry.staging_dir("data")
+    write_dataset_dir(folder, examples[n_eval:], examples[:n_eval],
+                      {"tokenizer": str(tokenizer_path), "chat_template": tok.chat_template, "seed": seed})
+    art = registry.add_artifact(folder, "dataset", name="tiny", run_id=run_id, move=True)
+    registry.finish_run(run_id, RunStatus.FINISHED)
+    return art
