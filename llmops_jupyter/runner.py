@@ -34,6 +34,7 @@ class EventType(str, enum.Enum):
     PROGRESS = "progress"
     METRIC = "metric"
     ARTIFACT = "artifact"
+    INPUT = "input"
     LOG = "log"
     FINISHED = "finished"
     FAILED = "failed"
@@ -109,6 +110,7 @@ class RunContext:
         art = self.registry.link_input(self.run_id, ref)
         if art.hash not in {a.hash for a in self.inputs}:
             self.inputs.append(art)
+            self.emit(EventType.INPUT, hash=art.hash, kind=art.kind, name=art.name, path=str(art.path))
         return art
 
     def save_artifact(
