@@ -1,0 +1,90 @@
+"""PII detection and scrubbing shared by the data stage, the server's request log and monitoring.
+
+Regex detectors with validation where a checksum exists (Luhn for card numbers, octet ranges for IPv4), so that
+ordinary numbers are not scrubbed. Replacement tokens keep the text readable: ``[EMAIL]``, ``[PHONE]``, ...
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from collections.abc import Callable
+
+EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
+CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{1,4}:){2,7}(?::|[0-9A-Fa-f]{1,4})(?![0-9A-Fa-f:])|"
+                  r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:?){1,6}(?![0-9A-Fa-f:])")
+PHONE = re.compile(r"(?<![\w+])(?<!\d[\s.-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?|\d{2,4}[\s.-])\d{2,4}[\s.-]?\d{3,4}"
+                   r"(?!\w)(?![\s.-]\d)")
+SSN = re.compile(r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)")
+
+
+def _luhn(text: str) -> bool:
+    digits = [int(c) for c in text if c.isdigit()]
+    if not 13 <= len(digits) <= 19:
+        return False
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _valid_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+# Order matters: cards before phones (a card number also looks like a long phone number).
+DETECTORS: list[tuple[str, re.Pattern[str], Callable[[str], bool] | None]] = [
+    ("EMAIL", EMAIL, None),
+    ("CARD", CARD, _luhn),
+    ("SSN", SSN, None),
+    ("IP", IPV4, _valid_ip),
+    ("IP", IPV6, _valid_ip),
+    ("PHONE", PHONE, lambda s: sum(c.isdigit() for c in s) >= 7),
+]
+
+
+def find_pii(text: str) -> list[tuple[str, int, int]]:
+    """(type, start, end) spans, non-overlapping, first detector wins."""
+    spans: list[tuple[str, int, int]] = []
+    taken: list[tuple[int, int]] = []
+    for kind, pattern, check in DETECTORS:
+        for m in pattern.finditer(text):
+            s, e = m.span()
+            if check is not None and not check(m.group()):
+                continue
+            if any(s < te and e > ts for ts, te in taken):
+                continue
+            spans.append((kind, s, e))
+            taken.append((s, e))
+    return sorted(spans, key=lambda x: x[1])
+
+
+def scrub(text: str) -> tuple[str, Counter]:
+    """Replace PII with ``[TYPE]`` tokens; returns the scrubbed text and counts per type."""
+    if not text:
+        return text, Counter()
+    counts: Counter = Counter()
+    out = []
+    pos = 0
+    for kind, s, e in find_pii(text):
+        out.append(text[pos:s])
+        out.append(f"[{kind}]")
+        counts[kind] += 1
+        pos = e
+    out.append(text[pos:])
+    return "".join(out), counts
+
+
+def contains_pii(text: str) -> bool:
+    return bool(find_pii(text or ""))
