@@ -142,11 +142,11 @@ def build_parser(cfg_cls: type[StageConfig], prog: str, description: str, values
             if isinstance(tp, type) and issubclass(tp, enum.Enum):
                 kwargs["metavar"] = "{" + ",".join(m.value for m in tp) + "}"
         if meta.get("positional"):
+            # Always optional for argparse: a %%llmops cell body may supply it; the config reports it missing.
             kwargs.pop("dest")
+            kwargs.setdefault("nargs", "?")
             if not has_default:
-                kwargs.pop("default", None)
-            else:
-                kwargs["nargs"] = "?"
+                kwargs["help"] = "(required) " + kwargs["help"]
             parser.add_argument(f.name, **kwargs)
         else:
             parser.add_argument(flag_name(f), **kwargs)

@@ -133,13 +133,15 @@ class StageConfig:
         lo, hi = meta.get("min"), meta.get("max")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             excl = meta.get("min_exclusive")
-            if lo is not None and (value < lo or (excl and value == lo)):
-                rng = f"> {lo}" if excl else f">= {lo}"
+            too_low = lo is not None and (value < lo or (excl and value == lo))
+            too_high = hi is not None and value > hi
+            if too_low or too_high:
+                parts = []
+                if lo is not None:
+                    parts.append(f"> {lo}" if excl else f">= {lo}")
                 if hi is not None:
-                    rng += f" and <= {hi}"
-                raise self.invalid(f.name, f"must be {rng}", fix=f"pass a value {rng}")
-            if hi is not None and value > hi:
-                rng = f"<= {hi}" + (f" and >= {lo}" if lo is not None else "")
+                    parts.append(f"<= {hi}")
+                rng = " and ".join(parts)
                 raise self.invalid(f.name, f"must be {rng}", fix=f"pass a value {rng}")
 
     # -- (de)serialisation ---------------------------------------------------------------------------------------

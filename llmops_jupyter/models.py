@@ -78,9 +78,12 @@ def resolve_model(ref: str | os.PathLike, registry: Registry, *, register: bool 
         art = registry.add_reference(p, "adapter" if (p / "adapter_config.json").exists() else "base-model",
                                      name=_model_name(p)) if register else None
         return _with_base(ModelRef(ref_s, p.resolve(), art.kind if art else "base-model", art), registry)
-    if p.exists() or "/" in ref_s and not ref_s.count("/") == 1:
+    if p.exists():
         raise StageError(f"Model path '{ref_s}' is not a model folder (no config.json / adapter_config.json).",
                          fix="point --model at a saved transformers checkpoint, a registry run, or a provider name")
+    if ref_s.startswith(("/", "./", "../", "~")) or ref_s.count("/") > 1:
+        raise NotFoundError(f"Model path '{ref_s}' not found: the folder does not exist.",
+                            fix="check the path, or see `%llmops models` for what is available offline")
     if ref_s in PROVIDERS:
         path = PROVIDERS[ref_s](model_cache_dir())
         art = registry.add_reference(path, "base-model", name=ref_s) if register else None

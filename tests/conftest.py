@@ -68,8 +68,10 @@ def registry(home):
 @pytest.fixture()
 def shell(home):
     """A real IPython InteractiveShell with the extension loaded."""
+    import plotly.io as pio
     from IPython.testing.globalipapp import get_ipython
 
+    pio.renderers.default = "plotly_mimetype"  # a terminal shell would otherwise try to open a browser
     ip = get_ipython()
     ip.run_line_magic("load_ext", "llmops_jupyter")
     yield ip

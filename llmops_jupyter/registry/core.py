@@ -529,11 +529,11 @@ class Registry:
         edges: set[tuple[str, str, str, str | None]] = set()
         queries = []
         if direction in ("both", "up"):
-            queries.append(("WITH RECURSIVE up(h) AS (SELECT ? UNION SELECT e.src FROM edges e JOIN up ON e.dst=up.h)"
-                            " SELECT e.* FROM edges e WHERE e.dst IN (SELECT h FROM up)"))
+            queries.append("WITH RECURSIVE up(h) AS (SELECT ? UNION SELECT e.src FROM edges e JOIN up ON e.dst=up.h)"
+                            " SELECT e.* FROM edges e WHERE e.dst IN (SELECT h FROM up)")
         if direction in ("both", "down"):
-            queries.append(("WITH RECURSIVE dn(h) AS (SELECT ? UNION SELECT e.dst FROM edges e JOIN dn ON e.src=dn.h)"
-                            " SELECT e.* FROM edges e WHERE e.src IN (SELECT h FROM dn)"))
+            queries.append("WITH RECURSIVE dn(h) AS (SELECT ? UNION SELECT e.dst FROM edges e JOIN dn ON e.src=dn.h)"
+                            " SELECT e.* FROM edges e WHERE e.src IN (SELECT h FROM dn)")
         for sql in queries:
             for row in self.query(sql, (root.hash,)):
                 edges.add((row["src"], row["dst"], row["relation"], row["run_id"]))

@@ -1,0 +1,113 @@
+import multiprocessing as mp
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from llmops_jupyter.errors import NotFoundError, RegistryError
+from llmops_jupyter.registry import Registry, RunStatus
+
+
+def _writer(home, worker, n):
+    reg = Registry(home)
+    for i in range(n):
+        run = reg.create_run("data", {"worker": worker, "i": i})
+        reg.log_metrics(run, {"loss": float(i), "acc": 0.5}, step=i)
+        folder = reg.staging_dir()
+        (folder / "payload.txt").write_text(f"{worker}-{i}")
+        reg.add_artifact(folder, "dataset", run_id=run, move=True)
+        reg.finish_run(run, RunStatus.FINISHED)
+
+
+def test_concurrent_writer_processes_lose_nothing(tmp_path):
+    home = tmp_path / ".llmops"
+    Registry(home)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(home), w, 25)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    reg = Registry(home)
+    assert len(reg.list_runs(limit=None)) == 100
+    assert reg.query("SELECT COUNT(*) AS n FROM metrics")[0]["n"] == 200
+    assert len(reg.list_artifacts(limit=1000)) == 100
+    assert all(r["status"] == "finished" for r in reg.list_runs(limit=None))
+    assert list((home / "tmp").iterdir()) == []
+    con = sqlite3.connect(home / "registry.db")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_artifacts_are_content_addressed_and_lineage_is_queryable(registry, tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("hello")
+    run1 = registry.create_run("data")
+    a = registry.add_artifact(src, "dataset", run_id=run1)
+    again = registry.add_artifact(src, "dataset", run_id=run1)
+    assert a.hash == again.hash and (a.path / "a.txt").read_text() == "hello"
+    run2 = registry.create_run("finetune")
+    registry.link_input(run2, a.hash)
+    b_src = tmp_path / "adapter"
+    b_src.mkdir()
+    (b_src / "w.bin").write_bytes(b"\x00\x01")
+    b = registry.add_artifact(b_src, "adapter", run_id=run2, inputs=[a.hash], relation="finetune")
+    run3 = registry.create_run("merge")
+    m_src = tmp_path / "merged"
+    m_src.mkdir()
+    (m_src / "w.bin").write_bytes(b"\x02")
+    m = registry.add_artifact(m_src, "merged", run_id=run3, inputs=[b.hash])
+    chain = registry.lineage_chain(m)
+    assert [x.kind for x in chain] == ["dataset", "adapter", "merged"]
+    down = registry.lineage(a, "down")
+    assert {n["kind"] for n in down["nodes"]} == {"dataset", "adapter", "merged"}
+    assert registry.get_artifact(run2).hash == b.hash
+    assert registry.get_artifact(f"{run3}:merged").hash == m.hash
+    assert registry.get_artifact(m.hash[:8]).hash == m.hash
+
+
+def test_run_references_resolve(registry):
+    first = registry.create_run("data")
+    second = registry.create_run("data")
+    ft = registry.create_run("finetune")
+    assert registry.resolve_run("data@latest") == second
+    assert registry.resolve_run("latest") == ft
+    assert registry.resolve_run(first) == first
+    with pytest.raises(NotFoundError, match="No run 'nope'"):
+        registry.resolve_run("nope")
+    with pytest.raises(NotFoundError, match="No eval runs"):
+        registry.resolve_run("eval@latest")
+
+
+def test_failed_ingest_leaves_nothing_behind(registry, tmp_path, monkeypatch):
+    src = tmp_path / "d"
+    src.mkdir()
+    (src / "x").write_text("x")
+    import llmops_jupyter.registry.core as core
+
+    def boom(path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(core, "hash_tree", boom)
+    with pytest.raises(OSError):
+        registry.add_artifact(src, "dataset")
+    assert list(registry.tmp_dir.iterdir()) == []
+    assert not any(registry.artifacts_dir.iterdir())
+    assert registry.list_artifacts() == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_registry_folder_is_a_clear_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    with pytest.raises(RegistryError, match="not writable.*Fix: set LLMOPS_HOME"):
+        Registry(ro / ".llmops")
+
+
+def test_registry_home_that_is_a_file_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RegistryError, match="not writable.*Fix: set LLMOPS_HOME"):
+        Registry(blocker / ".llmops")
