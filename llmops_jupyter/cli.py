@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
-
 from .argparsing import HelpRequested, parse_config
+from .display import print_text
 from .errors import ConfigError, LlmopsError
-
-
-def _print(obj: Any) -> None:
-    if obj is None:
-        return
-    if hasattr(obj, "to_plotly_json"):  # figures are for notebooks; the CLI reports numbers
-        return
-    text = obj.__str__() if type(obj).__str__ is not object.__str__ else repr(obj)
-    print(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(cmd.config_cls, rest, prog=f"llmops {name}", description=cmd.help)
         from .frontdoor import execute
 
-        result = execute(cmd, config, front_end="cli", display=_print)
-        _print(result)
+        result = execute(cmd, config, front_end="cli", display=print_text)
+        print_text(result)
     except HelpRequested as req:
         print(req.text)
         return 0

@@ -32,6 +32,13 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{seconds // 3600:.0f}h{(seconds % 3600) // 60:02.0f}m"
 
 
+def print_text(obj: Any) -> None:
+    """Display for terminals: text of tables and reports; figures are skipped (they are for notebooks)."""
+    if obj is None or hasattr(obj, "to_plotly_json"):
+        return
+    print(obj.__str__() if type(obj).__str__ is not object.__str__ else repr(obj))
+
+
 class Table:
     """A titled table; ``rows`` are sequences aligned with ``columns``."""
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import StageConfig
+from .display import print_text
 from .registry import Registry
 from .runner import Runner
 from .stages.base import Command, CommandEnv, get_command
@@ -27,7 +28,7 @@ def execute(
     *,
     front_end: str = "python",
     shell: Any = None,
-    display: Callable[[Any], None] = print,
+    display: Callable[[Any], None] = print_text,
     registry: Registry | None = None,
     live: bool = True,
 ) -> Any:
