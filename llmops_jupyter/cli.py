@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+
 from .argparsing import HelpRequested, parse_config
 from .display import print_text
 from .errors import ConfigError, LlmopsError
