@@ -63,10 +63,15 @@ def chain(tiny_model, tmp_path_factory):
     adapter_run, adapter = make_adapter(reg, tiny_model, dataset)
     runner = Runner(reg)
     merged = runner.run("merge", adapter=adapter_run)
-    gptq = runner.run("quantize", model=merged.run_id, method="gptq", bits=4, group_size=32,
-                      calibration_samples=16, eval_samples=12, generate_tokens=8)
     return {"registry": reg, "runner": runner, "dataset": dataset, "adapter_run": adapter_run, "adapter": adapter,
-            "merged": merged, "gptq": gptq}
+            "merged": merged}
+
+
+@pytest.fixture(scope="module")
+def gptq(chain):
+    """The merged model quantized with GPTQ 4-bit (first run on a machine compiles GPTQModel's C++ helper)."""
+    return chain["runner"].run("quantize", model=chain["merged"].run_id, method="gptq", bits=4, group_size=32,
+                               calibration_samples=16, eval_samples=12, generate_tokens=8)
 
 
 def test_merged_logits_match_base_plus_adapter(chain, tiny_model):
@@ -128,12 +133,12 @@ def test_dequantize_nf4_merges_into_roundtripped_base(chain):
 
 
 @pytest.mark.slow  # first GPTQ run compiles GPTQModel's C++ packing helper (~30 s on 2 cores), cached afterwards
-def test_gptq_4bit_loads_and_generates_on_cpu(chain):
+def test_gptq_4bit_loads_and_generates_on_cpu(gptq):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmops_jupyter.stages.quantize import import_gptqmodel
 
-    q = chain["gptq"]
+    q = gptq
     assert q.status == RunStatus.FINISHED
     assert q.summary["backend"].startswith("gptqmodel ")
     path = q.artifact.path
@@ -169,9 +174,9 @@ def test_bnb_4bit_export_loads(chain):
     assert info.value.field == "model"
 
 
-def test_lineage_chain_dataset_adapter_merged_quantized(chain):
+def test_lineage_chain_dataset_adapter_merged_quantized(chain, gptq):
     reg = chain["registry"]
-    kinds = [a.kind for a in reg.lineage_chain(chain["gptq"].artifact)]
+    kinds = [a.kind for a in reg.lineage_chain(gptq.artifact)]
     for k in ("dataset", "base-model", "adapter", "merged", "quantized"):
         assert k in kinds
     assert kinds.index("dataset") < kinds.index("adapter") < kinds.index("merged") < kinds.index("quantized")

@@ -18,10 +18,11 @@ import importlib.metadata
 import importlib.util
 import os
 import time
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import StageConfig, option
+from ..config import StageConfig, field_type, option, unwrap_optional
 from ..display import Table
 from ..errors import ConfigError, LlmopsError, MissingDependencyError, ResourceError, require
 from . import _modeltools as mt
@@ -255,14 +256,21 @@ class QuantizeStage(Stage):
             ctx.log("no eval stage installed: skipping the eval-metric comparison")
             return []
         params: dict[str, Any] = {}
-        fields = set(cmd.config_cls.field_names())
+        fields = {f.name: f for f in dataclasses.fields(cmd.config_cls)}
+        if "model" not in fields:
+            ctx.log("the installed eval stage takes no --model: skipping the eval-metric comparison")
+            return []
         if dataset is not None and dataset.artifact is not None and "data" in fields:
             params["data"] = dataset.artifact.hash
+        if "limit" in fields and cfg.eval_samples:
+            params["limit"] = cfg.eval_samples
+        model_tp, _ = unwrap_optional(field_type(cmd.config_cls, fields["model"]))
+        as_list = typing.get_origin(model_tp) in (list, tuple)
         results = {}
         for label, ref in (("source", source.artifact.hash if source.artifact else str(source.path)),
                            ("quantized", quantized)):
             try:
-                res = ctx.runner.run("eval", {**params, "model": ref}, parent_id=ctx.run_id)
+                res = ctx.runner.run("eval", {**params, "model": [ref] if as_list else ref}, parent_id=ctx.run_id)
             except LlmopsError as exc:
                 ctx.log(f"eval comparison skipped ({label}): {exc}")
                 return []
@@ -296,8 +304,28 @@ def quantize_gptq(source: Path, target: Path, *, bits: int, group_size: int, des
         raise
     model.save(str(target))
     (target / "quant_log.csv").unlink(missing_ok=True)  # GPTQModel's per-layer log: noise for servers
+    _scrub_gptq_config(target)
     return {"calibration_samples": len(calibration), "import_s": import_s,
             "cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"), "desc_act": desc_act}
+
+
+def _scrub_gptq_config(target: Path) -> None:
+    """Drop GPTQModel's temp offload folder from the saved configs: a random machine path would make identical
+    quantizations hash differently in the content-addressed store (and it means nothing to a server)."""
+    import json
+
+    from .._io import atomic_write_json
+
+    for name in ("config.json", "quantize_config.json"):
+        path = target / name
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        holder = data.get("quantization_config", data) if name == "config.json" else data
+        meta = holder.get("meta") if isinstance(holder, dict) else None
+        if isinstance(meta, dict) and "offload_to_disk_path" in meta:
+            meta.pop("offload_to_disk_path")
+            atomic_write_json(path, data)
 
 
 def quantize_bnb(source: Path, target: Path, *, method: str, quant_type: str, double_quant: bool,
@@ -329,6 +357,7 @@ def measure(path: Path, ppl_texts: list[str], prompt: str, new_tokens: int, *, d
     quantized = mt.checkpoint_quantization(path) is not None
     if quantized and (mt.checkpoint_config(path).get("quantization_config") or {}).get("quant_method") == "gptq":
         import_gptqmodel()
+        require("optimum", "quantize", feature="loading GPTQ checkpoints with transformers")
     tok = AutoTokenizer.from_pretrained(str(path))
     t0 = time.perf_counter()
     if quantized:
