@@ -147,6 +147,10 @@ def test_gptq_4bit_loads_and_generates_on_cpu(gptq):
     assert 0 < q.metrics["size_ratio"] < 1
     assert math.isfinite(q.metrics["perplexity"]) and math.isfinite(q.metrics["source_perplexity"])
     assert q.metrics["tokens_per_s"] > 0
+    from llmops_jupyter.stages.base import discover
+
+    if "eval" in discover():  # the eval stage ran on source and quantized model as child runs
+        assert any(k.startswith("eval_delta/") for k in q.metrics)
     import_gptqmodel()
     model = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu")
     assert any("gptqmodel" in type(m).__module__ for m in model.modules())
@@ -160,7 +164,7 @@ def test_bnb_4bit_export_loads(chain):
     from transformers import AutoModelForCausalLM
 
     res = chain["runner"].run("quantize", model=chain["merged"].run_id, method="bnb-4bit", eval_samples=4,
-                              generate_tokens=4)
+                              generate_tokens=4, compare_eval=False)
     assert res.summary["backend"].startswith("bitsandbytes ")
     path = res.artifact.path
     qcfg = json.loads((path / "config.json").read_text())["quantization_config"]
@@ -236,3 +240,13 @@ def test_stage_modules_import_light():
             " print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_merge_through_the_magic(shell, registry, tiny_model, tiny_dataset):
+    run_id, adapter = make_adapter(registry, tiny_model, tiny_dataset)
+    shell.run_line_magic("llmops", f"merge --adapter {run_id} --probe-samples 4 --name via-magic")
+    (merged,) = registry.list_artifacts("merged")
+    assert merged.name == "via-magic"
+    run = registry.get_run(merged.run_id)
+    assert run["status"] == "finished" and run["summary"]["probes"] == 4
+    assert {a.hash for a in registry.run_artifacts(merged.run_id, "input")} >= {adapter.hash, tiny_dataset.hash}
