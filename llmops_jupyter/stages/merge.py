@@ -150,7 +150,7 @@ class MergeStage(Stage):
         report = Table(["check", "value"], [
             ["merged vs base+adapter (max |Δlogit|)", f"{d_merge:.3g} ≤ {tol:.3g} ✓"],
             ["base+adapter vs base (adapter effect)", f"{d_effect:.3g}"],
-            ["merged vs base", f"{d_base:.3g} (must be > 0) ✓"],
+            ["merged vs base", f"{d_base:.3g} (> merged vs base+adapter) ✓"],
             ["probes", f"{len(probes)} from {probe_source}"],
             ["dtype / NF4 round trip", f"{verification['dtype']} / {'yes' if cfg.dequantize_nf4 else 'no'}"],
             ["artifact", f"merged {art.short} ({art.size / 1e6:.1f} MB)"],
