@@ -91,6 +91,8 @@ def error_rate_figure(rows: list[dict[str, Any]], size: float | None = None):
 
     fig = _fig("Error rate by status", "share of requests")
     bs = buckets(rows, size)
+    fig.add_trace(go.Scatter(x=[t for t, _ in bs], y=[(sum(r["status"] != 200 for r in b) / len(b)) if b else None
+                                                      for _, b in bs], name="all errors", mode="lines+markers"))
     statuses = sorted({r["status"] for r in rows if r["status"] != 200})
     for s in statuses:
         fig.add_trace(go.Scatter(x=[t for t, _ in bs], y=[(sum(r["status"] == s for r in b) / len(b)) if b else None
