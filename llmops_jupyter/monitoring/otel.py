@@ -43,7 +43,7 @@ def exporter_from_env() -> OtelExporter | None:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
         print("llmops: OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry-sdk / opentelemetry-exporter-otlp are "
-              "not installed; traces stay in the registry only (pip install 'llmops-jupyter[monitor]').",
+              "not installed; traces stay in the registry only (pip install 'llmops-jupyter[otel]').",
               file=sys.stderr)
         return None
     provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME",

@@ -49,7 +49,7 @@ class ServeConfig(StageConfig):
     auth: bool = option(True, "require an API key (--no-auth is allowed on loopback only)")
     max_request_bytes: int = option(1 << 20, "largest accepted request body; larger ones get 413", min=256)
     max_tokens: int = option(512, "largest max_tokens a request may ask for; more gets 400", min=1)
-    default_max_tokens: int = option(128, "max_tokens when a request does not say", min=1)
+    default_max_tokens: int = option(128, "max_tokens when a request does not say (capped at --max-tokens)", min=1)
     max_prompt_tokens: int | None = option(None, "longest accepted prompt in tokens (default: context length "
                                                  "minus max_tokens)", min=1)
     max_concurrency: int = option(4, "requests generating or streaming at once", min=1, max=1024)
@@ -72,8 +72,6 @@ class ServeConfig(StageConfig):
         if not self.auth and not _is_loopback(self.host):
             raise self.invalid("auth", "may only be disabled on a loopback host",
                                fix="keep auth on (default) or use --host 127.0.0.1")
-        if self.default_max_tokens > self.max_tokens:
-            raise self.invalid("default_max_tokens", f"must be <= --max-tokens ({self.max_tokens})")
         if self.detach and self.foreground:
             raise self.invalid("foreground", "cannot be combined with --detach")
 
