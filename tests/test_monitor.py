@@ -192,3 +192,22 @@ def test_stage_modules_import_light():
             "print(sorted(heavy & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_otel_export_of_scrubbed_record():
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from llmops_jupyter.monitoring.otel import OtelExporter
+    from llmops_jupyter.serving.reqlog import scrub_record
+
+    mem = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(mem))
+    rec = scrub_record({"ts": time.time(), "status": 200, "endpoint": "/v1/chat/completions", "latency_s": 0.2,
+                        "prompt": "mail carol@example.com", "response": "ok", "tokens_in": 5, "tokens_out": 1})
+    OtelExporter(provider.get_tracer("test")).export(rec)
+    (span,) = mem.get_finished_spans()
+    assert span.attributes["gen_ai.prompt"] == "mail [EMAIL]" and span.attributes["http.response.status_code"] == 200
