@@ -153,6 +153,9 @@ def lab_server(tmp_path_factory) -> LabServer:
     (data / "labextensions" / "llmops-jupyter").symlink_to(LABEXT, target_is_directory=True)
     (cfg / "jupyter_server_config.json").write_text(json.dumps(
         {"ServerApp": {"jpserver_extensions": {"llmops_jupyter": True}}}))
+    news = base / "settings" / "@jupyterlab" / "apputils-extension"
+    news.mkdir(parents=True)
+    (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')  # no news prompt offline
     token = secrets.token_hex(16)
     port = free_port()
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(cfg), JUPYTER_PATH=str(data), JUPYTER_RUNTIME_DIR=str(rt),

@@ -6,9 +6,9 @@
 import { IGraph, IGraphNode } from './api';
 
 const SVG_NS = 'http://www.w3.org/2000/svg';
-export const NODE_W = 132;
+export const NODE_W = 116;
 export const NODE_H = 38;
-const GAP_X = 14;
+const GAP_X = 10;
 const GAP_Y = 30;
 const PAD = 8;
 
@@ -109,8 +109,8 @@ export function renderLineage(
   const layout = layoutDag(graph);
   const root = svg('svg', {
     class: 'llmops-lineage-svg',
-    width: layout.width,
-    height: layout.height,
+    width: '100%',
+    style: `max-width: ${layout.width}px`,
     viewBox: `0 0 ${layout.width} ${layout.height}`,
     role: 'img',
     'aria-label': 'lineage graph'
@@ -162,7 +162,7 @@ export function renderLineage(
     const kind = svg('text', { x: 8, y: 15, class: 'llmops-node-kind' });
     kind.textContent = n.kind;
     const name = svg('text', { x: 8, y: 30, class: 'llmops-node-name' });
-    name.textContent = clip(n.name || n.hash.slice(0, 12), 20);
+    name.textContent = clip(n.name || n.hash.slice(0, 12), 18);
     const title = svg('title', {});
     title.textContent = `${n.kind} ${n.name ?? ''}\n${n.hash}${n.run_id ? '\nrun ' + n.run_id : ''}`;
     g.append(kind, name, title);

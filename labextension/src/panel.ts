@@ -189,46 +189,39 @@ export class LlmopsPanel extends Widget {
     const words = this.filterEl.value.toLowerCase().split(/\s+/).filter(Boolean);
     const shown = this.runs.filter(r => this.matches(r, words));
     const now = Date.now() / 1000;
-    const table = h(
-      'table',
-      { class: 'llmops-run-table' },
-      h(
-        'thead',
-        {},
-        h('tr', {}, h('th', {}, 'stage'), h('th', {}, 'status'), h('th', {}, 'metrics'), h('th', {}, 'started'), h('th', {}, 'took'))
-      )
-    );
-    const body = h('tbody', {});
+    const list = h('div', { class: 'llmops-run-list' });
     for (const run of shown) {
       const metrics = Object.entries(run.metrics)
         .filter(([, v]) => v !== null)
         .slice(0, this.settings.keyMetrics)
         .map(([k, v]) => `${k}=${fmtNum(v)}`)
-        .join(' ');
-      const tr = h(
-        'tr',
+        .join('  ');
+      const took =
+        run.status === 'running' ? fmtDuration(now - (run.started_at ?? now)) : fmtDuration(run.duration_s);
+      const row = h(
+        'div',
         {
           class: 'llmops-run-row' + (run.id === this.selected ? ' llmops-selected' : ''),
           'data-run-id': run.id,
           'data-stage': run.stage,
           title: `${run.id}${run.name ? ' (' + run.name + ')' : ''}${run.error ? '\n' + run.error : ''}`
         },
-        h('td', { class: 'llmops-stage' }, run.stage),
-        h('td', {}, statusBadge(run.status)),
-        h('td', { class: 'llmops-metrics' }, metrics),
-        h('td', { class: 'llmops-started' }, fmtAgo(run.started_at ?? run.created_at, now)),
         h(
-          'td',
-          { class: 'llmops-duration' },
-          run.status === 'running' ? fmtDuration(now - (run.started_at ?? now)) : fmtDuration(run.duration_s)
-        )
+          'div',
+          { class: 'llmops-run-line' },
+          h('span', { class: 'llmops-stage' }, run.stage),
+          statusBadge(run.status),
+          h('span', { class: 'llmops-run-name' }, run.name ?? ''),
+          h('span', { class: 'llmops-started' }, fmtAgo(run.started_at ?? run.created_at, now)),
+          h('span', { class: 'llmops-duration' }, took)
+        ),
+        metrics ? h('div', { class: 'llmops-metrics' }, metrics) : null
       );
-      tr.addEventListener('click', () => void this.select(run.id));
-      body.append(tr);
+      row.addEventListener('click', () => void this.select(run.id));
+      list.append(row);
     }
-    table.append(body);
     this.listEl.replaceChildren(
-      shown.length ? table : h('div', { class: 'llmops-empty' }, this.runs.length ? 'No run matches the filter.' : 'No runs yet.')
+      shown.length ? list : h('div', { class: 'llmops-empty' }, this.runs.length ? 'No run matches the filter.' : 'No runs yet.')
     );
   }
 
@@ -313,6 +306,16 @@ export class LlmopsPanel extends Widget {
     if (!arts.childElementCount) {
       arts.append(h('li', { class: 'llmops-empty' }, '(none)'));
     }
+    const stageRuns = Array.isArray(run.summary.stage_runs) ? (run.summary.stage_runs as string[]) : [];
+    const children = h('div', { class: 'llmops-stage-runs' });
+    for (const id of stageRuns) {
+      const link = h('a', { href: '#', class: 'llmops-run-link' }, id);
+      link.addEventListener('click', e => {
+        e.preventDefault();
+        void this.select(id);
+      });
+      children.append(link, ' ');
+    }
     const lineage = h('div', { class: 'llmops-lineage' });
     if (run.lineage.nodes.length) {
       const own = new Set([...run.outputs.map(a => a.hash)]);
@@ -336,6 +339,8 @@ export class LlmopsPanel extends Widget {
       kvTable(metrics, 'llmops-metric-table'),
       h('div', { class: 'llmops-subtitle' }, 'Artifacts'),
       arts,
+      stageRuns.length ? h('div', { class: 'llmops-subtitle' }, 'Stage runs') : '',
+      stageRuns.length ? children : '',
       h('div', { class: 'llmops-subtitle' }, 'Lineage'),
       lineage
     );
