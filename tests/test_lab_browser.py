@@ -6,6 +6,7 @@ here) and Python Playwright. Screenshots go to ``test-artifacts/lab/``.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,10 @@ def page(lab_server):
     sync_api = pytest.importorskip("playwright.sync_api")
     exe = shutil.which("chromium")
     if exe is None:
-        pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
+        message = "Debian chromium is not installed (apt-get install -y chromium; `make test` does it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, headless=True,
@@ -109,6 +113,7 @@ def test_run_as_pipeline_from_notebook_toolbar(page, lab_server):
     new = after - before
     stages = {page.locator(f'.llmops-run-row[data-run-id="{i}"]').get_attribute("data-stage") for i in new}
     assert {"pipeline", "toy-train"} <= stages
+    page.evaluate("document.querySelector('#llmops-sidebar').scrollTop = 0")
     page.screenshot(path=str(SHOTS / "04-pipeline-finished.png"))
     # The job links its run: selecting it shows the output notebook artifact.
     page.click(".llmops-job-finished .llmops-job-run")

@@ -151,3 +151,14 @@ def test_run_as_pipeline_records_runs(lab_server):
     assert toy["stage"] == "toy-train" and toy["status"] == "finished"
     assert toy["params"]["steps"] == 2 and toy["notebook_path"] == job["output"]
     assert toy["metrics"]["loss"] == pytest.approx(0.5)
+
+
+def test_parse_nvidia_smi_real_output():
+    """Output captured from `nvidia-smi --query-gpu=index,name,memory.used,memory.total,utilization.gpu
+    --format=csv,noheader,nounits` on an H100 host, plus a board that reports [N/A]."""
+    from llmops_jupyter.server.resources import parse_nvidia_smi
+
+    gpus = parse_nvidia_smi("0, NVIDIA H100 80GB HBM3, 0, 81559, 0\n1, NVIDIA A10G, 1200, 23028, [N/A]\n")
+    assert gpus[0] == {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_used_mb": 0.0,
+                       "memory_total_mb": 81559.0, "utilization_pct": 0.0, "source": "nvidia-smi"}
+    assert gpus[1]["utilization_pct"] is None and gpus[1]["memory_used_mb"] == 1200.0
