@@ -16,7 +16,7 @@ from typing import Any
 import tornado.web
 from jupyter_server.base.handlers import APIHandler
 
-from ..errors import ConfigError, DataError, LlmopsError, NotFoundError
+from ..errors import ConfigError, LlmopsError, NotFoundError
 from ..registry import Registry, RunStatus
 from . import resources
 from .pipeline import PipelineJobs, coerce_parameters, notebook_parameters
@@ -254,5 +254,3 @@ class PipelineJobHandler(LlmopsHandler):
             return self.fail(RequestError(404, f"No pipeline job '{job_id}'.", field="job"))
         self.reply(self.jobs.cancel(job_id))
 
-
-__all__ = ["confine", "RequestError", "DataError"]
