@@ -1,0 +1,182 @@
+/**
+ * Typed client for the server routes under /llmops (see llmops_jupyter/server).
+ * Requests go through ServerConnection, so Jupyter's own token/XSRF handling applies.
+ */
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
+
+export type Metrics = Record<string, number | null>;
+
+export interface IRunRow {
+  id: string;
+  stage: string;
+  name: string | null;
+  status: string;
+  created_at: number;
+  started_at: number | null;
+  finished_at: number | null;
+  duration_s: number | null;
+  notebook: string | null;
+  error: string | null;
+  tags: string[];
+  metrics: Metrics;
+}
+
+export interface IArtifact {
+  hash: string;
+  kind: string;
+  name: string | null;
+  size: number;
+  run_id: string | null;
+  created_at?: number;
+}
+
+export interface IGraphNode {
+  hash: string;
+  kind: string;
+  name: string | null;
+  run_id: string | null;
+  size?: number;
+}
+
+export interface IGraphEdge {
+  src: string;
+  dst: string;
+  relation: string;
+  run_id: string | null;
+}
+
+export interface IGraph {
+  nodes: IGraphNode[];
+  edges: IGraphEdge[];
+  root?: string;
+}
+
+export interface IRunDetail extends IRunRow {
+  params: Record<string, unknown>;
+  summary: Record<string, unknown>;
+  inputs: IArtifact[];
+  outputs: IArtifact[];
+  lineage: IGraph;
+  notebook_path: string | null;
+  git_commit: string | null;
+  user: string | null;
+  host: string | null;
+}
+
+export interface IGpu {
+  index: number;
+  name: string;
+  memory_used_mb: number | null;
+  memory_total_mb: number | null;
+  utilization_pct: number | null;
+  source: string;
+}
+
+export interface IRunningRun {
+  id: string;
+  stage: string;
+  name: string | null;
+  started_at: number | null;
+  metrics: Metrics;
+  step: number | null;
+  total_steps: number | null;
+  stale: boolean;
+}
+
+export interface IJob {
+  id: string;
+  notebook: string;
+  output: string;
+  parameters: Record<string, unknown>;
+  status: string;
+  done: number;
+  total: number | null;
+  started_at: number;
+  finished_at: number | null;
+  run_id: string | null;
+  stage_runs: string[];
+  error: string | null;
+}
+
+export interface IResources {
+  gpus: IGpu[];
+  host: {
+    cpu_count?: number;
+    load_avg?: number[];
+    memory_total_mb?: number;
+    memory_used_mb?: number;
+    cpu_pct?: number;
+    source?: string;
+  };
+  running: IRunningRun[];
+  pipelines: IJob[];
+}
+
+export interface IParam {
+  name: string;
+  type: string;
+  default: unknown;
+  help: string;
+}
+
+/** An error reply from the server: `{error, field, fix}`. */
+export class ApiError extends Error {
+  constructor(
+    message: string,
+    readonly status: number,
+    readonly field: string | null = null,
+    readonly fix: string | null = null
+  ) {
+    super(message);
+  }
+
+  get full(): string {
+    return this.fix ? `${this.message} Fix: ${this.fix}` : this.message;
+  }
+}
+
+export async function requestAPI<T>(endPoint: string, init: RequestInit = {}): Promise<T> {
+  const settings = ServerConnection.makeSettings();
+  const url = URLExt.join(settings.baseUrl, 'llmops', endPoint);
+  const response = await ServerConnection.makeRequest(url, init, settings);
+  const text = await response.text();
+  let data: unknown = null;
+  if (text.length) {
+    try {
+      data = JSON.parse(text);
+    } catch {
+      data = text;
+    }
+  }
+  if (!response.ok) {
+    const body = (data && typeof data === 'object' ? data : {}) as {
+      error?: string;
+      message?: string;
+      field?: string;
+      fix?: string;
+    };
+    throw new ApiError(
+      body.error ?? body.message ?? response.statusText,
+      response.status,
+      body.field ?? null,
+      body.fix ?? null
+    );
+  }
+  return data as T;
+}
+
+export const api = {
+  runs: (limit: number) => requestAPI<{ runs: IRunRow[]; home: string }>(`runs?limit=${limit}`),
+  run: (id: string) => requestAPI<IRunDetail>(`runs/${encodeURIComponent(id)}`),
+  resources: () => requestAPI<IResources>('resources'),
+  parameters: (path: string) =>
+    requestAPI<{ path: string; parameters: IParam[] }>(`parameters?path=${encodeURIComponent(path)}`),
+  startPipeline: (notebook: string, parameters: Record<string, unknown>) =>
+    requestAPI<IJob>('pipeline', {
+      method: 'POST',
+      body: JSON.stringify({ notebook, parameters })
+    }),
+  job: (id: string) => requestAPI<IJob>(`pipeline/${encodeURIComponent(id)}`),
+  jobs: () => requestAPI<{ jobs: IJob[] }>('pipeline')
+};

@@ -1,0 +1,124 @@
+"""The Lab extension in a real Chromium: sidebar runs, a run's lineage graph, "Run as pipeline" on a template.
+
+Needs Debian's ``chromium`` (``apt-get install -y chromium``; Playwright's own browser download does not work
+here) and Python Playwright. Screenshots go to ``test-artifacts/lab/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["conftest_lab"]
+pytestmark = pytest.mark.browser
+
+SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "lab"
+
+
+@pytest.fixture(scope="module")
+def page(lab_server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    exe = shutil.which("chromium")
+    if exe is None:
+        message = "Debian chromium is not installed (apt-get install -y chromium; `make test` does it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1500, "height": 950})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"{lab_server.url}/lab/tree/template.ipynb?token={lab_server.token}")
+        page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
+        yield page
+        page.screenshot(path=str(SHOTS / "99-final.png"))
+        browser.close()
+        assert not [e for e in errors if "llmops" in e.lower()], errors
+
+
+def open_sidebar(page) -> None:
+    tab = page.locator('.jp-SideBar .lm-TabBar-tab[data-id="llmops-sidebar"]')
+    tab.wait_for(timeout=60_000)
+    if "lm-mod-current" not in (tab.get_attribute("class") or ""):
+        tab.click()
+    page.wait_for_selector("#llmops-sidebar .llmops-run-row", timeout=30_000)
+
+
+def test_sidebar_lists_runs_and_resources(page, lab_server):
+    open_sidebar(page)
+    rows = page.locator("#llmops-sidebar .llmops-run-row")
+    ids = set(rows.evaluate_all("rs => rs.map(r => r.dataset.runId)"))
+    assert {lab_server.ids[k] for k in ("data", "finetune", "merge", "quantize", "serve", "eval")} <= ids
+    page.wait_for_selector("#llmops-sidebar .llmops-resources .llmops-bar", timeout=30_000)
+    resources = page.locator("#llmops-sidebar .llmops-resources").inner_text()
+    assert "RAM" in resources or "GPU" in resources
+    assert page.locator(f'#llmops-sidebar .llmops-running[data-run-id="{lab_server.ids["running"]}"]').count() == 1
+    row = page.locator(f'.llmops-run-row[data-run-id="{lab_server.ids["eval"]}"]')
+    assert "failed" in row.inner_text()
+    page.fill("#llmops-sidebar .llmops-filter", "quantize")
+    assert rows.count() == 1
+    page.fill("#llmops-sidebar .llmops-filter", "")
+    page.screenshot(path=str(SHOTS / "01-sidebar-runs.png"))
+
+
+def test_run_detail_shows_lineage_graph(page, lab_server):
+    open_sidebar(page)
+    page.click(f'.llmops-run-row[data-run-id="{lab_server.ids["finetune"]}"]')
+    page.wait_for_selector(".llmops-lineage svg .llmops-node", timeout=30_000)
+    kinds = page.locator(".llmops-lineage svg .llmops-node").evaluate_all("ns => ns.map(n => n.dataset.kind)")
+    assert sorted(kinds) == sorted(["dataset", "base-model", "adapter", "merged", "quantized", "deployment"])
+    assert page.locator(".llmops-lineage svg .llmops-edge").count() >= 6
+    # Layered top to bottom: dataset above adapter above merged above quantized above deployment.
+    ys = {k: page.locator(f'.llmops-node[data-kind="{k}"]').bounding_box()["y"]
+          for k in ("dataset", "adapter", "merged", "quantized", "deployment")}
+    assert ys["dataset"] < ys["adapter"] < ys["merged"] < ys["quantized"] < ys["deployment"]
+    assert page.locator(".llmops-node-own").get_attribute("data-kind") == "adapter"
+    params = page.locator(".llmops-params").inner_text()
+    assert "lora_r" in params and "8" in params
+    assert "eval_loss" in page.locator(".llmops-metric-table").inner_text()
+    page.locator(".llmops-lineage").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "02-run-lineage.png"))
+    # Clicking a node selects the run that produced it.
+    page.click('.llmops-node[data-kind="quantized"]')
+    page.wait_for_selector(f'.llmops-detail-id:text("{lab_server.ids["quantize"]}")', timeout=30_000)
+    page.click(f'.llmops-run-row[data-run-id="{lab_server.ids["finetune"]}"]')
+    page.wait_for_selector(f'.llmops-detail-id:text("{lab_server.ids["finetune"]}")', timeout=30_000)
+    # "Open notebook" opens the notebook recorded on the run.
+    page.click(".llmops-open-notebook")
+    page.wait_for_selector('.lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current:has-text("template.ipynb")',
+                           timeout=30_000)
+
+
+def test_run_as_pipeline_from_notebook_toolbar(page, lab_server):
+    open_sidebar(page)
+    before = set(page.locator(".llmops-run-row").evaluate_all("rs => rs.map(r => r.dataset.runId)"))
+    page.locator(".jp-NotebookPanel:visible .llmops-run-pipeline-button").first.click()
+    dialog = page.locator(".jp-Dialog")
+    dialog.wait_for(timeout=30_000)
+    types = dict(dialog.locator("input, textarea").evaluate_all("es => es.map(e => [e.name, e.dataset.type])"))
+    assert types == {"lr": "float", "steps": "int", "use_lora": "bool", "run_name": "str", "layers": "list"}
+    dialog.locator('input[name="steps"]').fill("4")
+    dialog.locator('input[name="run_name"]').fill("from-lab")
+    page.screenshot(path=str(SHOTS / "03-run-as-pipeline-dialog.png"))
+    dialog.locator(".jp-mod-accept").click()
+    page.wait_for_selector(".llmops-job-finished", timeout=180_000)
+    page.wait_for_selector('.llmops-run-row[data-stage="toy-train"]', timeout=30_000)
+    after = set(page.locator(".llmops-run-row").evaluate_all("rs => rs.map(r => r.dataset.runId)"))
+    new = after - before
+    stages = {page.locator(f'.llmops-run-row[data-run-id="{i}"]').get_attribute("data-stage") for i in new}
+    assert {"pipeline", "toy-train"} <= stages
+    page.evaluate("document.querySelector('#llmops-sidebar').scrollTop = 0")
+    page.screenshot(path=str(SHOTS / "04-pipeline-finished.png"))
+    # The job links its run: selecting it shows the output notebook artifact.
+    page.click(".llmops-job-finished .llmops-job-run")
+    page.wait_for_selector('.llmops-artifacts:has-text("notebook")', timeout=30_000)
+    page.click(".llmops-job-finished .llmops-job-output")
+    page.wait_for_selector('.lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current:has-text("template-")',
+                           timeout=30_000)
+    page.screenshot(path=str(SHOTS / "05-output-notebook.png"))

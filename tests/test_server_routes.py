@@ -1,0 +1,164 @@
+"""The /llmops REST routes on a real JupyterLab server: auth, validation, path confinement, run-as-pipeline."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+pytest_plugins = ["conftest_lab"]
+
+
+def get(lab, path: str, **kw) -> httpx.Response:
+    return httpx.get(f"{lab.url}/llmops/{path}", headers=lab.headers(), timeout=30, **kw)
+
+
+def post(lab, path: str, body, **kw) -> httpx.Response:
+    content = body if isinstance(body, (str, bytes)) else None
+    return httpx.post(f"{lab.url}/llmops/{path}", headers=lab.headers(), timeout=30, content=content,
+                      json=None if content is not None else body, **kw)
+
+
+def n_jobs(lab) -> int:
+    return len(get(lab, "pipeline").json()["jobs"])
+
+
+@pytest.mark.parametrize("path", ["runs", "resources", "lineage/abc", "parameters?path=template.ipynb", "pipeline"])
+def test_routes_require_jupyter_auth(lab_server, path):
+    assert httpx.get(f"{lab_server.url}/llmops/{path}", timeout=30).status_code in (401, 403)
+    bad = {"Authorization": "token not-the-token"}
+    assert httpx.get(f"{lab_server.url}/llmops/{path}", headers=bad, timeout=30).status_code in (401, 403)
+
+
+def test_post_requires_auth(lab_server):
+    before = n_jobs(lab_server)
+    r = httpx.post(f"{lab_server.url}/llmops/pipeline", json={"notebook": "template.ipynb"}, timeout=30)
+    assert r.status_code in (401, 403)
+    assert n_jobs(lab_server) == before
+
+
+def test_runs_list_and_detail_with_lineage(lab_server):
+    ids = lab_server.ids
+    r = get(lab_server, "runs")
+    assert r.status_code == 200
+    runs = {x["id"]: x for x in r.json()["runs"]}
+    assert {ids["data"], ids["finetune"], ids["merge"], ids["quantize"], ids["serve"], ids["eval"]} <= set(runs)
+    assert runs[ids["finetune"]]["metrics"]["loss"] == pytest.approx(1.9 / 3)
+    assert runs[ids["eval"]]["status"] == "failed"
+
+    detail = get(lab_server, f"runs/{ids['finetune']}").json()
+    assert detail["params"]["lora_r"] == 8
+    assert detail["notebook_path"] == "template.ipynb"
+    assert [a["kind"] for a in detail["outputs"]] == ["adapter"]
+    assert sorted(a["kind"] for a in detail["inputs"]) == ["base-model", "dataset"]
+    kinds = {n["kind"] for n in detail["lineage"]["nodes"]}
+    assert kinds == {"dataset", "base-model", "adapter", "merged", "quantized", "deployment"}
+    by_hash = {n["hash"]: n["kind"] for n in detail["lineage"]["nodes"]}
+    edges = {(by_hash[e["src"]], by_hash[e["dst"]]) for e in detail["lineage"]["edges"]}
+    assert {("dataset", "adapter"), ("adapter", "merged"), ("merged", "quantized"),
+            ("quantized", "deployment")} <= edges
+
+    up = get(lab_server, f"lineage/{ids['serve']}:deployment", params={"direction": "up"}).json()
+    assert {n["kind"] for n in up["nodes"]} == kinds
+
+
+def test_resources_report_memory_and_running_runs(lab_server):
+    res = get(lab_server, "resources").json()
+    assert res["gpus"] or res["host"]["memory_total_mb"] > 0
+    running = {r["id"]: r for r in res["running"]}
+    assert lab_server.ids["running"] in running
+    assert running[lab_server.ids["running"]]["total_steps"] == 100
+
+
+def test_notebook_parameters_are_typed(lab_server):
+    r = get(lab_server, "parameters", params={"path": "template.ipynb"})
+    assert r.status_code == 200
+    types = {p["name"]: (p["type"], p["default"]) for p in r.json()["parameters"]}
+    assert types == {"lr": ("float", 0.001), "steps": ("int", 3), "use_lora": ("bool", True),
+                     "run_name": ("str", "demo"), "layers": ("list", [1, 2])}
+
+
+@pytest.mark.parametrize(("path", "field"), [
+    ("runs?limit=abc", "limit"), ("runs?limit=0", "limit"), ("runs?status=exploded", "status"),
+    ("lineage/abcdef?direction=sideways", "direction"), ("parameters", "path"),
+    ("parameters?path=README.txt", "path"),
+])
+def test_bad_query_input_is_one_json_error(lab_server, path, field):
+    (lab_server.root / "README.txt").write_text("not a notebook")
+    r = get(lab_server, path)
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["field"] == field and body["error"]
+
+
+def test_unknown_run_is_404_json(lab_server):
+    r = get(lab_server, "runs/no-such-run")
+    assert r.status_code == 404
+    assert "no-such-run" in r.json()["error"]
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ("{not json", "body"),
+    ("[1, 2]", "body"),
+    ({"notebook": "template.ipynb", "parameters": {"epochs": 3}}, "epochs"),
+    ({"notebook": "template.ipynb", "parameters": {"steps": "three"}}, "steps"),
+    ({"notebook": "template.ipynb", "parameters": {"steps": 2.5}}, "steps"),
+    ({"notebook": "template.ipynb", "parameters": {"use_lora": "yes"}}, "use_lora"),
+    ({"notebook": "template.ipynb", "parameters": [1]}, "parameters"),
+    ({"notebook": "template.ipynb", "cmd": "rm -rf /"}, "cmd"),
+    ({"notebook": 42}, "notebook"),
+])
+def test_bad_pipeline_input_is_rejected_before_running(lab_server, body, field):
+    before = n_jobs(lab_server)
+    r = post(lab_server, "pipeline", body)
+    assert r.status_code == 400, r.text
+    assert r.json()["field"] == field
+    assert n_jobs(lab_server) == before
+
+
+def test_path_traversal_is_refused(lab_server, tmp_path):
+    outside = tmp_path / "secret.ipynb"
+    outside.write_text("{}")
+    (lab_server.root / "escape").symlink_to(tmp_path, target_is_directory=True)
+    for path in ["../secret.ipynb", f"../../{tmp_path.name}/secret.ipynb", str(outside), "escape/secret.ipynb",
+                 "sub/../../secret.ipynb", "~/secret.ipynb"]:
+        r = get(lab_server, "parameters", params={"path": path})
+        assert r.status_code == 403, (path, r.text)
+        r = post(lab_server, "pipeline", {"notebook": path})
+        assert r.status_code == 403, (path, r.text)
+        assert r.json()["field"] == "notebook"
+
+
+def test_run_as_pipeline_records_runs(lab_server):
+    r = post(lab_server, "pipeline", {"notebook": "template.ipynb", "parameters": {"steps": 2, "lr": 0.01}})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    deadline = time.time() + 180
+    while job["status"] == "running" and time.time() < deadline:
+        time.sleep(0.5)
+        job = get(lab_server, f"pipeline/{job['id']}").json()
+    assert job["status"] == "finished", job
+    assert job["total"] and job["done"] == job["total"]
+    assert (lab_server.root / job["output"]).is_file()
+    pipeline_run = get(lab_server, f"runs/{job['run_id']}").json()
+    assert pipeline_run["stage"] == "pipeline"
+    assert pipeline_run["params"]["parameters"] == {"steps": 2, "lr": 0.01}
+    assert pipeline_run["notebook_path"] == job["output"]
+    assert [a["kind"] for a in pipeline_run["outputs"]] == ["notebook"]
+    (child,) = job["stage_runs"]
+    toy = get(lab_server, f"runs/{child}").json()
+    assert toy["stage"] == "toy-train" and toy["status"] == "finished"
+    assert toy["params"]["steps"] == 2 and toy["notebook_path"] == job["output"]
+    assert toy["metrics"]["loss"] == pytest.approx(0.5)
+
+
+def test_parse_nvidia_smi_real_output():
+    """Output captured from `nvidia-smi --query-gpu=index,name,memory.used,memory.total,utilization.gpu
+    --format=csv,noheader,nounits` on an H100 host, plus a board that reports [N/A]."""
+    from llmops_jupyter.server.resources import parse_nvidia_smi
+
+    gpus = parse_nvidia_smi("0, NVIDIA H100 80GB HBM3, 0, 81559, 0\n1, NVIDIA A10G, 1200, 23028, [N/A]\n")
+    assert gpus[0] == {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_used_mb": 0.0,
+                       "memory_total_mb": 81559.0, "utilization_pct": 0.0, "source": "nvidia-smi"}
+    assert gpus[1]["utilization_pct"] is None and gpus[1]["memory_used_mb"] == 1200.0
