@@ -25,8 +25,14 @@ from ..errors import LlmopsError, StageError
 from ..registry import Registry
 from ..runner import RunContext, Runner, RunResult, cache_key
 from ..stages.base import Stage
-from .params import ResolvedParams, SecretRef, load_params_file, parameters_cell_index, read_notebook, \
-    resolve_parameters
+from .params import (
+    ResolvedParams,
+    SecretRef,
+    load_params_file,
+    parameters_cell_index,
+    read_notebook,
+    resolve_parameters,
+)
 
 PROJECT_KERNEL = "llmops-jupyter"
 
@@ -158,7 +164,6 @@ class PipelineStage(Stage):
         self.source_env = source_env if source_env is not None else os.environ
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        import nbformat
         import papermill
         from nbclient.exceptions import DeadKernelError
         from papermill.exceptions import PapermillExecutionError
@@ -210,7 +215,7 @@ class PipelineStage(Stage):
                                fix="check `jupyter kernelspec list`; `make install` creates 'llmops-jupyter'")
         cells = _cell_timings(out_path, injected)
         children = _children(reg, ctx.run_id)
-        summary: dict[str, Any] = {"notebook": str(self.source), "notebook_hash": src_art.hash, "kernel": cfg.kernel,
+        summary: dict[str, Any] = {"notebook": str(self.source), "notebook_artifact": src_art.hash, "kernel": cfg.kernel,
                                    "cells": cells, "children": children,
                                    "duration_cells_s": round(sum(c["duration_s"] or 0 for c in cells), 3)}
         out_art = None
@@ -365,3 +370,44 @@ def run_pipeline(
 
 __all__ = ["PipelineRunConfig", "PipelineStage", "SecretRef", "choose_kernel", "gather_params", "prepare",
            "run_pipeline"]
+
+
+def rerun_pipeline(ref: str, *, registry: Registry | None = None, rtol: float = 1e-6, atol: float = 1e-9,
+                   kernel: str | None = None) -> tuple[RunResult, list[dict[str, Any]], bool]:
+    """Re-execute a recorded pipeline run with its exact notebook (the stored copy) and parameters, never cached.
+
+    Returns the new run, one row per metric (original, new, match) and whether all metrics match within tolerance.
+    """
+    import math
+
+    from ..errors import NotFoundError
+
+    registry = registry or Registry.open()
+    run = registry.get_run(ref)
+    if run["stage"] != "pipeline":
+        raise NotFoundError(f"Run '{run['id']}' is a {run['stage']} run, not a pipeline run.",
+                            fix="pass a run listed by `%llmops runs --stage pipeline`")
+    sources = [a for a in registry.run_artifacts(run["id"], "input") if a.kind == "notebook"]
+    if not sources:
+        raise NotFoundError(f"Pipeline run '{run['id']}' has no recorded source notebook.",
+                            fix="re-run it with `llmops run` to record one")
+    src = sources[0]
+    files = sorted(src.path.glob("*.ipynb")) if src.path.is_dir() else [src.path]
+    if not files:
+        raise NotFoundError(f"The stored notebook of run '{run['id']}' is missing from {src.path}.")
+    original = Path(run["params"].get("notebook") or files[0])
+    cwd = original.parent if original.parent.exists() else files[0].parent
+    new = run_pipeline(files[0], run["params"].get("parameters") or {}, registry=registry, cache=False,
+                       name=f"rerun of {run['id']}", cwd=cwd, kernel=kernel or run["params"].get("kernel"),
+                       tags=[f"rerun:{run['id']}"])
+    old_m = registry.metrics(run["id"])
+    rows, ok = [], True
+    for key in sorted(set(old_m) | set(new.metrics)):
+        a, b = old_m.get(key), new.metrics.get(key)
+        match = a is not None and b is not None and math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
+        ok = ok and match
+        rows.append({"metric": key, "original": a, "rerun": b,
+                     "diff": (b - a) if a is not None and b is not None else None, "match": match})
+    registry.update_run(new.run_id, summary={**new.summary, "rerun_of": run["id"], "metrics_match": ok,
+                                             "rtol": rtol, "atol": atol})
+    return new, rows, ok
