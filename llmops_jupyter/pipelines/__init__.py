@@ -42,8 +42,8 @@ def run_pipeline(*args: Any, **kwargs: Any):
     return _run(*args, **kwargs)
 
 
-def sweep(*args: Any, **kwargs: Any):
+def run_sweep(*args: Any, **kwargs: Any):
     """See :func:`llmops_jupyter.pipelines.sweep.run_sweep`."""
-    from .sweep import run_sweep
+    from .sweep import run_sweep as _run
 
-    return run_sweep(*args, **kwargs)
+    return _run(*args, **kwargs)

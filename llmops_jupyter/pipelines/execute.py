@@ -250,20 +250,15 @@ def _read_out(out_path: Path):
 
 
 def _running_cell(out_path: Path, injected: int) -> tuple[int | None, str]:
+    """The cell a dead kernel was running: papermill saved it with a start time (the last one that has one)."""
     nb = _read_out(out_path)
     if nb is None:
         return None, ""
-    last = None
-    for i, cell in enumerate(nb.cells):
-        status = cell.get("metadata", {}).get("papermill", {}).get("status")
-        if status in ("running", "failed"):
-            return i - (1 if i > injected else 0), _first_line(cell.source)
-        if status == "completed":
-            last = i
-    nxt = (last + 1) if last is not None else None
-    if nxt is not None and nxt < len(nb.cells):
-        return nxt - (1 if nxt > injected else 0), _first_line(nb.cells[nxt].source)
-    return None, ""
+    started = [i for i, c in enumerate(nb.cells) if c.get("metadata", {}).get("papermill", {}).get("start_time")]
+    if not started:
+        return None, ""
+    i = started[-1]
+    return i - (1 if i > injected else 0), _first_line(nb.cells[i].source)
 
 
 def _cell_timings(out_path: Path, injected: int) -> list[dict[str, Any]]:

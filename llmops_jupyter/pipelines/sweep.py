@@ -212,10 +212,14 @@ class _Backend:
         if self.pool is not None:
             done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
             return list(done)
-        import distributed
+        import time
 
-        done, _ = distributed.wait(futures, return_when="FIRST_COMPLETED")
-        return list(done)
+        # Polling the futures' own client (distributed.wait / as_completed want a global default client).
+        while True:
+            done = [f for f in futures if f.done()]
+            if done:
+                return done
+            time.sleep(0.2)
 
     def result(self, fut: Any) -> dict[str, Any]:
         try:
