@@ -190,11 +190,11 @@ class PipelineStage(Stage):
         ctx.log(f"executing {self.source.name} on kernel '{cfg.kernel}'")
         error: StageError | None = None
         try:
-            papermill.execute_notebook(
+            _fresh_context(lambda: papermill.execute_notebook(
                 nb, str(out_path), kernel_name=cfg.kernel, cwd=str(self.cwd), progress_bar=False,
                 log_output=False, request_save_on_cell_execute=True, execution_timeout=self.timeout,
                 kernel_manager_class=_kernel_manager_class(env),
-            )
+            ))
         except PapermillExecutionError as exc:
             idx = exc.cell_index - (1 if exc.cell_index > injected else 0)
             error = StageError(
@@ -229,6 +229,30 @@ class PipelineStage(Stage):
         if error is not None:
             raise error
         return {"notebook": out_art.file(out_path.name) if out_art else None, "cells": cells}
+
+
+def _fresh_context(fn: Any) -> Any:
+    """Run ``fn`` in an empty contextvars context with its own event loop, closed afterwards.
+
+    jupyter_core keeps "the event loop of this thread" in a ContextVar; thread pools (Dask workers) copy the
+    submitter's context, so two variants in two threads would share - and collide on - one loop.
+    """
+    import contextvars
+
+    def call() -> Any:
+        try:
+            return fn()
+        finally:
+            try:
+                from jupyter_core.utils import _loop
+
+                loop = _loop.get()
+                if loop is not None and not loop.is_running() and not loop.is_closed():
+                    loop.close()
+            except Exception:  # noqa: BLE001 - private helper moved: leave the loop to the GC
+                pass
+
+    return contextvars.Context().run(call)
 
 
 def _scrub_text(text: str, secrets: Any) -> str:
