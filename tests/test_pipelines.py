@@ -292,3 +292,16 @@ def test_help_lists_param_flags(capsys):
     out = capsys.readouterr().out
     assert "-p NAME VALUE, --param NAME VALUE" in out and "--no-cache" in out
     assert json  # keep import used
+
+
+def test_lab_server_contract(toy_nb, home, tmp_path):
+    """The Lab server delegates to ``pipelines.run_pipeline(nb, params, output=, cwd=, registry_home=)`` → dict."""
+    from llmops_jupyter.pipelines import run_pipeline
+
+    out = tmp_path / "outputs" / "toy.out.ipynb"
+    res = run_pipeline(str(toy_nb), {"lora_r": 2}, output=str(out), cwd=str(tmp_path), registry_home=str(home))
+    assert res["status"] == "finished" and res["error"] is None and len(res["stage_runs"]) == 1
+    assert out.exists() and Registry(home).get_run(res["run_id"])["stage"] == "pipeline"
+    bad = make_notebook(tmp_path / "bad.ipynb", ["1/0"])
+    res = run_pipeline(str(bad), {}, output=str(tmp_path / "bad.out.ipynb"), registry_home=str(home))
+    assert res["status"] == "failed" and "ZeroDivisionError" in res["error"] and res["run_id"]

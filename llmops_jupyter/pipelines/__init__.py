@@ -35,11 +35,51 @@ def record_metrics(step: int | None = None, **values: float) -> dict[str, float]
     return clean
 
 
-def run_pipeline(*args: Any, **kwargs: Any):
-    """See :func:`llmops_jupyter.pipelines.execute.run_pipeline`."""
+def run_pipeline(notebook: Any, parameters: dict[str, Any] | None = None, *, output: Any = None,
+                 registry_home: Any = None, **kwargs: Any) -> Any:
+    """See :func:`llmops_jupyter.pipelines.execute.run_pipeline` (returns the ``RunResult``).
+
+    With ``output=`` (the Lab server's contract, ``llmops_jupyter.server.pipeline``) the executed notebook is also
+    copied there and a dict ``{"run_id", "output", "status", "error", "stage_runs"}`` is returned; a failed run is
+    reported in it instead of raised. ``registry_home`` selects the registry.
+    """
     from .execute import run_pipeline as _run
 
-    return _run(*args, **kwargs)
+    if registry_home is not None:
+        from ..registry import Registry
+
+        kwargs["registry"] = Registry.open(registry_home)
+    if output is None:
+        return _run(notebook, parameters, **kwargs)
+    import shutil
+    from pathlib import Path
+
+    from ..errors import StageError
+
+    started: list[str] = []
+    kwargs.setdefault("listeners", []).append(
+        lambda ev: started.append(ev.run_id) if str(ev.type) == "started" and ev.stage == "pipeline" else None)
+    try:
+        res = _run(notebook, parameters, **kwargs)
+        run_id, status, error, summary = res.run_id, str(res.status), None, res.summary
+    except StageError as exc:
+        run_id, status, error = (started[0] if started else None), "failed", str(exc)
+        summary = {}
+        if run_id:
+            from ..registry import Registry
+
+            summary = (kwargs.get("registry") or Registry.open()).get_run(run_id)["summary"]
+    out = Path(output)
+    if summary.get("output_notebook"):
+        from ..registry import Registry
+
+        art = (kwargs.get("registry") or Registry.open()).get_artifact(summary["output_notebook"])
+        files = sorted(art.path.glob("*.ipynb"))
+        if files:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(files[0], out)
+    return {"run_id": run_id, "output": str(out), "status": status, "error": error,
+            "stage_runs": [c["id"] for c in summary.get("children", [])]}
 
 
 def run_sweep(*args: Any, **kwargs: Any):

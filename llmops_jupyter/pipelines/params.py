@@ -30,7 +30,7 @@ from ..config import StageConfig, field_type, flag_name, unwrap_optional
 from ..errors import ConfigError
 
 SECRET_NAME = re.compile(r"(^|_)(api_?key|token|password|passwd|secret)$", re.IGNORECASE)
-_MAGIC = re.compile(r"^\s*%{1,2}llmops\s+(.*)$")
+_MAGIC = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\s*=\s*)?%{1,2}llmops\s+(.*)$")
 _RUNNER_CALL = re.compile(r"""\.run\(\s*["']([A-Za-z_][\w-]*)["']""")
 _UNSET = object()
 
