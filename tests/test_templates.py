@@ -53,7 +53,9 @@ def test_template_runs_on_the_tiny_model(template, home, tmp_path, model_cache):
 
     nb = nbformat.read(template, as_version=4)
     available = discover()
-    for stage in stages_used(nb):
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    needs = stages_used(nb) + [s for s in re.findall(r"([a-z]+)@latest", code) if s != "data"]  # data: fixture
+    for stage in needs:
         if stage not in available:
             pytest.skip(f"stage {stage} not available")
     params = {k: v for k, v in SMALL.items() if k in notebook_parameters(nb)}
