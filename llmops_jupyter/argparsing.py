@@ -141,6 +141,9 @@ def build_parser(cfg_cls: type[StageConfig], prog: str, description: str, values
             kwargs.update(type=_converter(tp, values, f.name), metavar=f.name.upper())
             if isinstance(tp, type) and issubclass(tp, enum.Enum):
                 kwargs["metavar"] = "{" + ",".join(m.value for m in tp) + "}"
+        extra = dict(meta.get("argparse") or {})  # per-field argparse overrides (e.g. repeated `-p NAME VALUE`)
+        aliases = extra.pop("aliases", ())
+        kwargs.update(extra)
         if meta.get("positional"):
             # Always optional for argparse: a %%llmops cell body may supply it; the config reports it missing.
             kwargs.pop("dest")
@@ -149,7 +152,7 @@ def build_parser(cfg_cls: type[StageConfig], prog: str, description: str, values
                 kwargs["help"] = "(required) " + kwargs["help"]
             parser.add_argument(f.name, **kwargs)
         else:
-            parser.add_argument(flag_name(f), **kwargs)
+            parser.add_argument(flag_name(f), *aliases, **kwargs)
     return parser
 
 

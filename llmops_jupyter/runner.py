@@ -13,6 +13,7 @@ import gc
 import hashlib
 import html
 import json
+import os
 import shutil
 import sys
 import time
@@ -232,8 +233,16 @@ class Runner:
         tags: list[str] | None = None,
         parent_id: str | None = None,
         run_id: str | None = None,
+        cache: bool | str = False,
         **params: Any,
     ) -> RunResult:
+        """Run a stage and record it.
+
+        ``parent_id`` defaults to ``$LLMOPS_PIPELINE_RUN`` (set by the papermill glue), so stage runs made inside a
+        pipeline notebook hang under that pipeline run. ``cache=True`` (or an explicit key string) reuses the
+        outputs of an earlier finished run with the same cache key: a new run marked ``cached`` is recorded and
+        returned without executing the stage.
+        """
         from .stages.base import get_stage
 
         stage_obj = get_stage(stage)() if isinstance(stage, (str, type)) else stage
@@ -244,6 +253,12 @@ class Runner:
             config = cfg_cls.from_dict({**config.to_dict(), **params})
         stage_name = stage_obj.name
         run_params = config.to_params()
+        parent_id = parent_id or os.environ.get("LLMOPS_PIPELINE_RUN") or None
+        key = (cache if isinstance(cache, str) else cache_key(stage_name, run_params, [])) if cache else None
+        if key:
+            hit = self._from_cache(stage_name, key, run_params, name=name, tags=tags, parent_id=parent_id)
+            if hit is not None:
+                return hit
         run_id = self.registry.create_run(
             stage_name, run_params, name=name, notebook=current_notebook(), git_commit=git_commit(),
             env=environment(), parent_id=parent_id, tags=tags, run_id=run_id,
@@ -273,6 +288,8 @@ class Runner:
             if status is RunStatus.FINISHED and ctx.inputs:
                 summary.setdefault("inputs", [a.hash for a in ctx.inputs])
             self.registry.finish_run(run_id, status, error=error, summary=summary or None)
+            if key and status is RunStatus.FINISHED:
+                self.registry.update_run(run_id, cache_key=key)
             if status is RunStatus.FINISHED:
                 self.emit(Event(EventType.FINISHED, run_id, stage_name, {"duration_s": time.time() - start}))
             elif status is RunStatus.INTERRUPTED:
@@ -291,6 +308,35 @@ class Runner:
             metrics=self.registry.metrics(run_id), artifacts=list(ctx.outputs), summary=summary, outputs=outputs,
             duration_s=time.time() - start, registry_home=self.registry.home,
         )
+
+    def _from_cache(
+        self, stage: str, key: str, params: dict[str, Any], *, name: str | None, tags: list[str] | None,
+        parent_id: str | None,
+    ) -> RunResult | None:
+        """A finished run with this cache key whose outputs still exist → a new ``cached`` run sharing them."""
+        reg = self.registry
+        for row in reg.query("SELECT id, summary FROM runs WHERE stage=? AND cache_key=? AND status='finished'"
+                             " ORDER BY created_at DESC", (stage, key)):
+            arts = reg.run_artifacts(row["id"], "output")
+            if not all(a.path.exists() for a in arts):
+                continue
+            metrics = reg.metrics(row["id"])
+            summary = {**json.loads(row["summary"] or "{}"), "cached_from": row["id"]}
+            run_id = reg.create_run(stage, params, name=name, notebook=current_notebook(), git_commit=git_commit(),
+                                    env=environment(), parent_id=parent_id, tags=tags)
+            with reg.transaction() as con:
+                con.executemany("INSERT OR IGNORE INTO run_artifacts VALUES (?,?,?)",
+                                [(run_id, a.hash, "output") for a in arts])
+            if metrics:
+                reg.log_metrics(run_id, metrics)
+            reg.finish_run(run_id, RunStatus.CACHED, summary=summary)
+            reg.update_run(run_id, cache_key=key)
+            self.emit(Event(EventType.STARTED, run_id, stage, {"params": params, "cached": True}))
+            self.emit(Event(EventType.FINISHED, run_id, stage, {"duration_s": 0.0, "cached_from": row["id"]}))
+            return RunResult(run_id=run_id, stage=stage, status=RunStatus.CACHED, params=params, metrics=metrics,
+                             artifacts=arts, summary=summary, outputs={"cached_from": row["id"]}, duration_s=0.0,
+                             registry_home=reg.home)
+        return None
 
 
 def _free_memory() -> None:
