@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -321,6 +322,7 @@ def oom_guard(cfg: FinetuneConfig, model_ref: str) -> Iterator[None]:
     try:
         yield
     except torch.OutOfMemoryError as exc:
+        traceback.clear_frames(exc.__traceback__)  # drop the activations the failed step's frames still hold
         first = str(exc).splitlines()[0] if str(exc) else "out of memory"
         message = (f"Out of GPU memory while fine-tuning '{model_ref}' with --method {cfg.method}, --batch-size "
                    f"{cfg.batch_size}, --seq-len {cfg.seq_len} ({first}).")
@@ -330,7 +332,7 @@ def oom_guard(cfg: FinetuneConfig, model_ref: str) -> Iterator[None]:
                "to keep the effective batch), lower --seq-len, add --gradient-checkpointing")
         if cfg.method != "qlora":
             fix += ", or use --method qlora"
-        raise ResourceError(message, fix=fix)
+        raise ResourceError(message, fix=fix) from None
 
 
 def free_memory() -> None:
@@ -449,9 +451,9 @@ def run_stage(ctx: RunContext) -> dict[str, Any]:
     if data.artifact is not None:
         ctx.use(data.artifact)
     folder = run_dir(ctx.registry, ctx.run_id)
-    ctx.set_summary(method=cfg.method, base_model=model.name, base_model_path=str(model.path),
-                    dataset=data.artifact.hash if data.artifact else str(data.path), data_version=data.version,
-                    checkpoints=str(folder / "checkpoints"), **resumed)
+    ctx.set_summary(**{**resumed, "method": cfg.method, "base_model": model.name, "base_model_path": str(model.path),
+                       "dataset": data.artifact.hash if data.artifact else str(data.path),
+                       "data_version": data.version, "checkpoints": str(folder / "checkpoints")})
     staging = ctx.staging_dir("adapter")
     if cfg.launcher == "accelerate":
         out = run_accelerate(ctx, cfg, model.path, data.path, folder, staging, resume_ckpt)
