@@ -477,15 +477,28 @@ def run_stage(ctx: RunContext) -> dict[str, Any]:
 
 
 # -- accelerate launcher ---------------------------------------------------------------------------------------------
-def accelerate_command(num_processes: int, spec: Path, *, cpu: bool) -> list[str]:
-    """``accelerate launch`` command line for the training worker (one process per device)."""
+def accelerate_command(num_processes: int, spec: Path, *, cpu: bool, port: int | None = None) -> list[str]:
+    """``accelerate launch`` command line for the training worker (one process per device).
+
+    More than one process always goes through accelerate's distributed launcher (``--multi_gpu``, i.e.
+    ``torch.distributed.run``): with ``--cpu`` accelerate falls back to a single process, while the distributed
+    launcher on a CPU-only machine runs the ranks with the gloo backend (how the CPU test runs 2 processes).
+    """
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if cpu:
-        cmd.append("--cpu")
     if num_processes > 1:
-        cmd.append("--multi_gpu" if not cpu else "--main_process_port=0")
+        cmd += ["--multi_gpu", "--main_process_port", str(port or _free_port())]
+    elif cpu:
+        cmd.append("--cpu")
     return [*cmd, "-m", "llmops_jupyter.finetune_worker", "train", "--spec", str(spec)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class FileReporter:

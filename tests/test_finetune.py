@@ -161,11 +161,20 @@ def test_cuda_oom_becomes_resource_error_with_plan_advice():
 def test_accelerate_command_line():
     from llmops_jupyter.finetuning import accelerate_command
 
-    cmd = accelerate_command(2, Path("spec.json"), cpu=True)
+    cmd = accelerate_command(2, Path("spec.json"), cpu=True, port=29999)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
-    assert cmd[cmd.index("--num_processes") + 1] == "2" and "--cpu" in cmd
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and "--multi_gpu" in cmd and "--cpu" not in cmd
     assert cmd[-5:] == ["-m", "llmops_jupyter.finetune_worker", "train", "--spec", "spec.json"]
-    assert "--multi_gpu" in accelerate_command(4, Path("s"), cpu=False)
+    assert "--cpu" in accelerate_command(1, Path("s"), cpu=True)
+
+
+def test_accelerate_launcher_two_cpu_processes(registry, tiny_model, tiny_dataset, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    res = run_ft(registry, tiny_model, tiny_dataset, max_steps=4, launcher="accelerate", num_processes=2)
+    assert res.status == "finished" and res.artifact.kind == "adapter"
+    # 36 training examples, 4 per process, 2 processes → 4.5 steps per epoch (1 process would be 9)
+    assert res.metrics["epoch"] == pytest.approx(4 / 5)
+    assert len(losses(registry, res.run_id)) == 4  # rank 0's metrics relayed into the parent's run
 
 
 def test_detached_worker_death_is_reported(registry, tiny_model, tiny_dataset, monkeypatch):
