@@ -86,8 +86,14 @@ def variant_baseline(model: Path, data: Path, steps: int, bs: int, seq_len: int)
     """What one writes by hand: Trainer + peft, pad to the longest example of each random batch."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     from llmops_jupyter.dataformat import Dataset
     from llmops_jupyter.finetuning import TokenCounter, resolve_dtype, tokenize

@@ -734,6 +734,12 @@ def attach_run(cfg: AttachConfig, env: Any) -> Any:
         os.kill(run["pid"], signal.SIGINT)
         return f"asked run {run['id']} (pid {run['pid']}) to stop; it keeps its last checkpoint"
     watcher = RunWatcher(env.registry, run["id"], front_end=env.front_end, display=env.display, poll_s=cfg.poll_s)
+    if env.front_end == "cli":  # a terminal gets the final numbers, not a figure's JSON
+        from .display import Table
+
+        watcher.follow()
+        metrics = env.registry.metrics(run["id"])
+        return Table(["metric", "value"], sorted(metrics.items()), title=f"run {run['id']}: {watcher.status}")
     if cfg.wait or env.front_end != "magic":
         return watcher.follow()
     watcher.start()
