@@ -225,3 +225,23 @@ def test_saved_notebook_shows_static_loss_figure(tiny_model, tiny_dataset, home,
     loss = next(t for t in figs[-1]["data"] if t["name"] == "loss")
     assert len(loss["y"]) == 4
     assert sys.executable  # the kernel is the venv's python3 kernelspec
+
+
+def test_dashboard_draws_curves_and_eta_from_events():
+    from llmops_jupyter.runner import Event, EventType
+    from llmops_jupyter.widgets import dashboard as dash
+
+    shown = []
+    view = dash.TrainingDashboard(front_end="magic", display=shown.append)
+    view(Event(EventType.STARTED, "r", "finetune", {}))
+    assert shown, "widgets are displayed when the run starts"
+    for step in range(1, 6):
+        view(Event(EventType.PROGRESS, "r", "finetune", {"done": step, "total": 10, "desc": "finetune"}))
+        view(Event(EventType.METRIC, "r", "finetune", {"values": {"loss": 5.0 - step, "lr": 1e-3}, "step": step}))
+    assert "ETA" in view.status_text() and "loss 0.0000" in view.status_text()
+    view(Event(EventType.INTERRUPTED, "r", "finetune", {}))
+    loss = next(t for t in view._fig.data if t.name == "loss")
+    assert list(loss.y) == [4.0, 3.0, 2.0, 1.0, 0.0]
+    static = shown[-1]  # an interrupted run still leaves a static figure in the output
+    assert type(static).__name__ == "Figure" and "interrupted" in static.layout.title.text
+    assert dash.fmt_eta(3725) == "1:02:05"

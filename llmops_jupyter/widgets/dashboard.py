@@ -19,6 +19,8 @@ from ..runner import Event, EventType
 
 #: Minimum seconds between figure redraws (bounds the dashboard's cost per training step).
 REDRAW_S = 0.5
+#: Minimum seconds between status-line updates.
+STATUS_S = 0.25
 
 
 def fmt_eta(seconds: float | None) -> str:
@@ -40,6 +42,7 @@ class TrainingDashboard:
         self.rows: list[dict[str, Any]] = []
         self._pending = 0
         self._last_draw = 0.0
+        self._last_status = 0.0
         self._fig = None
         self._status = None
         self._t0: float | None = None
@@ -61,6 +64,8 @@ class TrainingDashboard:
             self._pending += 1
             self._ensure_widgets()
             self._redraw()
+        elif event.type is EventType.STARTED:
+            self._ensure_widgets()  # drawn before the model loads: no widget start-up cost inside training
         elif event.type is EventType.PROGRESS and event.data.get("desc") == "finetune":
             self.progress(event.data.get("done") or 0, event.data.get("total"))
         elif event.type in (EventType.FINISHED, EventType.FAILED, EventType.INTERRUPTED):
@@ -128,8 +133,10 @@ class TrainingDashboard:
                 parts.append(f"{label} {fmt.format(v)}")
         return " · ".join(parts)
 
-    def _update_status(self) -> None:
-        if self._status is not None:
+    def _update_status(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._status is not None and (force or self.ended or now - self._last_status >= STATUS_S):
+            self._last_status = now
             frac = (self.done / self.total) if self.total else 0.0
             self._status.value = (
                 f"<div style='font-family:monospace'><progress value='{frac:.4f}' max='1' style='width:40%'>"
