@@ -117,7 +117,7 @@ def test_interrupt_keeps_checkpoint_and_resume_equals_uninterrupted(registry, ti
 
 
 def test_magic_finetune_and_attach(shell, tiny_model, tiny_dataset):
-    shell.run_line_magic("llmops", f"finetune {tiny_model} --data {tiny_dataset.hash[:12]} --max-steps 4 "
+    shell.run_line_magic("llmops", f"finetune --model {tiny_model} --data {tiny_dataset.hash[:12]} --max-steps 4 "
                                    "--batch-size 4 --log-every 2 --rank 4 --target-modules q_proj,v_proj")
     result = shell.user_ns["_"] if "_" in shell.user_ns else None
     from llmops_jupyter.registry import Registry
@@ -204,7 +204,7 @@ def test_saved_notebook_shows_static_loss_figure(tiny_model, tiny_dataset, home,
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell("%load_ext llmops_jupyter"),
-        nbformat.v4.new_code_cell(f"%llmops finetune {tiny_model} --data {tiny_dataset.hash} --max-steps 4 "
+        nbformat.v4.new_code_cell(f"%llmops finetune --model {tiny_model} --data {tiny_dataset.hash} --max-steps 4 "
                                   "--batch-size 4 --log-every 1"),
     ]
     env = {"LLMOPS_HOME": str(home), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),

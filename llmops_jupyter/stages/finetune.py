@@ -31,8 +31,7 @@ OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "pag
 
 @dataclasses.dataclass
 class FinetuneConfig(StageConfig):
-    model: str = option("tiny-llama", "base model: local checkpoint folder, registry ref or provider name",
-                        positional=True)
+    model: str = option("tiny-llama", "base model: local checkpoint folder, registry ref or provider name")
     data: str = option("data@latest", "dataset artifact: data run id, dataset hash, 'data@latest' or a folder")
     method: str = option("lora", "lora: adapters on a full-precision base; qlora: on a 4-bit NF4 base "
                                  "(bitsandbytes, double quantization); dpo: preference tuning (added by its own stage)",
