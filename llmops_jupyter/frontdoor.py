@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import StageConfig
+from .governance import hooks as _governance_hooks  # noqa: F401 - registers the audit and sampling listeners
 from .registry import Registry
 from .runner import Runner
 from .stages.base import Command, CommandEnv, get_command
