@@ -248,6 +248,28 @@ def test_resource_sampler_in_process(registry):
         GpuSampler()
 
 
+def test_automatic_sampling_policy(registry, monkeypatch):
+    """The Runner listener samples long stages on GPU machines; on CPU only when asked (stage flag or env)."""
+    import llmops_jupyter.governance.hooks  # noqa: F401 - what the front door imports
+    from llmops_jupyter.governance import gpu
+    from llmops_jupyter.runner import Runner
+    from llmops_jupyter.stages.base import Stage
+
+    class FakeLong(Stage):  # named like a long stage; not registered, so nothing else sees it
+        name = "finetune"
+
+        def run(self, ctx):
+            ctx.log_metrics({"loss": 1.0}, step=1)
+
+    monkeypatch.setattr(gpu, "_nvml", lambda: None)  # the CPU machine this test runs on, stated explicitly
+    monkeypatch.setenv("LLMOPS_SAMPLE_S", "0.05")
+    assert Runner(registry).run(FakeLong()).metrics == {"loss": 1.0}  # auto on CPU: the stage's metrics only
+    monkeypatch.setenv("LLMOPS_RESOURCE_SAMPLING", "on")
+    assert "cpu_rss_mb" in Runner(registry).run(FakeLong()).metrics
+    monkeypatch.setenv("LLMOPS_RESOURCE_SAMPLING", "off")
+    assert Runner(registry).run(FakeLong()).metrics == {"loss": 1.0}
+
+
 def test_doctor_reports_missing_extra_with_install_command(monkeypatch, shell):
     from llmops_jupyter.governance import doctor
 

@@ -115,7 +115,7 @@ def kernel_cell() -> tuple[int | None, str | None, str | None]:
     text: str | None = None
     hist = getattr(getattr(shell, "history_manager", None), "input_hist_raw", None)
     # IPython stores the cell's input and bumps execution_count *before* running it.
-    if hist and len(hist) - 1 == getattr(shell, "execution_count", 0) - 1:
+    if hist and len(hist) >= 2 and len(hist) - 1 == getattr(shell, "execution_count", 0) - 1:
         count, text = len(hist) - 1, hist[-1]
     cell_id = None
     try:

@@ -9,9 +9,9 @@ path. Samples go to the registry as ordinary metrics (step = sample index) and, 
 Two ways in:
 
 * automatic: importing this module registers a Runner global listener that starts a sampler on STARTED of a long
-  stage (``finetune``, ``eval``, ``quantize``, ``merge`` or any stage class with ``resource_sampling = True``) and
-  stops it on FINISHED/FAILED/INTERRUPTED. ``LLMOPS_RESOURCE_SAMPLING=off`` disables it; ``LLMOPS_SAMPLE_S`` sets
-  the interval (default 10 s);
+  stage and stops it on FINISHED/FAILED/INTERRUPTED: ``finetune``, ``eval``, ``quantize``, ``merge`` when a GPU is
+  visible, and any stage class with ``resource_sampling = True`` always. ``LLMOPS_RESOURCE_SAMPLING=on`` samples
+  the long stages on CPU too, ``off`` disables it; ``LLMOPS_SAMPLE_S`` sets the interval (default 10 s);
 * explicit, for a stage or its dashboard: ``with sample_resources(ctx, interval=5): ...`` or :func:`sample_once`.
 """
 
@@ -192,20 +192,39 @@ def configured_interval() -> float:
         return DEFAULT_INTERVAL_S
 
 
-def enabled() -> bool:
-    return os.environ.get("LLMOPS_RESOURCE_SAMPLING", "auto").lower() not in ("0", "off", "false", "no")
+def mode() -> str:
+    """``auto`` (default), ``on`` or ``off`` from ``LLMOPS_RESOURCE_SAMPLING``."""
+    value = os.environ.get("LLMOPS_RESOURCE_SAMPLING", "auto").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    if value in ("1", "on", "true", "yes", "always"):
+        return "on"
+    return "auto"
 
 
-def is_long(stage: str) -> bool:
-    if stage in LONG_STAGES:
-        return True
+def _opted_in(stage: str) -> bool:
     try:
         from ..stages.base import get_command
 
-        cls = get_command(stage).stage_cls
-        return bool(getattr(cls, "resource_sampling", False))
-    except Exception:  # noqa: BLE001 - unknown stage: not long
+        return bool(getattr(get_command(stage).stage_cls, "resource_sampling", False))
+    except Exception:  # noqa: BLE001 - unknown stage: not opted in
         return False
+
+
+def should_sample(stage: str) -> bool:
+    """Whether the automatic listener samples a run of ``stage``.
+
+    ``auto``: stages that set ``resource_sampling = True`` always; the built-in long stages only when NVML sees a
+    GPU (CPU-only runs then keep exactly the metrics their stage logs). ``on``: every long stage, CPU RSS included.
+    """
+    m = mode()
+    if m == "off":
+        return False
+    if _opted_in(stage):
+        return True
+    if stage not in LONG_STAGES:
+        return False
+    return m == "on" or _nvml() is not None
 
 
 _ACTIVE: dict[str, GpuSampler] = {}
@@ -214,7 +233,7 @@ _ACTIVE: dict[str, GpuSampler] = {}
 def listener(event: Event) -> None:
     """Runner global listener: sample during long stages without any change to the stages."""
     if event.type is EventType.STARTED:
-        if not enabled() or event.run_id in _ACTIVE or not is_long(event.stage):
+        if event.run_id in _ACTIVE or not should_sample(event.stage):
             return
         registry = registry_for_run(event.run_id)
         if registry is None:
