@@ -290,6 +290,14 @@ def test_doctor_reports_missing_extra_with_install_command(monkeypatch, shell):
         ("python -m ipykernel install", "")) and "lab extension" in checks
     table = shell.run_line_magic("llmops", "doctor --no-cuda")
     assert "pip install 'llmops-jupyter[batch]'" in str(table) and "need attention" in table.note
+    monkeypatch.undo()
+    cuda = {c.check: c for c in doctor.check_torch_cuda()}  # imports torch (and bitsandbytes): last, and real
+    import torch
+
+    assert torch.__version__ in cuda["torch build"].detail
+    assert cuda["cuda available"].status == ("ok" if torch.cuda.is_available() else cuda["cuda available"].status)
+    if "bitsandbytes backend" in cuda:
+        assert cuda["bitsandbytes backend"].status == "ok"
 
 
 def test_doctor_tested_ranges_match_pyproject():

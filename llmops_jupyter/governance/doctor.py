@@ -130,7 +130,8 @@ def check_extras() -> list[Check]:
 
 
 def check_kernelspec() -> list[Check]:
-    fix = f"python -m ipykernel install --user --name {KERNEL_NAME} --display-name 'Python (llmops-jupyter)'"
+    where = "--sys-prefix" if sys.prefix != sys.base_prefix else "--user"  # a venv's own kernels live in it
+    fix = f"python -m ipykernel install {where} --name {KERNEL_NAME} --display-name 'Python (llmops-jupyter)'"
     try:
         from jupyter_client.kernelspec import KernelSpecManager
 
@@ -146,7 +147,9 @@ def check_kernelspec() -> list[Check]:
         except (OSError, ValueError):
             pass
         python = argv[0] if argv else "?"
-        same = Path(python).resolve() == Path(sys.executable).resolve() if argv else False
+        # jupyter_client runs a bare "python"/"python3" as the server's own interpreter
+        same = bool(argv) and (python in ("python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+                               or Path(python).resolve() == Path(sys.executable).resolve())
         return [Check("kernel spec", OK if same else WARN, f"'{KERNEL_NAME}' at {spec_dir} runs {python}",
                       "" if same else f"re-install it from this environment: {fix}")]
     return [Check("kernel spec", WARN, f"no '{KERNEL_NAME}' kernel (found: {', '.join(sorted(specs)) or 'none'})",
