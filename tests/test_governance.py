@@ -248,6 +248,27 @@ def test_resource_sampler_in_process(registry):
         GpuSampler()
 
 
+def test_automatic_card_for_merged_output(registry, tiny_model, monkeypatch):
+    import llmops_jupyter.governance.hooks  # noqa: F401 - what the front door imports
+    from llmops_jupyter.runner import Runner
+    from llmops_jupyter.stages.base import Stage
+
+    class FakeMerge(Stage):  # writes a merged artifact the way the merge stage does
+        name = "merge-like"
+
+        def run(self, ctx):
+            out = ctx.staging_dir()
+            shutil.copytree(tiny_model, out / "m")
+            ctx.save_artifact(out / "m", "merged", name="auto")
+
+    merged = Runner(registry).run(FakeMerge()).artifact
+    (card,) = [a for a in registry.list_artifacts("model-card") if a.meta["model"] == merged.hash]
+    assert merged.hash in (card.path / "README.md").read_text()
+    monkeypatch.setenv("LLMOPS_AUTO_CARD", "0")
+    Runner(registry).run(FakeMerge())
+    assert len(registry.list_artifacts("model-card")) == 1
+
+
 def test_automatic_sampling_policy(registry, monkeypatch):
     """The Runner listener samples long stages on GPU machines; on CPU only when asked (stage flag or env)."""
     import llmops_jupyter.governance.hooks  # noqa: F401 - what the front door imports

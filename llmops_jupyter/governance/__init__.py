@@ -3,9 +3,10 @@
 Everything here reads the registry generically (runs, params, metrics, artifacts, edges), because the stages that
 write those records are developed independently: a missing record makes a card say "not recorded", never crash.
 
-Importing :mod:`.audit` and :mod:`.gpu` registers their :class:`~llmops_jupyter.runner.Runner` global listeners
-(the front door imports both through :mod:`.hooks`), so every run started through a front end is audited and resource-sampled without
-any change to the stages. This package and those two modules import only the standard library at top level.
+Importing :mod:`.hooks` (the front door does) registers the audit, resource-sampling and automatic-card
+:class:`~llmops_jupyter.runner.Runner` global listeners, so every run started through a front end is audited,
+resource-sampled and carded without any change to the stages. This package and the modules ``hooks`` imports use
+only the standard library and light ``llmops_jupyter`` modules at top level.
 """
 
 from __future__ import annotations

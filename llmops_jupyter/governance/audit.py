@@ -137,7 +137,7 @@ def _source_line(cell_text: str | None) -> tuple[str, str | None]:
             return "magic", "\n".join(lines)[:4000]
         return "python", stripped[:4000] or None
     argv = list(sys.argv or [])
-    if argv and Path(argv[0]).name == "llmops":
+    if argv and (Path(argv[0]).name == "llmops" or Path(argv[0]).as_posix().endswith("llmops_jupyter/cli.py")):
         return "cli", shlex.join(["llmops", *argv[1:]])
     return "python", shlex.join(argv)[:4000] if argv else None
 

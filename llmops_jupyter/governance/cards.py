@@ -596,3 +596,39 @@ def latest_card(registry: Registry, model: Artifact) -> Artifact | None:
         "SELECT a.hash FROM edges e JOIN artifacts a ON a.hash=e.dst WHERE e.src=? AND a.kind=?"
         " ORDER BY a.created_at DESC LIMIT 1", (model.hash, CARD_KIND))
     return registry.get_artifact(rows[0]["hash"]) if rows else None
+
+
+# -- automatic cards ----------------------------------------------------------------------------------------------
+AUTO_KINDS = ("merged", "quantized", "deployment")
+_PENDING: dict[str, list[str]] = {}
+
+
+def auto_card_listener(event: Any) -> None:
+    """Runner global listener: when a run that produced a merged/quantized/deployment artifact finishes, save its
+    card (so every shipped version has one). Evals that come later appear when the card is regenerated with
+    ``%llmops card``. ``LLMOPS_AUTO_CARD=0`` turns this off."""
+    import os
+
+    from ..runner import EventType
+    from . import registry_for_run
+
+    if event.type is EventType.ARTIFACT and event.data.get("kind") in AUTO_KINDS:
+        _PENDING.setdefault(event.run_id, []).append(event.data["hash"])
+    elif event.type in (EventType.FAILED, EventType.INTERRUPTED):
+        _PENDING.pop(event.run_id, None)
+    elif event.type is EventType.FINISHED:
+        hashes = _PENDING.pop(event.run_id, [])
+        if not hashes or os.environ.get("LLMOPS_AUTO_CARD", "1").lower() in ("0", "off", "false", "no"):
+            return
+        registry = registry_for_run(event.run_id)
+        if registry is None:
+            return
+        for h in hashes:
+            save_model_card(registry, build_model_card(registry, h))
+
+
+def install() -> None:
+    from ..runner import Runner
+
+    if auto_card_listener not in Runner.global_listeners:
+        Runner.global_listeners.append(auto_card_listener)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -31,10 +32,15 @@ _STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED", 
            "cached": "FINISHED"}
 
 
+def _key(name: str) -> str:
+    """MLflow accepts letters, digits, ``_ - . / space`` in keys (250 chars); anything else becomes ``_``."""
+    return re.sub(r"[^\w\-. /]", "_", str(name))[:250]
+
+
 def _flat_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in params.items():
-        key = f"{prefix}{k}"
+        key = f"{prefix}{_key(k)}"
         if isinstance(v, dict) and v and "__object__" not in v:
             out.update(_flat_params(v, key + "."))
         else:
@@ -98,7 +104,7 @@ def export_mlflow(
         params = _flat_params(run.get("params") or {})
         summary = {f"summary.{k}": v for k, v in _flat_params(run.get("summary") or {}).items()}
         history = registry.metric_history(run["id"])
-        metrics = [Metric(h["key"], float(h["value"]), int(h["ts"] * 1000), int(h["step"] or 0))
+        metrics = [Metric(_key(h["key"]), float(h["value"]), int(h["ts"] * 1000), int(h["step"] or 0))
                    for h in history if h["value"] is not None]
         param_list = [Param(k, v) for k, v in params.items()]
         tag_list = [RunTag(k, v[:5000]) for k, v in summary.items()]
@@ -116,7 +122,7 @@ def export_mlflow(
                 n_art += 1
             is_model = art.kind in MODEL_ARTIFACT_KINDS
             if (is_model and not include_models) or (not is_model and art.size > small_bytes):
-                client.set_tag(mid, f"llmops.artifact.{art.kind}.{art.short}", f"{art.hash} ({art.size} bytes, "
+                client.set_tag(mid, _key(f"llmops.artifact.{art.kind}.{art.short}"), f"{art.hash} ({art.size} bytes, "
                                "not uploaded" + ("; use --include-models" if is_model else "") + ")")
                 continue
             _log_artifact(client, mid, art, f"{art.kind}-{art.short}")
@@ -128,8 +134,9 @@ def export_mlflow(
             lineage = {a.hash: registry.lineage(a, "up") for a in outputs}
             client.log_dict(mid, lineage, "lineage.json")
         end = run.get("finished_at")
-        client.set_terminated(mid, status=_STATUS.get(run["status"], "FINISHED"),
-                              end_time=int(end * 1000) if end else None)
+        if run["status"] != "running":  # a run still going stays RUNNING in MLflow (a snapshot)
+            client.set_terminated(mid, status=_STATUS.get(run["status"], "FINISHED"),
+                                  end_time=int(end * 1000) if end else None)
         report.append({"run": run["id"], "mlflow_run": mid, "status": "exported", "params": len(params),
                        "metric_values": len(metrics), "artifacts": n_art})
     try:
