@@ -516,13 +516,21 @@ def build_model_card(
             metrics = {k: v for k, v in _metrics(registry, run["id"]).items() if not _is_resource(k)}
             summary = _flatten(run.get("summary") or {})
             quality = {k: v for k, v in {**summary, **metrics}.items()
-                       if any(t in k.lower() for t in ("delta", "ppl", "perplexity", "loss", "agree", "kl", "drop"))}
-            method = next((str(params[k]) for k in ("method", "quant_method", "algorithm", "scheme") if params.get(k)),
-                          "not recorded")
+                       if any(t in k.lower() for t in ("delta", "ppl", "perplexity", "loss", "agree", "kl", "drop", "ratio"))}
+            out_meta: dict[str, Any] = {}
+            for a in chain:
+                if a.run_id == run["id"]:
+                    out_meta.update(a.meta or {})
+            # what the run resolved (summary / artifact meta) wins over a parameter left to its default (None)
+            resolved = {**params, **{k: v for k, v in {**out_meta, **summary}.items() if v is not None}}
+            method = next((str(resolved[k]) for k in ("method", "quant_method", "algorithm", "scheme")
+                           if resolved.get(k)), "not recorded")
+            head = [["method", method]] + [[k, resolved[k]] for k in ("bits", "backend")
+                                           if resolved.get(k) is not None]
             data["quantization"].append({"run_id": run["id"], "method": method, "params": run.get("params") or {},
-                                         "metrics": metrics, "quality": quality})
-            s.table(["parameter", "value"], [["method", method]] + [[k, v] for k, v in sorted(params.items())
-                                                                    if k not in ("method",)],
+                                         "bits": resolved.get("bits"), "metrics": metrics, "quality": quality})
+            shown = {row[0] for row in head}
+            s.table(["parameter", "value"], head + [[k, v] for k, v in sorted(params.items()) if k not in shown],
                     caption=f"{run['stage']} run `{run['id']}` ({run['status']})")
             if quality:
                 s.table(["quality measure", "value"], [[k, v] for k, v in sorted(quality.items())],
