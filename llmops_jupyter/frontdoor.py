@@ -8,6 +8,7 @@ from typing import Any
 
 from .config import StageConfig
 from .display import print_text
+from .governance import hooks as _governance_hooks  # noqa: F401 - registers the audit and sampling listeners
 from .registry import Registry
 from .runner import Runner
 from .stages.base import Command, CommandEnv, get_command

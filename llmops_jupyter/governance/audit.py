@@ -1,0 +1,299 @@
+"""Append-only audit log: who ran what, when, from which notebook cell, reading and writing which artifacts.
+
+One row per runner event (``started``, ``input``, ``artifact``, ``finished``, ``failed``, ``interrupted``) plus
+rows that view commands add themselves (``card``, ``export``). Rows are only ever inserted: SQLite triggers
+``RAISE(ABORT)`` on UPDATE and DELETE, so a mistaken (or deliberate) edit through the registry fails loudly.
+
+Importing this module registers :func:`listener` as a :class:`~llmops_jupyter.runner.Runner` global listener
+(the front door imports it). Top level: standard library and light ``llmops_jupyter`` modules only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import json
+import os
+import re
+import shlex
+import socket
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..env import current_notebook
+from ..errors import ConfigError
+from ..registry import register_schema
+from ..runner import Event, EventType, Runner
+from . import registry_for_run
+
+if TYPE_CHECKING:
+    from ..registry import Registry
+
+AUDIT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    user TEXT NOT NULL,
+    os_user TEXT,
+    host TEXT,
+    pid INTEGER,
+    notebook TEXT,
+    cell INTEGER,
+    cell_id TEXT,
+    front_end TEXT,
+    command TEXT,
+    source TEXT,
+    run_id TEXT,
+    stage TEXT,
+    event TEXT NOT NULL,
+    artifact TEXT,
+    kind TEXT,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS audit_run ON audit_log(run_id);
+CREATE INDEX IF NOT EXISTS audit_ts ON audit_log(ts);
+CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: rows cannot be updated'); END;
+CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: rows cannot be deleted'); END;
+"""
+
+register_schema(AUDIT_SCHEMA)
+
+AUDITED = {
+    EventType.STARTED, EventType.INPUT, EventType.ARTIFACT, EventType.FINISHED, EventType.FAILED,
+    EventType.INTERRUPTED,
+}
+_READY: set[str] = set()
+_COMMANDS: dict[str, tuple[str, str, str]] = {}  # run_id -> (front_end, command, source) from STARTED
+
+
+def ensure_schema(registry: Registry) -> None:
+    """Create the table/triggers in a registry opened before this module was imported (idempotent DDL)."""
+    key = str(registry.db_path)
+    if key in _READY:
+        return
+    with registry.transaction() as con:
+        for stmt in _statements(AUDIT_SCHEMA):
+            con.execute(stmt)
+    _READY.add(key)
+
+
+def _statements(ddl: str) -> list[str]:
+    out, buf = [], ""
+    for line in ddl.strip().splitlines():
+        buf += line + "\n"
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    return out
+
+
+# -- who / where ------------------------------------------------------------------------------------------------
+def os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - containers without a passwd entry
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+
+
+def who() -> str:
+    """The person: the JupyterHub user when the kernel runs under a hub, else LLMOPS_USER or the OS user."""
+    return os.environ.get("JUPYTERHUB_USER") or os.environ.get("LLMOPS_USER") or os_user()
+
+
+def kernel_cell() -> tuple[int | None, str | None, str | None]:
+    """(execution count, Jupyter cell id, raw cell text) of the cell running now, when inside IPython."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None:
+        return None, None, None
+    count: int | None = None
+    text: str | None = None
+    hist = getattr(getattr(shell, "history_manager", None), "input_hist_raw", None)
+    # IPython stores the cell's input and bumps execution_count *before* running it.
+    if hist and len(hist) >= 2 and len(hist) - 1 == getattr(shell, "execution_count", 0) - 1:
+        count, text = len(hist) - 1, hist[-1]
+    cell_id = None
+    try:
+        parent = shell.kernel.get_parent() if hasattr(shell, "kernel") else getattr(shell, "parent_header", {})
+        cell_id = ((parent or {}).get("metadata") or {}).get("cellId")
+    except Exception:  # noqa: BLE001 - best effort: not every kernel has a parent message
+        pass
+    return count, cell_id, text
+
+
+def _source_line(cell_text: str | None) -> tuple[str, str | None]:
+    """(front end, what was typed): the %llmops line(s) of the cell, the CLI argv, or the Python cell."""
+    if cell_text is not None:
+        stripped = cell_text.strip()
+        if stripped.startswith("%%llmops"):
+            return "magic", stripped[:4000]
+        lines = [ln.strip() for ln in stripped.splitlines() if re.search(r"(?:^|[\s=(])(?:%llmops|!llmops)\b", ln)]
+        if lines:
+            return "magic", "\n".join(lines)[:4000]
+        return "python", stripped[:4000] or None
+    argv = list(sys.argv or [])
+    if argv and (Path(argv[0]).name == "llmops" or Path(argv[0]).as_posix().endswith("llmops_jupyter/cli.py")):
+        return "cli", shlex.join(["llmops", *argv[1:]])
+    return "python", shlex.join(argv)[:4000] if argv else None
+
+
+def canonical_command(stage: str, params: dict[str, Any]) -> str:
+    """``llmops <stage> --flag value ...`` with the non-default parameters: reproducible from the audit row alone."""
+    defaults: dict[str, Any] = {}
+    positional: list[str] = []
+    try:
+        import dataclasses
+
+        from ..stages.base import get_command
+
+        for f in dataclasses.fields(get_command(stage).config_cls):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            if f.metadata.get("positional"):
+                positional.append(f.name)
+    except Exception:  # noqa: BLE001 - an unknown stage still gets a command line with every parameter
+        pass
+    parts = ["llmops", stage]
+    for key in positional:
+        value = params.get(key)
+        if value is not None and not (key in defaults and _same(defaults[key], value)):
+            parts.append(value if isinstance(value, str) else json.dumps(value, default=str))
+    for key, value in params.items():
+        if key in positional or (key in defaults and _same(defaults[key], value)):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif value is False:
+            parts.append("--no-" + key.replace("_", "-"))
+        elif value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *[v if isinstance(v, str) else json.dumps(v) for v in value]]
+        else:
+            parts += [flag, value if isinstance(value, str) else json.dumps(value, default=str)]
+    return shlex.join(parts)
+
+
+def _same(default: Any, value: Any) -> bool:
+    default = getattr(default, "value", default)
+    return default == value
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+def record(
+    registry: Registry,
+    event: str,
+    *,
+    run_id: str | None = None,
+    stage: str | None = None,
+    artifact: str | None = None,
+    kind: str | None = None,
+    command: str | None = None,
+    source: str | None = None,
+    front_end: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Append one audit row (view commands such as ``card`` and ``export`` call this for what they write)."""
+    ensure_schema(registry)
+    count, cell_id, text = kernel_cell()
+    if source is None or front_end is None:
+        fe, typed = _source_line(text)
+        front_end = front_end or fe
+        source = source if source is not None else typed
+    with registry.transaction() as con:
+        con.execute(
+            "INSERT INTO audit_log (ts, user, os_user, host, pid, notebook, cell, cell_id, front_end, command, source,"
+            " run_id, stage, event, artifact, kind, detail) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (time.time(), who(), os_user(), socket.gethostname(), os.getpid(), current_notebook(), count, cell_id,
+             front_end, command, source, run_id, stage, event, artifact, kind,
+             json.dumps(detail or {}, sort_keys=True, default=str)),
+        )
+
+
+def listener(event: Event) -> None:
+    """Runner global listener: one audit row per lifecycle, input and output event of every run."""
+    if event.type not in AUDITED:
+        return
+    registry = registry_for_run(event.run_id)
+    if registry is None:
+        return
+    if event.type is EventType.STARTED:
+        _, _, text = kernel_cell()
+        fe, typed = _source_line(text)
+        _COMMANDS[event.run_id] = (fe, canonical_command(event.stage, event.data.get("params") or {}), typed or "")
+    fe, cmd, typed = _COMMANDS.get(event.run_id, (None, None, None))
+    data = dict(event.data)
+    if event.type is EventType.STARTED:
+        data = {}  # the params are in the runs table and the command line
+    record(
+        registry, str(event.type), run_id=event.run_id, stage=event.stage, artifact=data.pop("hash", None),
+        kind=data.pop("kind", None), command=cmd, source=typed, front_end=fe, detail=data,
+    )
+    if event.type in (EventType.FINISHED, EventType.FAILED, EventType.INTERRUPTED):
+        _COMMANDS.pop(event.run_id, None)
+
+
+def install() -> None:
+    if listener not in Runner.global_listeners:
+        Runner.global_listeners.append(listener)
+
+
+install()
+
+
+# -- reading ----------------------------------------------------------------------------------------------------
+_REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str | None, now: float | None = None) -> float:
+    """``30m``, ``2h``, ``7d``, ``2026-11-01`` or an ISO datetime → a POSIX timestamp (0 for nothing)."""
+    if not text:
+        return 0.0
+    text = text.strip()
+    m = _REL.match(text.lower())
+    if m:
+        return (now or time.time()) - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return _dt.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ConfigError(f"audit: --since '{text}' is not a duration or a date.", field="since", value=text,
+                          fix="use e.g. 30m, 2h, 7d, 2026-11-01 or 2026-11-01T09:30") from None
+
+
+def query(
+    registry: Registry,
+    *,
+    run: str | None = None,
+    user: str | None = None,
+    since: str | float | None = None,
+    event: str | None = None,
+    limit: int | None = 200,
+) -> list[dict[str, Any]]:
+    """Audit rows, oldest first within the newest ``limit``."""
+    ensure_schema(registry)
+    sql = "SELECT * FROM audit_log WHERE ts >= ?"
+    args: list[Any] = [since if isinstance(since, (int, float)) else parse_since(since)]
+    if run:
+        sql += " AND run_id = ?"
+        args.append(registry.resolve_run(run))
+    if user:
+        sql += " AND user = ?"
+        args.append(user)
+    if event:
+        sql += " AND event = ?"
+        args.append(event)
+    sql += " ORDER BY id DESC"
+    if limit:
+        sql += " LIMIT ?"
+        args.append(int(limit))
+    rows = [dict(r) for r in registry.query(sql, args)]
+    for r in rows:
+        r["detail"] = json.loads(r.get("detail") or "{}")
+    return rows[::-1]

@@ -1,0 +1,10 @@
+"""Imported by the front door: registers the governance Runner global listeners (audit log, resource sampling,
+automatic model cards for merged/quantized/deployment artifacts)."""
+
+from __future__ import annotations
+
+from . import audit, cards, gpu
+
+audit.install()
+gpu.install()
+cards.install()
