@@ -148,7 +148,7 @@ class StageConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None = None, **overrides: Any):
+    def from_dict(cls, data: dict[str, Any] | None = None, /, **overrides: Any):
         """Strict constructor: unknown keys are an error naming the key, close matches and the known keys."""
         data = {**(data or {}), **overrides}
         known = {f.name: f for f in dataclasses.fields(cls)}
