@@ -84,9 +84,12 @@ class EvalConfig(StageConfig):
                                fix="pass --judge <model ref or http URL>, or drop 'judge' from --metrics")
         self.metrics = names
         rules = parse_gate(self.gate)
-        produced = {k for n in names for k in get_metric(n).keys} | {"tokens_per_s", "bleu_corpus", "chrf_corpus"}
+        produced = {k for n in names for k in get_metric(n).keys} - {"tokens_per_s"}
         for rule in rules:
             key = ALIASES.get(rule.metric, rule.metric)
+            if key in ("bleu_corpus", "chrf_corpus", "tokens_per_s"):
+                raise self.invalid("gate", f"cannot gate on '{key}' (a whole-run number, no per-example values)",
+                                   fix="gate on bleu / chrf / latency_s instead")
             if key not in produced:
                 raise self.invalid("gate", f"uses metric '{rule.metric}', which is not in --metrics",
                                    fix=f"add it to --metrics or gate on one of: {', '.join(sorted(produced))}")

@@ -66,8 +66,11 @@ def _pre(text: str, colour: str = "#f7f7f7") -> str:
             f"overflow:auto'>{html.escape(text or '')}</pre>")
 
 
-class CompareView(widgets.VBox):
-    """The side-by-side rating widget. ``versions``: ``[{run_id, model_ref, label}]``; ``ids``: example ids."""
+class CompareView:
+    """The side-by-side rating widget (``.widget`` is the ipywidgets box; displaying the view displays it).
+
+    ``versions``: ``[{run_id, model_ref, label}]``; ``ids``: the example ids all versions share.
+    """
 
     def __init__(self, registry: Any, runs: list[str], *, start: int = 0, user: str | None = None):
         self.registry = evalstore.ensure(registry)
@@ -111,9 +114,9 @@ class CompareView(widgets.VBox):
         self.prev_button.on_click(lambda _b: self.go(self.index - 1))
         self.next_button.on_click(lambda _b: self.go(self.index + 1))
         self.save_button.on_click(lambda _b: self.save())
-        self.keys = _key_widget()
-        if self.keys is not None:
-            self.keys.observe(self._on_key, names="count")
+        self.keynav = _key_widget()
+        if self.keynav is not None:
+            self.keynav.observe(self._on_key, names="count")
 
         panels = []
         for i, v in enumerate(versions):
@@ -124,10 +127,16 @@ class CompareView(widgets.VBox):
         nav = widgets.HBox([self.prev_button, self.next_button, self.save_button, self.status])
         parts: list[Any] = [self.header, self.prompt, self.reference, widgets.HBox(panels),
                             widgets.HBox([self.preferred]), self.note, nav]
-        if self.keys is not None:
-            parts.append(self.keys)
-        super().__init__(parts)
+        if self.keynav is not None:
+            parts.append(self.keynav)
+        self.widget = widgets.VBox(parts)
         self.go(start)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"CompareView({len(self.versions)} versions, {len(self.ids)} examples, at {self.index + 1})"
 
     # -- navigation ---------------------------------------------------------------------------------------------
     @property
@@ -177,7 +186,7 @@ class CompareView(widgets.VBox):
             self.preferred.value = int(key) - 1
 
     def _on_key(self, change: dict[str, Any]) -> None:
-        self.press(self.keys.key)
+        self.press(self.keynav.key)
 
     # -- ratings ------------------------------------------------------------------------------------------------
     def save(self, advance: bool = True) -> list[int]:
