@@ -14,8 +14,18 @@ import pytest
 
 from llmops_jupyter import evalstore
 from llmops_jupyter.errors import ConfigError, GateError, MissingDependencyError, StageError
-from llmops_jupyter.metrics import (METRICS, bleu, chrf, corpus_scores, exact_match, is_refusal, normalize_answer,
-                                    register_metric, rouge_l, token_f1)
+from llmops_jupyter.metrics import (
+    METRICS,
+    bleu,
+    chrf,
+    corpus_scores,
+    exact_match,
+    is_refusal,
+    normalize_answer,
+    register_metric,
+    rouge_l,
+    token_f1,
+)
 from llmops_jupyter.runner import Runner
 
 pytest.importorskip("transformers")
