@@ -129,7 +129,7 @@ class EndpointJudge(Judge):
 
     def __init__(self, base_url: str, *, model: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  max_tokens: int = 48, timeout: float = 60.0):
-        openai = require("openai", "dev", feature="an OpenAI-compatible judge endpoint")
+        openai = require("openai", "eval", feature="an OpenAI-compatible judge endpoint")
         key = os.environ.get(api_key_env) if api_key_env else None
         self.client = openai.OpenAI(base_url=base_url, api_key=key or "not-needed", timeout=timeout, max_retries=1)
         self.model = model or "default"
@@ -137,7 +137,7 @@ class EndpointJudge(Judge):
         self.name = f"{base_url}#{self.model}"
 
     def complete(self, prompts: list[str]) -> list[str]:
-        openai = require("openai", "dev")
+        openai = require("openai", "eval")
         out = []
         for p in prompts:
             try:

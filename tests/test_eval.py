@@ -94,7 +94,7 @@ def test_custom_metric_by_name_and_unknown_metric_error(registry):
         EvalConfig(model=["tiny-llama"], metrics=["rogueL"])
 
 
-def test_embedding_similarity_with_packaged_minilm():
+def test_embedding_similarity_with_packaged_minilm(model_cache):
     pytest.importorskip("sentence_transformers")
     from llmops_jupyter.metrics import embed_sim
 
@@ -217,7 +217,7 @@ def test_lm_eval_task_needs_the_package(registry, tiny_dataset, tiny_model, tmp_
         pytest.skip("lm-eval is installed")
     task = tmp_path / "task.yaml"
     task.write_text("task: tiny\n")
-    with pytest.raises(MissingDependencyError, match=r"lm-eval.*pip install 'llmops-jupyter\[eval\]'"):
+    with pytest.raises(MissingDependencyError, match=r"lm-eval.*pip install 'llmops-jupyter\[lmeval\]'"):
         run_eval(registry, model=[str(tiny_model)], data=tiny_dataset.hash, lm_eval_task=str(task))
 
 

@@ -137,7 +137,7 @@ class EvalStage(Stage):
         reg = evalstore.ensure(ctx.registry)
         rules = parse_gate(cfg.gate)
         if cfg.lm_eval_task:
-            require("lm_eval", "eval", package="lm-eval", feature="lm-evaluation-harness tasks")
+            require("lm_eval", "lmeval", package="lm-eval", feature="lm-evaluation-harness tasks")
             if not Path(cfg.lm_eval_task).is_file():
                 raise DataError(f"lm-eval task file '{cfg.lm_eval_task}' does not exist.", path=cfg.lm_eval_task,
                                 fix="pass the path of a task YAML file")
@@ -349,7 +349,7 @@ class EvalResults:
 def run_lm_eval(model: Any, task_file: str, *, limit: int | None = None, batch_size: int = 8,
                 device: str | None = None) -> dict[str, float]:
     """Run one lm-evaluation-harness task defined in a local YAML file on a model version (optional extra)."""
-    lm_eval = require("lm_eval", "eval", package="lm-eval", feature="lm-evaluation-harness tasks")
+    lm_eval = require("lm_eval", "lmeval", package="lm-eval", feature="lm-evaluation-harness tasks")
     from lm_eval.tasks import TaskManager
 
     from ..inference import pick_device
