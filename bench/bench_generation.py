@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         net, tok = load_model(ref, device=args.device, registry=Registry(os.path.join(tmp, ".llmops")))
         prompts = _prompts(tok, args.n)
-        generate(net, tok, prompts[:2], max_new_tokens=4, batch_size=2)  # warm-up (allocations, kernels)
+        # warm-up both paths (allocations, kernel selection for every batch shape; matters on GPUs)
+        generate(net, tok, prompts, max_new_tokens=4, batch_size=args.batch_size)
+        generate(net, tok, prompts[:1], max_new_tokens=4, batch_size=1)
 
         t0 = time.perf_counter()
         single = [generate(net, tok, [p], max_new_tokens=args.max_new_tokens, batch_size=1)[0] for p in prompts]

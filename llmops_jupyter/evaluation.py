@@ -164,8 +164,6 @@ def summarize(result: VersionResult, metrics: Sequence[str]) -> dict[str, float]
         out.update({k: v for k, v in corpus.items() if k.split("_")[0] in names})
     if "latency" in names and result.gen_seconds > 0:
         out["tokens_per_s"] = sum(r["generation"].get("new_tokens", 0) for r in result.rows) / result.gen_seconds
-    if "refusal" in names:
-        out["refusal"] = aggregate("refusal", [r["metrics"] for r in result.rows])
     out["n_examples"] = float(len(result.rows))
     return out
 
