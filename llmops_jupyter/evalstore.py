@@ -153,6 +153,24 @@ def summaries(registry: Registry, run: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def diff(registry: Registry, a: str, b: str, *, a_model: str | None = None, b_model: str | None = None
+         ) -> list[dict[str, Any]]:
+    """Per-example comparison of two versions (two eval runs, or two models of one run): outputs and metric
+    deltas (b - a) on the examples both have, in a's order."""
+    rows_a = load_examples(registry, a, a_model)
+    rows_b = {r["id"]: r for r in load_examples(registry, b, b_model)}
+    out = []
+    for ra in rows_a:
+        rb = rows_b.get(ra["id"])
+        if rb is None:
+            continue
+        deltas = {k: rb["metrics"][k] - v for k, v in ra["metrics"].items()
+                  if isinstance(v, (int, float)) and isinstance(rb["metrics"].get(k), (int, float))}
+        out.append({"id": ra["id"], "prompt": ra["prompt"], "reference": ra["reference"], "output_a": ra["output"],
+                    "output_b": rb["output"], "delta": deltas})
+    return out
+
+
 def save_rating(registry: Registry, *, session: str, example_id: str, run_id: str, model_ref: str,
                 thumbs: int | None = None, stars: int | None = None, preferred: tuple[str, str] | None = None,
                 note: str | None = None, compared: list[tuple[str, str]] | None = None,

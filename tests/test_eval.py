@@ -186,6 +186,9 @@ def test_eval_stores_examples_summary_lineage_and_gates(registry, tiny_dataset, 
     keys = set(registry.metrics(two))
     assert "tiny-llama/ppl" in keys and "tiny-damaged/ppl" in keys and "tiny-damaged/delta.ppl" in keys
     assert [v["model_ref"] for v in evalstore.versions(registry, two)] == [str(tiny_model), str(damaged_model)]
+    d = evalstore.diff(registry, two, two, a_model=str(tiny_model), b_model=str(damaged_model))
+    assert len(d) == 6 and all(x["delta"]["ppl"] > 0 for x in d)
+    assert [x["id"] for x in evalstore.diff(registry, base.run_id, same.run_id)] == [r["id"] for r in rows]
 
     # a baseline evaluated on other examples is one clear error, before any model is loaded
     with pytest.raises(StageError, match="different examples.*--limit"):

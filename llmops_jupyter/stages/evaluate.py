@@ -129,7 +129,7 @@ class EvalStage(Stage):
 
     def run(self, ctx) -> dict[str, Any]:
         from ..dataformat import load_dataset
-        from ..evaluation import eval_items, evaluate_model
+        from ..evaluation import evaluate_model
         from ..gates import check, enforce
         from ..models import use_model
 
@@ -144,7 +144,7 @@ class EvalStage(Stage):
         ds = load_dataset(cfg.data, reg)
         if ds.artifact is not None:
             ctx.use(ds.artifact)
-        items = eval_items(ds, cfg.split, cfg.limit)
+        items = self.items(ctx, ds)
         ids = [it["id"] for it in items]
         baseline_rows = self._baseline(reg, cfg, ids) if cfg.baseline else None
 
@@ -161,7 +161,7 @@ class EvalStage(Stage):
             versions.append(evaluate_model(
                 m, items, cfg.metrics, ref=ref, label=label, max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.batch_size, do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
-                seed=cfg.seed, device=cfg.device, progress=say, registry=reg))
+                seed=cfg.seed, device=cfg.device, progress=say, registry=reg, prompt_builder=self.prompt_builder(ctx)))
             ctx.progress(i + 1, len(resolved), desc="eval", model=label)
         if cfg.judge:
             self._judge(ctx, cfg, versions, items)
@@ -218,6 +218,19 @@ class EvalStage(Stage):
             raise GateError(" | ".join(e.message for e in errs), failures=[f for e in errs for f in e.failures],
                             fix=errs[0].fix)
         return outputs
+
+    # -- extension points (prompt A/B and RAG subclass or wrap these) -----------------------------------------
+    def items(self, ctx, dataset: Any) -> list[dict[str, Any]]:
+        """The eval items: ``{id, messages, reference, user}`` from the dataset split (first --limit)."""
+        from ..evaluation import eval_items
+
+        return eval_items(dataset, ctx.config.split, ctx.config.limit)
+
+    def prompt_builder(self, ctx) -> Any:
+        """``(tokenizer, item) -> prompt``; default: each version's own chat template."""
+        from ..evaluation import chat_prompt
+
+        return chat_prompt
 
     # -- helpers ------------------------------------------------------------------------------------------------
     @staticmethod
