@@ -124,10 +124,11 @@ class Batcher:
 
 
 def block_causal_mask(position_ids: Any) -> Any:
-    """Additive 4-D mask (1, 1, T, T): causal inside each packed example, -inf across examples.
+    """Boolean 4-D mask (1, 1, T, T), True where attention is allowed: causal inside each packed example.
 
-    Always float32: SDPA accepts a float32 mask whatever the query dtype, while a bf16 mask fails when the
-    activations are float32 (QLoRA casts norms/embeddings to fp32 with prepare_model_for_kbit_training).
+    Boolean, not additive: SDPA takes a bool mask whatever the query dtype (bf16 LoRA, fp32 QLoRA activations,
+    fp32 on CPU), while an additive mask must match the query dtype in the fused CUDA kernels. Attention
+    implementations that would misread a bool mask are caught by :func:`choose_batching`'s logit check.
     """
     import torch
 
@@ -135,7 +136,7 @@ def block_causal_mask(position_ids: Any) -> Any:
     segment = torch.cumsum((pos == 0).long(), 0)
     n = pos.shape[0]
     allowed = (segment[:, None] == segment[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
-    return torch.zeros(n, n, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+    return allowed[None, None]
 
 
 def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, dtype: Any) -> tuple[str, float]:
