@@ -202,3 +202,30 @@ def test_monitor_labels_become_pairs(registry):
     (row,) = res.outputs["pairs"]
     assert row["chosen"] == "Three years." and row["rejected"] == "Nobody knows."
     assert "What is the warranty?" in row["prompt"] and res.metrics["from_monitor_label"] == 1
+
+
+def test_dpo_on_a_qlora_base_and_prompt_as_pipeline_parameter(registry, tiny_model):
+    pytest.importorskip("bitsandbytes")
+    import nbformat
+
+    from llmops_jupyter.dataformat import write_dataset_dir
+    from llmops_jupyter.pipelines.params import resolve_parameters
+
+    prompt = "<|im_start|>user\nWhat colour is the sky?<|im_end|>\n<|im_start|>assistant\n"
+    rows = [{"id": str(i), "prompt": prompt + " " * i, "chosen": "The colour is blue.", "rejected": "red red red",
+             "text": prompt + "The colour is blue."} for i in range(6)]
+    folder = registry.staging_dir("pairs")
+    write_dataset_dir(folder, rows, [], {"format": "preference"})
+    art = registry.add_artifact(folder, "dataset", name="pairs", run_id=registry.create_run("pairs", {}), move=True)
+    ft = Runner(registry).run("finetune", {"model": str(tiny_model), "data": art.hash, "method": "dpo",
+                                           "dpo_base": "qlora", "max_steps": 12, "batch_size": 3, "lr": 5e-3,
+                                           "log_every": 4, "checkpoint_every": 0})
+    assert ft.summary["optimizer"] == "adamw_bnb_8bit"  # the QLoRA optimizer choice, reused
+    assert ft.metrics["dpo_margin_end"] > ft.metrics["dpo_margin_start"] + 0.3
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('model = "tiny-llama"\nprompt = ""')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("%llmops eval --model $model --prompt $prompt")]
+    assert resolve_parameters(nb, {"prompt": "qa@2"}).values["prompt"] == ["qa@2"]
+    assert resolve_parameters(nb, {"prompt": "qa@1,qa@2"}).values["prompt"] == ["qa@1", "qa@2"]
