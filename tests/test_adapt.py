@@ -229,3 +229,22 @@ def test_dpo_on_a_qlora_base_and_prompt_as_pipeline_parameter(registry, tiny_mod
     nb.cells = [params, nbformat.v4.new_code_cell("%llmops eval --model $model --prompt $prompt")]
     assert resolve_parameters(nb, {"prompt": "qa@2"}).values["prompt"] == ["qa@2"]
     assert resolve_parameters(nb, {"prompt": "qa@1,qa@2"}).values["prompt"] == ["qa@1", "qa@2"]
+
+
+def test_build_messages_places_prompt_parts_and_context():
+    from llmops_jupyter.prompts import PromptTemplate
+
+    convo = [{"role": "system", "content": "old"}, {"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "How long to charge?"}]
+    hits = [{"id": 3, "doc": "a.md", "score": 0.9, "text": "Charging takes 2 hours."}]
+    with_ctx = PromptTemplate.parse("p", "system: Use the notes.\nuser: Notes:\n{context}\nAsk: {question}")
+    out = adapt.build_messages(convo, template=with_ctx, hits=hits)
+    assert out[0] == {"role": "system", "content": "Use the notes."} and [m["role"] for m in out] == \
+        ["system", "user", "assistant", "user"]
+    assert out[-1]["content"] == "Notes:\n[1] Charging takes 2 hours.\nAsk: How long to charge?"
+    plain = adapt.build_messages(convo, template=PromptTemplate.parse("q", "Q: {question}"), hits=hits)
+    assert plain[0]["content"] == "old" and "Context:\n[1] Charging takes 2 hours." in plain[-1]["content"]
+    assert plain[-1]["content"].endswith("Question: Q: How long to charge?")
+    assert adapt.build_messages(convo) == convo
+    with pytest.raises(DataError, match="no user message"):
+        adapt.build_messages([{"role": "system", "content": "x"}], hits=hits)
