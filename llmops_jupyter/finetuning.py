@@ -195,6 +195,11 @@ def resolve_target_modules(names: list[str], model_type: str) -> Any:
     return list(names)
 
 
+def uses_4bit(cfg: FinetuneConfig) -> bool:
+    """QLoRA, or DPO on a QLoRA base (``--method dpo --dpo-base qlora``): the frozen base is 4-bit NF4."""
+    return cfg.method == "qlora" or (cfg.method == "dpo" and getattr(cfg, "dpo_base", "lora") == "qlora")
+
+
 def load_model(cfg: FinetuneConfig, model_path: Path, dtype: Any) -> Any:
     """Base model (4-bit NF4 + double quantization for QLoRA) with LoRA adapters attached."""
     import torch
@@ -204,12 +209,12 @@ def load_model(cfg: FinetuneConfig, model_path: Path, dtype: Any) -> Any:
     kwargs: dict[str, Any] = {"dtype": dtype}
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    if cfg.method == "qlora":
+    if uses_4bit(cfg):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
     model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
-    if cfg.method == "qlora":
+    if uses_4bit(cfg):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -227,7 +232,7 @@ def choose_optimizer(cfg: FinetuneConfig) -> str:
 
     if cfg.optim != "auto":
         return cfg.optim
-    if cfg.method == "qlora":
+    if uses_4bit(cfg):
         return "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_bnb_8bit"
     return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
 
@@ -307,6 +312,9 @@ def _callback_cls():
                 self.last_t, self.last_tokens = now, self.counter.tokens
             if "eval_loss" in logs:
                 values["eval_loss"] = logs["eval_loss"]
+            # preference tuning (DPO): rewards and log-probs per logging step and per evaluation
+            values.update({k: v for k, v in logs.items()
+                           if k.startswith(("rewards/", "logps/", "eval_rewards/", "eval_logps/"))})
             if "train_loss" in logs:
                 self.train_loss = logs["train_loss"]
             values = {k: float(v) for k, v in values.items() if v is not None}
@@ -460,6 +468,12 @@ def run_stage(ctx: RunContext) -> dict[str, Any]:
     staging = ctx.staging_dir("adapter")
     if cfg.launcher == "accelerate":
         out = run_accelerate(ctx, cfg, model.path, data.path, folder, staging, resume_ckpt)
+    elif cfg.method == "dpo":
+        from .preference import check_pairs, train_dpo
+
+        check_pairs(data.train, data.version)
+        out = train_dpo(cfg, model.path, data.train, data.eval, folder / "checkpoints", ctx, resume_from=resume_ckpt,
+                        model_ref=cfg.model, adapter_dir=staging)
     else:
         out = train(cfg, model.path, data.train, data.eval, folder / "checkpoints", ctx, resume_from=resume_ckpt,
                     model_ref=cfg.model, adapter_dir=staging)

@@ -232,6 +232,55 @@ def length_words(output: str, reference: str = "") -> float:
     return float(len(output.split()))
 
 
+def _support(texts: list[str], examples: list[dict[str, Any]]) -> list[float]:
+    """Support of each text by what its prompt gave the model: the retrieved context (RAG), else the question.
+
+    Reuses monitoring's check (:func:`llmops_jupyter.monitoring.analysis.context_support`): the share of the
+    text's content words found in context + question, and the best MiniLM similarity of each text sentence to a
+    context sentence. The score is the larger of the two — monitoring calls a response *unsupported* only when
+    both are low, so eval and monitoring agree on what "grounded" means.
+    """
+    from .monitoring.analysis import context_support
+    from .monitoring.embed import embed
+
+    out = []
+    for text, ex in zip(texts, examples):
+        context = (ex or {}).get("context") or ""
+        question = (ex or {}).get("user") or ""
+        res = context_support(context, question, text or "", embed if context.strip() and (text or "").strip()
+                              else None)
+        out.append(max(res.get("support_lexical", 0.0), res.get("support_semantic", 0.0)) if (text or "").strip()
+                   else 0.0)
+    return out
+
+
+def groundedness(outputs: list[str], references: list[str], examples: list[dict[str, Any]]) -> list[float]:
+    """Support of the model's answer by the context in its prompt (0-1; monitoring's context-support check)."""
+    return _support(outputs, examples)
+
+
+def groundedness_ref(outputs: list[str], references: list[str], examples: list[dict[str, Any]]) -> list[float]:
+    """Support of the *reference* answer by the prompt's context: could a faithful model answer from it?"""
+    return _support(references, examples)
+
+
+def context_relevance(output: str, reference: str, example: dict[str, Any]) -> float:
+    """Mean cosine similarity of the question and its retrieved chunks (MiniLM; NaN without --rag)."""
+    hits = (example or {}).get("hits")
+    if not hits:
+        return math.nan
+    return sum(h["score"] for h in hits) / len(hits)
+
+
+def retrieval_hit(output: str, reference: str, example: dict[str, Any]) -> float:
+    """1.0 when the example's expected document is among the retrieved chunks (recall@k; NaN if unknown)."""
+    ex = example or {}
+    doc = (ex.get("fields") or {}).get("doc")
+    if not ex.get("hits") or not doc:
+        return math.nan
+    return float(any(h["doc"] == doc for h in ex["hits"]))
+
+
 register_metric("exact_match", help="normalised exact match (SQuAD)")(exact_match)
 register_metric("f1", help="token F1 (SQuAD)")(token_f1)
 register_metric("rougeL", help="ROUGE-L F-measure (rouge-score)")(rouge_l)
@@ -240,6 +289,12 @@ register_metric("chrf", help="sentence chrF, 0-100 (sacrebleu); chrf_corpus in t
 register_metric("embed_sim", batch=True, help="cosine similarity of MiniLM embeddings")(embed_sim)
 register_metric("length", higher_is_better=None, help="output length in words")(length_words)
 register_metric("refusal", higher_is_better=False, help="share of outputs that refuse")(is_refusal)
+register_metric("groundedness", batch=True, help="answer supported by the prompt's context (RAG)")(groundedness)
+register_metric("groundedness_ref", batch=True,
+                help="reference answer supported by the prompt's context (model-independent)")(groundedness_ref)
+register_metric("context_relevance", help="question ↔ retrieved chunks similarity (needs --rag)")(context_relevance)
+register_metric("retrieval_hit", help="expected document retrieved, i.e. recall@k (needs --rag and a doc field)"
+                )(retrieval_hit)
 register_metric("ppl", kind="model", higher_is_better=False, keys=("ppl", "loss"),
                 help="perplexity/loss of the reference completion (token-weighted)")(None)
 register_metric("loss", kind="model", higher_is_better=False, keys=("loss", "ppl"),

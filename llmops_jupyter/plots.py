@@ -11,7 +11,7 @@ from typing import Any
 
 #: (panel title, metric keys drawn in it) of the training figure, in grid order.
 TRAINING_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("loss", ("loss", "eval_loss")),
+    ("loss (DPO: + reward margin)", ("loss", "eval_loss", "rewards/margins")),
     ("learning rate", ("lr",)),
     ("tokens / s", ("tokens_per_s",)),
     ("peak memory (MB)", ("memory_mb",)),

@@ -70,9 +70,10 @@ def load_documents(source: str | Path, text_column: str = "text") -> list[tuple[
 class VectorIndex:
     """A loaded ``index`` artifact: chunks + faiss inner-product index over normalised MiniLM embeddings."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, artifact: Any = None):
         faiss = require("faiss", "eval", package="faiss-cpu")
         self.path = Path(path)
+        self.artifact = artifact  # the registry artifact when loaded by reference (for lineage)
         self.manifest = json.loads((self.path / "manifest.json").read_text())
         self.chunks = [json.loads(line) for line in (self.path / "chunks.jsonl").read_text().splitlines() if line]
         self.index = faiss.read_index(str(self.path / "index.faiss"))
@@ -114,7 +115,7 @@ def load_index(ref: str | Path, registry: Registry) -> VectorIndex:
     art = registry.get_artifact(f"{ref}:index" if ":" not in str(ref) and not _hexlike(str(ref)) else ref)
     if art.kind != "index":
         raise DataError(f"Artifact '{ref}' is a {art.kind}, not an index.", fix="pass an index run or hash")
-    return VectorIndex(art.path)
+    return VectorIndex(art.path, art)
 
 
 def _hexlike(s: str) -> bool:

@@ -137,7 +137,9 @@ def test_config_errors_name_the_field():
     from llmops_jupyter.stages.finetune import FinetuneConfig
 
     with pytest.raises(ConfigError, match="--method"):
-        FinetuneConfig(method="dpo")
+        FinetuneConfig(method="rlhf")
+    with pytest.raises(ConfigError, match="--launcher is not supported with --method dpo"):
+        FinetuneConfig(method="dpo", launcher="accelerate")
     with pytest.raises(ConfigError, match="--num-processes"):
         FinetuneConfig(num_processes=2)
     with pytest.raises(ConfigError, match="--rank"):

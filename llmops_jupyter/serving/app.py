@@ -52,6 +52,7 @@ class ServeContext:
     model_hash: str | None
     key_hashes: list[str]  # empty → no auth (loopback only; checked by the stage config)
     log: Any = None  # RequestLog
+    adapter: Any = None  # llmops_jupyter.adapt.RequestAdapter: stored prompt and/or retrieved context
     started: float = dataclasses.field(default_factory=time.time)
 
     def served_names(self) -> set[str]:
@@ -251,10 +252,13 @@ def create_app(ctx: ServeContext):
         endpoint = request.url.path
         if chat:
             messages = [{"role": m.role, "content": _content(m.content)} for m in body.messages]  # type: ignore[attr-defined]
+            adapted: dict[str, Any] = {}
+            if ctx.adapter is not None:  # the stored prompt / retrieved context, logged as the model saw it
+                messages, adapted = await asyncio.to_thread(ctx.adapter, messages)
             shown = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
             prompt_text = ctx.engine.chat_prompt(messages)
         else:
-            messages = None
+            messages, adapted = None, {}
             p = body.prompt  # type: ignore[attr-defined]
             if isinstance(p, list):
                 if len(p) != 1:
@@ -263,6 +267,8 @@ def create_app(ctx: ServeContext):
             shown = prompt_text = p
         rec: dict[str, Any] = {"request_id": rid, "endpoint": endpoint, "prompt": shown, "messages": messages,
                                "stream": body.stream}
+        if adapted:
+            rec["checks"] = adapted  # prompt ref, index, retrieved chunk ids: kept with the record's checks
         try:
             rec["key_id"] = authenticate(request)
             max_tokens, rec["tokens_in"] = check_common(body, prompt_text)

@@ -26,11 +26,16 @@ def main() -> int:
     try:
         model = resolve_model(spec["model_path"], registry, register=False)
         engine = Engine(model, registry=registry, device=spec.get("device"))
+        from ..adapt import RequestAdapter
         from ..monitoring.otel import exporter_from_env
 
+        adapter = RequestAdapter.from_refs(registry, spec.get("prompt"), spec.get("rag"), spec.get("rag_k", 3))
+        if adapter is not None and spec.get("rag_index"):
+            adapter.index_hash = spec["rag_index"]
         ctx = ServeContext(engine=engine, limits=Limits(**spec["limits"]), deployment=dep_id,
                            model_name=spec["model_name"], model_hash=spec["model_hash"],
-                           key_hashes=spec["key_hashes"], log=RequestLog(registry, exporter=exporter_from_env()))
+                           key_hashes=spec["key_hashes"], log=RequestLog(registry, exporter=exporter_from_env()),
+                           adapter=adapter)
     except BaseException as exc:
         server.record(registry, dep_id, status="failed", error=f"{type(exc).__name__}: {exc}",
                       stopped_at=time.time())

@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .. import adapt as _adapt  # noqa: F401 - registers the eval_retrievals table
 from .. import evalstore
 from ..config import StageConfig, option
 from ..display import Table
@@ -37,7 +38,14 @@ from .base import CommandEnv, Stage, command, register_stage
 class EvalConfig(StageConfig):
     model: list[str] = option([], "model version(s) to evaluate: checkpoint folder, registry run or artifact "
                                   "(finetune@latest, merge@latest) or provider name; repeat --model to compare")
-    data: str = option("data@latest", "dataset: data run, dataset hash or dataset folder")
+    data: str = option("data@latest", "dataset: data run, dataset hash or dataset folder; or a JSONL file of "
+                                      "{question, answer[, doc]} rows (e.g. a RAG question set)")
+    prompt: list[str] = option([], "versioned prompt(s) name@version applied to every example (system part "
+                                   "replaces the system message, user part the user message; variables come from "
+                                   "the example's fields); repeat --prompt to A/B-compare prompt versions")
+    rag: str | None = option(None, "vector index (index run, hash or folder) to retrieve context from; adds "
+                                   "context_relevance, groundedness, groundedness_ref and retrieval_hit metrics")
+    rag_k: int = option(3, "chunks retrieved per question with --rag", min=1, max=100)
     split: str = option("eval", "which split to evaluate on", choices=["eval", "train"])
     metrics: list[str] = option(list(DEFAULT_METRICS), "metrics (comma-separated): ppl, loss, exact_match, f1, "
                                 "rougeL, bleu, chrf, embed_sim, length, refusal, latency, judge, or a name "
@@ -68,6 +76,19 @@ class EvalConfig(StageConfig):
     def validate(self) -> None:
         if not self.model:
             raise self.invalid("model", "needs at least one model", fix="pass --model tiny-llama (or a run id)")
+        if isinstance(self.prompt, str):  # a pipeline parameter: "name@1" or "name@1,name@2"
+            self.prompt = [p.strip() for p in self.prompt.split(",") if p.strip()]
+        self.prompt = [str(p) for p in self.prompt if str(p).strip()]
+        if len(set(self.prompt)) != len(self.prompt):
+            raise self.invalid("prompt", "names the same prompt version twice", fix="compare different versions")
+        from ..prompts import parse_ref
+
+        for ref in self.prompt:
+            parse_ref(ref)
+        if self.rag:
+            for extra in ("context_relevance", "groundedness", "groundedness_ref", "retrieval_hit"):
+                if extra not in self.metrics:
+                    self.metrics = [*self.metrics, extra]
         names: list[str] = []
         for name in self.metrics:
             try:
@@ -96,9 +117,10 @@ class EvalConfig(StageConfig):
             if key in ("bleu_corpus", "chrf_corpus", "tokens_per_s"):
                 raise self.invalid("gate", f"cannot gate on the corpus-level '{key}' (no per-example values)",
                                    fix="gate on bleu / chrf / latency_s instead")
-        if rules and not self.baseline and len(self.model) < 2:
+        if rules and not self.baseline and len(self.model) * max(1, len(self.prompt)) < 2:
             raise self.invalid("gate", "needs something to compare with",
-                               fix="pass --baseline <eval run>, or a second --model (the first is the baseline)")
+                               fix="pass --baseline <eval run>, or a second --model / --prompt (the first is the "
+                                   "baseline)")
 
 
 def _labels(refs: list[str], names: list[str]) -> list[str]:
@@ -141,28 +163,58 @@ class EvalStage(Stage):
             if not Path(cfg.lm_eval_task).is_file():
                 raise DataError(f"lm-eval task file '{cfg.lm_eval_task}' does not exist.", path=cfg.lm_eval_task,
                                 fix="pass the path of a task YAML file")
-        ds = load_dataset(cfg.data, reg)
-        if ds.artifact is not None:
-            ctx.use(ds.artifact)
+        from .. import adapt
+
+        if adapt.is_questions_file(cfg.data):
+            ds = _QuestionSet(Path(cfg.data))
+            ctx.use(reg.add_reference(Path(cfg.data), "raw-data", name=Path(cfg.data).name))
+        else:
+            ds = load_dataset(cfg.data, reg)
+            if ds.artifact is not None:
+                ctx.use(ds.artifact)
         items = self.items(ctx, ds)
         ids = [it["id"] for it in items]
         baseline_rows = self._baseline(reg, cfg, ids) if cfg.baseline else None
+        templates = self._templates(ctx, items)
 
         refs = _unique([str(m) for m in cfg.model])
         resolved = [use_model(ctx, str(m)) for m in cfg.model]
         labels = _labels(refs, [m.name for m in resolved])
+        # one version per (model, prompt): prompt versions of one model are compared like model versions
+        combos = [(ref, m, label, t) for ref, m, label in zip(refs, resolved, labels) for t in (templates or [None])]
         versions = []
-        for i, (ref, m, label) in enumerate(zip(refs, resolved, labels)):
+        for i, (ref, m, label, tmpl) in enumerate(combos):
+            if tmpl is not None:
+                ref = tmpl.ref if len(refs) == 1 else f"{ref}|{tmpl.ref}"
+                label = _labels([tmpl.ref], [tmpl.ref])[0] if len(refs) == 1 else f"{label}|{tmpl.ref}"
             ctx.log(f"evaluating {label} ({m.kind}) on {len(items)} examples")
 
             def say(msg: str, i: int = i, label: str = label) -> None:
-                ctx.progress(i, len(resolved), desc="eval", model=label, step=msg)
+                ctx.progress(i, len(combos), desc="eval", model=label, step=msg)
 
-            versions.append(evaluate_model(
-                m, items, cfg.metrics, ref=ref, label=label, max_new_tokens=cfg.max_new_tokens,
+            shared = len(templates) > 1  # several prompts on one model: load it once
+            target: Any = m
+            if shared:
+                if tmpl is templates[0]:
+                    from ..inference import load_model
+
+                    say("loading model")
+                    loaded = load_model(m, device=cfg.device, registry=reg)
+                target = loaded
+            v = evaluate_model(
+                target, items, cfg.metrics, ref=ref, label=label, max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.batch_size, do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
-                seed=cfg.seed, device=cfg.device, progress=say, registry=reg, prompt_builder=self.prompt_builder(ctx)))
-            ctx.progress(i + 1, len(resolved), desc="eval", model=label)
+                seed=cfg.seed, device=cfg.device, progress=say, registry=reg,
+                prompt_builder=self.prompt_builder(ctx, tmpl))
+            if shared:
+                v.model_hash, v.kind = (m.artifact.hash if m.artifact else None), m.kind
+                if tmpl is templates[-1]:
+                    del loaded, target
+            if cfg.rag:
+                for row, it in zip(v.rows, items):
+                    row["retrieved"] = [h["id"] for h in it.get("hits", [])]
+            versions.append(v)
+            ctx.progress(i + 1, len(combos), desc="eval", model=label)
         if cfg.judge:
             self._judge(ctx, cfg, versions, items)
         if cfg.lm_eval_task:
@@ -221,16 +273,58 @@ class EvalStage(Stage):
 
     # -- extension points (prompt A/B and RAG subclass or wrap these) -----------------------------------------
     def items(self, ctx, dataset: Any) -> list[dict[str, Any]]:
-        """The eval items: ``{id, messages, reference, user}`` from the dataset split (first --limit)."""
+        """The eval items: ``{id, messages, reference, user}`` from the dataset split (first --limit); with
+        --rag each item also carries its retrieved ``hits`` and ``context`` (stored per example)."""
+        from .. import adapt
         from ..evaluation import eval_items
 
-        return eval_items(dataset, ctx.config.split, ctx.config.limit)
+        cfg: EvalConfig = ctx.config
+        if isinstance(dataset, _QuestionSet):
+            items = adapt.question_items(dataset.path, cfg.limit)
+        else:
+            items = eval_items(dataset, cfg.split, cfg.limit)
+        if cfg.rag:
+            from ..rag import load_index
 
-    def prompt_builder(self, ctx) -> Any:
-        """``(tokenizer, item) -> prompt``; default: each version's own chat template."""
+            index = load_index(cfg.rag, ctx.registry)
+            if index.artifact is not None:
+                ctx.use(index.artifact)
+            ctx.log(f"retrieving top-{cfg.rag_k} chunks from {cfg.rag} for {len(items)} questions")
+            adapt.retrieve(index, items, cfg.rag_k)
+            adapt.save_retrievals(ctx.registry, ctx.run_id, index.artifact.hash if index.artifact else None, items)
+        return items
+
+    def prompt_builder(self, ctx, template: Any = None) -> Any:
+        """``(tokenizer, item) -> prompt``: each version's own chat template over the example's messages, after the
+        prompt version and retrieved context (if any) were applied by :func:`llmops_jupyter.adapt.build_messages`."""
         from ..evaluation import chat_prompt
 
-        return chat_prompt
+        if template is None and not ctx.config.rag:
+            return chat_prompt
+
+        def build(tokenizer: Any, item: dict[str, Any]) -> str:
+            from ..adapt import build_messages, item_fields
+            from ..inference import apply_chat
+
+            msgs = build_messages(item["messages"][:-1], template=template, hits=item.get("hits"),
+                                  fields=item_fields(item))
+            return apply_chat(tokenizer, msgs)
+
+        return build
+
+    def _templates(self, ctx, items: list[dict[str, Any]]) -> list[Any]:
+        """The --prompt versions, loaded (lineage: prompt → eval-results) and checked on the first example."""
+        from ..adapt import build_messages, item_fields
+        from ..prompts import get_prompt
+
+        out = []
+        for ref in ctx.config.prompt:
+            tmpl = get_prompt(ref, ctx.registry)
+            ctx.use(tmpl.hash)
+            build_messages(items[0]["messages"][:-1], template=tmpl, hits=items[0].get("hits"),
+                           fields=item_fields(items[0]))  # a missing variable fails before any model loads
+            out.append(tmpl)
+        return out
 
     # -- helpers ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -331,7 +425,19 @@ class EvalStage(Stage):
         ctx.save_artifact(folder, "eval-results", name=f"eval {'+'.join(v.label for v in versions)}",
                           meta={"models": [v.ref for v in versions], "labels": [v.label for v in versions],
                                 "dataset": ds.version, "split": cfg.split, "n_examples": n,
-                                "metrics": list(cfg.metrics)})
+                                "metrics": list(cfg.metrics), "prompts": list(cfg.prompt), "rag": cfg.rag,
+                                "rag_k": cfg.rag_k if cfg.rag else None})
+
+
+class _QuestionSet:
+    """A questions JSONL used as the eval set (no dataset artifact; the file is referenced for lineage)."""
+
+    def __init__(self, path: Path):
+        import hashlib
+
+        self.path = path
+        self.artifact = None
+        self.version = "questions:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 class EvalResults:

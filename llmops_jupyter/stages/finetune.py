@@ -34,8 +34,12 @@ class FinetuneConfig(StageConfig):
     model: str = option("tiny-llama", "base model: local checkpoint folder, registry ref or provider name")
     data: str = option("data@latest", "dataset artifact: data run id, dataset hash, 'data@latest' or a folder")
     method: str = option("lora", "lora: adapters on a full-precision base; qlora: on a 4-bit NF4 base "
-                                 "(bitsandbytes, double quantization); dpo: preference tuning (added by its own stage)",
-                         choices=METHODS)
+                                 "(bitsandbytes, double quantization); dpo: a LoRA adapter trained with TRL's "
+                                 "DPOTrainer on a preference dataset (`%llmops pairs`)", choices=METHODS)
+    dpo_base: str = option("lora", "with --method dpo: adapt a full-precision (lora) or 4-bit NF4 (qlora) base",
+                           choices=["lora", "qlora"])
+    beta: float = option(0.1, "with --method dpo: DPO temperature β (higher = stay closer to the base model)",
+                         min=0.0, min_exclusive=True)
     dtype: str = option("auto", "compute dtype of the base model (auto: bfloat16 on GPUs that support it, else "
                                 "float32)", choices=DTYPES)
     rank: int = option(16, "LoRA rank r (size of the low-rank update)", min=1, max=4096)
@@ -76,9 +80,9 @@ class FinetuneConfig(StageConfig):
     adapter_name: str | None = option(None, "name for the adapter artifact (default: <base model>-<method>)")
 
     def validate(self) -> None:
-        if self.method == "dpo":
-            raise self.invalid("method", "dpo is provided by the preference-tuning stage, not available here yet",
-                               fix="use --method lora or --method qlora")
+        if self.method == "dpo" and self.launcher != "none":
+            raise self.invalid("launcher", "is not supported with --method dpo yet",
+                               fix="drop --launcher (DPO trains in the kernel or with --detach)")
         if self.num_processes > 1 and self.launcher == "none":
             raise self.invalid("num_processes", "needs --launcher accelerate to start more than one process",
                                fix="add --launcher accelerate, or drop --num-processes")

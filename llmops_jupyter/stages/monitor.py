@@ -111,7 +111,8 @@ class MonitorStage(Stage):
         updates: dict[int, dict[str, Any]] = {}
         ok = [r for r in rows if r["status"] == 200]
         # grounding for RAG-style prompts
-        rag = [(r, analysis.split_context(r["prompt"] or "")) for r in ok]
+        logged = _logged_contexts(reg, ok)  # chunks `serve --rag` retrieved, by record id
+        rag = [(r, logged.get(r["id"]) or analysis.split_context(r["prompt"] or "")) for r in ok]
         rag = [(r, parts) for r, parts in rag if parts]
         embed_fn = None
         if rag or cfg.reference:
@@ -195,6 +196,35 @@ class MonitorStage(Stage):
         if cfg.check:
             analysis.raise_on_breach(alerts, dep["id"])
         return outputs
+
+
+def _logged_contexts(reg, rows: list[dict[str, Any]]) -> dict[int, tuple[str, str]]:
+    """(context, question) for records served with ``--rag``: the exact chunks logged with the request (their ids
+    and index hash are in the record's checks), so grounding is checked against what the model was given."""
+    from ..adapt import format_context
+
+    out: dict[int, tuple[str, str]] = {}
+    indexes: dict[str, Any] = {}
+    for r in rows:
+        chunks, ref = r["checks"].get("rag_chunks"), r["checks"].get("rag_index")
+        if chunks is None or not ref:
+            continue
+        if ref not in indexes:
+            from ..errors import LlmopsError
+            from ..rag import load_index
+
+            try:
+                indexes[ref] = load_index(ref, reg)
+            except LlmopsError:  # index deleted: fall back to the context found in the prompt
+                indexes[ref] = None
+        idx = indexes[ref]
+        if idx is None:
+            continue
+        by_id = {c["id"]: c for c in idx.chunks}
+        hits = [by_id[c] for c in chunks if c in by_id]
+        if hits:
+            out[r["id"]] = (format_context(hits), r["prompt"] or "")
+    return out
 
 
 def _clean(metrics: dict[str, float]) -> dict[str, float | None]:

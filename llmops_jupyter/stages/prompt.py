@@ -7,6 +7,7 @@ import html
 import json
 from typing import Any
 
+from .. import prompts as _prompts  # noqa: F401 - registers the prompts table for registries opened later
 from ..config import StageConfig, option
 from ..display import Table, fmt_time
 from .base import CommandEnv, Stage, command, register_stage

@@ -56,6 +56,12 @@ class ServeConfig(StageConfig):
     queue_timeout: float = option(10.0, "seconds a request waits for a free slot before a 429", min=0)
     max_batch: int = option(8, "micro-batch size: concurrent requests generated together", min=1, max=256)
     grace: float = option(30.0, "seconds in-flight requests get to finish on stop", min=0)
+    prompt: str | None = option(None, "versioned prompt name@version applied to every chat request (its system "
+                                      "part replaces the client's system message; a user part whose variables are "
+                                      "question/context wraps the user message)")
+    rag: str | None = option(None, "vector index (index run, hash or folder): retrieve context for every chat "
+                                   "request and put it into the prompt; monitoring checks answers against it")
+    rag_k: int = option(3, "chunks retrieved per request with --rag", min=1, max=100)
     device: str | None = option(None, "cpu, cuda, cuda:1 (default: cuda when available)")
     detach: bool = option(False, "serve from a separate process that outlives the kernel")
     foreground: bool | None = option(None, "block until stopped (Ctrl-C); default: yes outside notebooks "
@@ -156,6 +162,14 @@ class ServeStage(Stage):
         from ..serving.app import Limits, ServeContext, key_id
 
         m = use_model(ctx, cfg.model)
+        from ..adapt import RequestAdapter
+
+        adapter = RequestAdapter.from_refs(reg, cfg.prompt, cfg.rag, cfg.rag_k)  # fails before the port is bound
+        if adapter is not None:  # lineage: prompt / index → deployment
+            if adapter.template is not None:
+                ctx.use(adapter.template.hash)
+            if adapter.index is not None and adapter.index.artifact is not None:
+                ctx.use(adapter.index.artifact)
         key_hashes, generated = _keys(cfg)
         limits = Limits(max_request_bytes=cfg.max_request_bytes, max_tokens=cfg.max_tokens,
                         default_max_tokens=cfg.default_max_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
@@ -171,7 +185,9 @@ class ServeStage(Stage):
                     "started": time.time(), "limits": limits.to_dict(), "key_ids": [key_id(h) for h in key_hashes],
                     "auth": cfg.auth, "model": {"hash": model_hash, "kind": m.kind, "name": m.name,
                                                 "path": str(m.path)},
-                    "openai_base_url": url, "batching": {"max_batch": cfg.max_batch}}
+                    "openai_base_url": url, "batching": {"max_batch": cfg.max_batch},
+                    "prompt": adapter.template.ref if adapter and adapter.template else None,
+                    "rag": {"index": adapter.index_hash, "k": cfg.rag_k} if adapter and adapter.index else None}
         server.record(reg, dep_id, run_id=ctx.run_id, model=model_hash, model_name=m.name, url=url, mode=mode,
                       pid=os.getpid(), host=os.uname().nodename, status="starting", started_at=manifest["started"],
                       key_ids=manifest["key_ids"], limits=manifest["limits"])
@@ -179,7 +195,10 @@ class ServeStage(Stage):
             if mode == "process":
                 spec = {"deployment": dep_id, "model_path": model_hash or str(m.path), "model_name": m.name,
                         "model_hash": model_hash, "limits": limits.to_dict(), "key_hashes": key_hashes,
-                        "url": url, "grace": cfg.grace, "device": cfg.device}
+                        "url": url, "grace": cfg.grace, "device": cfg.device,
+                        "prompt": adapter.template.ref if adapter and adapter.template else None,
+                        "rag": str(adapter.index.path) if adapter and adapter.index else None,
+                        "rag_index": adapter.index_hash if adapter else None, "rag_k": cfg.rag_k}
                 ctx.log(f"starting detached server for {m.name} on {url}")
                 server.spawn_process(spec, sock, reg)
                 serve_ctx = None
@@ -193,7 +212,7 @@ class ServeStage(Stage):
                 ctx.progress(1, 1, "loading model")
                 serve_ctx = ServeContext(engine=engine, limits=limits, deployment=dep_id, model_name=m.name,
                                          model_hash=model_hash, key_hashes=key_hashes,
-                                         log=RequestLog(reg, exporter=exporter_from_env()))
+                                         log=RequestLog(reg, exporter=exporter_from_env()), adapter=adapter)
         except BaseException as exc:
             sock.close()
             server.record(reg, dep_id, status="failed", stopped_at=time.time(), error=f"{type(exc).__name__}: {exc}")

@@ -127,6 +127,7 @@ class TrainingDashboard:
         else:
             parts.append(f"ETA {fmt_eta(self.eta_s())}")
         for key, label, fmt in (("loss", "loss", "{:.4f}"), ("eval_loss", "eval", "{:.4f}"),
+                                ("rewards/margins", "margin", "{:+.3f}"),
                                 ("tokens_per_s", "tok/s", "{:,.0f}"), ("memory_mb", "mem MB", "{:,.0f}")):
             v = self._latest(key)
             if v is not None:
