@@ -134,7 +134,8 @@ def build_parser(cfg_cls: type[StageConfig], prog: str, description: str, values
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin in (list, tuple):
             (elem,) = typing.get_args(tp)[:1] or (str,)
-            kwargs.update(nargs="+", type=_converter(elem, values, f.name), metavar=f.name.upper())
+            kwargs.update(nargs="+", type=_converter(elem, values, f.name), metavar=f.name.upper(),
+                          action="extend")  # `--model a --model b` → [a, b]
         elif origin is dict:
             kwargs.update(nargs="+", metavar="KEY=VALUE")
         else:

@@ -95,11 +95,14 @@ def apply_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
 def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 8,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              stop_at_eos: bool = True) -> list[Generation]:
-    """Batched generation: prompts sorted by length (little padding), left-padded, KV cache on, input order kept."""
+    """Batched generation: prompts sorted by token length (little padding), left-padded, KV cache on, input
+    order kept. Greedy outputs equal one-prompt-at-a-time outputs in fp32; in bf16/fp16 a different batch shape
+    can flip near-tied tokens (see bench/bench_generation.py)."""
     torch = require("torch", "finetune")
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])  # by token length: least padding per batch
     results: list[Generation | None] = [None] * len(prompts)
     eos = tokenizer.eos_token_id
     for start in range(0, len(order), batch_size):
