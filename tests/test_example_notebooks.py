@@ -7,7 +7,6 @@ what a person opening them would see.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nbformat
@@ -42,23 +41,14 @@ def titles(figures: list[dict]) -> list[str]:
     return out
 
 
-def execute(name: str, params: dict, tmp_path: Path):
+def run_notebook(name: str, params: dict, tmp_path: Path):
+    """Execute as a recorded pipeline run (papermill, a real kernel that inherits PYTHONPATH and LLMOPS_HOME)."""
     from llmops_jupyter.pipelines import run_pipeline
 
-    res = run_pipeline(NOTEBOOKS / name, params, cwd=tmp_path, cache=False)
-    assert str(res.status) == "finished", res.summary
-    executed = res.registry.get_artifact(f"{res.run_id}:notebook") if hasattr(res, "registry") else None
-    path = next(Path(executed.path).glob("*.ipynb")) if executed else None
-    return res, path
-
-
-def run_notebook(name: str, params: dict, tmp_path: Path):
-    """Execute with papermill (real kernel; the kernel inherits PYTHONPATH and LLMOPS_HOME) into tmp_path."""
-    import papermill as pm
-
     out = tmp_path / name
-    pm.execute_notebook(str(NOTEBOOKS / name), str(out), parameters=params, cwd=str(tmp_path), progress_bar=False,
-                        kernel_name="python3")
+    res = run_pipeline(str(NOTEBOOKS / name), params, output=str(out), cwd=str(tmp_path), cache=False)
+    status = res["status"] if isinstance(res, dict) else str(res.status)
+    assert status == "finished", res
     return nbformat.read(out, as_version=4)
 
 
@@ -87,8 +77,8 @@ def test_quickstart_runs_on_the_tiny_model(home, tmp_path, tiny_model):
 
 
 def test_sweep_notebook_compares_variants(home, tmp_path, tiny_model):
-    params = {**TINY, "template": str(ROOT / "templates" / "finetune.ipynb"), "lr_grid": "1e-4,1e-3",
-              "rank_grid": "8", "max_steps": 4, "parallel": 1}
+    params = {**TINY, "template": str(ROOT / "templates" / "finetune.ipynb"), "lr_grid": [1e-4, 1e-3],
+              "rank_grid": [8], "max_steps": 4, "parallel": 1}
     nb = run_notebook("03_sweep_and_compare.ipynb", params, tmp_path)
     text, figures = outputs(nb)
     assert "Sweep sweep-" in text and "2 variants" in text and "best eval_loss" in text
