@@ -56,15 +56,48 @@ def _nan(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
+def delta_labels(versions: Sequence[dict[str, Any]]) -> list[str]:
+    """One delta column per step: each version against the one before it (base → fine-tuned → quantized)."""
+    return [f"Δ {b['label']} − {a['label']}" for a, b in zip(versions, versions[1:])]
+
+
 def metrics_rows(versions: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[list[Any]]:
-    """Rows ``[metric, value per version..., delta of the last vs the first]``."""
+    """Rows ``[metric, value per version..., delta of each version vs the previous one...]``."""
     rows = []
     for k in keys:
         vals = [v["summary"].get(k) for v in versions]
-        first, last = vals[0], vals[-1]
-        delta = None if len(vals) < 2 or _nan(first) or _nan(last) else last - first
-        rows.append([k, *vals, delta])
+        deltas = [None if _nan(a) or _nan(b) else b - a for a, b in zip(vals, vals[1:])]
+        rows.append([k, *vals, *deltas])
     return rows
+
+
+def gate_rows(registry: Any, versions: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    """The regression gates the eval runs applied (from their ``gate.json``): one row per rule."""
+    import json
+
+    rows = []
+    for v in versions:
+        try:
+            art = registry.get_artifact(f"{v['run_id']}:eval-results")
+        except Exception:  # noqa: BLE001 - an eval run without stored results simply has no gate rows
+            continue
+        gate_file = art.path / "gate.json"
+        if not gate_file.exists():
+            continue
+        for entry in json.loads(gate_file.read_text()):
+            for r in entry.get("results", []):
+                lo, hi = (r.get("ci") or [None, None])[:2]
+                rows.append([v["label"], r["rule"], r.get("baseline"), r.get("candidate"), r.get("delta"),
+                             f"[{fmt(lo)}, {fmt(hi)}]", "pass" if r.get("passed") else "FAIL"])
+    return rows
+
+
+def example_rows(registry: Any, versions: Sequence[dict[str, Any]], n: int = 8) -> list[list[Any]]:
+    """The first ``n`` held-out examples: prompt, reference and every version's output."""
+    tables = [{r["id"]: r for r in evalstore.load_examples(registry, v["run_id"], v["model_ref"])} for v in versions]
+    ids = [i for i in tables[0] if all(i in t for t in tables[1:])][:n]
+    return [[tables[0][i]["prompt"][-160:], tables[0][i]["reference"], *[t[i]["output"] for t in tables]]
+            for i in ids]
 
 
 def comparison_figure(versions: Sequence[dict[str, Any]], keys: Sequence[str]) -> Any:
@@ -74,7 +107,8 @@ def comparison_figure(versions: Sequence[dict[str, Any]], keys: Sequence[str]) -
                           title="Held-out metrics per model version")
 
 
-def _table_html(columns: Sequence[str], rows: Sequence[Sequence[Any]], best: dict[int, int] | None = None) -> str:
+def _table_html(columns: Sequence[str], rows: Sequence[Sequence[Any]], best: dict[int, int] | None = None,
+                wrap: bool = False) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for ri, r in enumerate(rows):
@@ -83,14 +117,15 @@ def _table_html(columns: Sequence[str], rows: Sequence[Sequence[Any]], best: dic
             style = " class='best'" if best and best.get(ri) == ci else ""
             cells.append(f"<td{style}>{html.escape(fmt(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    cls = " class='wrap'" if wrap else ""
+    return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _best_columns(rows: Sequence[Sequence[Any]], n_versions: int) -> dict[int, int]:
     best = {}
     for ri, r in enumerate(rows):
         vals = [(ci, v) for ci, v in enumerate(r[1:1 + n_versions], start=1) if not _nan(v)]
-        if len(vals) > 1:
+        if len(vals) > 1 and len({v for _, v in vals}) > 1:
             pick = min if r[0] in LOWER_IS_BETTER else max
             best[ri] = pick(vals, key=lambda t: t[1])[0]
     return best
@@ -101,6 +136,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em a
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:4px 10px;text-align:right}
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}td.best{font-weight:bold;background:#eef8ee}
+table.wrap td{text-align:left;white-space:pre-wrap;max-width:320px;font-size:.9em;vertical-align:top}
 .note{color:#666;font-size:.9em}code{background:#f4f4f4;padding:1px 4px}
 """
 
@@ -117,8 +153,7 @@ def build_html(
 ) -> str:
     """The report page. ``figures``: (heading, plotly figure); ``sections``: (heading, trusted HTML)."""
     rows = metrics_rows(versions, keys)
-    columns = ["metric", *[v["label"] for v in versions], f"Δ {versions[-1]['label']} − {versions[0]['label']}"
-               if len(versions) > 1 else "Δ"]
+    columns = ["metric", *[v["label"] for v in versions], *delta_labels(versions)]
     parts = [f"<h1>{html.escape(title)}</h1>",
              "<h2>Held-out metrics</h2>",
              _table_html(columns, rows, _best_columns(rows, len(versions))),

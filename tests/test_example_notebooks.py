@@ -94,5 +94,38 @@ def test_human_evaluation_notebook_stores_ratings(home, tmp_path, tiny_model):
     text, _ = outputs(nb)
     assert "CompareView" in text or "Example 1 /" in text
     rows = evalstore.ratings(Registry(home))
-    assert len(rows) >= 8 and all(r["thumbs"] == 1 and r["preferred_model_ref"] for r in rows)
+    assert len({r["example_id"] for r in rows}) == 8 and len(rows) == 16  # 8 examples × 2 versions
+    assert all(r["preferred_model_ref"] for r in rows)
+    assert all(r["thumbs"] == 1 for r in rows if r["model_ref"] == r["preferred_model_ref"])
+    assert len(evalstore.preference_pairs(Registry(home))) == 8
     assert "thumbs" in text
+
+
+QLORA_TINY = {**TINY, "max_steps": 10, "seq_len": 96, "group_size": 32, "calibration_samples": 16, "requests": 2}
+
+
+def test_lifecycle_notebook_runs_on_the_tiny_model(home, tmp_path, tiny_model):
+    """02 end to end (QLoRA → merge → GPTQ → serve → openai → monitor → report); the tiny model learns nothing in
+    10 steps, so the gates are relaxed here (``make demo`` runs the real gates on SmolLM2)."""
+    params = {**QLORA_TINY, "finetune_gate": "exact_match>=-1", "gptq_gate": "exact_match>=-1"}
+    nb = run_notebook("02_qlora_merge_gptq_serve.ipynb", params, tmp_path)
+    text, figures = outputs(nb)
+    assert "Regression gate (paired bootstrap)" in text and "FAIL" not in text
+    assert "Merged model" in text or "merge" in text.lower()
+    assert text.count("   model: ") == 2  # answers through the openai client
+    report = tmp_path / "demo_report.html"
+    page = report.read_text()
+    assert "Held-out metrics" in page and "Quality gates" in page and "Quantization (quantize-" in page
+    for label in ("base", "fine-tuned", "gptq"):
+        assert f"<th>{label}</th>" in page
+    assert any("Evaluation summary" in t for t in titles(figures))
+
+
+def test_lifecycle_notebook_fails_when_fine_tuning_does_not_beat_the_base(home, tmp_path, tiny_model):
+    from llmops_jupyter.pipelines import run_pipeline
+
+    params = {**QLORA_TINY, "finetune_gate": "exact_match>=0.5"}
+    res = run_pipeline(str(NOTEBOOKS / "02_qlora_merge_gptq_serve.ipynb"), params, output=str(tmp_path / "o.ipynb"),
+                       cwd=str(tmp_path), cache=False)
+    assert res["status"] == "failed" and "GateError" in res["error"] and "exact_match>=0.5" in res["error"]
+    assert not (tmp_path / "demo_report.html").exists()  # nothing downstream of the failed gate ran

@@ -14,6 +14,7 @@ results, and copied to ``--out``.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from ..config import StageConfig, option
@@ -31,6 +32,7 @@ class ReportConfig(StageConfig):
     metrics: list[str] = option([], "metrics in the comparison table (default: every summary metric of the evals)")
     title: str = option("Model lifecycle report", "heading of the page")
     out: str | None = option(None, "also write the HTML page to this file")
+    examples: int = option(8, "held-out examples shown with every version's output (0: none)", min=0)
     inline_plotlyjs: bool = option(True, "inline plotly.js (opens offline, ~4 MB) instead of loading it from a CDN")
 
     def validate(self) -> None:
@@ -73,6 +75,14 @@ class ReportStage(Stage):
         keys = reporting.metric_keys(versions, cfg.metrics)
         figures: list[tuple[str, Any]] = [("Metrics per version", reporting.comparison_figure(versions, keys))]
         sections: list[tuple[str, str]] = []
+        gates = reporting.gate_rows(reg, versions)
+        if gates:
+            sections.append(("Quality gates", reporting._table_html(
+                ["version", "rule", "baseline", "candidate", "delta", "95% CI", "result"], gates)))
+        if cfg.examples:
+            examples = reporting.example_rows(reg, versions, cfg.examples)
+            sections.append((f"Held-out examples (first {len(examples)})", reporting._table_html(
+                ["prompt (end)", "reference", *[v["label"] for v in versions]], examples, wrap=True)))
         run_rows = [reg.get_run(v["run_id"]) for v in dict((v["run_id"], v) for v in versions).values()]
         for ref in cfg.runs:
             run = reg.get_run(reg.resolve_run(ref))
@@ -107,11 +117,11 @@ class ReportStage(Stage):
         html_path = art.path / "report.html"
         if cfg.out:
             atomic_write_text(cfg.out, page)
+            os.chmod(cfg.out, 0o644)  # a report to share, not a private temp file
         rows = reporting.metrics_rows(versions, keys)
-        last = versions[-1]["label"]
         ctx.log_metrics({f"{v['label']}/{row[0]}": value for row in rows for v, value in zip(versions, row[1:])
                          if isinstance(value, (int, float))})
         ctx.set_summary(report=str(html_path), out=cfg.out, versions=[v["label"] for v in versions])
-        columns = ["metric", *[v["label"] for v in versions]] + ([f"Δ {last}"] if len(versions) > 1 else ["Δ"])
+        columns = ["metric", *[v["label"] for v in versions], *reporting.delta_labels(versions)]
         return {"table": Table(columns, rows, title=f"{cfg.title}: held-out metrics"),
                 "figure": figures[0][1], "path": str(cfg.out or html_path), "artifact_path": str(html_path)}
