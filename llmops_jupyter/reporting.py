@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,8 +97,16 @@ def example_rows(registry: Any, versions: Sequence[dict[str, Any]], n: int = 8) 
     """The first ``n`` held-out examples: prompt, reference and every version's output."""
     tables = [{r["id"]: r for r in evalstore.load_examples(registry, v["run_id"], v["model_ref"])} for v in versions]
     ids = [i for i in tables[0] if all(i in t for t in tables[1:])][:n]
-    return [[tables[0][i]["prompt"][-160:], tables[0][i]["reference"], *[t[i]["output"] for t in tables]]
+    return [[display_prompt(tables[0][i]["prompt"]), tables[0][i]["reference"], *[t[i]["output"] for t in tables]]
             for i in ids]
+
+
+def display_prompt(prompt: str, limit: int = 240) -> str:
+    """The last user turn of a chat-templated prompt (ChatML, Llama 3, [INST]), without special tokens."""
+    text = re.split(r"<\|im_start\|>user|<\|start_header_id\|>user<\|end_header_id\|>|\[INST\]", prompt)[-1]
+    text = re.sub(r"<\|[^|>]*\|>|\[/INST\]|</?s>", " ", text).strip()
+    text = re.sub(r"\s*\bassistant\s*$", "", text).strip()
+    return text if len(text) <= limit else "…" + text[-limit:]
 
 
 def comparison_figure(versions: Sequence[dict[str, Any]], keys: Sequence[str]) -> Any:
@@ -136,7 +145,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em a
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:4px 10px;text-align:right}
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}td.best{font-weight:bold;background:#eef8ee}
-table.wrap td{text-align:left;white-space:pre-wrap;max-width:320px;font-size:.9em;vertical-align:top}
+table.wrap th{text-align:left}table.wrap td{text-align:left;white-space:pre-wrap;max-width:320px;font-size:.9em;vertical-align:top}
 .note{color:#666;font-size:.9em}code{background:#f4f4f4;padding:1px 4px}
 """
 

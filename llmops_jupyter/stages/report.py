@@ -82,7 +82,7 @@ class ReportStage(Stage):
         if cfg.examples:
             examples = reporting.example_rows(reg, versions, cfg.examples)
             sections.append((f"Held-out examples (first {len(examples)})", reporting._table_html(
-                ["prompt (end)", "reference", *[v["label"] for v in versions]], examples, wrap=True)))
+                ["prompt", "reference", *[v["label"] for v in versions]], examples, wrap=True)))
         run_rows = [reg.get_run(v["run_id"]) for v in dict((v["run_id"], v) for v in versions).values()]
         for ref in cfg.runs:
             run = reg.get_run(reg.resolve_run(ref))
