@@ -106,11 +106,10 @@ def tokenize(rows: list[dict[str, Any]], tokenizer: Any, seq_len: int, completio
 class Batcher:
     """Collate micro-batches in one of the modes :func:`choose_batching` picks."""
 
-    def __init__(self, mode: str, tokenizer: Any, dtype: Any = None):
+    def __init__(self, mode: str, tokenizer: Any):
         from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
         self.mode = mode
-        self.dtype = dtype
         self._flat = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
         self._pad = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
 
@@ -120,20 +119,23 @@ class Batcher:
             return dict(self._pad(feats))
         batch = dict(self._flat(feats, return_tensors="pt"))
         if self.mode == "flat-mask":
-            batch["attention_mask"] = block_causal_mask(batch["position_ids"], self.dtype)
+            batch["attention_mask"] = block_causal_mask(batch["position_ids"])
         return batch
 
 
-def block_causal_mask(position_ids: Any, dtype: Any) -> Any:
-    """Additive 4-D mask (1, 1, T, T): causal inside each packed example, -inf across examples."""
+def block_causal_mask(position_ids: Any) -> Any:
+    """Additive 4-D mask (1, 1, T, T): causal inside each packed example, -inf across examples.
+
+    Always float32: SDPA accepts a float32 mask whatever the query dtype, while a bf16 mask fails when the
+    activations are float32 (QLoRA casts norms/embeddings to fp32 with prepare_model_for_kbit_training).
+    """
     import torch
 
     pos = position_ids[0]
     segment = torch.cumsum((pos == 0).long(), 0)
     n = pos.shape[0]
     allowed = (segment[:, None] == segment[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
-    dtype = dtype or torch.float32
-    return torch.zeros(n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    return torch.zeros(n, n, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
 
 
 def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, dtype: Any) -> tuple[str, float]:
@@ -156,7 +158,7 @@ def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, 
             for mode in ("flat", "flat-mask"):
                 kwargs = {"position_ids": pos}
                 if mode == "flat-mask":
-                    kwargs["attention_mask"] = block_causal_mask(pos.cpu(), dtype).to(device)
+                    kwargs["attention_mask"] = block_causal_mask(pos.cpu()).to(device)
                 got = model(input_ids=ids, **kwargs).logits[0].float()
                 worst = (got - ref).abs().max().item()
                 if worst <= tol:
@@ -388,7 +390,7 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
         )
         report = _callback_cls()(reporter, counter)
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None,
-                          data_collator=Batcher(mode, tokenizer, dtype), callbacks=[report, *(callbacks or [])])
+                          data_collator=Batcher(mode, tokenizer), callbacks=[report, *(callbacks or [])])
         trainer.remove_callback(PrinterCallback)  # metrics go to the reporter, not stdout
         try:
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

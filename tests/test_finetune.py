@@ -76,7 +76,7 @@ def test_packed_batch_loss_equals_padded_batch_loss(tiny_model):
     assert mode == "flat-mask"
     with torch.no_grad():
         padded = model(**Batcher("grouped", tok)(feats)).loss
-        packed = model(**Batcher(mode, tok, torch.float32)(feats)).loss
+        packed = model(**Batcher(mode, tok)(feats)).loss
         leaky = model(**Batcher("flat", tok)(feats)).loss  # position_ids alone: examples attend across
     assert abs(padded.item() - packed.item()) < 1e-5
     assert abs(padded.item() - leaky.item()) > 1e-3
