@@ -66,14 +66,15 @@ test: labext $(STAMP) labext-dev browser-deps
 lint: $(STAMP)
 	$(PY) -m ruff check llmops_jupyter tests bench
 
+# DEMO_ARGS: notebook parameter overrides, e.g. make demo DEMO_ARGS="-p max_steps 300 -p eval_limit 60"
 demo: $(STAMP)
-	$(PY) -m llmops_jupyter.demo
+	$(PY) -m llmops_jupyter.demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) .llmops build dist llmops_jupyter/labextension labextension/node_modules labextension/lib
+	rm -rf $(VENV) .llmops demo-out build dist llmops_jupyter/labextension labextension/node_modules labextension/lib
 
 lab: labext-dev
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=$(CURDIR)

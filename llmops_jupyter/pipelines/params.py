@@ -357,9 +357,12 @@ def resolve_parameters(nb, given: dict[str, Any] | None, *, path: str = "noteboo
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         value = coerce(name, value, tp)
+        checked = value
         for target in field_targets:
-            value = _check_config_field(name, value, target)
-        values[name] = value
+            checked = _check_config_field(name, value, target)
+        # The notebook's own type wins for the injected value: `model = "x"` feeding a list field (eval --model)
+        # and a str field (plan --model) must stay a str; the stage fields only validate it.
+        values[name] = value if decl.type is not None else checked
     return ResolvedParams(values=values, declared=declared)
 
 
