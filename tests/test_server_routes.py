@@ -144,12 +144,12 @@ def test_run_as_pipeline_records_runs(lab_server):
     pipeline_run = get(lab_server, f"runs/{job['run_id']}").json()
     assert pipeline_run["stage"] == "pipeline"
     assert pipeline_run["params"]["parameters"] == {"steps": 2, "lr": 0.01}
-    assert pipeline_run["notebook_path"] == job["output"]
-    assert [a["kind"] for a in pipeline_run["outputs"]] == ["notebook"]
+    assert pipeline_run["notebook_path"] == "template.ipynb"  # "Open notebook" opens the source notebook
+    assert "notebook" in [a["kind"] for a in pipeline_run["outputs"]]
     (child,) = job["stage_runs"]
     toy = get(lab_server, f"runs/{child}").json()
     assert toy["stage"] == "toy-train" and toy["status"] == "finished"
-    assert toy["params"]["steps"] == 2 and toy["notebook_path"] == job["output"]
+    assert toy["params"]["steps"] == 2 and toy["notebook_path"] == "template.ipynb"
     assert toy["metrics"]["loss"] == pytest.approx(0.5)
 
 

@@ -17,7 +17,7 @@ from llmops_jupyter.stages.base import discover
 TEMPLATES = sorted((Path(__file__).resolve().parents[1] / "templates").glob("*.ipynb"))
 EXPECTED = {"data", "finetune", "eval", "merge_quantize", "serve_monitor", "full_lifecycle"}
 # test-size values for parameters (the defaults are already small; these keep every run quick)
-SMALL = {"max_steps": 5, "requests": 1}
+SMALL = {"max_steps": 5, "requests": 1, "group_size": 32}
 
 
 def stages_used(nb) -> list[str]:
@@ -59,11 +59,17 @@ def test_template_runs_on_the_tiny_model(template, home, tmp_path, model_cache):
         if stage not in available:
             pytest.skip(f"stage {stage} not available")
     params = {k: v for k, v in SMALL.items() if k in notebook_parameters(nb)}
-    if "data" not in stages_used(nb) and any("data@latest" in c.source for c in nb.cells):
+    used = stages_used(nb)
+    needs_data = "data" not in used and ("data@latest" in code or "finetune@latest" in code)
+    if needs_data:  # inputs a template takes from earlier stages: a dataset, and an adapter to merge
         from llmops_jupyter.registry import Registry
         from llmops_jupyter.testing import build_tiny_model, write_tiny_dataset
 
-        write_tiny_dataset(Registry(home), build_tiny_model(model_cache / "tiny-llama"))
+        data = write_tiny_dataset(Registry(home), model := build_tiny_model(model_cache / "tiny-llama"))
+        if "finetune" not in used and "finetune@latest" in code:
+            from llmops_jupyter.runner import Runner
+
+            Runner(Registry(home)).run("finetune", model=str(model), data=data.hash, max_steps=3)
     res = run_pipeline(template, params, cwd=tmp_path, cache=False)
     assert str(res.status) == "finished"
     assert res.summary["children"] and all(c["status"] == "finished" for c in res.summary["children"])

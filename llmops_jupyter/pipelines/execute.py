@@ -14,6 +14,7 @@ Runner` (status, timing, interrupts, lineage come from there). The stage:
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -148,6 +149,25 @@ def input_hashes(values: dict[str, Any], registry: Registry, base: Path) -> dict
     return out
 
 
+class _ProgressSink(io.TextIOBase):
+    """papermill drives a tqdm bar per executed cell; this file-like sink turns its lines into PROGRESS events."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+
+    def write(self, text: str) -> int:
+        for line in text.replace("\r", "\n").splitlines():
+            parts = line.strip().split()
+            if len(parts) == 3 and parts[0] == "cells" and parts[1].isdigit():
+                total = int(parts[2]) if parts[2].isdigit() else None
+                self.ctx.progress(int(parts[1]), total, "cells")
+        return len(text)
+
+
+def _cell_progress(ctx: RunContext) -> dict[str, Any]:
+    return {"file": _ProgressSink(ctx), "mininterval": 0, "bar_format": "cells {n} {total}\n"}
+
+
 class PipelineStage(Stage):
     """Runs one notebook through papermill (not registered as a command: ``run``/``pipeline run`` drive it)."""
 
@@ -191,7 +211,7 @@ class PipelineStage(Stage):
         error: StageError | None = None
         try:
             _fresh_context(lambda: papermill.execute_notebook(
-                nb, str(out_path), kernel_name=cfg.kernel, cwd=str(self.cwd), progress_bar=False,
+                nb, str(out_path), kernel_name=cfg.kernel, cwd=str(self.cwd), progress_bar=_cell_progress(ctx),
                 log_output=False, request_save_on_cell_execute=True, execution_timeout=self.timeout,
                 kernel_manager_class=_kernel_manager_class(env),
             ))

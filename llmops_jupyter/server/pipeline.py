@@ -110,58 +110,22 @@ def coerce_parameters(spec: list[dict[str, Any]], values: dict[str, Any]) -> dic
 
 
 # -- execution ----------------------------------------------------------------------------------------------------
-def _delegate():
-    try:
-        from .. import pipelines  # the project's papermill glue (issue 7), when installed
-    except ImportError:
-        return None
-    fn = getattr(pipelines, "run_pipeline", None)
-    return fn if callable(fn) else None
-
-
 def run_pipeline(notebook: str | os.PathLike, params: dict[str, Any], *, output: str | os.PathLike,
                  cwd: str | os.PathLike | None = None, registry_home: str | os.PathLike | None = None,
-                 notebook_ref: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Execute ``notebook`` with ``params`` into ``output`` and record it as a ``pipeline`` run.
+                 progress: bool = True) -> dict[str, Any]:
+    """Execute ``notebook`` with ``params`` through the project's pipeline runner (``llmops run``), copy the
+    executed notebook to ``output`` and report per-cell progress on stdout for the job follower.
 
-    Returns ``{"run_id", "output", "status", "error"}``. ``notebook_ref`` is the name runs record as their
-    notebook (the server passes the output path relative to its root, so Lab can open it).
+    Returns ``{"run_id", "output", "status", "error", "stage_runs"}``.
     """
-    delegate = _delegate()
-    if delegate is not None:
-        return delegate(notebook, params, output=output, cwd=cwd, registry_home=registry_home)
+    from ..pipelines import run_pipeline as run
 
-    import papermill as pm
+    def report(event) -> None:
+        if progress and str(event.type) == "progress" and event.stage == "pipeline":
+            print(f"{PROGRESS_TAG} {int(event.data.get('done') or 0)} {int(event.data.get('total') or 0)}",
+                  flush=True)
 
-    from ..registry import Registry, RunStatus
-
-    notebook, output = Path(notebook), Path(output)
-    registry = Registry.open(registry_home)
-    ref = notebook_ref or str(output)
-    os.environ["LLMOPS_NOTEBOOK"] = ref  # kernels inherit it: their stage runs point at the output notebook
-    if registry_home is not None:
-        os.environ["LLMOPS_HOME"] = str(Path(registry_home).resolve())
-    run_id = registry.create_run("pipeline", {"notebook": notebook.name, "parameters": params}, notebook=ref,
-                                 name=notebook.stem)
-    bar = {"file": sys.stdout, "mininterval": 0, "bar_format": PROGRESS_TAG + " {n} {total}\n"} if progress else False
-    status, error = RunStatus.FINISHED, None
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        pm.execute_notebook(str(notebook), str(output), parameters=params, cwd=str(cwd or notebook.parent),
-                            progress_bar=bar, log_output=False)
-    except pm.PapermillExecutionError as exc:
-        status, error = RunStatus.FAILED, f"cell {exc.exec_count}: {exc.ename}: {exc.evalue}"
-    except KeyboardInterrupt:
-        status, error = RunStatus.INTERRUPTED, "cancelled"
-    except Exception as exc:  # noqa: BLE001 - kernel died, bad notebook...: record it, don't leave 'running'
-        status, error = RunStatus.FAILED, f"{type(exc).__name__}: {exc}"
-    stage_runs = [r["id"] for r in registry.query(
-        "SELECT id FROM runs WHERE notebook=? AND id<>? ORDER BY created_at", (ref, run_id))]
-    if output.exists():
-        registry.add_artifact(output, "notebook", name=output.name, run_id=run_id)
-    registry.finish_run(run_id, status, error=error,
-                        summary={"output": ref, "stage_runs": stage_runs, "parameters": params})
-    return {"run_id": run_id, "output": ref, "status": str(status), "error": error, "stage_runs": stage_runs}
+    return run(notebook, params, output=output, cwd=cwd, registry_home=registry_home, listeners=[report])
 
 
 class PipelineJobs:
@@ -180,7 +144,7 @@ class PipelineJobs:
         job_id = secrets.token_hex(4)
         out_rel = (Path(notebook_rel).parent / "pipeline-runs" / f"{src.stem}-{stamp}-{job_id}.ipynb").as_posix()
         spec = {"notebook": str(src), "params": params, "output": str(self.root / out_rel),
-                "cwd": str(src.parent), "registry_home": str(self.registry_home), "notebook_ref": out_rel}
+                "cwd": str(src.parent), "registry_home": str(self.registry_home)}
         env = dict(os.environ, LLMOPS_HOME=str(self.registry_home), PYTHONUNBUFFERED="1")
         proc = subprocess.Popen([sys.executable, "-m", "llmops_jupyter.server.pipeline", json.dumps(spec)],
                                 cwd=str(src.parent), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -230,7 +194,7 @@ def _main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     try:
         result = run_pipeline(spec["notebook"], spec["params"], output=spec["output"], cwd=spec.get("cwd"),
-                              registry_home=spec.get("registry_home"), notebook_ref=spec.get("notebook_ref"))
+                              registry_home=spec.get("registry_home"))
     except KeyboardInterrupt:
         result = {"status": "interrupted", "error": "cancelled"}
     print(RESULT_TAG + json.dumps(result, default=str), flush=True)
