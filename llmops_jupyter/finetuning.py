@@ -368,6 +368,9 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
     from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
 
     dtype = resolve_dtype(cfg.dtype)
+    if torch.cuda.is_available():  # peak memory is this run's, not the kernel's since it started
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
