@@ -227,8 +227,15 @@ def test_dpo_on_a_qlora_base_and_prompt_as_pipeline_parameter(registry, tiny_mod
     params = nbformat.v4.new_code_cell('model = "tiny-llama"\nprompt = ""')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell("%llmops eval --model $model --prompt $prompt")]
-    assert resolve_parameters(nb, {"prompt": "qa@2"}).values["prompt"] == ["qa@2"]
-    assert resolve_parameters(nb, {"prompt": "qa@1,qa@2"}).values["prompt"] == ["qa@1", "qa@2"]
+    # The injected value keeps the notebook's type (str); `--prompt $prompt` splits "a@1,a@2" into the list.
+    assert resolve_parameters(nb, {"prompt": "qa@2"}).values["prompt"] == "qa@2"
+    assert resolve_parameters(nb, {"prompt": "qa@1,qa@2"}).values["prompt"] == "qa@1,qa@2"
+    from llmops_jupyter.argparsing import parse_config
+    from llmops_jupyter.stages.base import get_command
+
+    cfg = parse_config(get_command("eval").config_cls, ["--model", "$model", "--prompt", "$prompt"], prog="eval",
+                       namespace={"model": "tiny-llama", "prompt": "qa@1,qa@2"})
+    assert cfg.prompt == ["qa@1", "qa@2"]
 
 
 def test_build_messages_places_prompt_parts_and_context():
