@@ -74,3 +74,19 @@ def current_notebook() -> str | None:
 
 def project_root() -> Path:
     return Path.cwd()
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a local process is running (a zombie — dead, not yet reaped — is not)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (dead, not yet reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._io import atomic_write_json
+from .env import pid_alive
 from .errors import NotFoundError, ResourceError, StageError
 
 if TYPE_CHECKING:
@@ -360,6 +361,26 @@ class TrainOutput:
     info: dict[str, Any]
 
 
+def trainer_kwargs(cfg: FinetuneConfig, out_dir: Path, dtype: Any, *, has_eval: bool) -> dict[str, Any]:
+    """TrainingArguments shared by supervised (Trainer) and preference (DPOTrainer) runs."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return dict(
+        output_dir=str(out_dir), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_steps,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, optim=choose_optimizer(cfg),
+        logging_steps=cfg.log_every, save_strategy="steps" if cfg.checkpoint_every else "no",
+        save_steps=cfg.checkpoint_every or 500, save_total_limit=cfg.keep_checkpoints,
+        eval_strategy="steps" if cfg.eval_every and has_eval else "no", eval_steps=cfg.eval_every or None,
+        seed=cfg.seed, data_seed=cfg.seed, report_to=[], disable_tqdm=True,
+        gradient_checkpointing=False,  # enabled on the model by load_model when asked (peft/kbit-aware)
+        bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16, use_cpu=not cuda,
+        dataloader_num_workers=0,
+    )
+
+
 def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_rows: list[dict], out_dir: Path,
           reporter: Reporter, *, resume_from: Path | None = None, model_ref: str = "",
           adapter_dir: Path | None = None, callbacks: list | None = None) -> TrainOutput:
@@ -385,20 +406,10 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
         reporter.log(f"batching: {mode} (packing check max |Δlogit| = {probe_err:.2e})")
         counter = TokenCounter()
         hook = model.register_forward_pre_hook(counter, with_kwargs=True)
-        cuda = torch.cuda.is_available()
         args = TrainingArguments(
-            output_dir=str(out_dir), per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.lr, lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_steps,
-            num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, optim=choose_optimizer(cfg),
-            logging_steps=cfg.log_every, save_strategy="steps" if cfg.checkpoint_every else "no",
-            save_steps=cfg.checkpoint_every or 500, save_total_limit=cfg.keep_checkpoints,
-            eval_strategy="steps" if cfg.eval_every and eval_ds else "no", eval_steps=cfg.eval_every or None,
-            seed=cfg.seed, data_seed=cfg.seed, report_to=[], disable_tqdm=True, remove_unused_columns=False,
-            gradient_checkpointing=False,  # enabled on the model above (peft/kbit-aware)
-            bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16, use_cpu=not cuda,
+            **trainer_kwargs(cfg, out_dir, dtype, has_eval=bool(eval_ds)), remove_unused_columns=False,
             train_sampling_strategy="group_by_length" if mode == "grouped" else "random",
-            dataloader_num_workers=0, ddp_find_unused_parameters=False,
+            ddp_find_unused_parameters=False,
         )
         report = _callback_cls()(reporter, counter)
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None,
@@ -643,21 +654,6 @@ def launch_detached(ctx: RunContext) -> dict[str, Any]:
     return {"run": handle}
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (dead, not yet reaped) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def reap_dead_run(registry: Registry, run_id: str, *, returncode: int | None = None, log: Path | None = None) -> bool:
     """If ``run_id`` is still 'running' but its process is gone, mark it failed with why. Returns True if so."""
     from .registry import RunStatus
@@ -669,7 +665,7 @@ def reap_dead_run(registry: Registry, run_id: str, *, returncode: int | None = N
     if run is not None and run["status"] != RunStatus.RUNNING.value:
         return False
     if run is not None and returncode is None:
-        if run["host"] != os.uname().nodename or _pid_alive(run["pid"]):
+        if run["host"] != os.uname().nodename or pid_alive(run["pid"]):
             return False
     how = (f"killed by signal {signal.Signals(-returncode).name}" if returncode is not None and returncode < 0
            else f"exited with code {returncode}" if returncode is not None else "is gone")
@@ -726,7 +722,7 @@ class DetachedRun:
 
     def stop(self) -> None:
         """Interrupt the worker like Ctrl-C: it records 'interrupted' and keeps its last checkpoint."""
-        if _pid_alive(self.pid):
+        if pid_alive(self.pid):
             os.kill(self.pid, signal.SIGINT)
 
     def __repr__(self) -> str:
@@ -748,7 +744,7 @@ def attach_run(cfg: AttachConfig, env: Any) -> Any:
 
     run = env.registry.get_run(cfg.run)
     if cfg.stop:
-        if run["status"] != "running" or not _pid_alive(run["pid"]) or run["host"] != os.uname().nodename:
+        if run["status"] != "running" or not pid_alive(run["pid"]) or run["host"] != os.uname().nodename:
             raise StageError(f"Run {run['id']} is not running on this machine (status {run['status']}).",
                              fix="nothing to stop; `%llmops runs` shows run states")
         os.kill(run["pid"], signal.SIGINT)

@@ -124,7 +124,6 @@ def train_dpo(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eva
     ``dpo_margin_end``): the number that says whether the preferences were learned.
     """
     import datasets
-    import torch
     from transformers import AutoTokenizer, PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -132,12 +131,12 @@ def train_dpo(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eva
         TokenCounter,
         TrainOutput,
         _callback_cls,
-        choose_optimizer,
         free_memory,
         load_model,
         oom_guard,
         peak_memory_mb,
         resolve_dtype,
+        trainer_kwargs,
     )
 
     check_pairs(train_rows, str(model_ref))
@@ -155,20 +154,8 @@ def train_dpo(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eva
         model = load_model(cfg, model_path, dtype)  # LoRA / QLoRA exactly as for supervised fine-tuning
         counter = TokenCounter()
         hook = model.register_forward_pre_hook(counter, with_kwargs=True)
-        cuda = torch.cuda.is_available()
-        args = DPOConfig(
-            output_dir=str(out_dir), per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.lr, lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_steps,
-            num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, optim=choose_optimizer(cfg),
-            logging_steps=cfg.log_every, save_strategy="steps" if cfg.checkpoint_every else "no",
-            save_steps=cfg.checkpoint_every or 500, save_total_limit=cfg.keep_checkpoints,
-            eval_strategy="steps" if cfg.eval_every and eval_ds is not None else "no",
-            eval_steps=cfg.eval_every or None, seed=cfg.seed, data_seed=cfg.seed, report_to=[], disable_tqdm=True,
-            gradient_checkpointing=False,  # enabled on the model by load_model when asked (peft/kbit-aware)
-            bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16, use_cpu=not cuda,
-            dataloader_num_workers=0, beta=cfg.beta, max_length=cfg.seq_len, dataset_num_proc=None,
-        )
+        args = DPOConfig(**trainer_kwargs(cfg, out_dir, dtype, has_eval=eval_ds is not None), beta=cfg.beta,
+                         max_length=cfg.seq_len, dataset_num_proc=None)
         report = _callback_cls()(reporter, counter)
         capture = _capture_cls()()
         trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

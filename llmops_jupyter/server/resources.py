@@ -13,6 +13,8 @@ import subprocess
 import sys
 from typing import Any
 
+from ..env import pid_alive
+
 _SMI_QUERY = "index,name,memory.used,memory.total,utilization.gpu"
 
 
@@ -119,16 +121,6 @@ def gpu_status() -> list[dict[str, Any]]:
     return []
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
 
 
 def running_runs(registry, limit: int = 20) -> list[dict[str, Any]]:
@@ -144,7 +136,7 @@ def running_runs(registry, limit: int = 20) -> list[dict[str, Any]]:
         out.append({
             "id": run["id"], "stage": run["stage"], "name": run["name"], "started_at": run["started_at"],
             "metrics": latest, "step": step, "total_steps": _total_steps(run["params"]),
-            "stale": run["host"] == host and not _pid_alive(run["pid"]),
+            "stale": run["host"] == host and not pid_alive(run["pid"]),
         })
     return out
 

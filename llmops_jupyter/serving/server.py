@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+from ..env import pid_alive
 from ..errors import NotFoundError, StageError
 from ..registry import Registry
 from .reqlog import ensure_schema
@@ -65,16 +66,6 @@ def record(registry: Registry, dep_id: str, **fields: Any) -> None:
                         tuple(fields.values()))
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def list_deployments(registry: Registry, *, status: str | None = None) -> list[dict[str, Any]]:
@@ -87,8 +78,8 @@ def list_deployments(registry: Registry, *, status: str | None = None) -> list[d
         r["limits"] = json.loads(r["limits"] or "{}")
         if r["status"] in ("starting", "running", "stopping") and r["host"] == host:
             local = r["id"] in LOCAL and r["mode"] == "thread"
-            if not local and not (r["mode"] != "thread" and _pid_alive(r["pid"])) and \
-                    not (r["mode"] == "thread" and r["pid"] != os.getpid() and _pid_alive(r["pid"])):
+            if not local and not (r["mode"] != "thread" and pid_alive(r["pid"])) and \
+                    not (r["mode"] == "thread" and r["pid"] != os.getpid() and pid_alive(r["pid"])):
                 r["status"] = "lost"
                 record(registry, r["id"], status="lost", stopped_at=time.time())
     return [r for r in rows if status is None or r["status"] == status]
@@ -252,17 +243,17 @@ def stop(registry: Registry, ref: str | None = None, *, timeout: float = 60.0) -
         if dep_id in LOCAL:
             record(registry, dep_id, status="stopping")
             LOCAL[dep_id].stop(timeout)
-        elif row["status"] in ("running", "starting") and row["mode"] != "thread" and _pid_alive(row["pid"]):
+        elif row["status"] in ("running", "starting") and row["mode"] != "thread" and pid_alive(row["pid"]):
             record(registry, dep_id, status="stopping")
             os.kill(row["pid"], signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while _pid_alive(row["pid"]) and time.monotonic() < deadline:
+            while pid_alive(row["pid"]) and time.monotonic() < deadline:
                 rows = registry.query("SELECT status FROM deployments WHERE id=?", (dep_id,))
                 if rows and rows[0]["status"] in ("stopped", "failed"):
                     break
                 time.sleep(0.05)
             else:
-                if _pid_alive(row["pid"]):
+                if pid_alive(row["pid"]):
                     raise StageError(f"Deployment {dep_id} (pid {row['pid']}) did not stop within {timeout:g}s.",
                                      fix=f"kill {row['pid']} if it hangs")
             # reap our own child if it is one
