@@ -72,4 +72,13 @@ def test_template_runs_on_the_tiny_model(template, home, tmp_path, model_cache):
             Runner(Registry(home)).run("finetune", model=str(model), data=data.hash, max_steps=3)
     res = run_pipeline(template, params, cwd=tmp_path, cache=False)
     assert str(res.status) == "finished"
+    if template.stem == "full_lifecycle":  # the seed pipeline's lineage is one queryable chain
+        from llmops_jupyter.registry import Registry
+
+        reg = Registry(home)
+        (deployment,) = reg.list_artifacts("deployment")
+        kinds = [a.kind for a in reg.lineage_chain(deployment)]
+        for earlier, later in zip(["dataset", "adapter", "merged", "quantized"],
+                                  ["adapter", "merged", "quantized", "deployment"]):
+            assert kinds.index(earlier) < kinds.index(later), kinds
     assert res.summary["children"] and all(c["status"] == "finished" for c in res.summary["children"])
