@@ -131,11 +131,7 @@ def load_dataset(ref: str | Path, registry: Registry) -> Dataset:
     p = Path(str(ref))
     if (p / "manifest.json").exists():
         return Dataset(p)
-    art = registry.get_artifact(f"{ref}:dataset" if ":" not in str(ref) and not _is_hash(str(ref)) else ref)
+    art = registry.get_artifact(str(ref), kind="dataset")
     if art.kind != "dataset":
         raise DataError(f"Artifact '{ref}' is a {art.kind}, not a dataset.", fix="pass a data run or dataset hash")
     return Dataset(art.path, art)
-
-
-def _is_hash(s: str) -> bool:
-    return len(s) >= 6 and all(c in "0123456789abcdef" for c in s.lower())

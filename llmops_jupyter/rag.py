@@ -112,14 +112,10 @@ def load_index(ref: str | Path, registry: Registry) -> VectorIndex:
     p = Path(str(ref))
     if (p / "index.faiss").exists():
         return VectorIndex(p)
-    art = registry.get_artifact(f"{ref}:index" if ":" not in str(ref) and not _hexlike(str(ref)) else ref)
+    art = registry.get_artifact(str(ref), kind="index")
     if art.kind != "index":
         raise DataError(f"Artifact '{ref}' is a {art.kind}, not an index.", fix="pass an index run or hash")
     return VectorIndex(art.path, art)
-
-
-def _hexlike(s: str) -> bool:
-    return len(s) >= 6 and all(c in "0123456789abcdef" for c in s.lower())
 
 
 def augment(question: str, hits: list[dict[str, Any]], template: str = CONTEXT_TEMPLATE) -> str:

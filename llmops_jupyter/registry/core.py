@@ -464,8 +464,11 @@ class Registry:
             )
         return self.get_artifact(digest)
 
-    def get_artifact(self, ref: str | Artifact) -> Artifact:
-        """Resolve an artifact: hash or unique hash prefix, ``<run>`` (its main output) or ``<run>:<kind>``."""
+    def get_artifact(self, ref: str | Artifact, kind: str | None = None) -> Artifact:
+        """Resolve an artifact: hash or unique hash prefix, ``<run>`` (its main output) or ``<run>:<kind>``.
+
+        ``kind`` picks which output a bare run reference means (``data@latest`` with ``kind="dataset"``).
+        """
         if isinstance(ref, Artifact):
             return ref
         ref = str(ref).strip()
@@ -475,7 +478,6 @@ class Registry:
             if len(rows) > 1:
                 raise NotFoundError(f"Artifact prefix '{ref}' is ambiguous.", fix="give more characters of the hash")
         if not rows:
-            kind = None
             run_ref = ref
             if ":" in ref and not ref.endswith(":latest"):
                 run_ref, kind = ref.split(":", 1)
