@@ -221,8 +221,26 @@ def test_audit_log_from_a_real_kernel(registry, home, tmp_path, monkeypatch, she
     table = shell.run_line_magic("llmops", f"audit --run {run['id']} --user ada --since 1h")
     assert len(table) == 4 and "audited.ipynb [cell 3]" in str(table)
     assert len(shell.run_line_magic("llmops", "audit --user nobody")) == 0
-    with pytest.raises(Exception, match="not a duration or a date"):
+    with pytest.raises(Exception, match="audit: --since 'yesterday-ish' is not a duration, a time or a date"):
         shell.run_line_magic("llmops", "audit --since yesterday-ish")
+
+
+def test_since_and_until_mean_the_same_in_every_command():
+    import datetime as dt
+
+    from llmops_jupyter.errors import ConfigError
+    from llmops_jupyter.timeparse import parse_when
+
+    now = 1_800_000_000.0
+    for text, expected in [("30m", now - 1800), ("-30m", now - 1800), ("2h", now - 7200), ("1.5d", now - 129600),
+                           ("-3600", now - 3600), (-60, now - 60), ("1700000000", 1.7e9), (1.7e9, 1.7e9),
+                           ("2026-11-01", dt.datetime(2026, 11, 1).timestamp()),
+                           ("2026-11-01T09:30+00:00", dt.datetime(2026, 11, 1, 9, 30, tzinfo=dt.timezone.utc)
+                            .timestamp()), (None, None), ("  ", None)]:
+        assert parse_when(text, now=now) == pytest.approx(expected), text
+    with pytest.raises(ConfigError, match=r"monitor: --until 'soon' is not a duration.*use e.g. 30m") as exc:
+        parse_when("soon", field="until", command="monitor")
+    assert exc.value.field == "until"
 
 
 def test_resource_sampler_in_process(registry):

@@ -57,6 +57,22 @@ def test_data_runs_show_and_lineage(shell, jsonl, capsys):
     assert "raw-data" in str(lin) and "dataset" in str(lin)
 
 
+def test_runs_shows_each_stage_key_metrics_before_sampled_resources():
+    from llmops_jupyter.stages.registry_views import key_metrics
+
+    sampled = {"cpu_rss_mb": 900.0, "gpu_mem_mb": 1.0, "gpu12_util": 50.0, "adapter_effect": None}
+    ft = {**sampled, "train_runtime_s": 3.0, "eval_loss": 1.5, "train_loss": 1.7, "peak_memory_mb": 10.0,
+          "train_tokens_per_s": 99.0}
+    assert [k for k, _ in key_metrics("finetune", ft)] == ["eval_loss", "train_loss", "train_tokens_per_s",
+                                                           "peak_memory_mb"]
+    ev = {**sampled, "base/ppl": 9.0, "ft/exact_match": 0.6, "base/exact_match": 0.0, "ft/f1": 0.7}
+    assert [k for k, _ in key_metrics("eval", ev)] == ["base/exact_match", "ft/exact_match", "ft/f1", "base/ppl"]
+    assert [k for k, _ in key_metrics("index", {"chunks": 3, "recall_at_3": 1.0})] == ["recall_at_3", "chunks"]
+    # a view or an unknown stage: results by name, sampled resources only to fill up, None never shown
+    assert key_metrics("nope", {**sampled, "zeta": 1.0}) == [("zeta", 1.0), ("cpu_rss_mb", 900.0),
+                                                             ("gpu12_util", 50.0), ("gpu_mem_mb", 1.0)]
+
+
 def test_notebook_variables_are_passed_as_objects(shell):
     import pandas as pd
 

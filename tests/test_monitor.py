@@ -123,6 +123,13 @@ def test_drift_only_for_drifted_batch_and_gates(traffic, shell, monkeypatch):
     with pytest.raises(GateError, match="injection_rate"):
         shell.run_line_magic("llmops", f"monitor {traffic.dep} --check --alert 'injection_rate<=0.05' --no-plots")
     assert traffic.reg.get_run("monitor@latest")["status"] == "failed"
+    # the window in the words audit uses too: a duration back from now covers all of this test's traffic
+    recent = shell.run_line_magic("llmops", f"monitor {traffic.dep} --since 1h --until 0s --no-plots --no-widget")
+    assert recent.metrics["request_count"] == before.metrics["request_count"] + after.metrics["request_count"]
+    n_runs = len(traffic.reg.list_runs(stage="monitor", limit=1000))
+    with pytest.raises(Exception, match="monitor: --since 'last tuesday' is not a duration"):
+        shell.run_line_magic("llmops", f"monitor {traffic.dep} --since 'last tuesday'")
+    assert len(traffic.reg.list_runs(stage="monitor", limit=1000)) == n_runs  # refused before any run started
 
 
 def test_hallucination_signals(traffic):

@@ -10,7 +10,6 @@ Importing this module registers :func:`listener` as a :class:`~llmops_jupyter.ru
 
 from __future__ import annotations
 
-import datetime as _dt
 import getpass
 import json
 import os
@@ -24,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..env import current_notebook
-from ..errors import ConfigError
 from ..registry import register_schema
 from ..runner import Event, EventType, Runner
+from ..timeparse import parse_when
 from . import registry_for_run
 
 if TYPE_CHECKING:
@@ -248,25 +247,6 @@ install()
 
 
 # -- reading ----------------------------------------------------------------------------------------------------
-_REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_since(text: str | None, now: float | None = None) -> float:
-    """``30m``, ``2h``, ``7d``, ``2026-11-01`` or an ISO datetime → a POSIX timestamp (0 for nothing)."""
-    if not text:
-        return 0.0
-    text = text.strip()
-    m = _REL.match(text.lower())
-    if m:
-        return (now or time.time()) - float(m.group(1)) * _UNITS[m.group(2)]
-    try:
-        return _dt.datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise ConfigError(f"audit: --since '{text}' is not a duration or a date.", field="since", value=text,
-                          fix="use e.g. 30m, 2h, 7d, 2026-11-01 or 2026-11-01T09:30") from None
-
-
 def query(
     registry: Registry,
     *,
@@ -279,7 +259,7 @@ def query(
     """Audit rows, oldest first within the newest ``limit``."""
     ensure_schema(registry)
     sql = "SELECT * FROM audit_log WHERE ts >= ?"
-    args: list[Any] = [since if isinstance(since, (int, float)) else parse_since(since)]
+    args: list[Any] = [parse_when(since, field="since", command="audit") or 0.0]
     if run:
         sql += " AND run_id = ?"
         args.append(registry.resolve_run(run))

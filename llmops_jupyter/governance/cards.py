@@ -29,7 +29,11 @@ MODEL_KINDS = ("deployment", "quantized", "merged", "adapter", "base-model")
 CARD_KIND = "model-card"
 TRAIN_STAGES = ("finetune", "train", "sft", "dpo", "orpo")
 EVAL_STAGES = ("eval", "evaluate", "judge", "benchmark", "compare")
-RESOURCE_PREFIXES = ("gpu_", "gpu1_", "gpu2_", "gpu3_", "cpu_rss")
+_RESOURCE = re.compile(r"(gpu\d*_|cpu_rss)")  # metrics sampled by governance/gpu.py, not results of the stage
+
+
+def is_resource_metric(name: str) -> bool:
+    return _RESOURCE.match(name) is not None
 UNKNOWN_LICENCE = "unknown — fill in"
 PLACEHOLDER_USE = ("_Not filled in._ Describe the tasks, users and languages this model is meant for "
                    "(`%llmops card <model> --intended-use \"...\"`).")
@@ -232,10 +236,6 @@ def _size(n: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return str(n)
-
-
-def _is_resource(key: str) -> bool:
-    return key.startswith(RESOURCE_PREFIXES)
 
 
 def resolve_model_artifact(registry: Registry, ref: str | Artifact) -> Artifact:
@@ -457,7 +457,7 @@ def build_model_card(
         s.paragraphs.append("No training run in this model's lineage.")
     for run in train_runs:
         params = _flatten(run.get("params") or {})
-        metrics = {k: v for k, v in _metrics(registry, run["id"]).items() if not _is_resource(k)}
+        metrics = {k: v for k, v in _metrics(registry, run["id"]).items() if not is_resource_metric(k)}
         data["training"].append({"run_id": run["id"], "stage": run["stage"], "params": run.get("params") or {},
                                  "metrics": metrics, "status": run["status"]})
         s.table(["parameter", "value"], [[k, v] for k, v in sorted(params.items())],
@@ -485,7 +485,7 @@ def build_model_card(
         if target is None or target.kind == "dataset":
             continue  # an eval that only shares the dataset evaluated some other model
         seen.add(row["run_id"])
-        metrics = {k: v for k, v in _metrics(registry, run["id"]).items() if not _is_resource(k)}
+        metrics = {k: v for k, v in _metrics(registry, run["id"]).items() if not is_resource_metric(k)}
         evals.append({"run_id": run["id"], "stage": run["stage"], "status": run["status"],
                       "artifact": row["artifact"], "artifact_kind": target.kind if target else None,
                       "metrics": metrics, "gates": _gates(run.get("summary") or {}), "error": run.get("error"),
@@ -513,7 +513,7 @@ def build_model_card(
         s = Section("Quantization")
         for run in quant_runs:
             params = _flatten(run.get("params") or {})
-            metrics = {k: v for k, v in _metrics(registry, run["id"]).items() if not _is_resource(k)}
+            metrics = {k: v for k, v in _metrics(registry, run["id"]).items() if not is_resource_metric(k)}
             summary = _flatten(run.get("summary") or {})
             quality = {k: v for k, v in {**summary, **metrics}.items()
                        if any(t in k.lower() for t in ("delta", "ppl", "perplexity", "loss", "agree", "kl", "drop", "ratio"))}

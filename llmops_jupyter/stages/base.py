@@ -39,6 +39,8 @@ class Stage:
     help: ClassVar[str] = ""
     #: ``"module:callable"`` of an optional live view the notebook front end attaches while the stage runs.
     live_view: ClassVar[str | None] = None
+    #: metrics that ``%llmops runs`` shows first for this stage (``label/metric`` names match on the metric part).
+    key_metrics: ClassVar[tuple[str, ...]] = ()
 
     def run(self, ctx: RunContext) -> dict[str, Any] | None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -294,6 +294,7 @@ class DataStage(Stage):
 
     name = "data"
     config_cls = DataConfig
+    key_metrics = ("examples", "train", "eval", "dropped", "pii_scrubbed")
 
     def run(self, ctx) -> dict[str, Any]:
         from ..dataformat import DEFAULT_TEMPLATE, Dataset, render, write_dataset_dir

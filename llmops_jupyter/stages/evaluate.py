@@ -148,6 +148,7 @@ class EvalStage(Stage):
 
     name = "eval"
     config_cls = EvalConfig
+    key_metrics = ("exact_match", "f1", "rougeL", "ppl", "judge_score")
 
     def run(self, ctx) -> dict[str, Any]:
         from ..dataformat import load_dataset

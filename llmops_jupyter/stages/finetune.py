@@ -101,6 +101,7 @@ class FinetuneStage(Stage):
 
     name = "finetune"
     config_cls = FinetuneConfig
+    key_metrics = ("eval_loss", "train_loss", "train_tokens_per_s", "peak_memory_mb")
     live_view = "llmops_jupyter.widgets.dashboard:TrainingDashboard"
 
     def run(self, ctx) -> dict[str, Any]:

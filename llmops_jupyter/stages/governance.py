@@ -35,7 +35,7 @@ def card(cfg: CardConfig, env: CommandEnv) -> Any:
 class AuditConfig(StageConfig):
     run: str | None = option(None, "only entries of this run (id, prefix, '<stage>@latest')")
     user: str | None = option(None, "only entries by this user (JupyterHub user or OS user)")
-    since: str | None = option(None, "only entries newer than this: 30m, 2h, 7d, 2026-11-01 or an ISO datetime")
+    since: str | None = option(None, "only entries newer than this: 30m, 2h, 7d, -3600, 2026-11-01 or an ISO datetime")
     event: str | None = option(None, "only this event", choices=["started", "input", "artifact", "finished", "failed",
                                                                  "interrupted", "card", "export"])
     limit: int = option(200, "at most this many (newest) entries", min=1, max=100000)

@@ -33,6 +33,7 @@ class IndexStage(Stage):
 
     name = "index"
     config_cls = IndexConfig
+    key_metrics = ("recall_at_*", "chunks", "documents")
 
     def run(self, ctx) -> dict[str, Any]:
         from ..display import Table

@@ -58,6 +58,7 @@ class MergeStage(Stage):
 
     name = "merge"
     config_cls = MergeConfig
+    key_metrics = ("merge_max_abs_diff", "adapter_effect_max_abs_diff")
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         cfg: MergeConfig = ctx.config

@@ -18,14 +18,15 @@ from ..config import StageConfig, option
 from ..display import Table
 from ..errors import DataError, StageError
 from ..serving import reqlog as _reqlog  # noqa: F401 - registers the requests table early
+from ..timeparse import parse_when
 from .base import Stage, register_stage
 
 
 @dataclasses.dataclass
 class MonitorConfig(StageConfig):
     deployment: str | None = option(None, "deployment id (or prefix); default: the newest one", positional=True)
-    since: float | None = option(None, "window start: epoch seconds, or negative = seconds ago (e.g. -3600)")
-    until: float | None = option(None, "window end: epoch seconds, or negative = seconds ago")
+    since: str | None = option(None, "window start: 30m, 2h, 7d, -3600 (seconds ago), a timestamp or an ISO date")
+    until: str | None = option(None, "window end, in the same forms as --since")
     last: int | None = option(None, "only the last N records of the window", min=1)
     reference: str | None = option(None, "reference for drift: a dataset (run id / hash / data@latest) or "
                                          "'traffic' (this deployment's records before the window)")
@@ -41,16 +42,12 @@ class MonitorConfig(StageConfig):
     widget: bool = option(True, "in a notebook, show the flagged-records labelling widget")
 
     def validate(self) -> None:
+        parse_when(self.since, field="since", command="monitor")
+        parse_when(self.until, field="until", command="monitor")
         if self.alert:
             from ..monitoring.analysis import parse_rules
 
             parse_rules(self.alert)
-
-
-def _when(value: float | None, now: float) -> float | None:
-    if value is None:
-        return None
-    return now + value if value < 0 else value
 
 
 def _reference_prompts(ctx, cfg: MonitorConfig, dep: dict[str, Any], window_start: float | None) -> list[str]:
@@ -60,7 +57,7 @@ def _reference_prompts(ctx, cfg: MonitorConfig, dep: dict[str, Any], window_star
     if cfg.reference == "traffic":
         if window_start is None:
             raise StageError("--reference traffic needs a window start to compare against.",
-                             fix="pass --since (e.g. --since -3600) so earlier traffic is the reference")
+                             fix="pass --since (e.g. --since 1h) so earlier traffic is the reference")
         rows = load_records(ctx.registry, dep["id"], until=window_start)
         return [r["prompt"] for r in rows if r["prompt"]]
     ds = load_dataset(cfg.reference, ctx.registry)
@@ -90,6 +87,7 @@ class MonitorStage(Stage):
 
     name = "monitor"
     config_cls = MonitorConfig
+    key_metrics = ("request_count", "flagged_rate", "drift", "p95_latency_s")
 
     def run(self, ctx) -> dict[str, Any]:
         from ..monitoring import analysis
@@ -102,7 +100,8 @@ class MonitorStage(Stage):
         if dep.get("artifact"):
             ctx.use(dep["artifact"])
         now = time.time()
-        since, until = _when(cfg.since, now), _when(cfg.until, now)
+        since = parse_when(cfg.since, field="since", command="monitor", now=now)
+        until = parse_when(cfg.until, field="until", command="monitor", now=now)
         rows = analysis.load_records(reg, dep["id"], since=since, until=until, last=cfg.last)
         if not rows:
             raise StageError(f"No logged requests for deployment {dep['id']} in this window.",

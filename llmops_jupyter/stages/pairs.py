@@ -43,6 +43,7 @@ class PairsStage(Stage):
 
     name = "pairs"
     config_cls = PairsConfig
+    key_metrics = ("pairs", "train", "eval", "ratings")
 
     def run(self, ctx) -> dict[str, Any]:
         from .. import evalstore

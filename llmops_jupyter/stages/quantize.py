@@ -126,6 +126,7 @@ class QuantizeStage(Stage):
 
     name = "quantize"
     config_cls = QuantizeConfig
+    key_metrics = ("size_ratio", "perplexity_delta", "perplexity", "tokens_per_s")
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         cfg: QuantizeConfig = ctx.config

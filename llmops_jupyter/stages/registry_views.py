@@ -18,13 +18,34 @@ class RunsConfig(StageConfig):
     limit: int = option(20, "how many runs to show (newest first)", min=1, max=10000)
 
 
+def key_metrics(stage: str, metrics: dict[str, float | None], n: int = 4) -> list[tuple[str, float]]:
+    """The ``n`` metrics worth a glance for a run: the stage's ``key_metrics`` first (a ``label/metric`` name matches
+    on its metric part, ``*`` is a wildcard), then the rest by name; sampled resource metrics only if nothing else."""
+    import fnmatch
+
+    from ..governance.cards import is_resource_metric
+    from .base import discover
+
+    cmd = discover().get(stage)
+    wanted = cmd.stage_cls.key_metrics if cmd is not None and cmd.stage_cls is not None else ()
+    present = {k: v for k, v in metrics.items() if v is not None}
+
+    def rank(name: str) -> tuple[int, int, str]:
+        metric = name.rsplit("/", 1)[-1]
+        for i, pattern in enumerate(wanted):
+            if fnmatch.fnmatchcase(metric, pattern):
+                return (0, i, name)
+        return (2 if is_resource_metric(metric) else 1, 0, name)
+
+    return [(k, present[k]) for k in sorted(present, key=rank)[:n]]
+
+
 @command("runs", RunsConfig)
 def runs(cfg: RunsConfig, env: CommandEnv) -> Table:
     """List registry runs, newest first, with status, timings and key metrics."""
     rows = []
     for r in env.registry.list_runs(stage=cfg.stage, status=cfg.status, limit=cfg.limit):
-        metrics = env.registry.metrics(r["id"])
-        key = ", ".join(f"{k}={v:.4g}" for k, v in list(sorted(metrics.items()))[:4] if v is not None)
+        key = ", ".join(f"{k}={v:.4g}" for k, v in key_metrics(r["stage"], env.registry.metrics(r["id"])))
         rows.append([r["id"], r["stage"], r["status"], fmt_time(r["created_at"]), fmt_duration(r["duration_s"]), key,
                      r["notebook"] or ""])
     return Table(["run", "stage", "status", "started", "duration", "metrics", "notebook"], rows,
