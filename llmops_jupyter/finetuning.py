@@ -354,6 +354,42 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def reset_peak_memory() -> None:
+    """Peak memory reported for a run is that run's, not the kernel's since it started."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def finish_run(trainer: Any, model: Any, counter: TokenCounter, metrics: dict[str, float], *, dtype: Any,
+               batching: str, train_examples: int, eval_examples: int, tokenizer: Any, adapter_dir: Path | None,
+               save_kwargs: dict[str, Any] | None = None, **extra: Any) -> TrainOutput:
+    """Throughput and peak memory into ``metrics``, the run summary, and the adapter saved (rank 0): what supervised
+    and preference training report alike."""
+    metrics["train_tokens_per_s"] = counter.tokens / max(metrics.get("train_runtime_s", 0.0), 1e-9)
+    metrics["peak_memory_mb"] = peak_memory_mb()
+    optim = trainer.args.optim
+    info = {"batching": batching, "optimizer": str(getattr(optim, "value", optim)),
+            "steps": trainer.state.global_step, "tokens": counter.tokens, "dtype": str(dtype).replace("torch.", ""),
+            **extra,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "target_modules": sorted(model.peft_config["default"].target_modules),
+            "train_examples": train_examples, "eval_examples": eval_examples}
+    if adapter_dir is not None and trainer.is_world_process_zero():
+        model.save_pretrained(str(adapter_dir), **(save_kwargs or {}))
+        tokenizer.save_pretrained(str(adapter_dir))
+    return TrainOutput(adapter_dir, metrics, info)
+
+
+def release(trainer: Any, hook: Any) -> None:
+    """Drop the trainer's hold on model and optimizer state (the caller then deletes its own names and calls
+    :func:`free_memory`), so a finished or failed run gives its memory back to the kernel."""
+    hook.remove()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+
+
 @dataclasses.dataclass
 class TrainOutput:
     adapter_dir: Path | None
@@ -385,13 +421,10 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
           reporter: Reporter, *, resume_from: Path | None = None, model_ref: str = "",
           adapter_dir: Path | None = None, callbacks: list | None = None) -> TrainOutput:
     """Run one training; write the adapter to ``adapter_dir`` (rank 0). Used in-process and by the workers."""
-    import torch
     from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
 
     dtype = resolve_dtype(cfg.dtype)
-    if torch.cuda.is_available():  # peak memory is this run's, not the kernel's since it started
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -421,21 +454,11 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
                                          "train_runtime_s": float(result.metrics.get("train_runtime", 0.0))}
             if eval_ds:
                 metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
-            metrics["train_tokens_per_s"] = counter.tokens / max(metrics["train_runtime_s"], 1e-9)
-            metrics["peak_memory_mb"] = peak_memory_mb()
-            info = {"batching": mode, "optimizer": str(getattr(args.optim, "value", args.optim)), "steps": trainer.state.global_step,
-                    "tokens": counter.tokens, "dtype": str(dtype).replace("torch.", ""),
-                    "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                    "total_params": sum(p.numel() for p in model.parameters()),
-                    "target_modules": sorted(model.peft_config["default"].target_modules),
-                    "train_examples": len(train_ds), "eval_examples": len(eval_ds)}
-            if adapter_dir is not None and trainer.is_world_process_zero():
-                model.save_pretrained(str(adapter_dir))
-                tokenizer.save_pretrained(str(adapter_dir))
-            return TrainOutput(adapter_dir, metrics, info)
+            return finish_run(trainer, model, counter, metrics, dtype=dtype, batching=mode,
+                              train_examples=len(train_ds), eval_examples=len(eval_ds), tokenizer=tokenizer,
+                              adapter_dir=adapter_dir)
         finally:
-            hook.remove()
-            trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+            release(trainer, hook)
             del trainer, model
             free_memory()
 

@@ -129,18 +129,20 @@ def train_dpo(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eva
 
     from .finetuning import (
         TokenCounter,
-        TrainOutput,
         _callback_cls,
+        finish_run,
         free_memory,
         load_model,
         oom_guard,
-        peak_memory_mb,
+        release,
+        reset_peak_memory,
         resolve_dtype,
         trainer_kwargs,
     )
 
     check_pairs(train_rows, str(model_ref))
     dtype = resolve_dtype(cfg.dtype)
+    reset_peak_memory()
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -184,21 +186,11 @@ def train_dpo(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eva
                 metrics["eval_loss"] = float(ev["eval_loss"])
                 if "eval_rewards/margins" in ev:
                     metrics["eval_margin"] = float(ev["eval_rewards/margins"])
-            metrics["train_tokens_per_s"] = counter.tokens / max(metrics["train_runtime_s"], 1e-9)
-            metrics["peak_memory_mb"] = peak_memory_mb()
-            info = {"batching": "padded (DPO)", "optimizer": str(getattr(args.optim, "value", args.optim)),
-                    "steps": trainer.state.global_step, "tokens": counter.tokens,
-                    "dtype": str(dtype).replace("torch.", ""), "beta": cfg.beta,
-                    "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                    "total_params": sum(p.numel() for p in model.parameters()),
-                    "target_modules": sorted(model.peft_config["default"].target_modules),
-                    "train_examples": len(train_ds), "eval_examples": len(eval_ds) if eval_ds is not None else 0}
-            if adapter_dir is not None and trainer.is_world_process_zero():
-                model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
-                tokenizer.save_pretrained(str(adapter_dir))
-            return TrainOutput(adapter_dir, metrics, info)
+            return finish_run(trainer, model, counter, metrics, dtype=dtype, batching="padded (DPO)",
+                              train_examples=len(train_ds), eval_examples=len(eval_ds) if eval_ds is not None else 0,
+                              tokenizer=tokenizer, adapter_dir=adapter_dir,
+                              save_kwargs={"selected_adapters": ["default"]}, beta=cfg.beta)
         finally:
-            hook.remove()
-            trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+            release(trainer, hook)
             del trainer, model
             free_memory()
