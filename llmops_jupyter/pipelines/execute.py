@@ -72,15 +72,39 @@ def choose_kernel(nb: Any, requested: str | None = None) -> str:
     return "python3"
 
 
+def _ipc_prefix() -> str | None:
+    """A fresh socket path prefix in the (owner-only) Jupyter runtime dir, or None where IPC cannot be used
+    (not POSIX, or a path too long for a UNIX socket): the kernel then uses TCP on localhost as usual."""
+    if os.name != "posix":
+        return None
+    import uuid
+
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    runtime = Path(jupyter_runtime_dir())
+    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    prefix = str(runtime / f"llmops-{uuid.uuid4().hex[:12]}")
+    return prefix if len(prefix) + 8 < 104 else None  # sun_path holds 104-108 bytes; "-<port>" is appended
+
+
 def _kernel_manager_class(extra_env: dict[str, str]):
     """An AsyncKernelManager that starts the kernel with ``extra_env`` on top of this process's environment.
 
     Passing the environment to the kernel (instead of setting ``os.environ``) lets several pipelines run at once in
-    threads (a Dask worker) without seeing each other's run ids or GPU pins.
+    threads (a Dask worker) without seeing each other's run ids or GPU pins. On POSIX the kernel talks over IPC
+    sockets in the Jupyter runtime dir (owner-only) rather than TCP ports on localhost: nothing else on the machine
+    can connect to a pipeline's kernel.
     """
     from jupyter_client import AsyncKernelManager
 
     class EnvKernelManager(AsyncKernelManager):
+        def __init__(self, **kw: Any) -> None:
+            ipc = _ipc_prefix()
+            if ipc is not None:  # a prefix of its own: kernels started at once in threads never share sockets
+                kw.setdefault("transport", "ipc")
+                kw.setdefault("ip", ipc)
+            super().__init__(**kw)
+
         async def start_kernel(self, **kw: Any) -> None:
             env = dict(kw.pop("env", None) or os.environ)
             env.update(extra_env)
