@@ -137,19 +137,28 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: 
 
 
 def loglikelihood(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], *,
-                  batch_size: int = 8) -> list[tuple[float, int]]:
-    """Sum of log-probabilities of each completion given its prompt, and the completion's token count."""
+                  batch_size: int = 8, max_length: int | None = None) -> list[tuple[float, int]]:
+    """Sum of log-probabilities of each completion given its prompt, and the number of tokens scored.
+
+    An empty prompt scores the whole text: it is tokenized as the model reads a document (with the tokenizer's
+    special tokens, e.g. BOS) and every token after the first is scored. ``max_length`` cuts sequences longer than
+    that many tokens from the right.
+    """
     torch = require("torch", "finetune")
     device = next(model.parameters()).device
     out: list[tuple[float, int]] = []
-    pad = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     for start in range(0, len(prompts), batch_size):
         seqs, masks = [], []
         for p, c in zip(prompts[start:start + batch_size], completions[start:start + batch_size]):
-            p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-            c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
-            seqs.append(p_ids + c_ids)
-            masks.append([0] * len(p_ids) + [1] * len(c_ids))
+            if p:
+                p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+                c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
+            else:  # the whole text; the first token has no context and is never scored (see the shift below)
+                p_ids, c_ids = [], tokenizer(c)["input_ids"]
+            seq, mask = p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids)
+            seqs.append(seq[:max_length] if max_length else seq)
+            masks.append(mask[:max_length] if max_length else mask)
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         attn = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -168,9 +177,18 @@ def loglikelihood(model: Any, tokenizer: Any, prompts: list[str], completions: l
     return out
 
 
-def perplexity(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], *, batch_size: int = 8) -> float:
-    """Token-level perplexity of the completions (completion-only, as the model was trained)."""
-    scores = loglikelihood(model, tokenizer, prompts, completions, batch_size=batch_size)
+def perplexity(model: Any, tokenizer: Any, prompts: list[str] | None, completions: list[str], *, batch_size: int = 8,
+               max_length: int | None = None) -> float:
+    """Token-weighted perplexity, exp(−Σ log p / tokens scored), so batching never changes it.
+
+    With prompts: of the completions given their prompts (completion-only, as the model was trained; what ``eval``
+    reports). With ``prompts=None``: of the whole texts in ``completions`` (what ``quantize`` compares before and
+    after quantization, on text the model may never have been prompted with).
+    """
+    if not completions:
+        return float("nan")
+    scores = loglikelihood(model, tokenizer, prompts or [""] * len(completions), completions, batch_size=batch_size,
+                           max_length=max_length)
     total = sum(s for s, _ in scores)
     n = sum(k for _, k in scores)
-    return math.exp(-total / max(n, 1))
+    return math.exp(-total / n) if n else float("nan")

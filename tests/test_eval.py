@@ -127,6 +127,19 @@ def test_perplexity_matches_manual_torch_computation(tiny_model):
         total, count = total + manual, count + len(c_ids)
     assert perplexity(net, tok, prompts, comps) == pytest.approx(math.exp(-total / count), rel=1e-4)
 
+    # whole texts (prompts=None, as quantize measures): the model's own LM loss, token-weighted over texts,
+    # whatever the batch size; special tokens (BOS) as the tokenizer adds them
+    texts = [p + c for p, c in zip(prompts, comps)]
+    nll, n = 0.0, 0
+    for t in texts:
+        ids = torch.tensor([tok(t)["input_ids"]])
+        with torch.no_grad():
+            nll += float(net(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+        n += ids.shape[1] - 1
+    for bs in (1, 3):
+        assert perplexity(net, tok, None, texts, batch_size=bs) == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert math.isnan(perplexity(net, tok, None, []))
+
 
 def test_batched_generation_equals_one_at_a_time(tiny_model):
     from llmops_jupyter.inference import apply_chat, generate, load_model

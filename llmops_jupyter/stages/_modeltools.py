@@ -1,4 +1,4 @@
-"""Helpers shared by the merge and quantize stages: dtypes, probe prompts, perplexity, generation speed.
+"""Helpers shared by the merge and quantize stages: dtypes, probe prompts, generation speed.
 
 Kept out of the stage modules so their top level stays import-light (``%llmops?`` imports every stage module);
 torch/transformers are imported inside the functions. The leading underscore keeps stage discovery from
@@ -8,7 +8,6 @@ treating this module as a stage.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,36 +146,6 @@ def batched_logits(model: Any, tokenizer: Any, texts: list[str], *, max_length: 
 
 def max_abs_diff(a: list[Any], b: list[Any]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True)) if a else 0.0
-
-
-def perplexity(model: Any, tokenizer: Any, texts: list[str], *, batch_size: int = 8, max_length: int = 512) -> float:
-    """Token-weighted perplexity over ``texts``: exp(sum of next-token NLL / number of predicted tokens).
-
-    Padding is masked out of the loss and each token counts once, so batch composition does not change the result
-    (a mean of per-batch means would).
-    """
-    import torch
-
-    if not texts:
-        return float("nan")
-    ensure_pad(tokenizer)
-    tokenizer.padding_side = "right"
-    device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            logits = model(**enc).logits.float()
-            shift_logits = logits[:, :-1]
-            labels = enc["input_ids"][:, 1:].clone()
-            labels[enc["attention_mask"][:, 1:] == 0] = -100
-            loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                                     labels.reshape(-1), ignore_index=-100, reduction="sum")
-            nll += float(loss)
-            count += int((labels != -100).sum())
-    return math.exp(nll / count) if count else float("nan")
 
 
 def generation_speed(model: Any, tokenizer: Any, prompt: str, new_tokens: int) -> float:

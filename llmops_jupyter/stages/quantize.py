@@ -355,6 +355,8 @@ def measure(path: Path, ppl_texts: list[str], prompt: str, new_tokens: int, *, d
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..inference import perplexity
+
     quantized = mt.checkpoint_quantization(path) is not None
     if quantized and (mt.checkpoint_config(path).get("quantization_config") or {}).get("quant_method") == "gptq":
         import_gptqmodel()
@@ -369,7 +371,7 @@ def measure(path: Path, ppl_texts: list[str], prompt: str, new_tokens: int, *, d
     model.eval()
     out: dict[str, Any] = {"load_s": load_s}
     if ppl_texts:
-        out["perplexity"] = mt.perplexity(model, tok, ppl_texts)
+        out["perplexity"] = perplexity(model, tok, None, ppl_texts, max_length=512)
     if new_tokens:
         out["tokens_per_s"] = mt.generation_speed(model, tok, prompt, new_tokens)
     del model
