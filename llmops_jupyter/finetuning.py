@@ -9,7 +9,10 @@ quantization and ``prepare_model_for_kbit_training``). What this module adds:
   boundaries from ``position_ids``; eager/SDPA on this transformers version do not. So before training,
   :func:`choose_batching` runs the model on two short examples packed and separately and keeps the first mode that
   gives identical logits: ``flat`` (position_ids only), ``flat-mask`` (plus a block-diagonal causal 4-D mask), else
-  ``grouped`` (padding, with length-grouped sampling to keep padding small).
+  ``grouped`` (padding, with length-grouped sampling to keep padding small). A dense mask makes attention cost
+  O(row length²), so ``flat-mask`` does not put the whole micro-batch in one row: :func:`pack_rows` fills rows no
+  longer than the micro-batch's longest example (first-fit decreasing), which is never more attention work than
+  padding and leaves far fewer padded positions.
 * **Reporting** through a small reporter protocol (``progress``, ``log_metrics``, ``log``) that the RunContext
   implements, and that the accelerate / detached workers implement with files.
 * **Exact resume**: checkpoints go to ``<registry home>/runs/<run>/checkpoints``; the Trainer restores optimizer,
@@ -118,10 +121,56 @@ class Batcher:
         feats = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
         if self.mode == "grouped":
             return dict(self._pad(feats))
-        batch = dict(self._flat(feats, return_tensors="pt"))
         if self.mode == "flat-mask":
-            batch["attention_mask"] = block_causal_mask(batch["position_ids"])
-        return batch
+            return packed_rows(feats)
+        return dict(self._flat(feats, return_tensors="pt"))
+
+
+def pack_rows(lengths: list[int], cap: int) -> list[list[int]]:
+    """First-fit decreasing: example indices per row, each row's total length ≤ ``cap`` (an example longer than
+    ``cap`` gets a row of its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, left in enumerate(room):
+            if lengths[i] <= left:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(cap - lengths[i])
+    return rows
+
+
+def packed_rows(feats: list[dict[str, list]], cap: int | None = None) -> dict[str, Any]:
+    """Examples packed into rows of at most ``cap`` tokens (default: the longest example) with a block-diagonal
+    causal boolean mask (R, 1, L, L), ``position_ids`` restarting per example and the first label of each example
+    ignored (it would be predicted from the previous example).
+
+    Padding at the end of a row attends to the row's first token only: never to itself, so the mask's diagonal is
+    True exactly at real tokens (what :class:`TokenCounter` counts), and no real token ever attends to padding.
+    """
+    import torch
+
+    lengths = [len(f["input_ids"]) for f in feats]
+    rows = pack_rows(lengths, cap or max(lengths))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width, width), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = lengths[i]
+            ids[r, at:at + n] = torch.tensor(feats[i]["input_ids"])
+            labels[r, at + 1:at + n] = torch.tensor(feats[i]["labels"][1:])
+            pos[r, at:at + n] = torch.arange(n)
+            mask[r, at:at + n, at:at + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            at += n
+        mask[r, at:, 0] = True
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask[:, None]}
 
 
 def block_causal_mask(position_ids: Any) -> Any:
@@ -264,6 +313,8 @@ class TokenCounter:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if mask is not None and mask.dim() == 2:
             self.tokens += int(mask.sum())
+        elif mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:  # packed rows: see packed_rows
+            self.tokens += int(mask.diagonal(dim1=-2, dim2=-1).sum())
         elif ids is not None:
             self.tokens += int(ids.numel())
 

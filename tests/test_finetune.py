@@ -82,6 +82,38 @@ def test_packed_batch_loss_equals_padded_batch_loss(tiny_model):
     assert abs(padded.item() - leaky.item()) > 1e-3
 
 
+def test_packed_rows_are_capped_at_the_longest_example_and_logits_match(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmops_jupyter.finetuning import TokenCounter, pack_rows, packed_rows
+
+    assert pack_rows([5, 3, 2, 5, 1], 5) == [[0], [3], [1, 2], [4]]
+    assert pack_rows([9, 2], 4) == [[0], [1]]  # longer than the cap: a row of its own
+    g = torch.Generator().manual_seed(0)
+    lengths = [37, 5, 12, 30, 8, 3, 20, 16]
+    feats = [{"input_ids": torch.randint(5, 200, (n,), generator=g).tolist()} for n in lengths]
+    for f in feats:
+        f["labels"] = list(f["input_ids"])
+    batch = packed_rows(feats)
+    rows, width = batch["input_ids"].shape
+    assert width == 37 and rows == 4  # 131 tokens in 4 rows of ≤ 37, not one row of 131 (attention ∝ width²)
+    assert int((batch["labels"] != -100).sum()) == sum(n - 1 for n in lengths)
+    counter = TokenCounter()
+    with torch.enable_grad():
+        counter(None, (), batch)
+    assert counter.tokens == sum(lengths)  # padding is not counted
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model)).eval()
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for r, row in enumerate(pack_rows(lengths, 37)):  # every example's logits equal running it alone
+            at = 0
+            for i in row:
+                alone = model(input_ids=torch.tensor([feats[i]["input_ids"]])).logits[0]
+                assert torch.allclose(out[r, at:at + lengths[i]], alone, atol=1e-4)
+                at += lengths[i]
+
+
 def test_interrupt_keeps_checkpoint_and_resume_equals_uninterrupted(registry, tiny_model, tiny_dataset):
     from safetensors.torch import load_file
 
