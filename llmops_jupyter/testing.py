@@ -128,3 +128,21 @@ def write_tiny_dataset(registry, tokenizer_path, n: int = 48, eval_fraction: flo
     art = registry.add_artifact(folder, "dataset", name="tiny", run_id=run_id, move=True)
     registry.finish_run(run_id, RunStatus.FINISHED)
     return art
+
+
+def read_bytes_elsewhere(paths: list[str | os.PathLike]) -> dict[str, bytes]:
+    """Raw bytes of files read by a child process: the way to grep a *live* SQLite registry for leaked secrets.
+
+    Opening and closing a database file in the process that holds SQLite connections to it drops every POSIX lock
+    those connections hold (locks are per process, released by any ``close``). Another process then believes it is
+    the last user, checkpoints and removes the WAL under the open connections, and the next query fails with
+    "database disk image is malformed".
+    """
+    import pickle
+    import subprocess
+    import sys
+
+    code = ("import pickle, sys\nfrom pathlib import Path\n"
+            "sys.stdout.buffer.write(pickle.dumps({p: Path(p).read_bytes() for p in sys.argv[1:] if Path(p).is_file()}))")
+    out = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, check=True)
+    return pickle.loads(out.stdout)

@@ -89,7 +89,10 @@ def toy_nb(home, tmp_path, monkeypatch):
 
 
 def all_bytes(root: Path) -> list[tuple[Path, bytes]]:
-    return [(p, p.read_bytes()) for p in root.rglob("*") if p.is_file()]
+    """Every file below ``root``, read out of process (a live registry database must not be opened here)."""
+    from llmops_jupyter.testing import read_bytes_elsewhere
+
+    return [(Path(p), data) for p, data in read_bytes_elsewhere(sorted(root.rglob("*"))).items()]
 
 
 def pipeline_runs(reg: Registry) -> list[dict]:

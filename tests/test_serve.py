@@ -17,12 +17,10 @@ KEY = "sk-test-servemon-0123456789"
 
 
 def _db_bytes(reg) -> bytes:
-    data = b""
-    for suffix in ("", "-wal"):
-        p = reg.db_path.with_name(reg.db_path.name + suffix)
-        if p.exists():
-            data += p.read_bytes()
-    return data
+    """The registry database and its WAL, read out of process (reading them here would drop SQLite's locks)."""
+    from llmops_jupyter.testing import read_bytes_elsewhere
+
+    return b"".join(read_bytes_elsewhere([reg.db_path.with_name(reg.db_path.name + s) for s in ("", "-wal")]).values())
 
 
 @pytest.fixture(scope="module")
@@ -171,14 +169,19 @@ def test_detached_process_serves_and_stops(tiny_model, served):
 def test_stop_via_magic_finishes_in_flight_stream(served, shell, monkeypatch):
     monkeypatch.setenv("LLMOPS_HOME", str(served.home))
     got: dict = {}
+    first_chunk = threading.Event()
 
     def stream() -> None:
-        chunks = list(served.client.chat.completions.create(
-            model="tiny-llama", messages=[{"role": "user", "content": "in flight"}], max_tokens=64, stream=True))
+        chunks = []
+        for chunk in served.client.chat.completions.create(
+                model="tiny-llama", messages=[{"role": "user", "content": "in flight"}], max_tokens=64, stream=True):
+            chunks.append(chunk)
+            first_chunk.set()
         got["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
 
     t = threading.Thread(target=stream)
     t.start()
+    assert first_chunk.wait(60), "the stream never started"  # stop only once the request is really in flight
     shell.run_line_magic("llmops", f"serve --stop {served.dep}")
     t.join(60)
     assert got.get("finish") in (["stop"], ["length"])  # completed, not cut off
