@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-#: (panel title, metric keys drawn in it) of the training figure, in grid order.
+#: (panel title, metric keys drawn in it) of the training figure, in grid order. The loss panel is retitled by
+#: :func:`loss_panel_title` once a preference (DPO) run logs its reward margin.
 TRAINING_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("loss (DPO: + reward margin)", ("loss", "eval_loss", "rewards/margins")),
+    ("loss", ("loss", "eval_loss", "rewards/margins")),
     ("learning rate", ("lr",)),
     ("tokens / s", ("tokens_per_s",)),
     ("peak memory (MB)", ("memory_mb",)),
@@ -32,6 +33,13 @@ def series(rows: Iterable[dict[str, Any]], keys: Iterable[str] | None = None) ->
             for k, v in out.items()}
 
 
+PREFERENCE_KEY = "rewards/margins"
+
+
+def loss_panel_title(keys: Iterable[str]) -> str:
+    return "loss + reward margin (DPO)" if PREFERENCE_KEY in set(keys) else TRAINING_PANELS[0][0]
+
+
 def training_figure(rows: Iterable[dict[str, Any]], *, title: str | None = None):
     """2×2 training dashboard: loss + eval loss, learning rate, tokens/s, peak memory against optimizer step.
 
@@ -40,8 +48,8 @@ def training_figure(rows: Iterable[dict[str, Any]], *, title: str | None = None)
     from plotly.subplots import make_subplots
 
     data = series(rows)
-    fig = make_subplots(rows=2, cols=2, subplot_titles=[p[0] for p in TRAINING_PANELS], horizontal_spacing=0.1,
-                        vertical_spacing=0.16)
+    titles = [loss_panel_title(data), *(p[0] for p in TRAINING_PANELS[1:])]
+    fig = make_subplots(rows=2, cols=2, subplot_titles=titles, horizontal_spacing=0.1, vertical_spacing=0.16)
     for i, (_title, keys) in enumerate(TRAINING_PANELS):
         row, col = divmod(i, 2)
         for key in keys:

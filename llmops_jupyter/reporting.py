@@ -23,8 +23,8 @@ HEADLINE = ("exact_match", "f1", "rougeL", "bleu", "chrf", "embed_sim", "ppl", "
 LOWER_IS_BETTER = {"ppl", "loss", "nll", "latency_s", "length", "refusal"}
 #: quantize-run metrics worth showing, with their labels
 QUANT_KEYS = (("source_size_bytes", "source weights (MB)", 1e-6), ("size_bytes", "quantized weights (MB)", 1e-6),
-              ("size_ratio", "size ratio", 1), ("source_perplexity", "source perplexity", 1),
-              ("perplexity", "quantized perplexity", 1), ("source_tokens_per_s", "source tokens/s", 1),
+              ("size_ratio", "size ratio", 1), ("source_perplexity", "source perplexity (whole text)", 1),
+              ("perplexity", "quantized perplexity (whole text)", 1), ("source_tokens_per_s", "source tokens/s", 1),
               ("tokens_per_s", "quantized tokens/s", 1), ("quantize_s", "quantize time (s)", 1))
 
 

@@ -279,3 +279,10 @@ def test_dashboard_draws_curves_and_eta_from_events():
     static = shown[-1]  # an interrupted run still leaves a static figure in the output
     assert type(static).__name__ == "Figure" and "interrupted" in static.layout.title.text
     assert dash.fmt_eta(3725) == "1:02:05"
+    # supervised runs have a plain loss panel; a DPO run's panel says what the second curve is, live and static
+    assert view._fig.layout.annotations[0].text == "loss" == static.layout.annotations[0].text
+    dpo = dash.TrainingDashboard(front_end="magic", display=shown.append)
+    dpo(Event(EventType.STARTED, "d", "finetune", {}))
+    dpo(Event(EventType.METRIC, "d", "finetune", {"values": {"loss": 0.69, "rewards/margins": 0.1}, "step": 1}))
+    dpo.close()
+    assert dpo._fig.layout.annotations[0].text == "loss + reward margin (DPO)"

@@ -149,13 +149,16 @@ class TrainingDashboard:
         now = time.monotonic()
         if not force and now - self._last_draw < REDRAW_S:
             return
-        from ..plots import series
+        from ..plots import TRAINING_PANELS, loss_panel_title, series
 
         data = series(self.rows)
         with self._fig.batch_update():
             for trace in self._fig.data:
                 steps, values = data.get(trace.name, ([], []))
                 trace.x, trace.y = steps, values
+            for note in self._fig.layout.annotations:  # subplot titles
+                if note.text == TRAINING_PANELS[0][0]:
+                    note.text = loss_panel_title(data)
         self._pending = 0
         self._last_draw = now
 
