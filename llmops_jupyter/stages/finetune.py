@@ -62,7 +62,7 @@ class FinetuneConfig(StageConfig):
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, ~30% "
                                                  "slower)")
     seed: int = option(0, "seed for initialisation, data order and dropout (same seed → same adapter)", min=0)
-    packing: bool = option(True, "padding-free packing: each micro-batch is one row of concatenated examples that "
+    packing: bool = option(True, "padding-free packing: a micro-batch's examples are concatenated into rows and "
                                  "never attend across each other (verified on the attention implementation in use; "
                                  "falls back to length-grouped padding when that check fails)")
     completion_only_loss: bool = option(True, "train on the response tokens only (prompt tokens are masked)")
