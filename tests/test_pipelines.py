@@ -206,6 +206,22 @@ def test_failing_cell_and_dead_kernel_are_reported(home, tmp_path):
     assert pipeline_runs(reg)[0]["status"] == "failed"
 
 
+def test_run_out_writes_the_executed_notebook_for_finished_failed_and_cached_runs(toy_nb, home, tmp_path, capsys):
+    out = tmp_path / "results" / "toy.out.ipynb"
+    assert cli(["run", str(toy_nb), "--out", str(out)]) == 0, capsys.readouterr().err
+    executed = nbformat.read(out, as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    out.unlink()
+    assert cli(["run", str(toy_nb), "--out", str(out)]) == 0  # cached: the earlier run's notebook
+    assert "cached" in capsys.readouterr().out and out.exists()
+    bad = make_notebook(tmp_path / "bad.ipynb", ["x = 1", "raise ValueError('boom in cell')"])
+    failed = tmp_path / "results" / "bad.out.ipynb"
+    assert cli(["run", str(bad), "--out", str(failed)]) != 0
+    text = failed.read_text()
+    assert "boom in cell" in text and "ValueError" in text  # where it stopped, with the traceback
+    assert not [p for p in failed.parent.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
 # -- sweeps -----------------------------------------------------------------------------------------------------
 def test_sweep_on_dask_localcluster_compare_and_cache(toy_nb, home, shell, monkeypatch, capsys):
     distributed = pytest.importorskip("distributed")

@@ -51,7 +51,6 @@ def run_pipeline(notebook: Any, parameters: dict[str, Any] | None = None, *, out
         kwargs["registry"] = Registry.open(registry_home)
     if output is None:
         return _run(notebook, parameters, **kwargs)
-    import shutil
     from pathlib import Path
 
     from ..errors import StageError
@@ -69,17 +68,31 @@ def run_pipeline(notebook: Any, parameters: dict[str, Any] | None = None, *, out
             from ..registry import Registry
 
             summary = (kwargs.get("registry") or Registry.open()).get_run(run_id)["summary"]
-    out = Path(output)
-    if summary.get("output_notebook"):
-        from ..registry import Registry
+    from ..registry import Registry
 
-        art = (kwargs.get("registry") or Registry.open()).get_artifact(summary["output_notebook"])
-        files = sorted(art.path.glob("*.ipynb"))
-        if files:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(files[0], out)
+    out = Path(output)
+    copy_output_notebook(kwargs.get("registry") or Registry.open(), summary, out)
     return {"run_id": run_id, "output": str(out), "status": status, "error": error,
             "stage_runs": [c["id"] for c in summary.get("children", [])]}
+
+
+def copy_output_notebook(registry: Any, summary: dict[str, Any], out: Any) -> bool:
+    """Copy a pipeline run's executed notebook (its ``output_notebook`` artifact, kept for failed runs too) to
+    ``out``, atomically. False when the run stored none (it failed before the kernel started)."""
+    import shutil
+    from pathlib import Path
+
+    from .._io import atomic_path
+
+    if not summary.get("output_notebook"):
+        return False
+    files = sorted(registry.get_artifact(summary["output_notebook"]).path.glob("*.ipynb"))
+    if not files:
+        return False
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        shutil.copyfile(files[0], tmp)
+    return True
 
 
 def run_sweep(*args: Any, **kwargs: Any):

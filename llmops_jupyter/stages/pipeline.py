@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import StageConfig, option
 from ..display import Bundle, Table, fmt_duration
-from ..errors import ConfigError
+from ..errors import ConfigError, StageError
 from .base import CommandEnv, command
 
 
@@ -61,10 +61,24 @@ def _run_report(result: Any) -> Bundle:
 
 
 def _execute(cfg: Any, env: CommandEnv) -> Bundle:
+    from ..pipelines import copy_output_notebook
     from ..pipelines.execute import run_pipeline
 
-    result = run_pipeline(cfg.notebook, _params(cfg), registry=env.registry, cache=cfg.cache, name=cfg.name,
-                          kernel=cfg.kernel, timeout=cfg.timeout)
+    started: list[str] = []
+
+    def on_start(ev: Any) -> None:
+        if str(ev.type) == "started" and ev.stage == "pipeline":
+            started.append(ev.run_id)
+
+    try:
+        result = run_pipeline(cfg.notebook, _params(cfg), registry=env.registry, cache=cfg.cache, name=cfg.name,
+                              kernel=cfg.kernel, timeout=cfg.timeout, listeners=[on_start] if cfg.out else None)
+    except StageError:
+        if cfg.out and started:
+            copy_output_notebook(env.registry, env.registry.get_run(started[0])["summary"], cfg.out)
+        raise
+    if cfg.out:
+        copy_output_notebook(env.registry, result.summary, cfg.out)
     return _run_report(result)
 
 
@@ -79,6 +93,8 @@ class RunConfig(StageConfig):
     name: str | None = option(None, "name of the pipeline run in the registry")
     kernel: str | None = option(None, "kernel spec (default: 'llmops-jupyter' if installed, else the notebook's)")
     timeout: int | None = option(None, "seconds a single cell may run before the run fails", min=1)
+    out: str | None = option(None, "also write the executed notebook here (it is always kept in the registry; "
+                                   "written for a failed run too, to see where it stopped)")
 
 
 @command("run", RunConfig)
@@ -92,7 +108,8 @@ class PipelineConfig(StageConfig):
     action: str = option(help="export: make this notebook a pipeline notebook; run: execute one",
                          positional=True, choices=["export", "run"])
     notebook: str | None = option(None, "the notebook (export: default the current notebook)", positional=True)
-    out: str | None = option(None, "export: where to write the pipeline notebook (default <name>.pipeline.ipynb)")
+    out: str | None = option(None, "export: where to write the pipeline notebook (default <name>.pipeline.ipynb); "
+                                   "run: also write the executed notebook here")
     param: list[str] = _param_field()
     file: str | None = _file_field()
     cache: bool = option(True, "run: reuse an unchanged earlier run (--no-cache to execute anyway)")
