@@ -20,6 +20,8 @@ def test_help_lists_commands(shell, capsys):
     out = capsys.readouterr().out
     for name in ("data", "plan", "models", "runs", "show", "lineage"):
         assert f"  {name}" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith("  ") and (" stage " in ln or " view " in ln)]
+    assert len({ln.index(" stage ") if " stage " in ln else ln.index(" view ") for ln in rows}) == 1  # one column
     shell.run_line_magic("llmops", "data --help")
     out = capsys.readouterr().out
     assert "--eval-fraction" in out and "fraction held out for evaluation" in out

@@ -22,10 +22,12 @@ YAML parameters (or, for commands with a text body such as `prompt`, as that tex
 
 def overview() -> str:
     lines = [INTRO, "Commands:"]
-    for name, cmd in discover().items():
+    commands = discover()
+    width = max(map(len, commands), default=0)
+    for name, cmd in commands.items():
         first = (cmd.help.splitlines() or [""])[0]
         kind = "stage" if cmd.is_stage else "view"
-        lines.append(f"  {name:<10} {kind:<5}  {first}")
+        lines.append(f"  {name:<{width}}  {kind:<5}  {first}")
     return "\n".join(lines)
 
 
