@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -68,10 +69,18 @@ def chain(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gptq(chain):
-    """The merged model quantized with GPTQ 4-bit (first run on a machine compiles GPTQModel's C++ helper)."""
-    return chain["runner"].run("quantize", model=chain["merged"].run_id, method="gptq", bits=4, group_size=32,
-                               calibration_samples=16, eval_samples=12, generate_tokens=8)
+def gptq(chain, tmp_path_factory):
+    """The merged model quantized with GPTQ 4-bit (first run on a machine compiles GPTQModel's C++ helper), from a
+    notebook folder of its own (``cwd``) to see that nothing is written there."""
+    cwd, before = tmp_path_factory.mktemp("notebook-folder"), os.getcwd()
+    os.chdir(cwd)
+    try:
+        res = chain["runner"].run("quantize", model=chain["merged"].run_id, method="gptq", bits=4, group_size=32,
+                                  calibration_samples=16, eval_samples=12, generate_tokens=8)
+    finally:
+        os.chdir(before)
+    res.cwd = cwd
+    return res
 
 
 def test_merged_logits_match_base_plus_adapter(chain, tiny_model):
@@ -133,7 +142,7 @@ def test_dequantize_nf4_merges_into_roundtripped_base(chain):
 
 
 @pytest.mark.slow  # first GPTQ run compiles GPTQModel's C++ packing helper (~30 s on 2 cores), cached afterwards
-def test_gptq_4bit_loads_and_generates_on_cpu(gptq):
+def test_gptq_4bit_loads_and_generates_on_cpu(gptq, chain):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmops_jupyter.stages.quantize import import_gptqmodel
@@ -147,6 +156,8 @@ def test_gptq_4bit_loads_and_generates_on_cpu(gptq):
     assert 0 < q.metrics["size_ratio"] < 1
     assert math.isfinite(q.metrics["perplexity"]) and math.isfinite(q.metrics["source_perplexity"])
     assert q.metrics["tokens_per_s"] > 0
+    assert not list(q.cwd.iterdir())  # GPTQModel's logs go to the run's folder, not the user's working directory
+    assert list((chain["registry"].home / "runs" / q.run_id / "gptq-logs").glob("*.log"))
     from llmops_jupyter.stages.base import discover
 
     if "eval" in discover():  # the eval stage ran on source and quantized model as child runs

@@ -154,7 +154,8 @@ class QuantizeStage(Stage):
             calib = self._calibration(dataset, source, cfg)
             ctx.log(f"GPTQ calibration: {len(calib)} texts from dataset {dataset.version} (train split)")
             details = quantize_gptq(source.path, staging, bits=bits, group_size=cfg.group_size,
-                                    desc_act=cfg.desc_act, calibration=calib, device=device)
+                                    desc_act=cfg.desc_act, calibration=calib, device=device,
+                                    log_dir=ctx.registry.home / "runs" / ctx.run_id / "gptq-logs")
         else:
             details = quantize_bnb(source.path, staging, method=cfg.method, quant_type=cfg.bnb_quant_type,
                                    double_quant=cfg.bnb_double_quant, device=device)
@@ -290,11 +291,23 @@ class QuantizeStage(Stage):
 
 
 def quantize_gptq(source: Path, target: Path, *, bits: int, group_size: int, desc_act: bool,
-                  calibration: list[dict[str, list[int]]], device: str) -> dict[str, Any]:
-    """GPTQ with GPTQModel's native API; writes a standard GPTQ checkpoint to ``target``."""
+                  calibration: list[dict[str, list[int]]], device: str,
+                  log_dir: Path | None = None) -> dict[str, Any]:
+    """GPTQ with GPTQModel's native API; writes a standard GPTQ checkpoint to ``target``.
+
+    GPTQModel writes per-layer logs to ``./logs`` of the working directory (the user's notebook folder);
+    ``log_dir`` sends them to the run's own folder instead.
+    """
     t_import = time.perf_counter()
     gptqmodel = import_gptqmodel()
     import_s = time.perf_counter() - t_import
+    if log_dir is not None:
+        try:  # a module global in GPTQModel 7.x; other versions keep their default
+            loop_processor = importlib.import_module("gptqmodel.looper.loop_processor")
+        except ImportError:
+            loop_processor = None
+        if hasattr(loop_processor, "_PROJECT_LOG_DIR"):
+            loop_processor._PROJECT_LOG_DIR = Path(log_dir)
     qcfg = gptqmodel.QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act)
     try:
         model = gptqmodel.GPTQModel.load(str(source), qcfg, device=device)
