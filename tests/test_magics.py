@@ -52,6 +52,10 @@ def test_data_runs_show_and_lineage(shell, jsonl, capsys):
     assert res.metrics["train"] == res.metrics["examples"] - res.metrics["eval"]
     table = shell.run_line_magic("llmops", "runs")
     assert res.run_id in str(table) and "finished" in str(table)
+    assert res.run_id in str(shell.run_line_magic("llmops", "runs --since 10m --stage data"))
+    assert res.run_id not in str(shell.run_line_magic("llmops", "runs --since 2999-01-01"))
+    with pytest.raises(UsageError, match="runs: --since 'lately' is not a duration"):
+        shell.run_line_magic("llmops", "runs --since lately")
     shown = shell.run_line_magic("llmops", f"show {res.run_id[:9]}")
     text = str(shown)
     assert "eval_fraction" in text and "dataset" in text and "raw-data" in text

@@ -16,6 +16,12 @@ class RunsConfig(StageConfig):
     status: str | None = option(None, "only runs with this status",
                                 choices=["running", "finished", "failed", "interrupted", "cached"])
     limit: int = option(20, "how many runs to show (newest first)", min=1, max=10000)
+    since: str | None = option(None, "only runs started since: 30m, 2h, 7d, a timestamp or an ISO date")
+
+    def validate(self) -> None:
+        from ..timeparse import parse_when
+
+        parse_when(self.since, field="since", command="runs")
 
 
 def key_metrics(stage: str, metrics: dict[str, float | None], n: int = 4) -> list[tuple[str, float]]:
@@ -44,7 +50,10 @@ def key_metrics(stage: str, metrics: dict[str, float | None], n: int = 4) -> lis
 def runs(cfg: RunsConfig, env: CommandEnv) -> Table:
     """List registry runs, newest first, with status, timings and key metrics."""
     rows = []
-    for r in env.registry.list_runs(stage=cfg.stage, status=cfg.status, limit=cfg.limit):
+    from ..timeparse import parse_when
+
+    since = parse_when(cfg.since, field="since", command="runs") or 0.0
+    for r in env.registry.list_runs(stage=cfg.stage, status=cfg.status, limit=cfg.limit, since=since):
         key = ", ".join(f"{k}={v:.4g}" for k, v in key_metrics(r["stage"], env.registry.metrics(r["id"])))
         rows.append([r["id"], r["stage"], r["status"], fmt_time(r["created_at"]), fmt_duration(r["duration_s"]), key,
                      r["notebook"] or ""])
