@@ -102,7 +102,7 @@ def populate(home: Path, scratch: Path) -> dict[str, str]:
     ds = run("data", {"source": "support.jsonl", "eval_fraction": 0.1}, [], "dataset", "support-v1",
              {"n_train": 90.0})
     ad = run("finetune", {"lr": 2e-4, "lora_r": 8, "max_steps": 50}, [ds, base], "adapter", "support-lora",
-             {"loss": 1.9, "eval_loss": 2.1}, notebook="template.ipynb")
+             {"cpu_rss_mb": 900.0, "loss": 1.9, "eval_loss": 2.1}, notebook="template.ipynb")
     mg = run("merge", {"dtype": "float16"}, [ad, base], "merged", "support-merged", {"max_logit_diff": 1e-4})
     qt = run("quantize", {"method": "gptq", "bits": 4}, [mg], "quantized", "support-gptq4", {"ppl_ratio": 1.03})
     run("serve", {"port": 8000}, [qt], "deployment", "support-endpoint", {"p50_ms": 41.0})

@@ -45,6 +45,8 @@ def test_runs_list_and_detail_with_lineage(lab_server):
     runs = {x["id"]: x for x in r.json()["runs"]}
     assert {ids["data"], ids["finetune"], ids["merge"], ids["quantize"], ids["serve"], ids["eval"]} <= set(runs)
     assert runs[ids["finetune"]]["metrics"]["loss"] == pytest.approx(1.9 / 3)
+    # most telling first (the sidebar shows the head): the stage's key metrics, sampled resources last
+    assert list(runs[ids["finetune"]]["metrics"]) == ["eval_loss", "loss", "cpu_rss_mb"]
     assert runs[ids["eval"]]["status"] == "failed"
 
     detail = get(lab_server, f"runs/{ids['finetune']}").json()

@@ -123,8 +123,11 @@ class LlmopsHandler(APIHandler):
 
 
 def _run_row(reg: Registry, run: dict[str, Any]) -> dict[str, Any]:
+    from ..stages.registry_views import key_metrics
+
+    metrics = dict(key_metrics(run["stage"], reg.metrics(run["id"]), n=None))  # the sidebar shows the head
     return {k: run[k] for k in ("id", "stage", "name", "status", "created_at", "started_at", "finished_at",
-                                "duration_s", "notebook", "error", "tags")} | {"metrics": reg.metrics(run["id"])}
+                                "duration_s", "notebook", "error", "tags")} | {"metrics": metrics}
 
 
 class RunsHandler(LlmopsHandler):

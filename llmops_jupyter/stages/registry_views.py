@@ -24,9 +24,10 @@ class RunsConfig(StageConfig):
         parse_when(self.since, field="since", command="runs")
 
 
-def key_metrics(stage: str, metrics: dict[str, float | None], n: int = 4) -> list[tuple[str, float]]:
-    """The ``n`` metrics worth a glance for a run: the stage's ``key_metrics`` first (a ``label/metric`` name matches
-    on its metric part, ``*`` is a wildcard), then the rest by name; sampled resource metrics only if nothing else."""
+def key_metrics(stage: str, metrics: dict[str, float | None], n: int | None = 4) -> list[tuple[str, float]]:
+    """The ``n`` (None: all) metrics worth a glance for a run, most telling first: the stage's ``key_metrics`` (a
+    ``label/metric`` name matches on its metric part, ``*`` is a wildcard), then the rest by name, sampled resource
+    metrics last. The Lab sidebar shows the head of the same order."""
     import fnmatch
 
     from ..governance.cards import is_resource_metric
