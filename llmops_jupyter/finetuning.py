@@ -35,7 +35,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ._io import atomic_write_json
 from .env import pid_alive
@@ -189,7 +189,19 @@ def block_causal_mask(position_ids: Any) -> Any:
     return allowed[None, None]
 
 
-def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, dtype: Any) -> tuple[str, float]:
+class BatchingChoice(NamedTuple):
+    mode: str  # flat | flat-mask | grouped
+    max_diff: float  # largest |Δlogit| of the chosen packed mode vs the examples run alone (nan: not checked)
+    noise: float  # the model's own |Δlogit| between two correct layouts of the same examples
+
+    def describe(self) -> str:
+        if self.max_diff != self.max_diff:
+            return f"batching: {self.mode}"
+        return (f"batching: {self.mode} (packed vs unpacked max |Δlogit| {self.max_diff:.2e}; "
+                f"this model's kernel noise {self.noise:.2e})")
+
+
+def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, dtype: Any) -> BatchingChoice:
     """Pick the cheapest batching mode whose packed logits equal unpacked ones on this model (see module doc).
 
     "Equal" allows for the model's own numerical noise, measured first: the same two examples run alone and as the
@@ -201,12 +213,12 @@ def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, 
     import torch
 
     if not packing or len(examples) < 2:
-        return "grouped", float("nan")
+        return BatchingChoice("grouped", float("nan"), float("nan"))
     a, b = examples[0]["input_ids"][:12], examples[1]["input_ids"][:12]
     device = next(p for p in model.parameters()).device
     was_training = model.training
     model.eval()
-    worst = float("nan")
+    worst = noise = float("nan")
     try:
         with torch.no_grad():
             ref = torch.cat([model(input_ids=torch.tensor([x], device=device)).logits[0].float() for x in (a, b)])
@@ -217,7 +229,7 @@ def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, 
             pos = torch.tensor([list(range(len(a))) + list(range(len(b)))], device=device)
             scale = max(1.0, ref.abs().max().item())
             if noise > 0.1 * scale:
-                return "grouped", noise
+                return BatchingChoice("grouped", float("nan"), noise)
             tol = max((1e-4 if dtype in (None, torch.float32) else 3e-2) * scale, 3 * noise)
             for mode in ("flat", "flat-mask"):
                 kwargs = {"position_ids": pos}
@@ -226,10 +238,10 @@ def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, 
                 got = model(input_ids=ids, **kwargs).logits[0].float()
                 worst = (got - ref).abs().max().item()
                 if worst <= tol:
-                    return mode, worst
+                    return BatchingChoice(mode, worst, noise)
     finally:
         model.train(was_training)
-    return "grouped", worst
+    return BatchingChoice("grouped", worst, noise)
 
 
 # -- model -----------------------------------------------------------------------------------------------------------
@@ -499,8 +511,9 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
                          fix="raise --seq-len or check the dataset's prompt/completion fields")
     with oom_guard(cfg, model_ref or str(model_path)):
         model = load_model(cfg, model_path, dtype)
-        mode, probe_err = choose_batching(model, train_ds, cfg.packing, dtype)
-        reporter.log(f"batching: {mode} (packing check max |Δlogit| = {probe_err:.2e})")
+        choice = choose_batching(model, train_ds, cfg.packing, dtype)
+        mode = choice.mode
+        reporter.log(choice.describe())
         counter = TokenCounter()
         hook = model.register_forward_pre_hook(counter, with_kwargs=True)
         args = TrainingArguments(
