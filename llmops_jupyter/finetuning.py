@@ -150,6 +150,8 @@ def packed_rows(feats: list[dict[str, list]], cap: int | None = None) -> dict[st
 
     Padding at the end of a row attends to the row's first token only: never to itself, so the mask's diagonal is
     True exactly at real tokens (what :class:`TokenCounter` counts), and no real token ever attends to padding.
+    Boolean, not additive: SDPA takes a bool mask whatever the query dtype (bf16 LoRA, fp32 QLoRA activations, fp32
+    on CPU); attention implementations that would misread it are caught by :func:`choose_batching`.
     """
     import torch
 
@@ -171,22 +173,6 @@ def packed_rows(feats: list[dict[str, list]], cap: int | None = None) -> dict[st
             at += n
         mask[r, at:, 0] = True
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask[:, None]}
-
-
-def block_causal_mask(position_ids: Any) -> Any:
-    """Boolean 4-D mask (1, 1, T, T), True where attention is allowed: causal inside each packed example.
-
-    Boolean, not additive: SDPA takes a bool mask whatever the query dtype (bf16 LoRA, fp32 QLoRA activations,
-    fp32 on CPU), while an additive mask must match the query dtype in the fused CUDA kernels. Attention
-    implementations that would misread a bool mask are caught by :func:`choose_batching`'s logit check.
-    """
-    import torch
-
-    pos = position_ids[0]
-    segment = torch.cumsum((pos == 0).long(), 0)
-    n = pos.shape[0]
-    allowed = (segment[:, None] == segment[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
-    return allowed[None, None]
 
 
 class BatchingChoice(NamedTuple):
@@ -214,7 +200,8 @@ def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, 
 
     if not packing or len(examples) < 2:
         return BatchingChoice("grouped", float("nan"), float("nan"))
-    a, b = examples[0]["input_ids"][:12], examples[1]["input_ids"][:12]
+    # longer first, as pack_rows orders a row, so the packed row below is a + b
+    a, b = sorted((examples[0]["input_ids"][:12], examples[1]["input_ids"][:12]), key=len, reverse=True)
     device = next(p for p in model.parameters()).device
     was_training = model.training
     model.eval()
@@ -231,10 +218,11 @@ def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, 
             if noise > 0.1 * scale:
                 return BatchingChoice("grouped", float("nan"), noise)
             tol = max((1e-4 if dtype in (None, torch.float32) else 3e-2) * scale, 3 * noise)
+            packed = packed_rows([{"input_ids": x, "labels": x} for x in (a, b)], cap=len(a) + len(b))
             for mode in ("flat", "flat-mask"):
                 kwargs = {"position_ids": pos}
-                if mode == "flat-mask":
-                    kwargs["attention_mask"] = block_causal_mask(pos.cpu()).to(device)
+                if mode == "flat-mask":  # exactly what the Batcher feeds the model in training
+                    kwargs = {k: packed[k].to(device) for k in ("position_ids", "attention_mask")}
                 got = model(input_ids=ids, **kwargs).logits[0].float()
                 worst = (got - ref).abs().max().item()
                 if worst <= tol:

@@ -30,10 +30,6 @@ CARD_KIND = "model-card"
 TRAIN_STAGES = ("finetune", "train", "sft", "dpo", "orpo")
 EVAL_STAGES = ("eval", "evaluate", "judge", "benchmark", "compare")
 _RESOURCE = re.compile(r"(gpu\d*_|cpu_rss)")  # metrics sampled by governance/gpu.py, not results of the stage
-
-
-def is_resource_metric(name: str) -> bool:
-    return _RESOURCE.match(name) is not None
 UNKNOWN_LICENCE = "unknown — fill in"
 PLACEHOLDER_USE = ("_Not filled in._ Describe the tasks, users and languages this model is meant for "
                    "(`%llmops card <model> --intended-use \"...\"`).")
@@ -236,6 +232,10 @@ def _size(n: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return str(n)
+
+
+def is_resource_metric(name: str) -> bool:
+    return _RESOURCE.match(name) is not None
 
 
 def resolve_model_artifact(registry: Registry, ref: str | Artifact) -> Artifact:

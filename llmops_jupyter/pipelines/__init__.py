@@ -55,9 +55,7 @@ def run_pipeline(notebook: Any, parameters: dict[str, Any] | None = None, *, out
 
     from ..errors import StageError
 
-    started: list[str] = []
-    kwargs.setdefault("listeners", []).append(
-        lambda ev: started.append(ev.run_id) if str(ev.type) == "started" and ev.stage == "pipeline" else None)
+    started = track_started(kwargs.setdefault("listeners", []))
     try:
         res = _run(notebook, parameters, **kwargs)
         run_id, status, error, summary = res.run_id, str(res.status), None, res.summary
@@ -74,6 +72,15 @@ def run_pipeline(notebook: Any, parameters: dict[str, Any] | None = None, *, out
     copy_output_notebook(kwargs.get("registry") or Registry.open(), summary, out)
     return {"run_id": run_id, "output": str(out), "status": status, "error": error,
             "stage_runs": [c["id"] for c in summary.get("children", [])]}
+
+
+def track_started(listeners: list) -> list[str]:
+    """Add a listener to ``listeners`` that collects the ids of pipeline runs as they start: how a caller finds the
+    run (and its stored notebook) when ``run_pipeline`` raises."""
+    started: list[str] = []
+    listeners.append(
+        lambda ev: started.append(ev.run_id) if str(ev.type) == "started" and ev.stage == "pipeline" else None)
+    return started
 
 
 def copy_output_notebook(registry: Any, summary: dict[str, Any], out: Any) -> bool:

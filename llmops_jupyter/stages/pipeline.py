@@ -61,18 +61,14 @@ def _run_report(result: Any) -> Bundle:
 
 
 def _execute(cfg: Any, env: CommandEnv) -> Bundle:
-    from ..pipelines import copy_output_notebook
+    from ..pipelines import copy_output_notebook, track_started
     from ..pipelines.execute import run_pipeline
 
-    started: list[str] = []
-
-    def on_start(ev: Any) -> None:
-        if str(ev.type) == "started" and ev.stage == "pipeline":
-            started.append(ev.run_id)
-
+    listeners: list = []
+    started = track_started(listeners)
     try:
         result = run_pipeline(cfg.notebook, _params(cfg), registry=env.registry, cache=cfg.cache, name=cfg.name,
-                              kernel=cfg.kernel, timeout=cfg.timeout, listeners=[on_start] if cfg.out else None)
+                              kernel=cfg.kernel, timeout=cfg.timeout, listeners=listeners)
     except StageError:
         if cfg.out and started:
             copy_output_notebook(env.registry, env.registry.get_run(started[0])["summary"], cfg.out)
