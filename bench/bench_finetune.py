@@ -29,7 +29,7 @@ def make_inputs(work: Path, hidden: int, layers: int, n: int, seq_len: int) -> t
 
     from transformers import AutoTokenizer
 
-    from llmops_jupyter.dataformat import render, write_dataset_dir
+    from llmops_jupyter.stages.data.format import render, write_dataset_dir
     from llmops_jupyter.testing import build_tiny_model
 
     model = build_tiny_model(work / "model", hidden=hidden, layers=layers)
@@ -60,9 +60,9 @@ def peak_mb() -> float:
 def variant_stage(model: Path, data: Path, steps: int, bs: int, seq_len: int, dashboard: bool,
                   method: str = "lora", packing: bool = True) -> dict:
     os.environ["LLMOPS_HOME"] = tempfile.mkdtemp(prefix="bench-home-")
+    from llmops_jupyter.core.runner import Runner
     from llmops_jupyter.registry import Registry
-    from llmops_jupyter.runner import Runner
-    from llmops_jupyter.widgets.dashboard import TrainingDashboard
+    from llmops_jupyter.stages.finetune.dashboard import TrainingDashboard
 
     listeners, spent = [], [0.0]
     if dashboard:
@@ -98,8 +98,8 @@ def variant_baseline(model: Path, data: Path, steps: int, bs: int, seq_len: int)
         set_seed,
     )
 
-    from llmops_jupyter.dataformat import Dataset
-    from llmops_jupyter.finetuning import TokenCounter, resolve_dtype, tokenize
+    from llmops_jupyter.stages.data.format import Dataset
+    from llmops_jupyter.stages.finetune.sft import TokenCounter, resolve_dtype, tokenize
 
     ds = Dataset(data)
     tok = AutoTokenizer.from_pretrained(str(model))

@@ -17,7 +17,7 @@ from typing import Any
 
 
 def _prompts(tokenizer: Any, n: int) -> list[str]:
-    from llmops_jupyter.inference import apply_chat
+    from llmops_jupyter.models.inference import apply_chat
     from llmops_jupyter.testing import tiny_records
 
     return [apply_chat(tokenizer, [{"role": "user", "content": r["instruction"]}]) for r in tiny_records(n, seed=7)]
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from llmops_jupyter.inference import generate, load_model
+    from llmops_jupyter.models.inference import generate, load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=512)
     args = p.parse_args(argv or [])
 
+    from llmops_jupyter.core.runner import Runner
     from llmops_jupyter.registry import Registry
-    from llmops_jupyter.runner import Runner
     from llmops_jupyter.testing import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
@@ -81,8 +81,8 @@ def _long_dataset(reg, model, seq_len: int):
 
     from transformers import AutoTokenizer
 
-    from llmops_jupyter.dataformat import render, write_dataset_dir
     from llmops_jupyter.registry import RunStatus
+    from llmops_jupyter.stages.data.format import render, write_dataset_dir
 
     tok = AutoTokenizer.from_pretrained(str(model))
     rng = random.Random(0)

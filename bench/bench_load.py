@@ -16,7 +16,7 @@ ip = start_ipython()
 t1 = time.perf_counter()
 ip.run_line_magic("load_ext", "llmops_jupyter")
 t2 = time.perf_counter()
-from llmops_jupyter.magics import overview
+from llmops_jupyter.frontends.magics import overview
 overview()
 t3 = time.perf_counter()
 print(json.dumps({"shell_ms": (t1 - t0) * 1e3, "load_ext_ms": (t2 - t1) * 1e3, "discovery_ms": (t3 - t2) * 1e3}))

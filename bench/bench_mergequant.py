@@ -37,9 +37,9 @@ def _adapter(registry, base_path, dataset):
 
 def main() -> dict[str, Any]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from llmops_jupyter.display import Table
+    from llmops_jupyter.core.display import Table
+    from llmops_jupyter.core.runner import Runner
     from llmops_jupyter.registry import Registry
-    from llmops_jupyter.runner import Runner
     from llmops_jupyter.testing import build_tiny_model, write_tiny_dataset
 
     with tempfile.TemporaryDirectory() as tmp:

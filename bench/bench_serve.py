@@ -13,9 +13,9 @@ import time
 def _run(max_batch: int, model: str, n: int = 16, max_tokens: int = 32) -> dict[str, float]:
     import openai
 
+    from llmops_jupyter.core.runner import Runner
     from llmops_jupyter.registry import Registry
-    from llmops_jupyter.runner import Runner
-    from llmops_jupyter.serving import server
+    from llmops_jupyter.stages.serve import server
 
     reg = Registry.open()
     res = Runner(reg).run("serve", model=model, auth=False, foreground=False, max_batch=max_batch,
@@ -48,7 +48,7 @@ def _run(max_batch: int, model: str, n: int = 16, max_tokens: int = 32) -> dict[
 
 def main() -> dict[str, float]:
     os.environ.setdefault("LLMOPS_HOME", tempfile.mkdtemp() + "/.llmops")
-    from llmops_jupyter.models import PROVIDERS, model_cache_dir
+    from llmops_jupyter.models.refs import PROVIDERS, model_cache_dir
 
     model = str(PROVIDERS["tiny-llama"](model_cache_dir()))
     base = _run(1, model)

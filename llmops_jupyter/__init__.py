@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 
 def load_ipython_extension(ipython) -> None:
-    from .magics import load
+    from llmops_jupyter.frontends.magics import load
 
     load(ipython)
 

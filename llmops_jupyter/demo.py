@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .errors import LlmopsError
-    from .pipelines import run_pipeline
-    from .registry import Registry
+    from llmops_jupyter.core.errors import LlmopsError
+    from llmops_jupyter.pipelines import run_pipeline
+    from llmops_jupyter.registry import Registry
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,7 @@ PY = sys.executable
 
 @pytest.fixture()
 def tiny_dataset(registry, tiny_model):
-    """A dataset artifact (standard format, see llmops_jupyter.dataformat) built for the tiny model."""
+    """A dataset artifact (standard format, see llmops_jupyter.stages.data.format) built for the tiny model."""
     from llmops_jupyter.testing import write_tiny_dataset
 
     return write_tiny_dataset(registry, tiny_model)

@@ -25,10 +25,10 @@ LABEXT = ROOT / "llmops_jupyter" / "labextension"
 PARAMS_SRC = 'lr = 0.001\nsteps = 3\nuse_lora = True\nrun_name = "demo"\nlayers = [1, 2]'
 TRAIN_SRC = '''\
 import dataclasses
-from llmops_jupyter.config import StageConfig, option
+from llmops_jupyter.core.config import StageConfig, option
 from llmops_jupyter.registry import Registry
-from llmops_jupyter.runner import Runner
-from llmops_jupyter.stages.base import Stage
+from llmops_jupyter.core.runner import Runner
+from llmops_jupyter.core.stage import Stage
 
 
 @dataclasses.dataclass

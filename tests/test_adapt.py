@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 import llmops_jupyter
-from llmops_jupyter import adapt, evalstore
-from llmops_jupyter.errors import ConfigError, DataError, StageError
-from llmops_jupyter.runner import Runner
-from llmops_jupyter.stages.base import discover
+from llmops_jupyter.core.errors import ConfigError, DataError, StageError
+from llmops_jupyter.core.runner import Runner
+from llmops_jupyter.core.stage import discover
+from llmops_jupyter.stages.adapt import augment as adapt
+from llmops_jupyter.stages.eval import store as evalstore
 
 discover()  # stage modules register their tables before the fixtures open a registry
 pytest.importorskip("transformers")
@@ -58,7 +59,7 @@ def test_prompt_ab_eval_with_per_example_diff_gate_and_lineage(shell, registry, 
     kinds = [a.kind for a in registry.lineage_chain(res.artifact)]
     assert kinds.count("prompt") == 2 and {"dataset", "base-model"} <= set(kinds) and kinds[-1] == "eval-results"
 
-    from llmops_jupyter.stages.evaluate import EvalConfig
+    from llmops_jupyter.stages.eval.stage import EvalConfig
 
     assert EvalConfig.from_dict({"model": ["m"], "prompt": "qa@1,qa@2"}).prompt == ["qa@1", "qa@2"]  # pipelines
     shell.run_cell_magic("llmops", "prompt needs-topic", "user: {topic}: {question}")
@@ -69,7 +70,7 @@ def test_prompt_ab_eval_with_per_example_diff_gate_and_lineage(shell, registry, 
 
 # -- RAG ------------------------------------------------------------------------------------------------------------------
 def test_rag_eval_retrieves_the_right_chunk_and_grounds_answers(registry, tiny_model):
-    from llmops_jupyter.rag import load_index, recall_at_k
+    from llmops_jupyter.stages.adapt.rag import load_index, recall_at_k
 
     idx = _index(registry)
     runner = Runner(registry)
@@ -98,8 +99,8 @@ def test_rag_eval_retrieves_the_right_chunk_and_grounds_answers(registry, tiny_m
 
 def test_serve_with_prompt_and_rag_is_monitored_against_the_logged_context(registry, tiny_model):
     openai = pytest.importorskip("openai")
-    from llmops_jupyter.monitoring.analysis import load_records
-    from llmops_jupyter.serving import server
+    from llmops_jupyter.stages.monitor.analysis import load_records
+    from llmops_jupyter.stages.serve import server
 
     idx = _index(registry)
     runner = Runner(registry)
@@ -121,7 +122,7 @@ def test_serve_with_prompt_and_rag_is_monitored_against_the_logged_context(regis
     assert msgs[0] == {"role": "system", "content": "Answer from the context only."}  # the stored prompt's system
     assert "Context:\n[1]" in msgs[-1]["content"] and "How long does a full charge take?" in msgs[-1]["content"]
     assert recs[0]["checks"]["prompt_ref"] == "support@1" and len(recs[0]["checks"]["rag_chunks"]) == 2
-    battery = [c["id"] for c in __import__("llmops_jupyter.rag", fromlist=["x"]).load_index(
+    battery = [c["id"] for c in __import__("llmops_jupyter.stages.adapt.rag", fromlist=["x"]).load_index(
         idx.run_id, registry).chunks if c["doc"] == "zephyr-battery.md"]
     assert recs[0]["checks"]["rag_chunks"][0] in battery
     mon = runner.run("monitor", {"deployment": res.run_id, "plots": False, "widget": False, "toxicity": False})
@@ -136,7 +137,7 @@ def test_serve_with_prompt_and_rag_is_monitored_against_the_logged_context(regis
 def test_widget_ratings_become_pairs_and_dpo_raises_the_reward_margin(shell, registry, tiny_dataset, tiny_model,
                                                                       other_model):
     pytest.importorskip("trl")
-    from llmops_jupyter.widgets.compare import CompareView
+    from llmops_jupyter.stages.eval.rate import CompareView
 
     runner = Runner(registry)
     ev = runner.run("eval", {"model": [str(tiny_model), str(other_model)], "data": tiny_dataset.hash, "limit": 8,
@@ -166,7 +167,7 @@ def test_widget_ratings_become_pairs_and_dpo_raises_the_reward_margin(shell, reg
     assert m["dpo_reward_chosen_end"] > m["dpo_reward_rejected_end"]
     margins = [r["value"] for r in registry.metric_history(ft.run_id, "rewards/margins")]
     assert len(margins) >= 3 and margins[-1] > margins[0]  # streamed per logging step (dashboard)
-    from llmops_jupyter.finetuning import checkpoints, run_dir
+    from llmops_jupyter.stages.finetune.sft import checkpoints, run_dir
 
     assert [s for s, _ in checkpoints(run_dir(registry, ft.run_id) / "checkpoints")] == [12, 24]
     art = ft.outputs["adapter"]
@@ -184,9 +185,9 @@ def test_widget_ratings_become_pairs_and_dpo_raises_the_reward_margin(shell, reg
 
 
 def test_monitor_labels_become_pairs(registry):
-    from llmops_jupyter.serving import server
-    from llmops_jupyter.serving.reqlog import RequestLog
-    from llmops_jupyter.widgets.flagged import FlaggedRecords
+    from llmops_jupyter.stages.monitor.flagged import FlaggedRecords
+    from llmops_jupyter.stages.serve import server
+    from llmops_jupyter.stages.serve.reqlog import RequestLog
 
     server.record(registry, "dep-labels", run_id="dep-labels", status="stopped", mode="thread", started_at=1.0)
     log = RequestLog(registry)
@@ -208,8 +209,8 @@ def test_dpo_on_a_qlora_base_and_prompt_as_pipeline_parameter(registry, tiny_mod
     pytest.importorskip("bitsandbytes")
     import nbformat
 
-    from llmops_jupyter.dataformat import write_dataset_dir
     from llmops_jupyter.pipelines.params import resolve_parameters
+    from llmops_jupyter.stages.data.format import write_dataset_dir
 
     prompt = "<|im_start|>user\nWhat colour is the sky?<|im_end|>\n<|im_start|>assistant\n"
     rows = [{"id": str(i), "prompt": prompt + " " * i, "chosen": "The colour is blue.", "rejected": "red red red",
@@ -230,8 +231,8 @@ def test_dpo_on_a_qlora_base_and_prompt_as_pipeline_parameter(registry, tiny_mod
     # The injected value keeps the notebook's type (str); `--prompt $prompt` splits "a@1,a@2" into the list.
     assert resolve_parameters(nb, {"prompt": "qa@2"}).values["prompt"] == "qa@2"
     assert resolve_parameters(nb, {"prompt": "qa@1,qa@2"}).values["prompt"] == "qa@1,qa@2"
-    from llmops_jupyter.argparsing import parse_config
-    from llmops_jupyter.stages.base import get_command
+    from llmops_jupyter.core.stage import get_command
+    from llmops_jupyter.frontends.argparsing import parse_config
 
     cfg = parse_config(get_command("eval").config_cls, ["--model", "$model", "--prompt", "$prompt"], prog="eval",
                        namespace={"model": "tiny-llama", "prompt": "qa@1,qa@2"})
@@ -239,7 +240,7 @@ def test_dpo_on_a_qlora_base_and_prompt_as_pipeline_parameter(registry, tiny_mod
 
 
 def test_build_messages_places_prompt_parts_and_context():
-    from llmops_jupyter.prompts import PromptTemplate
+    from llmops_jupyter.stages.adapt.prompts import PromptTemplate
 
     convo = [{"role": "system", "content": "old"}, {"role": "user", "content": "hi"},
              {"role": "assistant", "content": "hello"}, {"role": "user", "content": "How long to charge?"}]

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from llmops_jupyter.dataformat import load_dataset
-from llmops_jupyter.errors import ConfigError, DataError
-from llmops_jupyter.runner import Runner
+from llmops_jupyter.core.errors import ConfigError, DataError
+from llmops_jupyter.core.runner import Runner
+from llmops_jupyter.stages.data.format import load_dataset
 from llmops_jupyter.testing import tiny_records
 
 
@@ -158,7 +158,7 @@ def test_invalid_values_name_field_and_range(registry):
 
 def test_missing_model_path_for_tokenizer(registry, tmp_path):
     src = write_jsonl(tmp_path / "d.jsonl", tiny_records(5))
-    from llmops_jupyter.errors import NotFoundError
+    from llmops_jupyter.core.errors import NotFoundError
 
     with pytest.raises(NotFoundError, match="Model 'no-such-model' not found.*%llmops models"):
         run_data(registry, source=str(src), tokenizer="no-such-model")

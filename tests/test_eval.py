@@ -12,9 +12,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from llmops_jupyter import evalstore
-from llmops_jupyter.errors import ConfigError, GateError, MissingDependencyError, StageError
-from llmops_jupyter.metrics import (
+from llmops_jupyter.core.errors import ConfigError, GateError, MissingDependencyError, StageError
+from llmops_jupyter.core.runner import Runner
+from llmops_jupyter.stages.eval import store as evalstore
+from llmops_jupyter.stages.eval.metrics import (
     METRICS,
     bleu,
     chrf,
@@ -26,7 +27,6 @@ from llmops_jupyter.metrics import (
     rouge_l,
     token_f1,
 )
-from llmops_jupyter.runner import Runner
 
 pytest.importorskip("transformers")
 
@@ -84,7 +84,7 @@ def test_custom_metric_by_name_and_unknown_metric_error(registry):
 
     try:
         assert METRICS["mentions_blue"].compute(["Blue sky", "red"], ["", ""]) == [1.0, 0.0]
-        from llmops_jupyter.stages.evaluate import EvalConfig
+        from llmops_jupyter.stages.eval.stage import EvalConfig
 
         cfg = EvalConfig(model=["tiny-llama"], metrics=["mentions_blue", "em"])
         assert cfg.metrics == ["mentions_blue", "exact_match"]
@@ -96,7 +96,7 @@ def test_custom_metric_by_name_and_unknown_metric_error(registry):
 
 def test_embedding_similarity_with_packaged_minilm(model_cache):
     pytest.importorskip("sentence_transformers")
-    from llmops_jupyter.metrics import embed_sim
+    from llmops_jupyter.stages.eval.metrics import embed_sim
 
     close, far = embed_sim(["The cat sat on the mat.", "The cat sat on the mat."],
                            ["A cat was sitting on a rug.", "Stock markets fell sharply today."])
@@ -107,7 +107,7 @@ def test_embedding_similarity_with_packaged_minilm(model_cache):
 def test_perplexity_matches_manual_torch_computation(tiny_model):
     import torch
 
-    from llmops_jupyter.inference import load_model, loglikelihood, perplexity
+    from llmops_jupyter.models.inference import load_model, loglikelihood, perplexity
 
     net, tok = load_model(tiny_model, device="cpu")
     prompts = ["<|im_start|>user\nWhat is 2 plus 2?<|im_end|>\n<|im_start|>assistant\n", "Echo: red",
@@ -142,7 +142,7 @@ def test_perplexity_matches_manual_torch_computation(tiny_model):
 
 
 def test_batched_generation_equals_one_at_a_time(tiny_model):
-    from llmops_jupyter.inference import apply_chat, generate, load_model
+    from llmops_jupyter.models.inference import apply_chat, generate, load_model
 
     net, tok = load_model(tiny_model, device="cpu")
     questions = ["Hi", "What is 7 plus 8?", "Echo: red green blue yellow black white red",
@@ -210,7 +210,7 @@ def test_eval_stores_examples_summary_lineage_and_gates(registry, tiny_dataset, 
 
 
 def test_bad_gate_and_config_errors(registry):
-    from llmops_jupyter.stages.evaluate import EvalConfig
+    from llmops_jupyter.stages.eval.stage import EvalConfig
 
     with pytest.raises(ConfigError, match=r"--gate rule 'rougeL>>0.1' is not understood.*METRIC>=DELTA"):
         EvalConfig(model=["tiny-llama"], gate="rougeL>>0.1", baseline="eval@latest")
@@ -286,7 +286,7 @@ def test_judge_local_model_and_openai_compatible_endpoint(registry, tiny_dataset
 
 # -- widget, magic, notebook ----------------------------------------------------------------------------------------
 def test_ratings_through_the_widget_land_in_registry(registry, tiny_dataset, tiny_model, damaged_model):
-    from llmops_jupyter.widgets.compare import CompareView
+    from llmops_jupyter.stages.eval.rate import CompareView
 
     res = run_eval(registry, model=[str(tiny_model), str(damaged_model)], data=tiny_dataset.hash, limit=3,
                    metrics=["f1", "rougeL"])
@@ -333,7 +333,7 @@ def test_magic_eval_and_rate_through_shell(shell, registry, tiny_dataset, tiny_m
     import plotly.io as pio
     from IPython.core.error import UsageError
 
-    from llmops_jupyter.widgets.compare import CompareView
+    from llmops_jupyter.stages.eval.rate import CompareView
 
     pio.renderers.default = "plotly_mimetype"  # a terminal shell would otherwise try to open a browser
 
@@ -376,8 +376,8 @@ def test_notebook_through_a_real_kernel_shows_the_summary_figure(tmp_path, tiny_
 
 
 def test_stage_module_imports_stay_light():
-    code = ("import sys, llmops_jupyter.stages.evaluate, llmops_jupyter.metrics, llmops_jupyter.gates, "
-            "llmops_jupyter.evaluation, llmops_jupyter.judge, llmops_jupyter.evalstore\n"
+    code = ("import sys, llmops_jupyter.stages.eval.stage, llmops_jupyter.stages.eval.metrics, llmops_jupyter.stages.eval.gates, "
+            "llmops_jupyter.stages.eval.generate, llmops_jupyter.stages.eval.judge, llmops_jupyter.stages.eval.store\n"
             "heavy = [m for m in ('torch', 'transformers', 'plotly', 'sacrebleu', 'rouge_score', 'numpy', "
             "'sentence_transformers', 'openai', 'ipywidgets') if m in sys.modules]\nprint(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

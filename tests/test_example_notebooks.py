@@ -87,8 +87,8 @@ def test_sweep_notebook_compares_variants(home, tmp_path, tiny_model):
 
 
 def test_human_evaluation_notebook_stores_ratings(home, tmp_path, tiny_model):
-    from llmops_jupyter import evalstore
     from llmops_jupyter.registry import Registry
+    from llmops_jupyter.stages.eval import store as evalstore
 
     nb = run_notebook("04_human_evaluation.ipynb", {**TINY, "max_steps": 5, "auto_rate": True}, tmp_path)
     text, _ = outputs(nb)

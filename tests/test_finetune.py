@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llmops_jupyter.errors import ConfigError, ResourceError, StageError
+from llmops_jupyter.core.errors import ConfigError, ResourceError, StageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ FAST = {"batch_size": 4, "lr": 1e-2, "log_every": 1, "checkpoint_every": 0, "seq
 
 
 def run_ft(registry, model, dataset, listeners=(), **kw):
-    from llmops_jupyter.runner import Runner
+    from llmops_jupyter.core.runner import Runner
 
     runner = Runner(registry, listeners=list(listeners))
     return runner.run("finetune", {"model": str(model), "data": dataset.hash, **FAST, **kw})
@@ -65,7 +65,7 @@ def test_packed_batch_loss_equals_padded_batch_loss(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmops_jupyter.finetuning import Batcher, choose_batching, tokenize
+    from llmops_jupyter.stages.finetune.sft import Batcher, choose_batching, tokenize
     from llmops_jupyter.testing import tiny_records
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
@@ -90,7 +90,7 @@ def test_packing_check_tolerates_kernel_noise_but_not_leaks(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmops_jupyter.finetuning import choose_batching, tokenize
+    from llmops_jupyter.stages.finetune.sft import choose_batching, tokenize
     from llmops_jupyter.testing import tiny_records
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
@@ -119,7 +119,7 @@ def test_packed_rows_are_capped_at_the_longest_example_and_logits_match(tiny_mod
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmops_jupyter.finetuning import TokenCounter, pack_rows, packed_rows
+    from llmops_jupyter.stages.finetune.sft import TokenCounter, pack_rows, packed_rows
 
     assert pack_rows([5, 3, 2, 5, 1], 5) == [[0], [3], [1, 2], [4]]
     assert pack_rows([9, 2], 4) == [[0], [1]]  # longer than the cap: a row of its own
@@ -150,8 +150,8 @@ def test_packed_rows_are_capped_at_the_longest_example_and_logits_match(tiny_mod
 def test_interrupt_keeps_checkpoint_and_resume_equals_uninterrupted(registry, tiny_model, tiny_dataset):
     from safetensors.torch import load_file
 
-    from llmops_jupyter.finetuning import last_checkpoint
-    from llmops_jupyter.runner import EventType, RunInterrupted
+    from llmops_jupyter.core.runner import EventType, RunInterrupted
+    from llmops_jupyter.stages.finetune.sft import last_checkpoint
 
     opts = {"max_steps": 8, "checkpoint_every": 3, "dropout": 0.1}
     full = run_ft(registry, tiny_model, tiny_dataset, **opts)
@@ -199,7 +199,7 @@ def test_magic_finetune_and_attach(shell, tiny_model, tiny_dataset):
 
 
 def test_config_errors_name_the_field():
-    from llmops_jupyter.stages.finetune import FinetuneConfig
+    from llmops_jupyter.stages.finetune.stage import FinetuneConfig
 
     with pytest.raises(ConfigError, match="--method"):
         FinetuneConfig(method="rlhf")
@@ -215,8 +215,8 @@ def test_config_errors_name_the_field():
 def test_cuda_oom_becomes_resource_error_with_plan_advice():
     import torch
 
-    from llmops_jupyter.finetuning import oom_guard
-    from llmops_jupyter.stages.finetune import FinetuneConfig
+    from llmops_jupyter.stages.finetune.sft import oom_guard
+    from llmops_jupyter.stages.finetune.stage import FinetuneConfig
 
     with pytest.raises(ResourceError, match="%llmops plan --model big") as info:
         with oom_guard(FinetuneConfig(model="big"), "big"):
@@ -226,12 +226,12 @@ def test_cuda_oom_becomes_resource_error_with_plan_advice():
 
 
 def test_accelerate_command_line():
-    from llmops_jupyter.finetuning import accelerate_command
+    from llmops_jupyter.stages.finetune.sft import accelerate_command
 
     cmd = accelerate_command(2, Path("spec.json"), cpu=True, port=29999)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "2" and "--multi_gpu" in cmd and "--cpu" not in cmd
-    assert cmd[-5:] == ["-m", "llmops_jupyter.finetune_worker", "train", "--spec", "spec.json"]
+    assert cmd[-5:] == ["-m", "llmops_jupyter.stages.finetune.launch", "train", "--spec", "spec.json"]
     assert "--cpu" in accelerate_command(1, Path("s"), cpu=True)
 
 
@@ -245,7 +245,7 @@ def test_accelerate_launcher_two_cpu_processes(registry, tiny_model, tiny_datase
 
 
 def test_detached_worker_death_is_reported(registry, tiny_model, tiny_dataset, monkeypatch):
-    from llmops_jupyter.runner import Runner
+    from llmops_jupyter.core.runner import Runner
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     res = Runner(registry).run("finetune", {"model": str(tiny_model), "data": tiny_dataset.hash, **FAST,
@@ -295,8 +295,8 @@ def test_saved_notebook_shows_static_loss_figure(tiny_model, tiny_dataset, home,
 
 
 def test_dashboard_draws_curves_and_eta_from_events():
-    from llmops_jupyter.runner import Event, EventType
-    from llmops_jupyter.widgets import dashboard as dash
+    from llmops_jupyter.core.runner import Event, EventType
+    from llmops_jupyter.stages.finetune import dashboard as dash
 
     shown = []
     view = dash.TrainingDashboard(front_end="magic", display=shown.append)

@@ -138,8 +138,8 @@ def test_model_card_of_merged_model(registry, lifecycle, shell, tmp_path):
 
 
 def test_card_reads_pii_counts_and_survives_missing_records(registry):
-    from llmops_jupyter.dataformat import write_dataset_dir
     from llmops_jupyter.governance.cards import build_model_card
+    from llmops_jupyter.stages.data.format import write_dataset_dir
 
     folder = registry.staging_dir("data")
     row = {"id": "1", "messages": [], "prompt": "p", "completion": "c", "text": "pc", "n_tokens": 2}
@@ -154,8 +154,8 @@ def test_card_reads_pii_counts_and_survives_missing_records(registry):
 
 NOTEBOOK_STAGE = '''
 import dataclasses
-from llmops_jupyter.config import StageConfig, option
-from llmops_jupyter.stages.base import Stage, register_stage
+from llmops_jupyter.core.config import StageConfig, option
+from llmops_jupyter.core.stage import Stage, register_stage
 
 @dataclasses.dataclass
 class CopyConfig(StageConfig):
@@ -228,8 +228,8 @@ def test_audit_log_from_a_real_kernel(registry, home, tmp_path, monkeypatch, she
 def test_since_and_until_mean_the_same_in_every_command():
     import datetime as dt
 
-    from llmops_jupyter.errors import ConfigError
-    from llmops_jupyter.timeparse import parse_when
+    from llmops_jupyter.core.errors import ConfigError
+    from llmops_jupyter.core.timeparse import parse_when
 
     now = 1_800_000_000.0
     for text, expected in [("30m", now - 1800), ("-30m", now - 1800), ("2h", now - 7200), ("1.5d", now - 129600),
@@ -244,9 +244,9 @@ def test_since_and_until_mean_the_same_in_every_command():
 
 
 def test_resource_sampler_in_process(registry):
+    from llmops_jupyter.core.runner import EventType, Runner
+    from llmops_jupyter.core.stage import Stage
     from llmops_jupyter.governance.gpu import GpuSampler, sample_once, sample_resources
-    from llmops_jupyter.runner import EventType, Runner
-    from llmops_jupyter.stages.base import Stage
 
     class Sleepy(Stage):
         name = "sleepy"
@@ -268,8 +268,8 @@ def test_resource_sampler_in_process(registry):
 
 def test_automatic_card_for_merged_output(registry, tiny_model, monkeypatch):
     import llmops_jupyter.governance.hooks  # noqa: F401 - what the front door imports
-    from llmops_jupyter.runner import Runner
-    from llmops_jupyter.stages.base import Stage
+    from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.core.stage import Stage
 
     class FakeMerge(Stage):  # writes a merged artifact the way the merge stage does
         name = "merge-like"
@@ -290,9 +290,9 @@ def test_automatic_card_for_merged_output(registry, tiny_model, monkeypatch):
 def test_automatic_sampling_policy(registry, monkeypatch):
     """The Runner listener samples long stages on GPU machines; on CPU only when asked (stage flag or env)."""
     import llmops_jupyter.governance.hooks  # noqa: F401 - what the front door imports
+    from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.core.stage import Stage
     from llmops_jupyter.governance import gpu
-    from llmops_jupyter.runner import Runner
-    from llmops_jupyter.stages.base import Stage
 
     class FakeLong(Stage):  # named like a long stage; not registered, so nothing else sees it
         name = "finetune"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmops_jupyter.runner import Runner
+from llmops_jupyter.core.runner import Runner
 
 pytestmark = pytest.mark.gpu
 
@@ -38,7 +38,7 @@ def test_lora_and_qlora_train_on_cuda_and_qlora_uses_less_memory(registry, wider
 
 
 def test_batched_generation_matches_sequential_on_cuda(wider_model):
-    from llmops_jupyter.inference import generate, load_model
+    from llmops_jupyter.models.inference import generate, load_model
 
     model, tok = load_model(wider_model, dtype="float32", device="cuda")
     prompts = [f"Question: what is {i} plus {i}? Answer:" * (1 + i % 3) for i in range(12)]
@@ -50,7 +50,7 @@ def test_batched_generation_matches_sequential_on_cuda(wider_model):
 def test_plan_detects_the_gpu_and_estimates_a_measured_run(registry, wider_model):
     import torch
 
-    from llmops_jupyter.planning import detect_device, estimate, load_arch
+    from llmops_jupyter.models.planning import detect_device, estimate, load_arch
 
     dev = detect_device()
     assert dev.kind == "gpu" and dev.total_gb > 1

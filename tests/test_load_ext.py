@@ -14,7 +14,7 @@ ip = start_ipython()
 ip.run_line_magic("load_ext", "llmops_jupyter")
 assert "llmops" in ip.magics_manager.magics["line"] and "llmops" in ip.magics_manager.magics["cell"]
 loaded_after_load_ext = [m for m in HEAVY if m in sys.modules]
-from llmops_jupyter.stages.base import discover
+from llmops_jupyter.core.stage import discover
 cmds = sorted(discover())
 loaded_after_discovery = [m for m in HEAVY if m in sys.modules]
 print(json.dumps({"load_ext": loaded_after_load_ext, "discovery": loaded_after_discovery, "commands": cmds}))

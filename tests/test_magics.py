@@ -25,7 +25,7 @@ def test_help_lists_commands(shell, capsys):
     shell.run_line_magic("llmops", "data --help")
     out = capsys.readouterr().out
     assert "--eval-fraction" in out and "fraction held out for evaluation" in out
-    from llmops_jupyter.magics import LlmopsMagics
+    from llmops_jupyter.frontends.magics import LlmopsMagics
 
     assert "Commands:" in LlmopsMagics.llmops.__doc__  # what `%llmops?` shows
 
@@ -64,7 +64,7 @@ def test_data_runs_show_and_lineage(shell, jsonl, capsys):
 
 
 def test_runs_shows_each_stage_key_metrics_before_sampled_resources():
-    from llmops_jupyter.stages.registry_views import key_metrics
+    from llmops_jupyter.views.runs import key_metrics
 
     sampled = {"cpu_rss_mb": 900.0, "gpu_mem_mb": 1.0, "gpu12_util": 50.0, "adapter_effect": None}
     ft = {**sampled, "train_runtime_s": 3.0, "eval_loss": 1.5, "train_loss": 1.7, "peak_memory_mb": 10.0,
@@ -98,7 +98,7 @@ def test_cell_magic_reads_yaml_parameters(shell, jsonl):
 
 
 def test_stage_errors_render_as_one_line(shell, tmp_path):
-    from llmops_jupyter.errors import DataError
+    from llmops_jupyter.core.errors import DataError
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "response": "b"}\n{"instruction": oops}\n')

@@ -15,9 +15,9 @@ import sys
 
 import pytest
 
-from llmops_jupyter.errors import ConfigError, MissingDependencyError, NotFoundError, StageError, VerificationError
+from llmops_jupyter.core.errors import ConfigError, MissingDependencyError, NotFoundError, StageError, VerificationError
+from llmops_jupyter.core.runner import Runner
 from llmops_jupyter.registry import Registry, RunStatus
-from llmops_jupyter.runner import Runner
 
 PROBES = ["What is 2 plus 3?", "Repeat the colour red.", "Echo: blue green"]
 
@@ -145,7 +145,7 @@ def test_dequantize_nf4_merges_into_roundtripped_base(chain):
 def test_gptq_4bit_loads_and_generates_on_cpu(gptq, chain):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmops_jupyter.stages.quantize import import_gptqmodel
+    from llmops_jupyter.stages.quantize.stage import import_gptqmodel
 
     q = gptq
     assert q.status == RunStatus.FINISHED
@@ -158,7 +158,7 @@ def test_gptq_4bit_loads_and_generates_on_cpu(gptq, chain):
     assert q.metrics["tokens_per_s"] > 0
     assert not list(q.cwd.iterdir())  # GPTQModel's logs go to the run's folder, not the user's working directory
     assert list((chain["registry"].home / "runs" / q.run_id / "gptq-logs").glob("*.log"))
-    from llmops_jupyter.stages.base import discover
+    from llmops_jupyter.core.stage import discover
 
     if "eval" in discover():  # the eval stage ran on source and quantized model as child runs
         assert any(k.startswith("eval_delta/") for k in q.metrics)
@@ -219,7 +219,7 @@ def test_bad_inputs_give_one_clear_error(shell, registry, tiny_model):
 def test_auto_gptq_alone_is_a_clear_error(monkeypatch):
     import importlib.util
 
-    from llmops_jupyter.stages import quantize
+    from llmops_jupyter.stages.quantize import stage as quantize
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -246,7 +246,7 @@ def test_merge_refuses_quantized_base(registry, tmp_path, tiny_model, tiny_datas
 
 
 def test_stage_modules_import_light():
-    code = ("import sys; import llmops_jupyter.stages.merge, llmops_jupyter.stages.quantize; "
+    code = ("import sys; import llmops_jupyter.stages.merge.stage, llmops_jupyter.stages.quantize.stage; "
             "heavy = [m for m in ('torch', 'transformers', 'peft', 'gptqmodel', 'bitsandbytes') if m in sys.modules];"
             " print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

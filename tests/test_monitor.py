@@ -36,9 +36,9 @@ DRIFTED = [
 
 @pytest.fixture(scope="module")
 def traffic(tiny_model, tmp_path_factory):
+    from llmops_jupyter.core.runner import Runner
     from llmops_jupyter.registry import Registry
-    from llmops_jupyter.runner import Runner
-    from llmops_jupyter.serving import server
+    from llmops_jupyter.stages.serve import server
     from llmops_jupyter.testing import tiny_records, write_tiny_dataset
 
     home = tmp_path_factory.mktemp("monitor") / ".llmops"
@@ -73,7 +73,7 @@ def traffic(tiny_model, tmp_path_factory):
 
 
 def _rows(reg, dep):
-    from llmops_jupyter.monitoring.analysis import load_records
+    from llmops_jupyter.stages.monitor.analysis import load_records
 
     return load_records(reg, dep)
 
@@ -90,7 +90,7 @@ def test_injection_attempts_flagged_at_log_time(traffic):
 
 
 def test_pii_in_responses_detected_and_scrubbed():
-    from llmops_jupyter.serving.reqlog import scrub_record
+    from llmops_jupyter.stages.serve.reqlog import scrub_record
 
     rec = scrub_record({"ts": 1.0, "status": 200, "prompt": "who?", "response": "Write to eve@example.com now.",
                         "finish_reason": "stop"})
@@ -99,8 +99,8 @@ def test_pii_in_responses_detected_and_scrubbed():
 
 
 def test_drift_only_for_drifted_batch_and_gates(traffic, shell, monkeypatch):
-    from llmops_jupyter.errors import GateError
-    from llmops_jupyter.runner import Runner
+    from llmops_jupyter.core.errors import GateError
+    from llmops_jupyter.core.runner import Runner
 
     monkeypatch.setenv("LLMOPS_HOME", str(traffic.home))
     runner = Runner(traffic.reg)
@@ -133,8 +133,8 @@ def test_drift_only_for_drifted_batch_and_gates(traffic, shell, monkeypatch):
 
 
 def test_hallucination_signals(traffic):
-    from llmops_jupyter.monitoring.analysis import context_support, split_context
-    from llmops_jupyter.runner import Runner
+    from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.stages.monitor.analysis import context_support, split_context
 
     ctx, q = split_context("Context: The meeting moved to Tuesday.\nQuestion: When is the meeting?")
     assert "Tuesday" in ctx and "When" in q
@@ -151,7 +151,7 @@ def test_hallucination_signals(traffic):
 
 
 def test_dashboards_are_plotly_figures(traffic):
-    from llmops_jupyter.plots_monitor import dashboard
+    from llmops_jupyter.stages.monitor.plots import dashboard
 
     rows = _rows(traffic.reg, traffic.dep)
     figs = dashboard(rows, [{"ts": time.time() - 60, "drift": 0.1}, {"ts": time.time(), "drift": 0.8}], 0.3)
@@ -164,10 +164,10 @@ def test_dashboards_are_plotly_figures(traffic):
 
 
 def test_flagged_records_labelled_in_widget_become_dataset(traffic):
-    from llmops_jupyter.dataformat import load_dataset
-    from llmops_jupyter.monitoring.analysis import load_records
-    from llmops_jupyter.monitoring.checks import flagged
-    from llmops_jupyter.widgets.flagged import FlaggedRecords
+    from llmops_jupyter.stages.data.format import load_dataset
+    from llmops_jupyter.stages.monitor.analysis import load_records
+    from llmops_jupyter.stages.monitor.checks import flagged
+    from llmops_jupyter.stages.monitor.flagged import FlaggedRecords
 
     rows = [{**r, "flags": flagged(r["checks"])} for r in load_records(traffic.reg, traffic.dep)]
     flagged_rows = [r for r in rows if r["flags"]]
@@ -194,7 +194,7 @@ def test_flagged_records_labelled_in_widget_become_dataset(traffic):
 
 
 def test_stage_modules_import_light():
-    code = ("import sys, llmops_jupyter.stages.serve, llmops_jupyter.stages.monitor; "
+    code = ("import sys, llmops_jupyter.stages.serve.stage, llmops_jupyter.stages.monitor.stage; "
             "heavy = {'torch', 'transformers', 'plotly', 'fastapi', 'uvicorn', 'sentence_transformers', 'numpy'};"
             "print(sorted(heavy & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -207,8 +207,8 @@ def test_otel_export_of_scrubbed_record():
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from llmops_jupyter.monitoring.otel import OtelExporter
-    from llmops_jupyter.serving.reqlog import scrub_record
+    from llmops_jupyter.stages.monitor.otel import OtelExporter
+    from llmops_jupyter.stages.serve.reqlog import scrub_record
 
     mem = InMemorySpanExporter()
     provider = TracerProvider()

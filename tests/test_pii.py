@@ -1,6 +1,6 @@
 import pytest
 
-from llmops_jupyter.pii import contains_pii, scrub
+from llmops_jupyter.core.pii import contains_pii, scrub
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -17,8 +17,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from llmops_jupyter.cli import main as cli
-from llmops_jupyter.errors import ConfigError, StageError
+from llmops_jupyter.core.errors import ConfigError, StageError
+from llmops_jupyter.frontends.cli import main as cli
 from llmops_jupyter.registry import Registry
 
 pytest.importorskip("papermill")
@@ -26,8 +26,8 @@ pytest.importorskip("papermill")
 TOY_SRC = '''
 import dataclasses
 from pathlib import Path
-from llmops_jupyter.config import StageConfig, option
-from llmops_jupyter.stages.base import Stage, register_stage
+from llmops_jupyter.core.config import StageConfig, option
+from llmops_jupyter.core.stage import Stage, register_stage
 
 @dataclasses.dataclass
 class ToyConfig(StageConfig):
@@ -75,7 +75,7 @@ def make_notebook(path: Path, body: list[str], params: str = 'lr = 1e-4\nlora_r 
 
 
 TRAIN = [
-    "from llmops_jupyter.runner import Runner\n"
+    "from llmops_jupyter.core.runner import Runner\n"
     "res = Runner().run('toy', lr=lr, lora_r=lora_r, mode=mode, api_key=api_key)\nres.metrics",
     "import os\nfrom llmops_jupyter.pipelines import record_metrics\n"
     "record_metrics(key_len=len(api_key or ''), gpu=float(os.environ.get('CUDA_VISIBLE_DEVICES', '-1')))",
@@ -299,7 +299,7 @@ def test_export_lifts_magic_arguments_into_parameters(home, tmp_path, shell):
 
 
 def test_load_ext_stays_light():
-    code = ("import sys; from llmops_jupyter.stages.base import discover; d = discover(); "
+    code = ("import sys; from llmops_jupyter.core.stage import discover; d = discover(); "
             "assert {'run', 'sweep', 'pipeline', 'rerun', 'compare'} <= set(d), d; "
             "bad = [m for m in ('papermill', 'plotly', 'distributed', 'nbformat', 'torch') if m in sys.modules]; "
             "assert not bad, bad")

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from llmops_jupyter.planning import CATALOG, GB, Arch, advise, detect_device, estimate, load_arch
+from llmops_jupyter.models.planning import CATALOG, GB, Arch, advise, detect_device, estimate, load_arch
 
 
 def test_catalog_parameter_counts_match_published_sizes():
@@ -28,7 +28,7 @@ def test_estimates_order_and_lora_param_count():
 
 
 def test_advice_when_it_does_not_fit():
-    from llmops_jupyter.planning import Device
+    from llmops_jupyter.models.planning import Device
 
     arch = load_arch("Llama-3.1-8B")
     device = Device("gpu", "24 GB GPU", 24, 24)
@@ -55,13 +55,13 @@ def test_device_detection_without_gpu_uses_ram():
 
 
 def test_cli_plan_and_bad_model(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "llmops_jupyter.cli", "plan", "--model", "Qwen2.5-7B", "--method",
+    out = subprocess.run([sys.executable, "-m", "llmops_jupyter.frontends.cli", "plan", "--model", "Qwen2.5-7B", "--method",
                           "qlora", "--gpu-memory", "80"], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.startswith("FITS")
-    bad = subprocess.run([sys.executable, "-m", "llmops_jupyter.cli", "plan", "--model", str(tmp_path / "missing")],
+    bad = subprocess.run([sys.executable, "-m", "llmops_jupyter.frontends.cli", "plan", "--model", str(tmp_path / "missing")],
                          capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 1 and "not found" in bad.stderr and "Fix:" in bad.stderr
-    usage = subprocess.run([sys.executable, "-m", "llmops_jupyter.cli", "plan", "--model", "x", "--batch", "0"],
+    usage = subprocess.run([sys.executable, "-m", "llmops_jupyter.frontends.cli", "plan", "--model", "x", "--batch", "0"],
                            capture_output=True, text=True, cwd=tmp_path)
     assert usage.returncode == 2 and "--batch must be >= 1" in usage.stderr
 

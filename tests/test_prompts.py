@@ -1,8 +1,8 @@
 import pytest
 from IPython.core.error import UsageError
 
-from llmops_jupyter.errors import ConfigError, NotFoundError
-from llmops_jupyter.prompts import PromptTemplate, get_prompt
+from llmops_jupyter.core.errors import ConfigError, NotFoundError
+from llmops_jupyter.stages.adapt.prompts import PromptTemplate, get_prompt
 
 
 def test_prompt_versions_diff_and_render(shell, registry):

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 import llmops_jupyter
-from llmops_jupyter.rag import augment, chunk_text, load_index
+from llmops_jupyter.stages.adapt.rag import augment, chunk_text, load_index
 
 pytest.importorskip("faiss")
 pytest.importorskip("sentence_transformers")

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from llmops_jupyter.errors import NotFoundError, RegistryError
+from llmops_jupyter.core.errors import NotFoundError, RegistryError
 from llmops_jupyter.registry import Registry, RunStatus
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmops_jupyter.errors import ConfigError
+from llmops_jupyter.core.errors import ConfigError
 
 
 def test_report_compares_labelled_eval_runs(shell, registry, tiny_dataset, tiny_model, tmp_path):
@@ -30,7 +30,7 @@ def test_report_compares_labelled_eval_runs(shell, registry, tiny_dataset, tiny_
 
 
 def test_report_rejects_bad_eval_items():
-    from llmops_jupyter.stages.report import ReportConfig
+    from llmops_jupyter.stages.report.stage import ReportConfig
 
     with pytest.raises(ConfigError, match="evals"):
         ReportConfig(evals=[])

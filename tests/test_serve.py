@@ -25,9 +25,9 @@ def _db_bytes(reg) -> bytes:
 
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
+    from llmops_jupyter.core.runner import Runner
     from llmops_jupyter.registry import Registry
-    from llmops_jupyter.runner import Runner
-    from llmops_jupyter.serving import server
+    from llmops_jupyter.stages.serve import server
 
     home = tmp_path_factory.mktemp("serve") / ".llmops"
     with pytest.MonkeyPatch.context() as mp:
@@ -141,15 +141,15 @@ def test_deployment_artifact_status_and_lineage(served):
     chain = reg.lineage_chain(art)
     assert [a.kind for a in chain] == ["base-model", "deployment"]
     assert chain[0].hash == manifest["model"]["hash"]
-    from llmops_jupyter.serving.server import get_deployment
+    from llmops_jupyter.stages.serve.server import get_deployment
 
     row = get_deployment(reg, served.dep)
     assert row["status"] == "running" and row["artifact"] == art.hash
 
 
 def test_detached_process_serves_and_stops(tiny_model, served):
-    from llmops_jupyter.runner import Runner
-    from llmops_jupyter.serving import server
+    from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.stages.serve import server
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMOPS_HOME", str(served.home))
@@ -185,7 +185,7 @@ def test_stop_via_magic_finishes_in_flight_stream(served, shell, monkeypatch):
     shell.run_line_magic("llmops", f"serve --stop {served.dep}")
     t.join(60)
     assert got.get("finish") in (["stop"], ["length"])  # completed, not cut off
-    from llmops_jupyter.serving.server import get_deployment
+    from llmops_jupyter.stages.serve.server import get_deployment
 
     assert get_deployment(served.reg, served.dep)["status"] == "stopped"
     assert served.reg.query("SELECT COUNT(*) AS n FROM requests WHERE prompt='in flight' AND status=200")[0]["n"] == 1

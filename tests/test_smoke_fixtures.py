@@ -1,4 +1,4 @@
-from llmops_jupyter.dataformat import load_dataset
+from llmops_jupyter.stages.data.format import load_dataset
 
 
 def test_tiny_dataset_fixture(registry, tiny_dataset):

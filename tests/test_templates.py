@@ -11,8 +11,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from llmops_jupyter.core.stage import discover
 from llmops_jupyter.pipelines.params import _MAGIC, notebook_parameters, parameters_cell_index
-from llmops_jupyter.stages.base import discover
 
 TEMPLATES = sorted((Path(__file__).resolve().parents[1] / "templates").glob("*.ipynb"))
 EXPECTED = {"data", "finetune", "eval", "merge_quantize", "serve_monitor", "full_lifecycle"}
@@ -67,7 +67,7 @@ def test_template_runs_on_the_tiny_model(template, home, tmp_path, model_cache):
 
         data = write_tiny_dataset(Registry(home), model := build_tiny_model(model_cache / "tiny-llama"))
         if "finetune" not in used and "finetune@latest" in code:
-            from llmops_jupyter.runner import Runner
+            from llmops_jupyter.core.runner import Runner
 
             Runner(Registry(home)).run("finetune", model=str(model), data=data.hash, max_steps=3)
     res = run_pipeline(template, params, cwd=tmp_path, cache=False)

@@ -4,7 +4,7 @@ Everything here reads the registry generically (runs, params, metrics, artifacts
 write those records are developed independently: a missing record makes a card say "not recorded", never crash.
 
 Importing :mod:`.hooks` (the front door does) registers the audit, resource-sampling and automatic-card
-:class:`~llmops_jupyter.runner.Runner` global listeners, so every run started through a front end is audited,
+:class:`~llmops_jupyter.core.runner.Runner` global listeners, so every run started through a front end is audited,
 resource-sampled and carded without any change to the stages. This package and the modules ``hooks`` imports use
 only the standard library and light ``llmops_jupyter`` modules at top level.
 """
@@ -15,7 +15,7 @@ import sqlite3
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..registry import Registry
+    from llmops_jupyter.registry import Registry
 
 _RUN_HOMES: dict[str, Registry] = {}
 
@@ -26,7 +26,7 @@ def registry_for_run(run_id: str) -> Registry | None:
     Runner events carry the run id but not the registry, so listeners look it up among the registries this process
     has opened, then the default home (``$LLMOPS_HOME``). Never creates a registry folder as a side effect.
     """
-    from ..registry import Registry, default_home
+    from llmops_jupyter.registry import Registry, default_home
 
     cached = _RUN_HOMES.get(run_id)
     if cached is not None:

@@ -4,7 +4,7 @@ One row per runner event (``started``, ``input``, ``artifact``, ``finished``, ``
 rows that view commands add themselves (``card``, ``export``). Rows are only ever inserted: SQLite triggers
 ``RAISE(ABORT)`` on UPDATE and DELETE, so a mistaken (or deliberate) edit through the registry fails loudly.
 
-Importing this module registers :func:`listener` as a :class:`~llmops_jupyter.runner.Runner` global listener
+Importing this module registers :func:`listener` as a :class:`~llmops_jupyter.core.runner.Runner` global listener
 (the front door imports it). Top level: standard library and light ``llmops_jupyter`` modules only.
 """
 
@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..env import current_notebook
-from ..registry import register_schema
-from ..runner import Event, EventType, Runner
-from ..timeparse import parse_when
-from . import registry_for_run
+from llmops_jupyter.core.env import current_notebook
+from llmops_jupyter.core.runner import Event, EventType, Runner
+from llmops_jupyter.core.timeparse import parse_when
+from llmops_jupyter.governance import registry_for_run
+from llmops_jupyter.registry import register_schema
 
 if TYPE_CHECKING:
-    from ..registry import Registry
+    from llmops_jupyter.registry import Registry
 
 AUDIT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_log (
@@ -148,7 +148,7 @@ def canonical_command(stage: str, params: dict[str, Any]) -> str:
     try:
         import dataclasses
 
-        from ..stages.base import get_command
+        from llmops_jupyter.core.stage import get_command
 
         for f in dataclasses.fields(get_command(stage).config_cls):
             if f.default is not dataclasses.MISSING:

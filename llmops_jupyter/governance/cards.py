@@ -20,10 +20,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import NotFoundError
+from llmops_jupyter.core.errors import NotFoundError
 
 if TYPE_CHECKING:
-    from ..registry import Artifact, Registry
+    from llmops_jupyter.registry import Artifact, Registry
 
 MODEL_KINDS = ("deployment", "quantized", "merged", "adapter", "base-model")
 CARD_KIND = "model-card"
@@ -591,7 +591,7 @@ def save_model_card(registry: Registry, card: ModelCard) -> Artifact:
                                 inputs=[model_hash], relation=CARD_KIND)
     card.artifact = art
     try:
-        from . import audit
+        from llmops_jupyter.governance import audit
 
         audit.record(registry, "card", artifact=art.hash, kind=CARD_KIND, detail={"model": model_hash})
     except Exception:  # noqa: BLE001 - the audit row is best effort for view commands
@@ -617,8 +617,8 @@ def auto_card_listener(event: Any) -> None:
     ``%llmops card``. ``LLMOPS_AUTO_CARD=0`` turns this off."""
     import os
 
-    from ..runner import EventType
-    from . import registry_for_run
+    from llmops_jupyter.core.runner import EventType
+    from llmops_jupyter.governance import registry_for_run
 
     if event.type is EventType.ARTIFACT and event.data.get("kind") in AUTO_KINDS:
         _PENDING.setdefault(event.run_id, []).append(event.data["hash"])
@@ -636,7 +636,7 @@ def auto_card_listener(event: Any) -> None:
 
 
 def install() -> None:
-    from ..runner import Runner
+    from llmops_jupyter.core.runner import Runner
 
     if auto_card_listener not in Runner.global_listeners:
         Runner.global_listeners.append(auto_card_listener)

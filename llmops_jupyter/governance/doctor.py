@@ -241,7 +241,7 @@ def run_checks(cuda: bool = True) -> list[Check]:
 
 
 def report(checks: list[Check]) -> Any:
-    from ..display import Table
+    from llmops_jupyter.core.display import Table
 
     bad = [c for c in checks if c.status in (FAIL, WARN, MISSING)]
     note = (f"{len(bad)} item(s) need attention; run the fix column's command." if bad

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import atomic_dir
-from ..errors import ConfigError, require
+from llmops_jupyter.core.errors import ConfigError, require
+from llmops_jupyter.core.files import atomic_dir
 
 if TYPE_CHECKING:
-    from ..registry import Artifact, Registry
+    from llmops_jupyter.registry import Artifact, Registry
 
 MODEL_ARTIFACT_KINDS = {"base-model", "adapter", "merged", "quantized", "deployment"}
 SMALL_BYTES = 20 * 2**20
@@ -140,7 +140,7 @@ def export_mlflow(
         report.append({"run": run["id"], "mlflow_run": mid, "status": "exported", "params": len(params),
                        "metric_values": len(metrics), "artifacts": n_art})
     try:
-        from . import audit
+        from llmops_jupyter.governance import audit
 
         audit.record(registry, "export", detail={"to": "mlflow", "uri": uri, "experiment": experiment,
                                                   "runs": [r["run"] for r in report if r["status"] == "exported"]})
@@ -173,7 +173,7 @@ def export_bundle(
     limitations: str | None = None,
 ) -> dict[str, Any]:
     """Write ``ref`` (a model artifact or the run that made it) to ``out`` as a loadable, documented folder."""
-    from .cards import build_model_card, resolve_model_artifact, save_model_card
+    from llmops_jupyter.governance.cards import build_model_card, resolve_model_artifact, save_model_card
 
     model = resolve_model_artifact(registry, ref)
     if not model.path.is_dir() or not any(model.path.glob("*.json")):
@@ -226,7 +226,7 @@ def export_bundle(
             "registry": str(registry.home), "notes": notes,
         }, indent=2))
     try:
-        from . import audit
+        from llmops_jupyter.governance import audit
 
         audit.record(registry, "export", artifact=model.hash, kind=model.kind,
                      detail={"to": "dir", "out": str(target), "card": card.artifact.hash if card.artifact else None})

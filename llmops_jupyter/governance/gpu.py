@@ -4,7 +4,7 @@
 ``pynvml``) when a GPU is visible (``gpu_mem_mb``, ``gpu_util``, ``gpu_temp_c`` per device; ``gpu1_…`` for the
 second one), otherwise the process's resident memory (``cpu_rss_mb``), so CPU-only runs and CI exercise the same
 path. Samples go to the registry as ordinary metrics (step = sample index) and, when a
-:class:`~llmops_jupyter.runner.RunContext` is given, as METRIC events that live dashboards already plot.
+:class:`~llmops_jupyter.core.runner.RunContext` is given, as METRIC events that live dashboards already plot.
 
 Two ways in:
 
@@ -22,12 +22,12 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ..runner import Event, EventType, Runner
-from . import registry_for_run
+from llmops_jupyter.core.runner import Event, EventType, Runner
+from llmops_jupyter.governance import registry_for_run
 
 if TYPE_CHECKING:
-    from ..registry import Registry
-    from ..runner import RunContext
+    from llmops_jupyter.core.runner import RunContext
+    from llmops_jupyter.registry import Registry
 
 LONG_STAGES = {"finetune", "eval", "evaluate", "quantize", "merge"}
 DEFAULT_INTERVAL_S = 10.0
@@ -204,7 +204,7 @@ def mode() -> str:
 
 def _opted_in(stage: str) -> bool:
     try:
-        from ..stages.base import get_command
+        from llmops_jupyter.core.stage import get_command
 
         return bool(getattr(get_command(stage).stage_cls, "resource_sampling", False))
     except Exception:  # noqa: BLE001 - unknown stage: not opted in

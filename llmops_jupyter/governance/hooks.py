@@ -3,7 +3,7 @@ automatic model cards for merged/quantized/deployment artifacts)."""
 
 from __future__ import annotations
 
-from . import audit, cards, gpu
+from llmops_jupyter.governance import audit, cards, gpu
 
 audit.install()
 gpu.install()

@@ -29,7 +29,7 @@ def record_metrics(step: int | None = None, **values: float) -> dict[str, float]
     run_id = current_pipeline_run()
     clean = {k: float(v) for k, v in values.items() if v is not None}
     if run_id and clean:
-        from ..registry import Registry
+        from llmops_jupyter.registry import Registry
 
         Registry.open().log_metrics(run_id, clean, step)
     return clean
@@ -43,17 +43,17 @@ def run_pipeline(notebook: Any, parameters: dict[str, Any] | None = None, *, out
     copied there and a dict ``{"run_id", "output", "status", "error", "stage_runs"}`` is returned; a failed run is
     reported in it instead of raised. ``registry_home`` selects the registry.
     """
-    from .execute import run_pipeline as _run
+    from llmops_jupyter.pipelines.execute import run_pipeline as _run
 
     if registry_home is not None:
-        from ..registry import Registry
+        from llmops_jupyter.registry import Registry
 
         kwargs["registry"] = Registry.open(registry_home)
     if output is None:
         return _run(notebook, parameters, **kwargs)
     from pathlib import Path
 
-    from ..errors import StageError
+    from llmops_jupyter.core.errors import StageError
 
     started = track_started(kwargs.setdefault("listeners", []))
     try:
@@ -63,10 +63,10 @@ def run_pipeline(notebook: Any, parameters: dict[str, Any] | None = None, *, out
         run_id, status, error = (started[0] if started else None), "failed", str(exc)
         summary = {}
         if run_id:
-            from ..registry import Registry
+            from llmops_jupyter.registry import Registry
 
             summary = (kwargs.get("registry") or Registry.open()).get_run(run_id)["summary"]
-    from ..registry import Registry
+    from llmops_jupyter.registry import Registry
 
     out = Path(output)
     copy_output_notebook(kwargs.get("registry") or Registry.open(), summary, out)
@@ -89,7 +89,7 @@ def copy_output_notebook(registry: Any, summary: dict[str, Any], out: Any) -> bo
     import shutil
     from pathlib import Path
 
-    from .._io import atomic_path
+    from llmops_jupyter.core.files import atomic_path
 
     if not summary.get("output_notebook"):
         return False
@@ -104,6 +104,6 @@ def copy_output_notebook(registry: Any, summary: dict[str, Any], out: Any) -> bo
 
 def run_sweep(*args: Any, **kwargs: Any):
     """See :func:`llmops_jupyter.pipelines.sweep.run_sweep`."""
-    from .sweep import run_sweep as _run
+    from llmops_jupyter.pipelines.sweep import run_sweep as _run
 
     return _run(*args, **kwargs)

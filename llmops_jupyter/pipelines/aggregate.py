@@ -11,10 +11,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text
-from ..display import Table
-from ..errors import NotFoundError
-from ..registry import Registry
+from llmops_jupyter.core.display import Table
+from llmops_jupyter.core.errors import NotFoundError
+from llmops_jupyter.core.files import atomic_write_text
+from llmops_jupyter.registry import Registry
 
 
 class Comparison:

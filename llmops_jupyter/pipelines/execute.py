@@ -1,6 +1,6 @@
 """Execute a notebook as a recorded, parameterised pipeline run (papermill on the project's kernel).
 
-The pipeline run is an ordinary registry run of stage ``pipeline`` made through the :class:`~llmops_jupyter.runner.
+The pipeline run is an ordinary registry run of stage ``pipeline`` made through the :class:`~llmops_jupyter.core.runner.
 Runner` (status, timing, interrupts, lineage come from there). The stage:
 
 * stores the source notebook as a ``notebook`` artifact (its hash is the input hash) and declares it as input;
@@ -20,13 +20,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._io import hash_tree
-from ..config import StageConfig, option
-from ..errors import LlmopsError, StageError
-from ..registry import Registry
-from ..runner import RunContext, Runner, RunResult, cache_key
-from ..stages.base import Stage
-from .params import (
+from llmops_jupyter.core.config import StageConfig, option
+from llmops_jupyter.core.errors import LlmopsError, StageError
+from llmops_jupyter.core.files import hash_tree
+from llmops_jupyter.core.runner import RunContext, Runner, RunResult, cache_key
+from llmops_jupyter.core.stage import Stage
+from llmops_jupyter.pipelines.params import (
     ResolvedParams,
     SecretRef,
     load_params_file,
@@ -34,6 +33,7 @@ from .params import (
     read_notebook,
     resolve_parameters,
 )
+from llmops_jupyter.registry import Registry
 
 PROJECT_KERNEL = "llmops-jupyter"
 
@@ -419,7 +419,7 @@ def run_pipeline(
     source, nb, params, src_env = prepare(notebook, parameters, registry=registry, env=env)
     kernel_name = choose_kernel(nb, kernel)
     work = Path(cwd).resolve() if cwd else source.parent
-    from .._io import sha256_file
+    from llmops_jupyter.core.files import sha256_file
 
     hashes = input_hashes(params.plain, registry, work)
     config = PipelineRunConfig(notebook=str(source), notebook_hash=sha256_file(source), parameters=params.record,
@@ -443,7 +443,7 @@ def rerun_pipeline(ref: str, *, registry: Registry | None = None, rtol: float = 
     """
     import math
 
-    from ..errors import NotFoundError
+    from llmops_jupyter.core.errors import NotFoundError
 
     registry = registry or Registry.open()
     run = registry.get_run(ref)

@@ -14,11 +14,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text
-from ..config import field_type, flag_name, unwrap_optional
-from ..errors import ConfigError
-from ..registry import Artifact, Registry
-from .params import (
+from llmops_jupyter.core.config import field_type, flag_name, unwrap_optional
+from llmops_jupyter.core.errors import ConfigError
+from llmops_jupyter.core.files import atomic_write_text
+from llmops_jupyter.pipelines.params import (
     _MAGIC,
     _available_configs,
     coerce,
@@ -27,6 +26,7 @@ from .params import (
     parse_text,
     read_notebook,
 )
+from llmops_jupyter.registry import Artifact, Registry
 
 _SAFE = re.compile(r"^[\w@%+=:,./$-]+$")
 

@@ -26,8 +26,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ..config import StageConfig, field_type, flag_name, unwrap_optional
-from ..errors import ConfigError
+from llmops_jupyter.core.config import StageConfig, field_type, flag_name, unwrap_optional
+from llmops_jupyter.core.errors import ConfigError
 
 SECRET_NAME = re.compile(r"(^|_)(api_?key|token|password|passwd|secret)$", re.IGNORECASE)
 _MAGIC = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\s*=\s*)?%{1,2}llmops\s+(.*)$")
@@ -146,7 +146,7 @@ def notebook_parameters(nb, path: str = "notebook") -> dict[str, NotebookParam]:
 
 
 def _available_configs() -> dict[str, type[StageConfig]]:
-    from ..stages.base import discover
+    from llmops_jupyter.core.stage import discover
 
     return {name: cmd.config_cls for name, cmd in discover().items() if cmd.is_stage}
 

@@ -18,11 +18,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..config import StageConfig, option
-from ..errors import ConfigError, LlmopsError, StageError
-from ..registry import Registry
-from ..runner import RunContext, Runner, RunResult
-from ..stages.base import Stage
+from llmops_jupyter.core.config import StageConfig, option
+from llmops_jupyter.core.errors import ConfigError, LlmopsError, StageError
+from llmops_jupyter.core.runner import RunContext, Runner, RunResult
+from llmops_jupyter.core.stage import Stage
+from llmops_jupyter.registry import Registry
 
 
 def parse_grid(items: list[str] | dict[str, Any] | None) -> dict[str, list[Any]]:
@@ -76,7 +76,7 @@ def run_variant(home: str, notebook: str, params: dict[str, Any], *, parent_id: 
                 cache: bool, gpu: str | None, kernel: str | None, cwd: str | None,
                 timeout: int | None) -> dict[str, Any]:
     """One variant (runs in a pool process or a Dask worker); never raises, reports errors in the result."""
-    from .execute import run_pipeline
+    from llmops_jupyter.pipelines.execute import run_pipeline
 
     env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
     registry = Registry.open(home)
@@ -123,7 +123,7 @@ class SweepStage(Stage):
         self.timeout = timeout
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        from .aggregate import compare_sweep, write_report
+        from llmops_jupyter.pipelines.aggregate import compare_sweep, write_report
 
         cfg: SweepRunConfig = ctx.config
         total = len(self.variants)
@@ -188,7 +188,7 @@ class _Backend:
             self.pool = cf.ProcessPoolExecutor(max_workers=self.parallel,
                                                mp_context=multiprocessing.get_context("spawn"))
             return self
-        from ..errors import require
+        from llmops_jupyter.core.errors import require
 
         distributed = require("distributed", "batch", package="dask[distributed]", feature="--cluster")
         if isinstance(self.cluster, distributed.Client):
@@ -251,7 +251,7 @@ def run_sweep(
     gpus: list[str] | None = None,
 ) -> RunResult:
     """Validate every variant, then run them (see the module docstring). Returns the ``sweep`` run."""
-    from .execute import prepare
+    from llmops_jupyter.pipelines.execute import prepare
 
     registry = registry or Registry.open()
     grid = parse_grid(grid)

@@ -12,6 +12,6 @@ a detached trainer, the server, a sweep's workers) can write at once without los
 
 from __future__ import annotations
 
-from .core import Artifact, Registry, RunStatus, default_home, register_schema
+from llmops_jupyter.registry.core import Artifact, Registry, RunStatus, default_home, register_schema
 
 __all__ = ["Artifact", "Registry", "RunStatus", "default_home", "register_schema"]

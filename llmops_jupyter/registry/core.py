@@ -18,8 +18,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .._io import hash_tree, tree_size
-from ..errors import NotFoundError, RegistryError
+from llmops_jupyter.core.errors import NotFoundError, RegistryError
+from llmops_jupyter.registry import audit, evals, prompts, traffic
+from llmops_jupyter.registry.audit import AuditTables
+from llmops_jupyter.registry.evals import EvalTables
+from llmops_jupyter.registry.prompts import PromptTables
+from llmops_jupyter.registry.traffic import TrafficTables
+from llmops_jupyter.core.files import hash_tree, tree_size
 
 
 class RunStatus(str, enum.Enum):
@@ -134,12 +139,12 @@ class Artifact:
 
 
 def _json(value: Any) -> str:
-    from ..config import jsonable
+    from llmops_jupyter.core.config import jsonable
 
     return json.dumps(jsonable(value), sort_keys=True)
 
 
-class Registry:
+class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
     """Handle on one registry home. Cheap to create; connections are per thread."""
 
     _instances: dict[Path, Registry] = {}
@@ -174,7 +179,8 @@ class Registry:
                 fix="set LLMOPS_HOME (or pass --home) to a writable folder, or fix its permissions",
             ) from None
         con = self._connect()
-        script = "BEGIN IMMEDIATE;\n" + SCHEMA + "\n".join(_EXTRA_SCHEMA) + "\nCOMMIT;"
+        tables = [SCHEMA, evals.SCHEMA, traffic.SCHEMA, prompts.SCHEMA, audit.SCHEMA, *_EXTRA_SCHEMA]
+        script = "BEGIN IMMEDIATE;\n" + "\n".join(tables) + "\nCOMMIT;"
         try:
             con.executescript(script)
         except BaseException:
@@ -203,7 +209,7 @@ class Registry:
         return con
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic write. ``BEGIN IMMEDIATE`` takes the write lock up front, so writers queue, never fail."""
         con = self._connect()
         for attempt in range(50):
@@ -223,8 +229,12 @@ class Registry:
             con.execute("ROLLBACK")
             raise
 
-    def query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         return self._connect().execute(sql, tuple(params)).fetchall()
+
+    # Temporary public aliases while callers move to typed methods (removed at the end of the redesign).
+    transaction = _transaction
+    query = _query
 
     def close(self) -> None:
         con = getattr(self._local, "con", None)
@@ -249,7 +259,7 @@ class Registry:
     ) -> str:
         run_id = run_id or f"{stage}-{secrets.token_hex(4)}"
         now = time.time()
-        with self.transaction() as con:
+        with self._transaction() as con:
             con.execute(
                 "INSERT INTO runs (id, stage, name, status, params, created_at, started_at, notebook, git_commit, env,"
                 " parent_id, user, host, pid, tags) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -277,7 +287,7 @@ class Registry:
         self, run_id: str, status: RunStatus, *, error: str | None = None, summary: dict | None = None
     ) -> None:
         now = time.time()
-        with self.transaction() as con:
+        with self._transaction() as con:
             row = con.execute("SELECT started_at FROM runs WHERE id=?", (run_id,)).fetchone()
             started = row["started_at"] if row else now
             con.execute(
@@ -294,7 +304,7 @@ class Registry:
         cols = ", ".join(f"{k}=?" for k in fields)
         vals = [_json(v) if k in ("params", "summary", "tags") else (str(v) if k == "status" else v)
                 for k, v in fields.items()]
-        with self.transaction() as con:
+        with self._transaction() as con:
             con.execute(f"UPDATE runs SET {cols} WHERE id=?", (*vals, run_id))
 
     def resolve_run(self, ref: str) -> str:
@@ -305,12 +315,12 @@ class Registry:
         if ref == "latest" or ref.endswith(("@latest", ":latest")):
             stage = None if ref == "latest" else ref.rsplit("@", 1)[0].rsplit(":", 1)[0]
             sql = "SELECT id FROM runs" + (" WHERE stage=?" if stage else "") + " ORDER BY created_at DESC LIMIT 1"
-            rows = self.query(sql, (stage,) if stage else ())
+            rows = self._query(sql, (stage,) if stage else ())
             if not rows:
                 raise NotFoundError(f"No {stage + ' ' if stage else ''}runs in the registry at '{self.home}'.",
                                     fix="run that stage first, or check LLMOPS_HOME")
             return rows[0]["id"]
-        rows = self.query("SELECT id FROM runs WHERE id=? OR id LIKE ? OR name=? ORDER BY created_at DESC LIMIT 3",
+        rows = self._query("SELECT id FROM runs WHERE id=? OR id LIKE ? OR name=? ORDER BY created_at DESC LIMIT 3",
                           (ref, ref.replace("%", "") + "%", ref))
         exact = [r["id"] for r in rows if r["id"] == ref]
         if exact:
@@ -325,7 +335,7 @@ class Registry:
 
     def get_run(self, ref: str) -> dict[str, Any]:
         run_id = self.resolve_run(ref)
-        row = self.query("SELECT * FROM runs WHERE id=?", (run_id,))[0]
+        row = self._query("SELECT * FROM runs WHERE id=?", (run_id,))[0]
         return _run_dict(row)
 
     def list_runs(
@@ -343,13 +353,13 @@ class Registry:
         if limit:
             sql += " LIMIT ?"
             args.append(int(limit))
-        return [_run_dict(r) for r in self.query(sql, args)]
+        return [_run_dict(r) for r in self._query(sql, args)]
 
     # -- metrics --------------------------------------------------------------------------------------------------
     def log_metrics(self, run_id: str, values: dict[str, float], step: int | None = None) -> None:
         now = time.time()
         rows = [(run_id, k, _num(v), step, now) for k, v in values.items()]
-        with self.transaction() as con:
+        with self._transaction() as con:
             con.executemany("INSERT INTO metrics (run_id, key, value, step, ts) VALUES (?,?,?,?,?)", rows)
 
     def log_metric(self, run_id: str, key: str, value: float, step: int | None = None) -> None:
@@ -357,7 +367,7 @@ class Registry:
 
     def metrics(self, run_id: str) -> dict[str, float]:
         """Latest value of every metric of a run."""
-        rows = self.query(
+        rows = self._query(
             "SELECT key, value FROM metrics WHERE run_id=? ORDER BY ts, rowid", (self.resolve_run(run_id),)
         )
         return {r["key"]: r["value"] for r in rows}
@@ -368,7 +378,7 @@ class Registry:
         if key:
             sql += " AND key=?"
             args.append(key)
-        return [dict(r) for r in self.query(sql + " ORDER BY ts, rowid", args)]
+        return [dict(r) for r in self._query(sql + " ORDER BY ts, rowid", args)]
 
     # -- artifacts ------------------------------------------------------------------------------------------------
     def staging_dir(self, prefix: str = "stage") -> Path:
@@ -424,7 +434,7 @@ class Registry:
             raise
         now = time.time()
         rel = final.relative_to(self.home).as_posix()
-        with self.transaction() as con:
+        with self._transaction() as con:
             con.execute(
                 "INSERT OR IGNORE INTO artifacts (hash, kind, name, path, size, created_at, run_id, meta)"
                 " VALUES (?,?,?,?,?,?,?,?)",
@@ -448,14 +458,14 @@ class Registry:
         files = sorted(f for f in src.rglob("*") if f.is_file()) if src.is_dir() else [src]
         sig = json.dumps([(f.relative_to(src).as_posix() if src.is_dir() else f.name, f.stat().st_size,
                            f.stat().st_mtime_ns) for f in files])
-        rows = self.query("SELECT sig, hash FROM path_hashes WHERE path=?", (str(src),))
+        rows = self._query("SELECT sig, hash FROM path_hashes WHERE path=?", (str(src),))
         if rows and rows[0]["sig"] == sig:
             digest = rows[0]["hash"]
         else:
             digest = hash_tree(src)
-            with self.transaction() as con:
+            with self._transaction() as con:
                 con.execute("INSERT OR REPLACE INTO path_hashes VALUES (?,?,?)", (str(src), sig, digest))
-        with self.transaction() as con:
+        with self._transaction() as con:
             con.execute(
                 "INSERT OR IGNORE INTO artifacts (hash, kind, name, path, size, created_at, run_id, meta)"
                 " VALUES (?,?,?,?,?,?,?,?)",
@@ -474,7 +484,7 @@ class Registry:
         ref = str(ref).strip()
         rows = []
         if len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref.lower()):
-            rows = self.query("SELECT * FROM artifacts WHERE hash LIKE ? LIMIT 2", (ref.lower() + "%",))
+            rows = self._query("SELECT * FROM artifacts WHERE hash LIKE ? LIMIT 2", (ref.lower() + "%",))
             if len(rows) > 1:
                 raise NotFoundError(f"Artifact prefix '{ref}' is ambiguous.", fix="give more characters of the hash")
         if not rows:
@@ -492,7 +502,7 @@ class Registry:
             if kind:
                 sql += " AND a.kind=?"
                 args.append(kind)
-            rows = self.query(sql + " ORDER BY a.created_at DESC, a.rowid DESC LIMIT 1", args)
+            rows = self._query(sql + " ORDER BY a.created_at DESC, a.rowid DESC LIMIT 1", args)
             if not rows:
                 raise NotFoundError(f"Run '{run_id}' has no {kind + ' ' if kind else ''}output artifact.",
                                     fix="check the run finished (`%llmops show " + run_id + "`)")
@@ -506,22 +516,22 @@ class Registry:
 
     def list_artifacts(self, kind: str | None = None, limit: int = 200) -> list[Artifact]:
         sql = "SELECT * FROM artifacts" + (" WHERE kind=?" if kind else "") + " ORDER BY created_at DESC LIMIT ?"
-        return [self._artifact(r) for r in self.query(sql, ((kind, limit) if kind else (limit,)))]
+        return [self._artifact(r) for r in self._query(sql, ((kind, limit) if kind else (limit,)))]
 
     def run_artifacts(self, run_id: str, role: str = "output") -> list[Artifact]:
-        rows = self.query(
+        rows = self._query(
             "SELECT a.* FROM artifacts a JOIN run_artifacts ra ON ra.artifact=a.hash WHERE ra.run_id=? AND ra.role=?"
             " ORDER BY a.created_at", (run_id, role))
         return [self._artifact(r) for r in rows]
 
     def link_input(self, run_id: str, artifact: str | Artifact) -> Artifact:
         art = self.get_artifact(artifact)
-        with self.transaction() as con:
+        with self._transaction() as con:
             con.execute("INSERT OR IGNORE INTO run_artifacts VALUES (?,?,?)", (run_id, art.hash, "input"))
         return art
 
     def add_edge(self, src: str, dst: str, relation: str = "derived", run_id: str | None = None) -> None:
-        with self.transaction() as con:
+        with self._transaction() as con:
             con.execute("INSERT OR IGNORE INTO edges VALUES (?,?,?,?)", (src, dst, relation, run_id))
 
     def lineage(self, ref: str | Artifact, direction: str = "both") -> dict[str, Any]:
@@ -537,12 +547,12 @@ class Registry:
             queries.append("WITH RECURSIVE dn(h) AS (SELECT ? UNION SELECT e.dst FROM edges e JOIN dn ON e.src=dn.h)"
                             " SELECT e.* FROM edges e WHERE e.src IN (SELECT h FROM dn)")
         for sql in queries:
-            for row in self.query(sql, (root.hash,)):
+            for row in self._query(sql, (root.hash,)):
                 edges.add((row["src"], row["dst"], row["relation"], row["run_id"]))
         for src, dst, _, _ in edges:
             for h in (src, dst):
                 if h not in nodes:
-                    rows = self.query("SELECT * FROM artifacts WHERE hash=?", (h,))
+                    rows = self._query("SELECT * FROM artifacts WHERE hash=?", (h,))
                     if rows:
                         nodes[h] = self._artifact(rows[0])
         return {

@@ -22,7 +22,7 @@ def registry_home(root_dir: str | os.PathLike) -> Path:
 def setup_handlers(web_app: Any, root_dir: str | os.PathLike) -> None:
     from jupyter_server.utils import url_path_join
 
-    from .handlers import (
+    from llmops_jupyter.server.handlers import (
         LineageHandler,
         ParametersHandler,
         PipelineHandler,
@@ -31,7 +31,7 @@ def setup_handlers(web_app: Any, root_dir: str | os.PathLike) -> None:
         RunHandler,
         RunsHandler,
     )
-    from .pipeline import PipelineJobs
+    from llmops_jupyter.server.pipeline import PipelineJobs
 
     root = Path(root_dir).expanduser().resolve()
     home = registry_home(root)

@@ -16,10 +16,10 @@ from typing import Any
 import tornado.web
 from jupyter_server.base.handlers import APIHandler
 
-from ..errors import ConfigError, LlmopsError, NotFoundError
-from ..registry import Registry, RunStatus
-from . import resources
-from .pipeline import PipelineJobs, coerce_parameters, notebook_parameters
+from llmops_jupyter.core.errors import ConfigError, LlmopsError, NotFoundError
+from llmops_jupyter.registry import Registry, RunStatus
+from llmops_jupyter.server import resources
+from llmops_jupyter.server.pipeline import PipelineJobs, coerce_parameters, notebook_parameters
 
 _STATUSES = {s.value for s in RunStatus}
 
@@ -123,7 +123,7 @@ class LlmopsHandler(APIHandler):
 
 
 def _run_row(reg: Registry, run: dict[str, Any]) -> dict[str, Any]:
-    from ..stages.registry_views import key_metrics
+    from llmops_jupyter.views.runs import key_metrics
 
     metrics = dict(key_metrics(run["stage"], reg.metrics(run["id"]), n=None))  # the sidebar shows the head
     return {k: run[k] for k in ("id", "stage", "name", "status", "created_at", "started_at", "finished_at",

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DataError
+from llmops_jupyter.core.errors import ConfigError, DataError
 
 PROGRESS_TAG = "LLMOPS-PROGRESS"
 RESULT_TAG = "LLMOPS-RESULT"
@@ -118,7 +118,7 @@ def run_pipeline(notebook: str | os.PathLike, params: dict[str, Any], *, output:
 
     Returns ``{"run_id", "output", "status", "error", "stage_runs"}``.
     """
-    from ..pipelines import run_pipeline as run
+    from llmops_jupyter.pipelines import run_pipeline as run
 
     def report(event) -> None:
         if progress and str(event.type) == "progress" and event.stage == "pipeline":

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from typing import Any
 
-from ..env import pid_alive
+from llmops_jupyter.core.env import pid_alive
 
 _SMI_QUERY = "index,name,memory.used,memory.total,utilization.gpu"
 

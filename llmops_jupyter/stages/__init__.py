@@ -1,2 +1,5 @@
-"""One module per lifecycle stage. Modules here must import only the standard library at top level (plus this
-package): command discovery imports all of them to build `%llmops?` help, and `%load_ext` must stay cheap."""
+"""One package per lifecycle stage: its command module (``stage``), its engine modules and its widgets.
+
+Each stage's command module imports only the standard library and :mod:`llmops_jupyter.core` at top level: the
+catalog (:data:`llmops_jupyter.core.stage.CATALOG`) imports all of them to build ``%llmops?`` help.
+"""

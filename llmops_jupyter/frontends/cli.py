@@ -1,0 +1,53 @@
+"""``llmops`` console script: the same commands and configs as ``%llmops``, outside notebooks."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from llmops_jupyter.core.display import print_text
+from llmops_jupyter.core.errors import ConfigError, LlmopsError
+from llmops_jupyter.frontends.argparsing import HelpRequested, parse_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from llmops_jupyter.core.stage import get_command
+    from llmops_jupyter.frontends.magics import overview  # noqa: PLC0415 - IPython is a core dependency
+
+    if argv and argv[0] == "--home":
+        if len(argv) < 2:
+            print("llmops: --home needs a folder", file=sys.stderr)
+            return 2
+        os.environ["LLMOPS_HOME"] = argv[1]
+        argv = argv[2:]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(overview().replace("%llmops", "llmops").replace("%%llmops", "llmops"))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from llmops_jupyter import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    try:
+        cmd = get_command(name)
+        config = parse_config(cmd.config_cls, rest, prog=f"llmops {name}", description=cmd.help)
+        from llmops_jupyter.frontends.frontdoor import execute
+
+        result = execute(cmd, config, front_end="cli", display=print_text)
+        print_text(result)
+    except HelpRequested as req:
+        print(req.text)
+        return 0
+    except LlmopsError as exc:
+        print(f"llmops: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except KeyboardInterrupt as exc:
+        print(f"llmops: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

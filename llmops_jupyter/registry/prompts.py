@@ -1,0 +1,13 @@
+"""Adaptation tables: versioned prompt templates and per-example retrieval context.
+
+Table DDL lives here (applied by :class:`~llmops_jupyter.registry.core.Registry` on open); the typed methods below are
+the only way the rest of the package reads or writes these tables.
+"""
+
+from __future__ import annotations
+
+SCHEMA = ""
+
+
+class PromptTables:
+    """Mixin of :class:`~llmops_jupyter.registry.core.Registry`: uses its ``query``/``transaction``."""

@@ -1,0 +1,1 @@
+"""``%llmops merge``: fold a LoRA adapter into its full-precision base and verify it."""

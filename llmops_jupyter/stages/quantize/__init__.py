@@ -1,0 +1,1 @@
+"""``%llmops quantize``: GPTQ (GPTQModel) or bitsandbytes export with a report."""

@@ -1,0 +1,400 @@
+"""The OpenAI-compatible FastAPI app: ``/v1/models``, ``/v1/chat/completions`` (with SSE streaming),
+``/v1/completions`` and ``/health``.
+
+Limits are enforced before any generation: request body size (413), ``max_tokens`` and prompt length (400 with
+a message naming the limit and the flag), concurrency (bounded wait for a slot, then 429 with ``Retry-After`` —
+never an unbounded hang). Errors use OpenAI's ``{"error": {...}}`` shape so official clients raise their typed
+exceptions. Every request, including rejected ones, is handed to the :class:`~.reqlog.RequestLog`.
+"""
+
+# No `from __future__ import annotations`: FastAPI and pydantic read the route and model annotations at runtime.
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from typing import Any
+
+from llmops_jupyter.stages.serve.engine import Engine, GenRequest, GenResult, apply_stop
+
+
+@dataclasses.dataclass
+class Limits:
+    max_request_bytes: int = 1 << 20
+    max_tokens: int = 512
+    default_max_tokens: int = 128
+    max_prompt_tokens: int | None = None
+    max_concurrency: int = 4
+    queue_timeout: float = 10.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_id(key_hash: str) -> str:
+    """What the log and manifests record for a client: a short prefix of the key's hash, never the key."""
+    return "k-" + key_hash[:10]
+
+
+@dataclasses.dataclass
+class ServeContext:
+    engine: Engine
+    limits: Limits
+    deployment: str
+    model_name: str
+    model_hash: str | None
+    key_hashes: list[str]  # empty → no auth (loopback only; checked by the stage config)
+    log: Any = None  # RequestLog
+    adapter: Any = None  # llmops_jupyter.stages.adapt.augment.RequestAdapter: stored prompt and/or retrieved context
+    started: float = dataclasses.field(default_factory=time.time)
+
+    def served_names(self) -> set[str]:
+        names = {self.model_name, self.deployment, "default"}
+        if self.model_hash:
+            names |= {self.model_hash, self.model_hash[:12]}
+        return names
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+        super().__init__(message)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: reject bodies over the limit from ``Content-Length`` or while streaming them in."""
+
+    def __init__(self, app: Any, ctx: ServeContext):
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.ctx.limits.max_request_bytes
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._reject(scope, send, int(length))
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await self._reject(scope, send, seen)
+
+    async def _reject(self, scope, send, size: int) -> None:
+        err = APIError(413, f"Request body of {size} bytes exceeds this deployment's limit of "
+                            f"{self.ctx.limits.max_request_bytes} bytes (--max-request-bytes).",
+                       code="request_too_large")
+        body = json.dumps(err.body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        _log(self.ctx, {"endpoint": scope.get("path"), "status": 413, "error": err.message, "latency_s": 0.0})
+
+
+def _log(ctx: ServeContext, rec: dict[str, Any]) -> None:
+    if ctx.log is None:
+        return
+    base = {"request_id": rec.get("request_id") or uuid.uuid4().hex[:16], "ts": time.time(),
+            "deployment": ctx.deployment, "model": ctx.model_hash, "model_name": ctx.model_name}
+    ctx.log.log({**base, **rec})
+
+
+def _stop_list(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    return [str(s) for s in stop][:4]
+
+
+def create_app(ctx: ServeContext):
+    """Build the FastAPI app for one deployment."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        role: str
+        content: str | list[dict[str, Any]] | None = None
+
+    class _Common(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        model: str = "default"
+        max_tokens: int | None = Field(None, ge=1)
+        temperature: float = Field(1.0, ge=0, le=2)
+        top_p: float = Field(1.0, gt=0, le=1)
+        n: int = 1
+        stream: bool = False
+        stop: str | list[str] | None = None
+        seed: int | None = None
+        stream_options: dict[str, Any] | None = None
+
+    class ChatRequest(_Common):
+        messages: list[Message] = Field(min_length=1)
+        max_completion_tokens: int | None = Field(None, ge=1)
+
+    class CompletionRequest(_Common):
+        prompt: str | list[str]
+
+    app = FastAPI(title=f"llmops-jupyter: {ctx.model_name}", docs_url=None, redoc_url=None)
+    app.state.ctx = ctx
+    slots: dict[str, asyncio.Semaphore] = {}
+
+    def sem() -> asyncio.Semaphore:
+        if "s" not in slots:
+            slots["s"] = asyncio.Semaphore(ctx.limits.max_concurrency)
+        return slots["s"]
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", []) if p != "body")
+        msg = f"Invalid request: {loc or 'body'}: {first.get('msg', 'invalid value')}."
+        _log(ctx, {"endpoint": request.url.path, "status": 400, "error": msg, "latency_s": 0.0})
+        return JSONResponse(APIError(400, msg, param=loc or None).body(), status_code=400)
+
+    def authenticate(request: Request) -> str | None:
+        if not ctx.key_hashes:
+            return None
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and token:
+            h = hash_key(token.strip())
+            for known in ctx.key_hashes:
+                if hmac.compare_digest(h, known):
+                    return key_id(known)
+        _log(ctx, {"endpoint": request.url.path, "status": 401, "error": "invalid or missing API key",
+                   "latency_s": 0.0})
+        raise APIError(401, "Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.",
+                       type="authentication_error", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "deployment": ctx.deployment, "model": ctx.model_name,
+                "uptime_s": round(time.time() - ctx.started, 3)}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authenticate(request)
+        return {"object": "list", "data": [{"id": ctx.model_name, "object": "model", "created": int(ctx.started),
+                                            "owned_by": "llmops-jupyter", "artifact": ctx.model_hash}]}
+
+    def check_common(body: _Common, prompt: str) -> tuple[int, int]:
+        if body.model not in ctx.served_names():
+            raise APIError(404, f"The model '{body.model}' is not served here; this deployment serves "
+                                f"'{ctx.model_name}'.", code="model_not_found", param="model")
+        if body.n != 1:
+            raise APIError(400, "Only n=1 is supported.", param="n")
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if max_tokens is None:
+            max_tokens = min(ctx.limits.default_max_tokens, ctx.limits.max_tokens)
+        if max_tokens > ctx.limits.max_tokens:
+            raise APIError(400, f"max_tokens={max_tokens} exceeds this deployment's limit of "
+                                f"{ctx.limits.max_tokens} (--max-tokens).", param="max_tokens",
+                           code="max_tokens_exceeded")
+        n_prompt = ctx.engine.count_tokens(prompt)
+        budget = ctx.engine.context_length - max_tokens
+        if ctx.limits.max_prompt_tokens is not None:
+            budget = min(budget, ctx.limits.max_prompt_tokens)
+        if n_prompt > budget:
+            raise APIError(400, f"The prompt has {n_prompt} tokens; this deployment accepts at most {budget} "
+                                f"with max_tokens={max_tokens} (context {ctx.engine.context_length}). "
+                                "Shorten the prompt or lower max_tokens.", param="messages",
+                           code="context_length_exceeded")
+        return max_tokens, n_prompt
+
+    async def acquire() -> None:
+        try:
+            await asyncio.wait_for(sem().acquire(), timeout=ctx.limits.queue_timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise APIError(429, f"Server busy: all {ctx.limits.max_concurrency} generation slots stayed taken for "
+                                f"{ctx.limits.queue_timeout:g}s (--max-concurrency/--queue-timeout). Retry later.",
+                           type="rate_limit_error", code="server_busy",
+                           headers={"Retry-After": str(max(1, round(ctx.limits.queue_timeout)))}) from None
+
+    async def handle(request: Request, body: _Common, *, chat: bool):
+        t0 = time.perf_counter()
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        endpoint = request.url.path
+        if chat:
+            messages = [{"role": m.role, "content": _content(m.content)} for m in body.messages]  # type: ignore[attr-defined]
+            adapted: dict[str, Any] = {}
+            if ctx.adapter is not None:  # the stored prompt / retrieved context, logged as the model saw it
+                messages, adapted = await asyncio.to_thread(ctx.adapter, messages)
+            shown = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+            prompt_text = ctx.engine.chat_prompt(messages)
+        else:
+            messages, adapted = None, {}
+            p = body.prompt  # type: ignore[attr-defined]
+            if isinstance(p, list):
+                if len(p) != 1:
+                    raise APIError(400, "Send one prompt per request.", param="prompt")
+                p = p[0]
+            shown = prompt_text = p
+        rec: dict[str, Any] = {"request_id": rid, "endpoint": endpoint, "prompt": shown, "messages": messages,
+                               "stream": body.stream}
+        if adapted:
+            rec["checks"] = adapted  # prompt ref, index, retrieved chunk ids: kept with the record's checks
+        try:
+            rec["key_id"] = authenticate(request)
+            max_tokens, rec["tokens_in"] = check_common(body, prompt_text)
+            await acquire()
+        except APIError as exc:
+            if exc.status != 401:  # 401 is logged (without the body) by authenticate
+                _log(ctx, {**rec, "status": exc.status, "error": exc.message,
+                           "latency_s": time.perf_counter() - t0})
+            raise
+        gen = GenRequest(prompt_text, max_tokens, temperature=body.temperature, top_p=body.top_p,
+                         seed=body.seed or 0, stop=_stop_list(body.stop))
+        if body.stream:
+            return _stream(request, ctx, gen, rec, t0, chat=chat, release=sem().release, rid=rid, body=body)
+        try:
+            ctx.engine.submit(gen)
+            result: GenResult = await asyncio.wrap_future(gen.future)
+        except Exception as exc:
+            _log(ctx, {**rec, "status": 500, "error": f"{type(exc).__name__}: {exc}",
+                       "latency_s": time.perf_counter() - t0})
+            raise APIError(500, f"Generation failed: {type(exc).__name__}.", type="server_error") from None
+        finally:
+            sem().release()
+        latency = time.perf_counter() - t0
+        _log(ctx, {**rec, "response": result.text, "status": 200, "latency_s": latency,
+                   "tokens_out": result.completion_tokens, "finish_reason": result.finish_reason})
+        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                 "total_tokens": result.prompt_tokens + result.completion_tokens}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                      "finish_reason": result.finish_reason, "logprobs": None}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+            obj = "text_completion"
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": ctx.model_name,
+                "choices": [choice], "usage": usage, "system_fingerprint": ctx.model_hash[:12] if ctx.model_hash else None}
+
+    def _stream(request, ctx, gen: GenRequest, rec, t0, *, chat: bool, release, rid: str, body: _Common):
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        gen.stream = (loop, out)
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta_text: str | None, finish: str | None = None, *, first: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {}
+                if first:
+                    delta["role"] = "assistant"
+                if delta_text:
+                    delta["content"] = delta_text
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
+            data = {"id": rid, "object": obj, "created": created, "model": ctx.model_name, "choices": [choice]}
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def events():
+            text = ""
+            status, error, result = 200, None, None
+            try:
+                ctx.engine.submit(gen)
+                if chat:
+                    yield chunk(None, first=True)
+                while True:
+                    kind, value = await out.get()
+                    if kind == "text":
+                        cut, stopped = apply_stop(text + value, gen.stop)
+                        piece = cut[len(text):]
+                        text = cut
+                        if piece:
+                            yield chunk(piece)
+                        if stopped:
+                            gen.cancelled.set()
+                    elif kind == "end":
+                        result = value
+                        finish = "stop" if apply_stop(result.text, gen.stop)[1] else result.finish_reason
+                        yield chunk(None, finish)
+                        if include_usage:
+                            usage = {"prompt_tokens": result.prompt_tokens,
+                                     "completion_tokens": result.completion_tokens,
+                                     "total_tokens": result.prompt_tokens + result.completion_tokens}
+                            yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': ctx.model_name, 'choices': [], 'usage': usage})}\n\n"
+                        yield "data: [DONE]\n\n"
+                        break
+                    else:
+                        status, error = 500, f"{type(value).__name__}: {value}"
+                        err = APIError(500, f"Generation failed: {type(value).__name__}.", type="server_error")
+                        yield f"data: {json.dumps(err.body())}\n\n"
+                        break
+            except asyncio.CancelledError:
+                status, error = 499, "client disconnected"
+                gen.cancelled.set()
+                raise
+            finally:
+                release()
+                _log(ctx, {**rec, "response": text, "status": status, "error": error,
+                           "latency_s": time.perf_counter() - t0,
+                           "tokens_out": result.completion_tokens if result else None,
+                           "finish_reason": (("stop" if apply_stop(result.text, gen.stop)[1] else result.finish_reason)
+                                             if result else None)})
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatRequest):
+        return await handle(request, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest):
+        return await handle(request, body, chat=False)
+
+    return BodyLimitMiddleware(app, ctx)
+
+
+def _content(content: Any) -> str:
+    """OpenAI content may be a list of parts; only text parts are supported."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise APIError(400, f"Unsupported content part type '{part.get('type')}'; send text.", param="messages")
+        parts.append(str(part.get("text") or ""))
+    return "\n".join(parts)

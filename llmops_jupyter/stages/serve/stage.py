@@ -1,0 +1,266 @@
+"""``%llmops serve``: an OpenAI-compatible endpoint for any model version, and ``%llmops deployments``.
+
+The run records a ``deployment`` artifact (a JSON manifest: model artifact hash, url, start time, limits, key ids)
+with lineage model → deployment; the registry's ``deployments`` table keeps its live status. Requests are logged,
+PII-scrubbed, to the ``requests`` table for ``%llmops monitor``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import ipaddress
+import json
+import os
+import secrets
+import sys
+import time
+from typing import Any
+
+from llmops_jupyter.core.config import StageConfig, option
+from llmops_jupyter.core.display import Table, fmt_time
+from llmops_jupyter.core.errors import ConfigError
+from llmops_jupyter.core.stage import CommandEnv, Stage, command, register_stage
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclasses.dataclass
+class ServeConfig(StageConfig):
+    model: str | None = option(None, "model to serve: a run id (merged/quantized/adapter/base), a checkpoint "
+                                     "folder or a provider name such as tiny-llama")
+    deployment: str | None = option(None, "with --stop: the deployment id to stop (default: every running one "
+                                          "this kernel can stop)", positional=True)
+    stop: bool = option(False, "stop a deployment gracefully (in-flight requests finish first)")
+    host: str = option("127.0.0.1", "interface to listen on; loopback by default, 0.0.0.0 exposes it")
+    port: int = option(0, "TCP port (0 = any free port)", min=0, max=65535)
+    api_key_env: str | None = option(None, "environment variable holding the API key(s) (comma-separated); "
+                                           "without it a key is generated and shown once")
+    auth: bool = option(True, "require an API key (--no-auth is allowed on loopback only)")
+    max_request_bytes: int = option(1 << 20, "largest accepted request body; larger ones get 413", min=256)
+    max_tokens: int = option(512, "largest max_tokens a request may ask for; more gets 400", min=1)
+    default_max_tokens: int = option(128, "max_tokens when a request does not say (capped at --max-tokens)", min=1)
+    max_prompt_tokens: int | None = option(None, "longest accepted prompt in tokens (default: context length "
+                                                 "minus max_tokens)", min=1)
+    max_concurrency: int = option(4, "requests generating or streaming at once", min=1, max=1024)
+    queue_timeout: float = option(10.0, "seconds a request waits for a free slot before a 429", min=0)
+    max_batch: int = option(8, "micro-batch size: concurrent requests generated together", min=1, max=256)
+    grace: float = option(30.0, "seconds in-flight requests get to finish on stop", min=0)
+    prompt: str | None = option(None, "versioned prompt name@version applied to every chat request (its system "
+                                      "part replaces the client's system message; a user part whose variables are "
+                                      "question/context wraps the user message)")
+    rag: str | None = option(None, "vector index (index run, hash or folder): retrieve context for every chat "
+                                   "request and put it into the prompt; monitoring checks answers against it")
+    rag_k: int = option(3, "chunks retrieved per request with --rag", min=1, max=100)
+    device: str | None = option(None, "cpu, cuda, cuda:1 (default: cuda when available)")
+    detach: bool = option(False, "serve from a separate process that outlives the kernel")
+    foreground: bool | None = option(None, "block until stopped (Ctrl-C); default: yes outside notebooks "
+                                           "(the `llmops serve` CLI), no in a kernel")
+
+    def validate(self) -> None:
+        if self.stop:
+            return
+        if not self.model:
+            raise self.invalid("model", "is required to start a deployment",
+                               fix="pass --model <run|folder|provider>, or --stop to stop one")
+        if self.deployment:
+            raise self.invalid("deployment", "is only used with --stop", fix="drop it, or add --stop")
+        if not self.auth and not _is_loopback(self.host):
+            raise self.invalid("auth", "may only be disabled on a loopback host",
+                               fix="keep auth on (default) or use --host 127.0.0.1")
+        if self.detach and self.foreground:
+            raise self.invalid("foreground", "cannot be combined with --detach")
+
+
+class DeploymentInfo:
+    """What `%llmops serve` shows: where the endpoint is, and the generated key exactly once."""
+
+    def __init__(self, info: dict[str, Any], api_key: str | None):
+        self.info = info
+        self._key = api_key
+
+    @property
+    def api_key(self) -> str | None:
+        """The generated key; it exists only in this object (the registry keeps its hash prefix)."""
+        return self._key
+
+    def _key_line(self) -> str:
+        if self._key is None:
+            return ""
+        return f"API key (shown once, not stored; keep it now): {self._key}"
+
+    def _rows(self) -> list[tuple[str, str]]:
+        i = self.info
+        return [("deployment", i["deployment"]), ("url", i["url"]), ("model", f"{i['model']['name']} "
+                f"({i['model']['kind']} {str(i['model']['hash'])[:12]})"), ("mode", i["mode"]),
+                ("stop", f"%llmops serve --stop {i['deployment']}")]
+
+    def __str__(self) -> str:
+        lines = [f"{k:<11} {v}" for k, v in self._rows()]
+        key = self._key_line()
+        return "\n".join(lines + ([key] if key else []))
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(v)}</code></td></tr>"
+                       for k, v in self._rows())
+        key = self._key_line()
+        return (f"<div class='llmops-deployment'><b>Serving</b><table>{rows}</table>"
+                + (f"<div><b>{html.escape(key)}</b></div>" if key else "") + "</div>")
+
+
+def _keys(cfg: ServeConfig) -> tuple[list[str], str | None]:
+    """(key hashes, generated key or None)."""
+    from llmops_jupyter.stages.serve.app import hash_key
+
+    if not cfg.auth:
+        return [], None
+    if cfg.api_key_env:
+        raw = os.environ.get(cfg.api_key_env, "")
+        keys = [k.strip() for k in raw.split(",") if k.strip()]
+        if not keys:
+            raise ConfigError(f"serve: --api-key-env {cfg.api_key_env}: that environment variable is empty or unset.",
+                              field="api_key_env", value=cfg.api_key_env,
+                              fix=f"export {cfg.api_key_env}=<key> before starting the kernel, or drop the flag "
+                                  "to get a generated key")
+        return [hash_key(k) for k in keys], None
+    key = "sk-llmops-" + secrets.token_urlsafe(24)
+    return [hash_key(key)], key
+
+
+@register_stage
+class ServeStage(Stage):
+    """Serve a model version over an OpenAI-compatible HTTP API (chat/completions, streaming); --stop stops it."""
+
+    name = "serve"
+    config_cls = ServeConfig
+
+    def run(self, ctx) -> dict[str, Any]:
+        from llmops_jupyter.stages.serve import server
+
+        cfg: ServeConfig = ctx.config
+        reg = ctx.registry
+        if cfg.stop:
+            ids = server.stop(reg, cfg.deployment, timeout=cfg.grace + 30)
+            ctx.set_summary(stopped=ids)
+            rows = [[r["id"], r["status"], r["url"], fmt_time(r["stopped_at"])]
+                    for r in server.list_deployments(reg) if r["id"] in ids]
+            return {"stopped": Table(["deployment", "status", "url", "stopped"], rows, title="Stopped")}
+
+        from llmops_jupyter.models.refs import use_model
+        from llmops_jupyter.stages.serve.app import Limits, ServeContext, key_id
+
+        m = use_model(ctx, cfg.model)
+        from llmops_jupyter.stages.adapt.augment import RequestAdapter
+
+        adapter = RequestAdapter.from_refs(reg, cfg.prompt, cfg.rag, cfg.rag_k)  # fails before the port is bound
+        if adapter is not None:  # lineage: prompt / index → deployment
+            if adapter.template is not None:
+                ctx.use(adapter.template.hash)
+            if adapter.index is not None and adapter.index.artifact is not None:
+                ctx.use(adapter.index.artifact)
+        key_hashes, generated = _keys(cfg)
+        limits = Limits(max_request_bytes=cfg.max_request_bytes, max_tokens=cfg.max_tokens,
+                        default_max_tokens=cfg.default_max_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
+                        max_concurrency=cfg.max_concurrency, queue_timeout=cfg.queue_timeout)
+        foreground = cfg.foreground if cfg.foreground is not None else (not cfg.detach and not _in_kernel())
+        mode = "process" if cfg.detach else ("foreground" if foreground else "thread")
+        sock = server.bind(cfg.host, cfg.port)
+        port = sock.getsockname()[1]
+        url = server.url_for(cfg.host, port)
+        dep_id = ctx.run_id
+        model_hash = m.artifact.hash if m.artifact else None
+        manifest = {"deployment": dep_id, "url": url, "host": cfg.host, "port": port, "mode": mode,
+                    "started": time.time(), "limits": limits.to_dict(), "key_ids": [key_id(h) for h in key_hashes],
+                    "auth": cfg.auth, "model": {"hash": model_hash, "kind": m.kind, "name": m.name,
+                                                "path": str(m.path)},
+                    "openai_base_url": url, "batching": {"max_batch": cfg.max_batch},
+                    "prompt": adapter.template.ref if adapter and adapter.template else None,
+                    "rag": {"index": adapter.index_hash, "k": cfg.rag_k} if adapter and adapter.index else None}
+        server.record(reg, dep_id, run_id=ctx.run_id, model=model_hash, model_name=m.name, url=url, mode=mode,
+                      pid=os.getpid(), host=os.uname().nodename, status="starting", started_at=manifest["started"],
+                      key_ids=manifest["key_ids"], limits=manifest["limits"])
+        try:
+            if mode == "process":
+                spec = {"deployment": dep_id, "model_path": model_hash or str(m.path), "model_name": m.name,
+                        "model_hash": model_hash, "limits": limits.to_dict(), "key_hashes": key_hashes,
+                        "url": url, "grace": cfg.grace, "device": cfg.device,
+                        "prompt": adapter.template.ref if adapter and adapter.template else None,
+                        "rag": str(adapter.index.path) if adapter and adapter.index else None,
+                        "rag_index": adapter.index_hash if adapter else None, "rag_k": cfg.rag_k}
+                ctx.log(f"starting detached server for {m.name} on {url}")
+                server.spawn_process(spec, sock, reg)
+                serve_ctx = None
+            else:
+                from llmops_jupyter.stages.monitor.otel import exporter_from_env
+                from llmops_jupyter.stages.serve.engine import Engine
+                from llmops_jupyter.stages.serve.reqlog import RequestLog
+
+                ctx.progress(0, 1, "loading model")
+                engine = Engine(m, registry=reg, device=cfg.device, max_batch=cfg.max_batch)
+                ctx.progress(1, 1, "loading model")
+                serve_ctx = ServeContext(engine=engine, limits=limits, deployment=dep_id, model_name=m.name,
+                                         model_hash=model_hash, key_hashes=key_hashes,
+                                         log=RequestLog(reg, exporter=exporter_from_env()), adapter=adapter)
+        except BaseException as exc:
+            sock.close()
+            server.record(reg, dep_id, status="failed", stopped_at=time.time(), error=f"{type(exc).__name__}: {exc}")
+            raise
+        folder = ctx.staging_dir("deployment")
+        (folder / "deployment.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        art = ctx.save_artifact(folder, "deployment", name=f"{m.name}@{url}", meta={"url": url, "mode": mode})
+        server.record(reg, dep_id, artifact=art.hash)
+        ctx.set_summary(deployment=dep_id, url=url, model=model_hash, mode=mode)
+        info = DeploymentInfo({**manifest, "artifact": art.hash}, generated)
+        if mode == "thread":
+            dep = server.start_thread(serve_ctx, sock, reg, url, grace=cfg.grace)
+            server.record(reg, dep_id, status="running")
+            return {"deployment": info, "handle": dep}
+        if mode == "foreground":
+            server.record(reg, dep_id, status="running")
+            print(str(info), flush=True)
+            print("Serving in the foreground; Ctrl-C stops gracefully.", flush=True)
+            server.serve_foreground(serve_ctx, sock, reg, grace=cfg.grace)
+            return {"deployment": info}
+        return {"deployment": info}
+
+
+def _in_kernel() -> bool:
+    ip = sys.modules.get("IPython")
+    if ip is None:
+        return False
+    try:
+        return ip.get_ipython() is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@dataclasses.dataclass
+class DeploymentsConfig(StageConfig):
+    status: str | None = option(None, "only deployments with this status",
+                                choices=["starting", "running", "stopping", "stopped", "failed", "lost"])
+
+
+@command("deployments", DeploymentsConfig)
+def deployments(cfg: DeploymentsConfig, env: CommandEnv) -> Table:
+    """List deployments (running, stopped, lost) with their url, model and request counts."""
+    from llmops_jupyter.stages.serve.server import list_deployments
+
+    rows = []
+    counts = {r["deployment"]: r["n"] for r in env.registry.query(
+        "SELECT deployment, COUNT(*) AS n FROM requests GROUP BY deployment")}
+    for r in list_deployments(env.registry, status=cfg.status):
+        rows.append([r["id"], r["status"], r["mode"], r["url"], r["model_name"], str(r["model"] or "")[:12],
+                     fmt_time(r["started_at"]), counts.get(r["id"], 0)])
+    return Table(["deployment", "status", "mode", "url", "model", "artifact", "started", "requests"], rows,
+                 title="Deployments")

@@ -1,0 +1,1 @@
+"""Read-only views over the registry: ``runs``, ``show``, ``lineage``, ``models``/``plan``. Not recorded as runs."""

@@ -1,1 +1,0 @@
-"""Notebook views. Each subscribes to runner events; none is imported by `%load_ext`."""
