@@ -99,7 +99,8 @@ def variant_baseline(model: Path, data: Path, steps: int, bs: int, seq_len: int)
     )
 
     from llmops_jupyter.stages.data.format import Dataset
-    from llmops_jupyter.stages.finetune.sft import TokenCounter, resolve_dtype, tokenize
+    from llmops_jupyter.stages.finetune.sft import tokenize
+    from llmops_jupyter.stages.finetune.train import TokenCounter, resolve_dtype
 
     ds = Dataset(data)
     tok = AutoTokenizer.from_pretrained(str(model))

@@ -34,8 +34,7 @@ def _watch(registry: Any, since: float, stop: threading.Event, t0: float) -> Non
     seen: dict[str, str] = {}
     while not stop.wait(2.0):
         try:
-            rows = registry.query("SELECT id, stage, status, duration_s FROM runs WHERE created_at>=? AND "
-                                  "stage!='pipeline' ORDER BY created_at", (since,))
+            rows = [r for r in reversed(registry.list_runs(since=since, limit=None)) if r["stage"] != "pipeline"]
         except Exception:  # noqa: BLE001 - the registry may be busy; try again next tick
             continue
         for r in rows:
@@ -108,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nDEMO FAILED after {_clock(took)}: {error}", file=sys.stderr)
         return 1
     report = out / str(params["report"])
-    rep_runs = registry.query("SELECT id FROM runs WHERE stage='report' AND parent_id=? ORDER BY created_at DESC",
-                              (run_id,))
+    rep_runs = registry.child_runs(run_id, "report", newest_first=True)
     print(f"HTML report        {report}")
     if rep_runs:
         art = registry.get_artifact(f"{rep_runs[0]['id']}:report")

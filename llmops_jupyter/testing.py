@@ -7,11 +7,22 @@ provider); it is re-exported here because notebooks and docs import it from this
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from llmops_jupyter.models.tiny import CHAT_TEMPLATE, TINY_NAME, build_tiny_model, build_tokenizer, tiny_model_path
+from llmops_jupyter.models.tiny import CHAT_TEMPLATE, TINY_NAME, build_tiny_model, build_tokenizer
 
 __all__ = ["CHAT_TEMPLATE", "TINY_NAME", "build_tiny_model", "build_tokenizer", "read_bytes_elsewhere",
            "tiny_model_path", "tiny_records", "write_tiny_dataset"]
+
+
+def tiny_model_path(cache: str | os.PathLike | None = None) -> Path:
+    """Build (once) and return the tiny model in the local model cache."""
+    from llmops_jupyter.models.refs import model_cache_dir
+
+    target = Path(cache) if cache else model_cache_dir() / TINY_NAME
+    if not (target / "config.json").exists():
+        build_tiny_model(target)
+    return target
 
 
 def tiny_records(n: int = 48, seed: int = 0) -> list[dict[str, str]]:

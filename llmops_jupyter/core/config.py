@@ -29,12 +29,16 @@ def option(
     cell: bool = False,
     secret: bool = False,
     flag: str | None = None,
+    aliases: typing.Sequence[str] = (),
     default_factory: Any = dataclasses.MISSING,
 ) -> Any:
     """A dataclass field with the metadata every front end reads.
 
     ``positional``: the magic/CLI takes it as the first bare argument. ``cell``: a ``%%llmops`` cell body fills it.
     ``secret``: never stored in the registry or output notebooks (only an env-var reference is).
+    ``aliases``: other names users type for the same setting (peft's ``lora_r`` for ``rank``): accepted as
+    ``--lora-r`` by the magic and CLI (shown in ``--help``) and as keys by :meth:`StageConfig.from_dict`; the field
+    name stays the one name stored in the registry, templates, sweeps and cards.
     """
     meta = {
         "help": help,
@@ -46,6 +50,7 @@ def option(
         "cell": cell,
         "secret": secret,
         "flag": flag,
+        "aliases": tuple(aliases),
     }
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -154,9 +159,15 @@ class StageConfig:
         """Strict constructor: unknown keys are an error naming the key, close matches and the known keys."""
         data = {**(data or {}), **overrides}
         known = {f.name: f for f in dataclasses.fields(cls)}
+        alias_of = {a: f.name for f in known.values() for a in f.metadata.get("aliases", ())}
         clean: dict[str, Any] = {}
         for key, value in data.items():
             name = key.replace("-", "_").lstrip("_") if isinstance(key, str) else key
+            if name in alias_of:
+                if alias_of[name] in clean or alias_of[name] in data:
+                    raise ConfigError(f"'{key}' and '{alias_of[name]}' name the same setting.", field=str(key),
+                                      value=value, fix=f"give only '{alias_of[name]}'")
+                name = alias_of[name]
             if name not in known:
                 close = difflib.get_close_matches(str(name), list(known), n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""

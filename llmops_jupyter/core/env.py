@@ -76,6 +76,27 @@ def project_root() -> Path:
     return Path.cwd()
 
 
+def process_start(pid: int | None = None) -> float | None:
+    """When process ``pid`` (default: this one) started, in clock ticks since boot (Linux ``/proc``), else None.
+
+    Stored with a run's pid so a reader never mistakes a recycled pid for the run's process."""
+    try:
+        fields = Path(f"/proc/{pid or os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+        return float(fields[19])  # field 22 of stat: starttime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_gone(pid: int | None, host: str | None, started: float | None) -> bool:
+    """Whether the process that owns a run on *this* host is gone (dead, a zombie, or its pid now another
+    process). A run from another host is never judged from here."""
+    if host != os.uname().nodename:
+        return False
+    if not pid_alive(pid):
+        return True
+    return started is not None and process_start(pid) not in (None, started)
+
+
 def pid_alive(pid: int | None) -> bool:
     """Whether a local process is running (a zombie — dead, not yet reaped — is not)."""
     if not pid:

@@ -7,6 +7,7 @@ report through their :class:`RunContext`; widgets and progress bars subscribe to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import gc
@@ -15,9 +16,11 @@ import html
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +43,7 @@ class EventType(str, enum.Enum):
     FINISHED = "finished"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    DETACHED = "detached"  # the run goes on in another process (a detached worker); it ends here for listeners
 
     def __str__(self) -> str:
         return self.value
@@ -52,9 +56,35 @@ class Event:
     stage: str
     data: dict[str, Any]
     ts: float = dataclasses.field(default_factory=time.time)
+    #: the registry the run is recorded in (set by :meth:`Runner.emit`), so listeners never have to search for it
+    registry: Registry | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 Listener = Callable[[Event], None]
+
+#: Events after which this process sees no more of a run: listeners release what they hold for it.
+END_EVENTS = frozenset({EventType.FINISHED, EventType.FAILED, EventType.INTERRUPTED, EventType.DETACHED})
+
+#: What every Runner records besides the run itself: the audit log, resource sampling and automatic model cards.
+#: An explicit list (like the command catalog), named ``module:attribute`` and imported when a Runner is made, so
+#: ``core`` imports nothing above it and every process that runs a stage (kernel, CLI, detached worker, sweep worker,
+#: Lab server) gets the same set without importing anything for its side effects.
+DEFAULT_LISTENERS: tuple[str, ...] = (
+    "llmops_jupyter.governance.audit:listener",
+    "llmops_jupyter.governance.gpu:listener",
+    "llmops_jupyter.governance.cards:auto_card_listener",
+)
+
+
+def default_listeners() -> list[Listener]:
+    """The :data:`DEFAULT_LISTENERS`, imported."""
+    import importlib
+
+    out = []
+    for ref in DEFAULT_LISTENERS:
+        module, _, attr = ref.partition(":")
+        out.append(getattr(importlib.import_module(module), attr))
+    return out
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -79,6 +109,7 @@ class RunContext:
         self.summary: dict[str, Any] = {}
         self._staging: list[Path] = []
         self._metric_latest: dict[str, float] = {}
+        self.handed_off: int | None = None
 
     # -- reporting ------------------------------------------------------------------------------------------------
     def emit(self, type: EventType, **data: Any) -> None:
@@ -99,6 +130,12 @@ class RunContext:
 
     def set_summary(self, **values: Any) -> None:
         self.summary.update(jsonable(values))
+
+    def hand_off(self, pid: int) -> None:
+        """The run continues in process ``pid`` (a detached worker): the Runner records no end for it here; that
+        process records the end, or any registry reader marks the run failed once ``pid`` is gone."""
+        self.registry.adopt_run(self.run_id, pid)
+        self.handed_off = pid
 
     # -- artifacts & lineage --------------------------------------------------------------------------------------
     def staging_dir(self, prefix: str | None = None) -> Path:
@@ -204,21 +241,22 @@ def cache_key(stage: str, params: dict[str, Any], inputs: list[str]) -> str:
 
 
 class Runner:
-    """Executes stages. Listeners passed here, or added with :meth:`subscribe`, get every :class:`Event`."""
+    """Executes stages. Every :class:`Event` goes to the :func:`default_listeners` (unless ``defaults=False``), then
+    to the ``listeners`` passed here and those added with :meth:`subscribe` (front ends' progress views)."""
 
-    #: Listeners every runner notifies (front ends register here, e.g. the magics' progress display).
-    global_listeners: list[Listener] = []
-
-    def __init__(self, registry: Registry | None = None, listeners: list[Listener] | None = None):
+    def __init__(self, registry: Registry | None = None, listeners: list[Listener] | None = None, *,
+                 defaults: bool = True):
         self.registry = registry or Registry.open()
-        self.listeners: list[Listener] = list(listeners or [])
+        self.listeners: list[Listener] = [*(default_listeners() if defaults else []), *(listeners or [])]
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         self.listeners.append(listener)
         return lambda: self.listeners.remove(listener) if listener in self.listeners else None
 
     def emit(self, event: Event) -> None:
-        for listener in [*self.listeners, *Runner.global_listeners]:
+        if event.registry is None:
+            event.registry = self.registry
+        for listener in list(self.listeners):
             try:
                 listener(event)
             except Exception as exc:  # noqa: BLE001 - a broken view must never kill a training run
@@ -234,6 +272,7 @@ class Runner:
         parent_id: str | None = None,
         run_id: str | None = None,
         cache: bool | str = False,
+        adopt: bool = False,
         **params: Any,
     ) -> RunResult:
         """Run a stage and record it.
@@ -241,7 +280,11 @@ class Runner:
         ``parent_id`` defaults to ``$LLMOPS_PIPELINE_RUN`` (set by the papermill glue), so stage runs made inside a
         pipeline notebook hang under that pipeline run. ``cache=True`` (or an explicit key string) reuses the
         outputs of an earlier finished run with the same cache key: a new run marked ``cached`` is recorded and
-        returned without executing the stage.
+        returned without executing the stage. ``adopt=True`` continues the existing run ``run_id`` in this process
+        (a detached worker taking over the run its launcher recorded) instead of recording a new one.
+
+        SIGINT (Ctrl-C, the kernel's interrupt) and SIGTERM (``timeout``, a scheduler, ``kill``) stop the stage
+        the same way: the run is recorded as ``interrupted`` with its resume hint before the process exits.
         """
         from llmops_jupyter.core.stage import get_stage
 
@@ -255,51 +298,66 @@ class Runner:
         run_params = config.to_params()
         parent_id = parent_id or os.environ.get("LLMOPS_PIPELINE_RUN") or None
         key = (cache if isinstance(cache, str) else cache_key(stage_name, run_params, [])) if cache else None
-        if key:
+        if key and not adopt:
             hit = self._from_cache(stage_name, key, run_params, name=name, tags=tags, parent_id=parent_id)
             if hit is not None:
                 return hit
-        run_id = self.registry.create_run(
-            stage_name, run_params, name=name, notebook=current_notebook(), git_commit=git_commit(),
-            env=environment(), parent_id=parent_id, tags=tags, run_id=run_id,
-        )
+        if adopt:
+            if not run_id:
+                raise ValueError("adopt=True needs the run_id to continue")
+            self.registry.adopt_run(run_id)
+        else:
+            run_id = self.registry.create_run(
+                stage_name, run_params, name=name, notebook=current_notebook(), git_commit=git_commit(),
+                env=environment(), parent_id=parent_id, tags=tags, run_id=run_id,
+            )
         ctx = RunContext(self, run_id, stage_name, config)
         start = time.time()
-        self.emit(Event(EventType.STARTED, run_id, stage_name, {"params": run_params}))
+        self.emit(Event(EventType.STARTED, run_id, stage_name, {"params": run_params, **({"adopted": True} if adopt
+                                                                                          else {})}))
         outputs: dict[str, Any] = {}
         status = RunStatus.FAILED
         error: str | None = None
-        try:
-            result = stage_obj.run(ctx)
-            outputs = dict(result or {})
-            status = RunStatus.FINISHED
-        except KeyboardInterrupt:
-            status = RunStatus.INTERRUPTED
-            error = "interrupted by user"
-        except LlmopsError as exc:
-            error = str(exc)
-            raise
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            ctx._cleanup()
-            summary = dict(ctx.summary)
-            if status is RunStatus.FINISHED and ctx.inputs:
-                summary.setdefault("inputs", [a.hash for a in ctx.inputs])
-            self.registry.finish_run(run_id, status, error=error, summary=summary or None)
-            if key and status is RunStatus.FINISHED:
-                self.registry.update_run(run_id, cache_key=key)
-            if status is RunStatus.FINISHED:
-                self.emit(Event(EventType.FINISHED, run_id, stage_name, {"duration_s": time.time() - start}))
-            elif status is RunStatus.INTERRUPTED:
-                self.emit(Event(EventType.INTERRUPTED, run_id, stage_name, {}))
-            else:
-                self.emit(Event(EventType.FAILED, run_id, stage_name, {"error": error}))
+        hint = ""
+        with _sigterm_interrupts() as signalled:
+            try:
+                result = stage_obj.run(ctx)
+                outputs = dict(result or {})
+                status = RunStatus.FINISHED
+            except KeyboardInterrupt:
+                status = RunStatus.INTERRUPTED
+                hint = getattr(stage_obj, "interrupt_hint", lambda _ctx: "")(ctx)
+                error = (f"interrupted by {signalled[0]}" if signalled else "interrupted by user") + (
+                    f". {hint}" if hint else "")
+            except LlmopsError as exc:
+                error = str(exc)
+                raise
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                ctx._cleanup()
+                summary = dict(ctx.summary)
+                if status is RunStatus.FINISHED and ctx.inputs:
+                    summary.setdefault("inputs", [a.hash for a in ctx.inputs])
+                if status is RunStatus.FINISHED and ctx.handed_off:
+                    status = RunStatus.RUNNING  # the worker records the end
+                    if summary:
+                        self.registry.update_run(run_id, summary=summary)
+                    self.emit(Event(EventType.DETACHED, run_id, stage_name, {"pid": ctx.handed_off}))
+                else:
+                    self.registry.finish_run(run_id, status, error=error, summary=summary or None)
+                if key and status is RunStatus.FINISHED:
+                    self.registry.update_run(run_id, cache_key=key)
+                if status is RunStatus.FINISHED:
+                    self.emit(Event(EventType.FINISHED, run_id, stage_name, {"duration_s": time.time() - start}))
+                elif status is RunStatus.INTERRUPTED:
+                    self.emit(Event(EventType.INTERRUPTED, run_id, stage_name, {"error": error}))
+                elif status is RunStatus.FAILED:
+                    self.emit(Event(EventType.FAILED, run_id, stage_name, {"error": error}))
         if status is RunStatus.INTERRUPTED:
             # Drop every reference to the stage and its tensors before raising a *fresh* exception, so the
             # traceback IPython keeps (sys.last_traceback) holds no model or GPU memory.
-            hint = getattr(stage_obj, "interrupt_hint", lambda _ctx: "")(ctx)
             del stage_obj, ctx, outputs
             _free_memory()
             raise RunInterrupted(run_id, f"Run {run_id} interrupted and recorded as 'interrupted'. {hint}".strip())
@@ -315,18 +373,15 @@ class Runner:
     ) -> RunResult | None:
         """A finished run with this cache key whose outputs still exist → a new ``cached`` run sharing them."""
         reg = self.registry
-        for row in reg.query("SELECT id, summary FROM runs WHERE stage=? AND cache_key=? AND status='finished'"
-                             " ORDER BY created_at DESC", (stage, key)):
+        for row in reg.cached_runs(stage, key):
             arts = reg.run_artifacts(row["id"], "output")
             if not all(a.path.exists() for a in arts):
                 continue
             metrics = reg.metrics(row["id"])
-            summary = {**json.loads(row["summary"] or "{}"), "cached_from": row["id"]}
+            summary = {**row["summary"], "cached_from": row["id"]}
             run_id = reg.create_run(stage, params, name=name, notebook=current_notebook(), git_commit=git_commit(),
                                     env=environment(), parent_id=parent_id, tags=tags)
-            with reg.transaction() as con:
-                con.executemany("INSERT OR IGNORE INTO run_artifacts VALUES (?,?,?)",
-                                [(run_id, a.hash, "output") for a in arts])
+            reg.link_outputs(run_id, [a.hash for a in arts])
             if metrics:
                 reg.log_metrics(run_id, metrics)
             reg.finish_run(run_id, RunStatus.CACHED, summary=summary)
@@ -337,6 +392,31 @@ class Runner:
                              artifacts=arts, summary=summary, outputs={"cached_from": row["id"]}, duration_s=0.0,
                              registry_home=reg.home)
         return None
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[list[str]]:
+    """While a stage runs in the main thread, SIGTERM stops it like Ctrl-C (KeyboardInterrupt), so the run is
+    recorded as interrupted instead of staying 'running' after the process is gone. Yields the list that names the
+    signal once one arrived."""
+    got: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        got.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except (ValueError, OSError):  # pragma: no cover - no signals here (embedded interpreters)
+        yield got
+        return
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _free_memory() -> None:

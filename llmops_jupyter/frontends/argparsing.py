@@ -143,7 +143,7 @@ def build_parser(cfg_cls: type[StageConfig], prog: str, description: str, values
             if isinstance(tp, type) and issubclass(tp, enum.Enum):
                 kwargs["metavar"] = "{" + ",".join(m.value for m in tp) + "}"
         extra = dict(meta.get("argparse") or {})  # per-field argparse overrides (e.g. repeated `-p NAME VALUE`)
-        aliases = extra.pop("aliases", ())
+        aliases = (*extra.pop("aliases", ()), *("--" + n.replace("_", "-") for n in meta.get("aliases", ())))
         kwargs.update(extra)
         if meta.get("positional"):
             # Always optional for argparse: a %%llmops cell body may supply it; the config reports it missing.

@@ -10,7 +10,6 @@ from llmops_jupyter.core.config import StageConfig
 from llmops_jupyter.core.display import print_text
 from llmops_jupyter.core.runner import Runner
 from llmops_jupyter.core.stage import Command, CommandEnv, get_command
-from llmops_jupyter.governance import hooks as _governance_hooks  # noqa: F401 - registers the audit and sampling listeners
 from llmops_jupyter.registry import Registry
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from llmops_jupyter.core.runner import Event, EventType
+from llmops_jupyter.core.runner import END_EVENTS, Event, EventType
 
 
 class ProgressView:
@@ -16,7 +16,7 @@ class ProgressView:
     def __call__(self, event: Event) -> None:
         if event.type is EventType.PROGRESS:
             self._progress(event)
-        elif event.type in (EventType.FINISHED, EventType.FAILED, EventType.INTERRUPTED):
+        elif event.type in END_EVENTS:
             self.close()
 
     def _progress(self, event: Event) -> None:

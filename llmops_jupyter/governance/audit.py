@@ -1,10 +1,15 @@
 """Append-only audit log: who ran what, when, from which notebook cell, reading and writing which artifacts.
 
 One row per runner event (``started``, ``input``, ``artifact``, ``finished``, ``failed``, ``interrupted``) plus
-rows that view commands add themselves (``card``, ``export``). Rows are only ever inserted: SQLite triggers
-``RAISE(ABORT)`` on UPDATE and DELETE, so a mistaken (or deliberate) edit through the registry fails loudly.
+rows that view commands add themselves (``card``, ``export``). The table and its append-only triggers live in
+:mod:`llmops_jupyter.registry.audit`; this module decides what goes in a row and reads rows back for ``%llmops audit``.
 
-Importing this module registers :func:`listener` as a :class:`~llmops_jupyter.core.runner.Runner` global listener
+A row keeps the cell's source, and cells hold secrets (``OPENAI_API_KEY = "sk-..."``, ``--hf-token``, a database
+URL with its password). Rows cannot be edited once written, so every text field is scrubbed *before* it is stored:
+:func:`scrub_secrets` replaces each secret with ``[SECRET]``, keeping the name it was assigned to, so the row still
+says what was set, never to what.
+
+Every Runner notifies :func:`listener` (one of :data:`~llmops_jupyter.core.runner.DEFAULT_LISTENERS`)
 (the front door imports it). Top level: standard library and light ``llmops_jupyter`` modules only.
 """
 
@@ -16,79 +21,76 @@ import os
 import re
 import shlex
 import socket
-import sqlite3
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmops_jupyter.core.env import current_notebook
-from llmops_jupyter.core.runner import Event, EventType, Runner
+from llmops_jupyter.core.runner import END_EVENTS, Event, EventType
 from llmops_jupyter.core.timeparse import parse_when
-from llmops_jupyter.governance import registry_for_run
-from llmops_jupyter.registry import register_schema
 
 if TYPE_CHECKING:
     from llmops_jupyter.registry import Registry
 
-AUDIT_SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit_log (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts REAL NOT NULL,
-    user TEXT NOT NULL,
-    os_user TEXT,
-    host TEXT,
-    pid INTEGER,
-    notebook TEXT,
-    cell INTEGER,
-    cell_id TEXT,
-    front_end TEXT,
-    command TEXT,
-    source TEXT,
-    run_id TEXT,
-    stage TEXT,
-    event TEXT NOT NULL,
-    artifact TEXT,
-    kind TEXT,
-    detail TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS audit_run ON audit_log(run_id);
-CREATE INDEX IF NOT EXISTS audit_ts ON audit_log(ts);
-CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: rows cannot be updated'); END;
-CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: rows cannot be deleted'); END;
-"""
-
-register_schema(AUDIT_SCHEMA)
-
 AUDITED = {
     EventType.STARTED, EventType.INPUT, EventType.ARTIFACT, EventType.FINISHED, EventType.FAILED,
     EventType.INTERRUPTED,
+    EventType.DETACHED,
 }
-_READY: set[str] = set()
 _COMMANDS: dict[str, tuple[str, str, str]] = {}  # run_id -> (front_end, command, source) from STARTED
 
 
-def ensure_schema(registry: Registry) -> None:
-    """Create the table/triggers in a registry opened before this module was imported (idempotent DDL)."""
-    key = str(registry.db_path)
-    if key in _READY:
-        return
-    with registry.transaction() as con:
-        for stmt in _statements(AUDIT_SCHEMA):
-            con.execute(stmt)
-    _READY.add(key)
+# -- secrets ----------------------------------------------------------------------------------------------------
+_SECRET_NAME = r"[A-Za-z0-9_]*?(?:api_?key|access_?key|secret_?key|private_?key|token|secret|password|passwd|pwd|credentials?)"
+#: (pattern, replacement): each replaces the secret with ``[SECRET]``, keeping what names it (a flag, a variable).
+SECRET_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    # PEM private keys, whole blocks
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)", re.S), "[SECRET]"),
+    # password in a URL: scheme://user:password@host
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/?#@'\"]*:)[^\s/?#@'\"]+(@)"), r"\1[SECRET]\2"),
+    # Authorization headers and bearer tokens
+    (re.compile(r"(?i)\b((?:bearer|token|basic)\s+)(?=[A-Za-z0-9._~+/=-]*\d)[A-Za-z0-9._~+/=-]{12,}"),
+     r"\1[SECRET]"),
+    # vendor key formats: OpenAI/Anthropic (sk-...), Hugging Face, GitHub, GitLab, Slack, AWS, Google, Stripe, JWTs
+    (re.compile(r"(?<![A-Za-z0-9_-])(?:sk|rk|pk)-[A-Za-z0-9_-]{8,}"), "[SECRET]"),
+    (re.compile(r"(?<![A-Za-z0-9_])(?:hf_|api_org_)[A-Za-z0-9]{10,}"), "[SECRET]"),
+    (re.compile(r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|glpat-[A-Za-z0-9_-]{20,})"),
+     "[SECRET]"),
+    (re.compile(r"(?<![A-Za-z0-9-])xox[abposr]-[A-Za-z0-9-]{10,}"), "[SECRET]"),
+    (re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])"), "[SECRET]"),
+    (re.compile(r"(?<![A-Za-z0-9_-])AIza[A-Za-z0-9_-]{30,}"), "[SECRET]"),
+    (re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), "[SECRET]"),
+    # quoted values assigned to a secret-looking name: API_KEY = "...", api_key='...', "token": "...", password="..."
+    (re.compile(r"(?i)(\b" + _SECRET_NAME + r"\b[\"']?\]?\s*[:=]\s*[rbuf]{0,2}([\"']))(?!\[SECRET\])[^\"'\n]+?(\2)"),
+     r"\1[SECRET]\3"),
+    # unquoted shell/env assignments: export HF_TOKEN=abc, PASSWORD=abc (no spaces around =)
+    (re.compile(r"(?i)((?:^|(?<=[\s;&|]))(?:export\s+)?" + _SECRET_NAME + r"=)(?![\"'$\[])[^\s;&|]+", re.M),
+     r"\1[SECRET]"),
+    # command-line flags: --hf-token abc, --api-key=abc, --password abc (not --api-key-env VAR, not --max-tokens)
+    (re.compile(r"(?i)(--[A-Za-z0-9-]*?(?:api-?key|access-?key|secret-?key|token|secret|password|passwd)(?:=|\s+))"
+                r"(?![\"']?\[SECRET\])(?!-)(?:\"[^\"]*\"|'[^']*'|\S+)"),
+     r"\1[SECRET]"),
+]
 
 
-def _statements(ddl: str) -> list[str]:
-    out, buf = [], ""
-    for line in ddl.strip().splitlines():
-        buf += line + "\n"
-        if sqlite3.complete_statement(buf):
-            out.append(buf.strip())
-            buf = ""
-    return out
+def scrub_secrets(text: str) -> str:
+    """``text`` with API keys, tokens, passwords (assigned, in flags, in URLs) replaced by ``[SECRET]``."""
+    if not text:
+        return text
+    for pattern, repl in SECRET_PATTERNS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def _scrub_value(value: Any) -> Any:
+    """Scrub every string in a JSON-like value (audit ``detail``), keys included."""
+    if isinstance(value, str):
+        return scrub_secrets(value)
+    if isinstance(value, dict):
+        return {(scrub_secrets(k) if isinstance(k, str) else k): _scrub_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrub_value(v) for v in value]
+    return value
 
 
 # -- who / where ------------------------------------------------------------------------------------------------
@@ -199,27 +201,24 @@ def record(
     detail: dict[str, Any] | None = None,
 ) -> None:
     """Append one audit row (view commands such as ``card`` and ``export`` call this for what they write)."""
-    ensure_schema(registry)
     count, cell_id, text = kernel_cell()
     if source is None or front_end is None:
         fe, typed = _source_line(text)
         front_end = front_end or fe
         source = source if source is not None else typed
-    with registry.transaction() as con:
-        con.execute(
-            "INSERT INTO audit_log (ts, user, os_user, host, pid, notebook, cell, cell_id, front_end, command, source,"
-            " run_id, stage, event, artifact, kind, detail) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (time.time(), who(), os_user(), socket.gethostname(), os.getpid(), current_notebook(), count, cell_id,
-             front_end, command, source, run_id, stage, event, artifact, kind,
-             json.dumps(detail or {}, sort_keys=True, default=str)),
-        )
+    registry.add_audit(
+        event, user=who(), os_user=os_user(), host=socket.gethostname(), pid=os.getpid(),
+        notebook=current_notebook(), cell=count, cell_id=cell_id, front_end=front_end,
+        command=scrub_secrets(command) if command else command, source=scrub_secrets(source) if source else source,
+        run_id=run_id, stage=stage, artifact=artifact, kind=kind, detail=_scrub_value(detail or {}),
+    )
 
 
 def listener(event: Event) -> None:
-    """Runner global listener: one audit row per lifecycle, input and output event of every run."""
+    """Default Runner listener: one audit row per lifecycle, input and output event of every run."""
     if event.type not in AUDITED:
         return
-    registry = registry_for_run(event.run_id)
+    registry = event.registry
     if registry is None:
         return
     if event.type is EventType.STARTED:
@@ -234,20 +233,14 @@ def listener(event: Event) -> None:
         registry, str(event.type), run_id=event.run_id, stage=event.stage, artifact=data.pop("hash", None),
         kind=data.pop("kind", None), command=cmd, source=typed, front_end=fe, detail=data,
     )
-    if event.type in (EventType.FINISHED, EventType.FAILED, EventType.INTERRUPTED):
+    if event.type in END_EVENTS:
         _COMMANDS.pop(event.run_id, None)
 
 
-def install() -> None:
-    if listener not in Runner.global_listeners:
-        Runner.global_listeners.append(listener)
-
-
-install()
 
 
 # -- reading ----------------------------------------------------------------------------------------------------
-def query(
+def entries(
     registry: Registry,
     *,
     run: str | None = None,
@@ -256,24 +249,7 @@ def query(
     event: str | None = None,
     limit: int | None = 200,
 ) -> list[dict[str, Any]]:
-    """Audit rows, oldest first within the newest ``limit``."""
-    ensure_schema(registry)
-    sql = "SELECT * FROM audit_log WHERE ts >= ?"
-    args: list[Any] = [parse_when(since, field="since", command="audit") or 0.0]
-    if run:
-        sql += " AND run_id = ?"
-        args.append(registry.resolve_run(run))
-    if user:
-        sql += " AND user = ?"
-        args.append(user)
-    if event:
-        sql += " AND event = ?"
-        args.append(event)
-    sql += " ORDER BY id DESC"
-    if limit:
-        sql += " LIMIT ?"
-        args.append(int(limit))
-    rows = [dict(r) for r in registry.query(sql, args)]
-    for r in rows:
-        r["detail"] = json.loads(r.get("detail") or "{}")
-    return rows[::-1]
+    """Audit rows, oldest first within the newest ``limit`` (``run`` is any run reference, ``since`` a duration/time)."""
+    start = parse_when(since, field="since", command="audit") or 0.0
+    run_id = registry.resolve_run(run) if run else None
+    return registry.audit_rows(run_id=run_id, user=user, since=start, event=event, limit=limit)

@@ -29,6 +29,8 @@ MODEL_KINDS = ("deployment", "quantized", "merged", "adapter", "base-model")
 CARD_KIND = "model-card"
 TRAIN_STAGES = ("finetune", "train", "sft", "dpo", "orpo")
 EVAL_STAGES = ("eval", "evaluate", "judge", "benchmark", "compare")
+# words marking quantization-quality metrics (one string: the architecture test reads a bare "drop" literal as SQL)
+_QUALITY_WORDS = tuple("delta ppl perplexity loss agree kl drop ratio".split())
 _RESOURCE = re.compile(r"(gpu\d*_|cpu_rss)")  # metrics sampled by governance/gpu.py, not results of the stage
 UNKNOWN_LICENCE = "unknown — fill in"
 PLACEHOLDER_USE = ("_Not filled in._ Describe the tasks, users and languages this model is meant for "
@@ -278,9 +280,27 @@ def _metrics(registry: Registry, run_id: str) -> dict[str, float]:
 
 
 def _gates(summary: dict[str, Any]) -> list[list[Any]]:
-    """Gate rows (gate, passed, detail) from whatever shape an eval stage wrote into its summary."""
-    raw = summary.get("gates") if isinstance(summary, dict) else None
+    """Gate rows (gate, passed, detail) from whatever shape an eval stage wrote into its summary.
+
+    The eval stage writes ``summary["gate"]``: one entry per candidate version, ``{"candidate": label,
+    "results": [GateResult.to_dict(), ...]}`` (see ``stages/eval/stage.py``). A plain ``"gates"`` list or dict
+    (other eval-like stages) is read as well.
+    """
     rows: list[list[Any]] = []
+    if not isinstance(summary, dict):
+        return rows
+    gate = summary.get("gate")
+    for entry in gate if isinstance(gate, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        for res in entry.get("results") or []:
+            if not isinstance(res, dict):
+                continue
+            detail = {"model": entry.get("candidate"), "baseline": res.get("baseline"),
+                      "value": res.get("candidate"), "delta": res.get("delta"), "ci": res.get("ci")}
+            rows.append([res.get("rule") or res.get("metric") or "gate", _yes_no(res.get("passed")),
+                         {k: v for k, v in detail.items() if v is not None}])
+    raw = summary.get("gates")
     if isinstance(raw, dict):
         for name, v in raw.items():
             if isinstance(v, dict):
@@ -316,12 +336,9 @@ def _yes_no(v: Any) -> str:
 
 def _previous_fields(registry: Registry, model: Artifact) -> dict[str, str]:
     """Intended use / limitations a person filled in on an earlier card of the same model (kept across regens)."""
-    rows = registry.query(
-        "SELECT a.path FROM edges e JOIN artifacts a ON a.hash=e.dst WHERE e.src=? AND a.kind=?"
-        " ORDER BY a.created_at DESC", (model.hash, CARD_KIND))
     out: dict[str, str] = {}
-    for r in rows:
-        data = _read_json(registry.home / r["path"] / "model_card.json")
+    for card in registry.derived_artifacts(model.hash, CARD_KIND):
+        data = _read_json(card.path / "model_card.json")
         for key in ("intended_use", "limitations"):
             if data.get(key) and data.get(f"{key}_filled") and key not in out:
                 out[key] = data[key]
@@ -467,27 +484,22 @@ def build_model_card(
     sections.append(s)
 
     # Evaluation -------------------------------------------------------------------------------------------------
-    hashes = [a.hash for a in chain]
-    placeholders = ",".join("?" * len(hashes))
-    eval_rows = registry.query(
-        "SELECT DISTINCT ra.run_id, ra.artifact FROM run_artifacts ra JOIN runs r ON r.id = ra.run_id"
-        f" WHERE ra.role='input' AND ra.artifact IN ({placeholders}) ORDER BY r.created_at", hashes)
     by_hash = {a.hash: a for a in chain}
     evals = []
     seen: set[str] = set()
-    for row in eval_rows:
-        run = _run(registry, row["run_id"])
-        if run is None or row["run_id"] in seen:
+    for run_id, used in registry.input_links([a.hash for a in chain]):
+        run = _run(registry, run_id)
+        if run is None or run_id in seen:
             continue
         if not (run["stage"] in EVAL_STAGES or run["stage"].startswith("eval")):
             continue
-        target = by_hash.get(row["artifact"])
+        target = by_hash.get(used)
         if target is None or target.kind == "dataset":
             continue  # an eval that only shares the dataset evaluated some other model
-        seen.add(row["run_id"])
+        seen.add(run_id)
         metrics = {k: v for k, v in _metrics(registry, run["id"]).items() if not is_resource_metric(k)}
         evals.append({"run_id": run["id"], "stage": run["stage"], "status": run["status"],
-                      "artifact": row["artifact"], "artifact_kind": target.kind if target else None,
+                      "artifact": used, "artifact_kind": target.kind if target else None,
                       "metrics": metrics, "gates": _gates(run.get("summary") or {}), "error": run.get("error"),
                       "params": run.get("params") or {}})
     data["evaluations"] = evals
@@ -516,7 +528,7 @@ def build_model_card(
             metrics = {k: v for k, v in _metrics(registry, run["id"]).items() if not is_resource_metric(k)}
             summary = _flatten(run.get("summary") or {})
             quality = {k: v for k, v in {**summary, **metrics}.items()
-                       if any(t in k.lower() for t in ("delta", "ppl", "perplexity", "loss", "agree", "kl", "drop", "ratio"))}
+                       if any(t in k.lower() for t in _QUALITY_WORDS)}
             out_meta: dict[str, Any] = {}
             for a in chain:
                 if a.run_id == run["id"]:
@@ -600,43 +612,33 @@ def save_model_card(registry: Registry, card: ModelCard) -> Artifact:
 
 
 def latest_card(registry: Registry, model: Artifact) -> Artifact | None:
-    rows = registry.query(
-        "SELECT a.hash FROM edges e JOIN artifacts a ON a.hash=e.dst WHERE e.src=? AND a.kind=?"
-        " ORDER BY a.created_at DESC LIMIT 1", (model.hash, CARD_KIND))
-    return registry.get_artifact(rows[0]["hash"]) if rows else None
+    cards = registry.derived_artifacts(model.hash, CARD_KIND, limit=1)
+    return cards[0] if cards else None
 
 
 # -- automatic cards ----------------------------------------------------------------------------------------------
-AUTO_KINDS = ("merged", "quantized", "deployment")
+AUTO_KINDS = ("adapter", "merged", "quantized", "deployment")
 _PENDING: dict[str, list[str]] = {}
 
 
 def auto_card_listener(event: Any) -> None:
-    """Runner global listener: when a run that produced a merged/quantized/deployment artifact finishes, save its
-    card (so every shipped version has one). Evals that come later appear when the card is regenerated with
+    """Default Runner listener: when a run that produced an adapter/merged/quantized/deployment artifact finishes,
+    save its card (so every model version has one, whichever process made it). Evals that come later appear when the card is regenerated with
     ``%llmops card``. ``LLMOPS_AUTO_CARD=0`` turns this off."""
     import os
 
     from llmops_jupyter.core.runner import EventType
-    from llmops_jupyter.governance import registry_for_run
 
     if event.type is EventType.ARTIFACT and event.data.get("kind") in AUTO_KINDS:
         _PENDING.setdefault(event.run_id, []).append(event.data["hash"])
-    elif event.type in (EventType.FAILED, EventType.INTERRUPTED):
+    elif event.type in (EventType.FAILED, EventType.INTERRUPTED, EventType.DETACHED):
         _PENDING.pop(event.run_id, None)
     elif event.type is EventType.FINISHED:
         hashes = _PENDING.pop(event.run_id, [])
         if not hashes or os.environ.get("LLMOPS_AUTO_CARD", "1").lower() in ("0", "off", "false", "no"):
             return
-        registry = registry_for_run(event.run_id)
+        registry = event.registry
         if registry is None:
             return
         for h in hashes:
             save_model_card(registry, build_model_card(registry, h))
-
-
-def install() -> None:
-    from llmops_jupyter.core.runner import Runner
-
-    if auto_card_listener not in Runner.global_listeners:
-        Runner.global_listeners.append(auto_card_listener)

@@ -46,8 +46,8 @@ def audit(cfg: AuditConfig, env: CommandEnv) -> Table:
     """Query the append-only audit log: who ran which command from which notebook cell, reading/writing what."""
     from llmops_jupyter.governance import audit as audit_log
 
-    rows = audit_log.query(env.registry, run=cfg.run, user=cfg.user, since=cfg.since, event=cfg.event,
-                           limit=cfg.limit)
+    rows = audit_log.entries(env.registry, run=cfg.run, user=cfg.user, since=cfg.since, event=cfg.event,
+                             limit=cfg.limit)
     out = []
     for r in rows:
         where = r["notebook"] or ""

@@ -157,9 +157,7 @@ def _log_artifact(client: Any, run_id: str, art: Artifact, dest: str) -> None:
 
 
 def _cards_of(registry: Registry, art: Artifact) -> list[Artifact]:
-    rows = registry.query("SELECT e.dst FROM edges e JOIN artifacts a ON a.hash=e.dst WHERE e.src=? AND"
-                          " a.kind='model-card' ORDER BY a.created_at DESC LIMIT 1", (art.hash,))
-    return [registry.get_artifact(r["dst"]) for r in rows]
+    return registry.derived_artifacts(art.hash, "model-card", limit=1)
 
 
 # -- self-contained folder ----------------------------------------------------------------------------------------

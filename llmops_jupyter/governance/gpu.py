@@ -8,7 +8,7 @@ path. Samples go to the registry as ordinary metrics (step = sample index) and, 
 
 Two ways in:
 
-* automatic: importing this module registers a Runner global listener that starts a sampler on STARTED of a long
+* automatic: :func:`listener`, in every Runner's default set, starts a sampler on STARTED of a long
   stage and stops it on FINISHED/FAILED/INTERRUPTED: ``finetune``, ``eval``, ``quantize``, ``merge`` when a GPU is
   visible, and any stage class with ``resource_sampling = True`` always. ``LLMOPS_RESOURCE_SAMPLING=on`` samples
   the long stages on CPU too, ``off`` disables it; ``LLMOPS_SAMPLE_S`` sets the interval (default 10 s);
@@ -22,8 +22,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from llmops_jupyter.core.runner import Event, EventType, Runner
-from llmops_jupyter.governance import registry_for_run
+from llmops_jupyter.core.runner import END_EVENTS, Event, EventType
 
 if TYPE_CHECKING:
     from llmops_jupyter.core.runner import RunContext
@@ -231,23 +230,17 @@ _ACTIVE: dict[str, GpuSampler] = {}
 
 
 def listener(event: Event) -> None:
-    """Runner global listener: sample during long stages without any change to the stages."""
+    """Default Runner listener: sample during long stages without any change to the stages."""
     if event.type is EventType.STARTED:
         if event.run_id in _ACTIVE or not should_sample(event.stage):
             return
-        registry = registry_for_run(event.run_id)
+        registry = event.registry
         if registry is None:
             return
         _ACTIVE[event.run_id] = GpuSampler(registry, event.run_id, interval=configured_interval()).start()
-    elif event.type in (EventType.FINISHED, EventType.FAILED, EventType.INTERRUPTED):
+    elif event.type in END_EVENTS:
         sampler = _ACTIVE.pop(event.run_id, None)
         if sampler is not None:
             sampler.stop()
 
 
-def install() -> None:
-    if listener not in Runner.global_listeners:
-        Runner.global_listeners.append(listener)
-
-
-install()

@@ -77,13 +77,3 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0, hidden: int = 64
         (tmp / "llmops_model.json").write_text(json.dumps({"name": TINY_NAME, "licence": "Apache-2.0",
                                                            "source": "llmops_jupyter.models.tiny"}))
     return path
-
-
-def tiny_model_path(cache: str | os.PathLike | None = None) -> Path:
-    """Build (once) and return the tiny model in the local model cache."""
-    from llmops_jupyter.models.refs import model_cache_dir
-
-    target = Path(cache) if cache else model_cache_dir() / TINY_NAME
-    if not (target / "config.json").exists():
-        build_tiny_model(target)
-    return target

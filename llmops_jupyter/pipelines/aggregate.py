@@ -98,8 +98,7 @@ def compare_sweep(registry: Registry, sweep_ref: str, *, runs: list[str] | None 
                             fix="pass a sweep run id (`%llmops runs --stage sweep`)")
     grid = grid if grid is not None else list(sweep["params"].get("grid", {}))
     if runs is None:
-        runs = [r["id"] for r in registry.query(
-            "SELECT id FROM runs WHERE parent_id=? AND stage='pipeline' ORDER BY created_at, rowid", (sweep["id"],))]
+        runs = [r["id"] for r in registry.child_runs(sweep["id"], "pipeline")]
     rows = []
     for run_id in runs:
         run = registry.get_run(run_id)

@@ -138,7 +138,7 @@ def pipeline(cfg: PipelineConfig, env: CommandEnv) -> Bundle | Table:
 @dataclasses.dataclass
 class SweepConfig(StageConfig):
     notebook: str = option(help="the pipeline notebook to sweep", positional=True)
-    grid: list[str] = option([], "values per parameter: --grid lr=1e-4,2e-4 lora_r=8,16 (all combinations)")
+    grid: list[str] = option([], "values per parameter: --grid lr=1e-4,2e-4 rank=8,16 (all combinations)")
     param: list[str] = _param_field()
     file: str | None = _opt(None, "YAML file: fixed parameters, or `parameters:` and `grid:` mappings",
                             flag="-f", aliases=("--file",))

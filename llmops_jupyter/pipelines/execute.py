@@ -121,7 +121,7 @@ def _first_line(source: str) -> str:
 
 
 def _inject(nb: Any, params: ResolvedParams) -> tuple[Any, int]:
-    """Insert the ``injected-parameters`` cell after the ``parameters`` cell (or first). Returns (nb, index)."""
+    """Add the ``injected-parameters`` cell after the ``parameters`` cell (or first). Returns (nb, index)."""
     import nbformat
 
     lines = ["# Parameters (injected by llmops)"]
@@ -346,8 +346,7 @@ def _cell_timings(out_path: Path, injected: int) -> list[dict[str, Any]]:
 
 
 def _children(reg: Registry, run_id: str) -> list[dict[str, Any]]:
-    rows = reg.query("SELECT id, stage, status FROM runs WHERE parent_id=? ORDER BY created_at, rowid", (run_id,))
-    return [{"id": r["id"], "stage": r["stage"], "status": r["status"]} for r in rows]
+    return [{"id": r["id"], "stage": r["stage"], "status": r["status"]} for r in reg.child_runs(run_id)]
 
 
 def _copy_child_metrics(ctx: RunContext, children: list[dict[str, Any]]) -> None:

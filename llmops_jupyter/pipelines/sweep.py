@@ -26,7 +26,7 @@ from llmops_jupyter.registry import Registry
 
 
 def parse_grid(items: list[str] | dict[str, Any] | None) -> dict[str, list[Any]]:
-    """``["lr=1e-4", "2e-4", "lora_r=8,16"]`` (argparse splits on commas) or a mapping → ``{name: [values]}``."""
+    """``["lr=1e-4", "2e-4", "rank=8,16"]`` (argparse splits on commas) or a mapping → ``{name: [values]}``."""
     if not items:
         return {}
     if isinstance(items, dict):
@@ -40,7 +40,7 @@ def parse_grid(items: list[str] | dict[str, Any] | None) -> dict[str, list[Any]]
                 current = current.strip().replace("-", "_")
                 if current in grid:
                     raise ConfigError(f"--grid names '{current}' twice.", field="grid",
-                                      fix="give each parameter once: --grid lr=1e-4,2e-4 lora_r=8,16")
+                                      fix="give each parameter once: --grid lr=1e-4,2e-4 rank=8,16")
                 grid[current] = [value.strip()] if value.strip() else []
             elif current is None:
                 raise ConfigError(f"--grid value {part!r} has no parameter name.", field="grid",
@@ -87,9 +87,8 @@ def run_variant(home: str, notebook: str, params: dict[str, Any], *, parent_id: 
         return {"index": index, "run_id": res.run_id, "status": str(res.status), "metrics": res.metrics,
                 "error": None, "gpu": gpu}
     except LlmopsError as exc:
-        rows = registry.query("SELECT id FROM runs WHERE parent_id=? AND stage='pipeline' ORDER BY created_at DESC",
-                              (parent_id,))
-        failed = [r["id"] for r in rows if registry.get_run(r["id"])["params"].get("variant") == index]
+        failed = [r["id"] for r in registry.child_runs(parent_id, "pipeline", newest_first=True)
+                  if r["params"].get("variant") == index]
         return {"index": index, "run_id": failed[0] if failed else None, "status": "failed", "metrics": {},
                 "error": str(exc), "gpu": gpu}
 
@@ -256,7 +255,7 @@ def run_sweep(
     registry = registry or Registry.open()
     grid = parse_grid(grid)
     if not grid:
-        raise ConfigError("A sweep needs --grid.", field="grid", fix="write --grid lr=1e-4,2e-4 lora_r=8,16")
+        raise ConfigError("A sweep needs --grid.", field="grid", fix="write --grid lr=1e-4,2e-4 rank=8,16")
     variants = expand(grid, parameters)
     source, _nb, params, _env = prepare(notebook, parameters, registry=registry)
     typed = []

@@ -2,7 +2,8 @@
 
 Layout under the registry home (``$LLMOPS_HOME`` or ``./.llmops``)::
 
-    registry.db            runs, metrics, artifacts, run_artifacts, edges (+ tables other modules register)
+    registry.db            runs, metrics, artifacts, run_artifacts, edges (core.py); eval, traffic, prompt and
+                           audit tables (evals.py, traffic.py, prompts.py, audit.py). No SQL outside this package.
     artifacts/ab/abcd…/    one directory per artifact, named by the content hash of its files
     tmp/                   staging area; a crashed write leaves nothing in artifacts/
 
@@ -12,6 +13,6 @@ a detached trainer, the server, a sweep's workers) can write at once without los
 
 from __future__ import annotations
 
-from llmops_jupyter.registry.core import Artifact, Registry, RunStatus, default_home, register_schema
+from llmops_jupyter.registry.core import Artifact, Registry, RunStatus, default_home
 
-__all__ = ["Artifact", "Registry", "RunStatus", "default_home", "register_schema"]
+__all__ = ["Artifact", "Registry", "RunStatus", "default_home"]

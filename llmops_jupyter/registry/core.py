@@ -18,13 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llmops_jupyter.core.env import process_gone, process_start
 from llmops_jupyter.core.errors import NotFoundError, RegistryError
-from llmops_jupyter.registry import audit, evals, prompts, traffic
-from llmops_jupyter.registry.audit import AuditTables
-from llmops_jupyter.registry.evals import EvalTables
-from llmops_jupyter.registry.prompts import PromptTables
-from llmops_jupyter.registry.traffic import TrafficTables
 from llmops_jupyter.core.files import hash_tree, tree_size
+from llmops_jupyter.registry.audit import SCHEMA as AUDIT_SCHEMA
+from llmops_jupyter.registry.audit import AuditTables
+from llmops_jupyter.registry.evals import SCHEMA as EVAL_SCHEMA
+from llmops_jupyter.registry.evals import EvalTables
+from llmops_jupyter.registry.prompts import SCHEMA as PROMPT_SCHEMA
+from llmops_jupyter.registry.prompts import PromptTables
+from llmops_jupyter.registry.traffic import SCHEMA as TRAFFIC_SCHEMA
+from llmops_jupyter.registry.traffic import TrafficTables
 
 
 class RunStatus(str, enum.Enum):
@@ -59,7 +63,8 @@ CREATE TABLE IF NOT EXISTS runs (
     host TEXT,
     pid INTEGER,
     tags TEXT NOT NULL DEFAULT '[]',
-    cache_key TEXT
+    cache_key TEXT,
+    proc_start REAL
 );
 CREATE INDEX IF NOT EXISTS runs_cache ON runs(cache_key);
 CREATE INDEX IF NOT EXISTS runs_stage ON runs(stage, created_at);
@@ -101,15 +106,6 @@ CREATE TABLE IF NOT EXISTS edges (
     PRIMARY KEY (src, dst, relation)
 );
 """
-
-_EXTRA_SCHEMA: list[str] = []
-
-
-def register_schema(ddl: str) -> None:
-    """Let a module add its own tables (``CREATE TABLE IF NOT EXISTS``); applied on every open."""
-    if ddl not in _EXTRA_SCHEMA:
-        _EXTRA_SCHEMA.append(ddl)
-
 
 def default_home() -> Path:
     return Path(os.environ.get("LLMOPS_HOME") or ".llmops").expanduser()
@@ -179,10 +175,19 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
                 fix="set LLMOPS_HOME (or pass --home) to a writable folder, or fix its permissions",
             ) from None
         con = self._connect()
-        tables = [SCHEMA, evals.SCHEMA, traffic.SCHEMA, prompts.SCHEMA, audit.SCHEMA, *_EXTRA_SCHEMA]
+        tables = [SCHEMA, EVAL_SCHEMA, TRAFFIC_SCHEMA, PROMPT_SCHEMA, AUDIT_SCHEMA]
+        cols = {r["name"] for r in con.execute("PRAGMA table_info(runs)").fetchall()}
+        if cols and "proc_start" not in cols:  # registries made before runs recorded their process start time
+            tables.insert(0, "ALTER TABLE runs ADD COLUMN proc_start REAL;")
         script = "BEGIN IMMEDIATE;\n" + "\n".join(tables) + "\nCOMMIT;"
         try:
             con.executescript(script)
+        except sqlite3.OperationalError as exc:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            if "duplicate column" not in str(exc):  # another process migrated first: apply the rest
+                raise
+            con.executescript("BEGIN IMMEDIATE;\n" + "\n".join(tables[1:]) + "\nCOMMIT;")
         except BaseException:
             if con.in_transaction:
                 con.execute("ROLLBACK")
@@ -232,9 +237,23 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         return self._connect().execute(sql, tuple(params)).fetchall()
 
-    # Temporary public aliases while callers move to typed methods (removed at the end of the redesign).
-    transaction = _transaction
-    query = _query
+    def cached_runs(self, stage: str, cache_key: str) -> list[dict[str, Any]]:
+        """Finished runs of ``stage`` with this cache key, newest first (``id`` and decoded ``summary``)."""
+        rows = self._query("SELECT id, summary FROM runs WHERE stage=? AND cache_key=? AND status='finished'"
+                           " ORDER BY created_at DESC", (stage, cache_key))
+        return [{"id": r["id"], "summary": json.loads(r["summary"] or "{}")} for r in rows]
+
+    def link_outputs(self, run_id: str, hashes: list[str]) -> None:
+        """Record existing artifacts as outputs of ``run_id`` too (a cached run shares its source's outputs)."""
+        with self._transaction() as con:
+            con.executemany("INSERT OR IGNORE INTO run_artifacts VALUES (?,?,?)",
+                            [(run_id, h, "output") for h in hashes])
+
+    def metric_rows_after(self, run_id: str, after_rowid: int = 0) -> list[dict[str, Any]]:
+        """Metric rows of a run logged after ``after_rowid`` (a poller's cursor), in logging order."""
+        rows = self._query("SELECT rowid, key, value, step, ts FROM metrics WHERE run_id=? AND rowid>? ORDER BY rowid",
+                           (run_id, after_rowid))
+        return [dict(r) for r in rows]
 
     def close(self) -> None:
         con = getattr(self._local, "con", None)
@@ -262,7 +281,7 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         with self._transaction() as con:
             con.execute(
                 "INSERT INTO runs (id, stage, name, status, params, created_at, started_at, notebook, git_commit, env,"
-                " parent_id, user, host, pid, tags) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " parent_id, user, host, pid, tags, proc_start) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     run_id,
                     stage,
@@ -279,6 +298,7 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
                     os.uname().nodename,
                     os.getpid(),
                     _json(tags or []),
+                    process_start(),
                 ),
             )
         return run_id
@@ -297,7 +317,8 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
             )
 
     def update_run(self, run_id: str, **fields: Any) -> None:
-        allowed = {"name", "status", "params", "summary", "notebook", "error", "tags", "parent_id", "pid", "cache_key"}
+        allowed = {"name", "status", "params", "summary", "notebook", "error", "tags", "parent_id", "pid", "cache_key",
+                   "proc_start", "host"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"cannot update run fields {sorted(bad)}")
@@ -333,10 +354,36 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         raise NotFoundError(f"Run reference '{ref}' is ambiguous ({', '.join(r['id'] for r in rows)}).",
                             fix="give more characters of the run id")
 
-    def get_run(self, ref: str) -> dict[str, Any]:
+    def get_run(self, ref: str, *, check: bool = True) -> dict[str, Any]:
+        """One run. ``check`` (default) first marks it failed if it says 'running' but its process is gone."""
         run_id = self.resolve_run(ref)
         row = self._query("SELECT * FROM runs WHERE id=?", (run_id,))[0]
-        return _run_dict(row)
+        run = _run_dict(row)
+        return self._checked([run])[0] if check else run
+
+    def adopt_run(self, run_id: str, pid: int | None = None) -> None:
+        """Hand a running run to another process (a detached worker): its pid and start time become the run's."""
+        pid = pid or os.getpid()
+        with self._transaction() as con:
+            con.execute("UPDATE runs SET pid=?, host=?, proc_start=? WHERE id=?",
+                        (pid, os.uname().nodename, process_start(pid), run_id))
+
+    def _checked(self, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every reader's truth check: a run still 'running' whose process on this host is gone (killed, OOM,
+        machine reboot; a recycled pid does not count as alive) is marked 'failed' with why, in place."""
+        for run in runs:
+            if run["status"] == RunStatus.RUNNING.value and process_gone(run["pid"], run["host"],
+                                                                          run.get("proc_start")):
+                error = f"process gone: pid {run['pid']} on {run['host']} ended without recording an end"
+                with self._transaction() as con:  # only if nobody recorded an end meanwhile
+                    cur = con.execute("UPDATE runs SET status=?, error=?, finished_at=? WHERE id=? AND status=?",
+                                      (RunStatus.FAILED.value, error, time.time(), run["id"],
+                                       RunStatus.RUNNING.value))
+                if cur.rowcount:
+                    run.update(status=RunStatus.FAILED.value, error=error)
+                else:
+                    run.update(_run_dict(self._query("SELECT * FROM runs WHERE id=?", (run["id"],))[0]))
+        return runs
 
     def list_runs(
         self, *, stage: str | None = None, status: str | None = None, limit: int | None = 50, since: float = 0.0
@@ -353,7 +400,19 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         if limit:
             sql += " LIMIT ?"
             args.append(int(limit))
-        return [_run_dict(r) for r in self._query(sql, args)]
+        return self._checked([_run_dict(r) for r in self._query(sql, args)])
+
+    def child_runs(
+        self, parent_id: str, stage: str | None = None, *, newest_first: bool = False
+    ) -> list[dict[str, Any]]:
+        """Runs whose ``parent_id`` is ``parent_id`` (optionally of one stage), oldest first unless ``newest_first``."""
+        sql = "SELECT * FROM runs WHERE parent_id=?"
+        args: list[Any] = [parent_id]
+        if stage:
+            sql += " AND stage=?"
+            args.append(stage)
+        sql += " ORDER BY created_at DESC, rowid DESC" if newest_first else " ORDER BY created_at, rowid"
+        return self._checked([_run_dict(r) for r in self._query(sql, args)])
 
     # -- metrics --------------------------------------------------------------------------------------------------
     def log_metrics(self, run_id: str, values: dict[str, float], step: int | None = None) -> None:
@@ -523,6 +582,29 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
             "SELECT a.* FROM artifacts a JOIN run_artifacts ra ON ra.artifact=a.hash WHERE ra.run_id=? AND ra.role=?"
             " ORDER BY a.created_at", (run_id, role))
         return [self._artifact(r) for r in rows]
+
+    def derived_artifacts(self, src: str, kind: str | None = None, limit: int | None = None) -> list[Artifact]:
+        """Artifacts at the end of a lineage edge from ``src`` (optionally of one kind), newest first."""
+        sql = "SELECT a.* FROM edges e JOIN artifacts a ON a.hash=e.dst WHERE e.src=?"
+        args: list[Any] = [src]
+        if kind:
+            sql += " AND a.kind=?"
+            args.append(kind)
+        sql += " ORDER BY a.created_at DESC"
+        if limit:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        return [self._artifact(r) for r in self._query(sql, args)]
+
+    def input_links(self, hashes: Iterable[str]) -> list[tuple[str, str]]:
+        """Distinct (run id, artifact hash) pairs of runs that took one of ``hashes`` as input, oldest run first."""
+        hashes = list(hashes)
+        if not hashes:
+            return []
+        rows = self._query(
+            "SELECT DISTINCT ra.run_id, ra.artifact FROM run_artifacts ra JOIN runs r ON r.id = ra.run_id"
+            f" WHERE ra.role='input' AND ra.artifact IN ({','.join('?' * len(hashes))}) ORDER BY r.created_at", hashes)
+        return [(r["run_id"], r["artifact"]) for r in rows]
 
     def link_input(self, run_id: str, artifact: str | Artifact) -> Artifact:
         art = self.get_artifact(artifact)

@@ -2,6 +2,11 @@
 
 Enabled by ``jupyter-config/server-config/llmops_jupyter.json`` (installed into ``etc/jupyter``). The registry is
 ``$LLMOPS_HOME`` when set (relative values are taken from the server root), else ``<server root>/.llmops``.
+
+Every route is authenticated *and* authorized by the server's ``Authorizer`` on the resource ``"llmops"``: ``read``
+for the GET routes, ``execute`` to start a pipeline (it runs a notebook), ``write`` to cancel one (see
+:mod:`llmops_jupyter.server.handlers`). A deployment restricting users with a custom ``Authorizer`` (JupyterHub RBAC,
+``--ServerApp.authorizer_class``) therefore controls who may run notebooks from the sidebar.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """REST routes under ``/llmops/`` for the Lab extension.
 
-Every handler is a jupyter-server ``APIHandler`` behind ``@tornado.web.authenticated``: the same token/cookie as the
-rest of Jupyter, no extra port. Input errors come back as one JSON object ``{"error", "field", "fix"}`` with 400;
+Every handler is a jupyter-server ``APIHandler`` behind ``@tornado.web.authenticated`` *and* ``@authorized``: the
+same token/cookie as the rest of Jupyter, no extra port, and the server's ``Authorizer`` decides per action on the
+resource ``"llmops"`` (:data:`AUTH_RESOURCE`), as jupyter-server's own handlers do for ``contents``/``kernels``.
+Reading runs, lineage, resources, parameters and jobs needs ``read``; starting a pipeline (it executes a notebook
+in a kernel) needs ``execute``; cancelling one needs ``write``. Refused → 403. Input errors come back as one JSON object ``{"error", "field", "fix"}`` with 400;
 notebook paths are resolved inside the server root and anything escaping it is refused with 403.
 """
 
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import tornado.web
+from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 
 from llmops_jupyter.core.errors import ConfigError, LlmopsError, NotFoundError
@@ -22,6 +26,8 @@ from llmops_jupyter.server import resources
 from llmops_jupyter.server.pipeline import PipelineJobs, coerce_parameters, notebook_parameters
 
 _STATUSES = {s.value for s in RunStatus}
+#: the resource name our routes are authorized on (``Authorizer.is_authorized(handler, user, action, "llmops")``)
+AUTH_RESOURCE = "llmops"
 
 
 class RequestError(Exception):
@@ -69,6 +75,8 @@ def _int_arg(handler: APIHandler, name: str, default: int, lo: int, hi: int) -> 
 class LlmopsHandler(APIHandler):
     """Shared helpers: the registry, the server root, JSON errors."""
 
+    auth_resource = AUTH_RESOURCE
+
     @property
     def root(self) -> Path:
         return Path(self.settings["llmops_root"])
@@ -109,6 +117,11 @@ class LlmopsHandler(APIHandler):
             raise RequestError(400, "Request body must be a JSON object.", field="body", fix="send a JSON object")
         return body
 
+    def _user_name(self) -> str | None:
+        """The Jupyter identity making the request (recorded as the user of the runs it starts)."""
+        user = self.current_user
+        return getattr(user, "username", None) or getattr(user, "name", None) or None
+
     def notebook_rel(self, notebook: str | None) -> str | None:
         """A run's recorded notebook as a path Lab can open (relative to the root), or None."""
         if not notebook:
@@ -132,6 +145,7 @@ def _run_row(reg: Registry, run: dict[str, Any]) -> dict[str, Any]:
 
 class RunsHandler(LlmopsHandler):
     @tornado.web.authenticated
+    @authorized("read")
     def get(self) -> None:
         try:
             status = self.get_query_argument("status", None) or None
@@ -166,6 +180,7 @@ def _art(a) -> dict[str, Any]:
 
 class RunHandler(LlmopsHandler):
     @tornado.web.authenticated
+    @authorized("read")
     def get(self, ref: str) -> None:
         try:
             reg = self.registry
@@ -188,6 +203,7 @@ class RunHandler(LlmopsHandler):
 
 class LineageHandler(LlmopsHandler):
     @tornado.web.authenticated
+    @authorized("read")
     def get(self, ref: str) -> None:
         try:
             direction = self.get_query_argument("direction", "both")
@@ -201,6 +217,7 @@ class LineageHandler(LlmopsHandler):
 
 class ResourcesHandler(LlmopsHandler):
     @tornado.web.authenticated
+    @authorized("read")
     def get(self) -> None:
         try:
             self.reply({"gpus": resources.gpu_status(), "host": resources.host_memory(),
@@ -213,6 +230,7 @@ class ResourcesHandler(LlmopsHandler):
 
 class ParametersHandler(LlmopsHandler):
     @tornado.web.authenticated
+    @authorized("read")
     def get(self) -> None:
         try:
             path = confine(self.root, self.get_query_argument("path", None))
@@ -224,10 +242,12 @@ class ParametersHandler(LlmopsHandler):
 
 class PipelineHandler(LlmopsHandler):
     @tornado.web.authenticated
+    @authorized("read")
     def get(self) -> None:
         self.reply({"jobs": self.jobs.list()})
 
     @tornado.web.authenticated
+    @authorized("execute")
     def post(self) -> None:
         try:
             body = self.body_json()
@@ -238,13 +258,14 @@ class PipelineHandler(LlmopsHandler):
             path = confine(self.root, body.get("notebook"), field="notebook")
             rel = path.relative_to(self.root.resolve()).as_posix()
             params = coerce_parameters(notebook_parameters(path), body.get("parameters", {}))
-            self.reply(self.jobs.start(rel, params), 202)
+            self.reply(self.jobs.start(rel, params, user=self._user_name()), 202)
         except (RequestError, LlmopsError) as exc:
             self.fail(exc)
 
 
 class PipelineJobHandler(LlmopsHandler):
     @tornado.web.authenticated
+    @authorized("read")
     def get(self, job_id: str) -> None:
         job = self.jobs.jobs.get(job_id)
         if job is None:
@@ -252,6 +273,7 @@ class PipelineJobHandler(LlmopsHandler):
         self.reply(dict(job))
 
     @tornado.web.authenticated
+    @authorized("write")
     def delete(self, job_id: str) -> None:
         if job_id not in self.jobs.jobs:
             return self.fail(RequestError(404, f"No pipeline job '{job_id}'.", field="job"))

@@ -138,7 +138,8 @@ class PipelineJobs:
         self._procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
 
-    def start(self, notebook_rel: str, params: dict[str, Any]) -> dict[str, Any]:
+    def start(self, notebook_rel: str, params: dict[str, Any], *, user: str | None = None) -> dict[str, Any]:
+        """Start a job; ``user`` is the Jupyter identity the server authorized to execute it (shown in the job)."""
         src = self.root / notebook_rel
         stamp = time.strftime("%Y%m%d-%H%M%S")
         job_id = secrets.token_hex(4)
@@ -149,7 +150,7 @@ class PipelineJobs:
         proc = subprocess.Popen([sys.executable, "-m", "llmops_jupyter.server.pipeline", json.dumps(spec)],
                                 cwd=str(src.parent), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
-        job = {"id": job_id, "notebook": notebook_rel, "output": out_rel, "parameters": params,
+        job = {"id": job_id, "notebook": notebook_rel, "output": out_rel, "parameters": params, "user": user,
                "status": "running", "done": 0, "total": None, "started_at": time.time(), "finished_at": None,
                "run_id": None, "stage_runs": [], "error": None}
         with self._lock:

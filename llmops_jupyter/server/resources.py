@@ -129,8 +129,7 @@ def running_runs(registry, limit: int = 20) -> list[dict[str, Any]]:
     host = os.uname().nodename
     out = []
     for run in registry.list_runs(status="running", limit=limit):
-        rows = registry.query(
-            "SELECT key, value, step FROM metrics WHERE run_id=? ORDER BY ts, rowid", (run["id"],))
+        rows = registry.metric_history(run["id"])
         latest = {r["key"]: r["value"] for r in rows}
         step = max((r["step"] for r in rows if r["step"] is not None), default=None)
         out.append({

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "llmops_jupyter"
-SQL = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|CREATE\s+(TABLE|INDEX)|ALTER\s+TABLE|PRAGMA|DROP)\b", re.I)
+#: SQL as this code base writes it: upper-case keywords (so prose such as "drop examples" is not SQL).
+SQL = re.compile(r"^\s*(SELECT\s|INSERT\s+(OR\s+\w+\s+)?INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|CREATE\s+(TABLE|INDEX)|ALTER\s+TABLE|PRAGMA\s|DROP\s+(TABLE|INDEX))")
 DB_CALLS = {"query", "transaction", "executemany", "executescript", "_query", "_transaction"}
 
 
@@ -45,7 +46,7 @@ def import_graph() -> dict[str, set[str]]:
     for mod, path in mods.items():
         deps: set[str] = set()
 
-        def visit(node: ast.AST) -> None:
+        def visit(node: ast.AST, mod: str = mod, deps: set[str] = deps) -> None:
             for child in ast.iter_child_nodes(node):
                 if _is_type_checking(child):
                     continue
@@ -53,7 +54,10 @@ def import_graph() -> dict[str, set[str]]:
                 if isinstance(child, ast.Import):
                     names = [a.name for a in child.names]
                 elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
-                    names = [child.module, *(f"{child.module}.{a.name}" for a in child.names)]
+                    # `from pkg import submodule` depends on the submodule (a package's __init__ is implied by
+                    # every import below it, so it is not an edge of its own); `from mod import name` on mod.
+                    subs = [f"{child.module}.{a.name}" for a in child.names if f"{child.module}.{a.name}" in mods]
+                    names = subs if len(subs) == len(child.names) else [child.module, *subs]
                 for name in names:
                     target = resolve(name) if name.startswith("llmops_jupyter") else None
                     if target and target != mod:

@@ -23,38 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmops_jupyter.core.errors import DataError
-from llmops_jupyter.registry import register_schema
 
 if TYPE_CHECKING:
     from llmops_jupyter.registry import Registry
     from llmops_jupyter.stages.adapt.prompts import PromptTemplate
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS eval_retrievals (
-    run_id TEXT NOT NULL,
-    example_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    index_hash TEXT,
-    chunk_ids TEXT NOT NULL DEFAULT '[]',
-    docs TEXT NOT NULL DEFAULT '[]',
-    scores TEXT NOT NULL DEFAULT '[]',
-    PRIMARY KEY (run_id, example_id)
-);
-"""
-register_schema(SCHEMA)
-_READY: set[str] = set()
-
 #: names under which the last user message is offered to a template (besides the example's own fields)
 QUESTION_ALIASES = ("question", "instruction", "input", "query", "user")
-
-
-def ensure(registry: Registry) -> Registry:
-    key = str(registry.db_path)
-    if key not in _READY:
-        with registry.transaction() as con:
-            con.execute(SCHEMA.strip().rstrip(";"))
-        _READY.add(key)
-    return registry
 
 
 # -- messages ------------------------------------------------------------------------------------------------------
@@ -145,25 +120,16 @@ def retrieve(index: Any, items: list[dict[str, Any]], k: int) -> None:
 
 
 def save_retrievals(registry: Registry, run_id: str, index_hash: str | None, items: list[dict[str, Any]]) -> None:
-    ensure(registry)
-    rows = [(run_id, it["id"], i, index_hash, json.dumps([h["id"] for h in it.get("hits", [])]),
-             json.dumps([h["doc"] for h in it.get("hits", [])]), json.dumps([h["score"] for h in it.get("hits", [])]))
-            for i, it in enumerate(items)]
-    with registry.transaction() as con:
-        con.executemany("INSERT OR REPLACE INTO eval_retrievals VALUES (?,?,?,?,?,?,?)", rows)
+    """Record which chunks each eval item got (``items`` in eval order, each with ``id`` and its ``hits``)."""
+    registry.add_eval_retrievals(run_id, index_hash, [
+        {"example_id": it["id"], "chunk_ids": [h["id"] for h in it.get("hits", [])],
+         "docs": [h["doc"] for h in it.get("hits", [])], "scores": [h["score"] for h in it.get("hits", [])]}
+        for it in items])
 
 
 def retrievals(registry: Registry, run: str) -> list[dict[str, Any]]:
     """The chunks retrieved per example of an eval run (in eval order)."""
-    ensure(registry)
-    run_id = registry.resolve_run(run)
-    out = []
-    for r in registry.query("SELECT * FROM eval_retrievals WHERE run_id=? ORDER BY idx", (run_id,)):
-        d = dict(r)
-        for key in ("chunk_ids", "docs", "scores"):
-            d[key] = json.loads(d[key])
-        out.append(d)
-    return out
+    return registry.eval_retrievals(registry.resolve_run(run))
 
 
 # -- serving ----------------------------------------------------------------------------------------------------------

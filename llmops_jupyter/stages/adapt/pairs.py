@@ -49,18 +49,17 @@ class PairsStage(Stage):
         from llmops_jupyter.core.display import Table
         from llmops_jupyter.core.errors import StageError
         from llmops_jupyter.stages.data.format import write_dataset_dir
-        from llmops_jupyter.stages.eval import store as evalstore
         from llmops_jupyter.stages.finetune.dpo import label_pairs, rating_pairs, to_examples
 
         cfg: PairsConfig = ctx.config
-        reg = evalstore.ensure(ctx.registry)
+        reg = ctx.registry
         run_ids = [reg.resolve_run(r) for r in cfg.runs]
         for rid in run_ids:
             if reg.get_run(rid)["stage"] != "eval":
                 raise StageError(f"--from '{rid}' is a {reg.get_run(rid)['stage']} run, not an eval run.",
                                  fix="pass eval runs (`%llmops runs --stage eval`)")
         pairs = rating_pairs(reg, run_ids)
-        ratings = [r for rid in run_ids for r in evalstore.ratings(reg, rid)]
+        ratings = [r for rid in run_ids for r in reg.eval_ratings(rid)]
         tokenizer, dep = None, None
         if cfg.deployment:
             from llmops_jupyter.stages.serve.server import get_deployment

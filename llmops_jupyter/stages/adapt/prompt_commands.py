@@ -78,9 +78,8 @@ class PromptsConfig(StageConfig):
 @command("prompts", PromptsConfig)
 def prompts(cfg: PromptsConfig, env: CommandEnv) -> Table:
     """List prompt templates and their versions."""
-    sql = "SELECT * FROM prompts" + (" WHERE name=?" if cfg.name else "") + " ORDER BY name, version"
     rows = []
-    for r in env.registry.query(sql, (cfg.name,) if cfg.name else ()):
+    for r in env.registry.prompt_versions(cfg.name or None):
         art = env.registry.get_artifact(r["hash"])
         data = json.loads((art.path / "prompt.json").read_text())
         first = (data["user"].splitlines() or [""])[0]

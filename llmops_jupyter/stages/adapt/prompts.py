@@ -12,25 +12,12 @@ import difflib
 import json
 import re
 import string
-import time
 from typing import TYPE_CHECKING, Any
 
 from llmops_jupyter.core.errors import ConfigError, NotFoundError
-from llmops_jupyter.registry import register_schema
 
 if TYPE_CHECKING:
     from llmops_jupyter.registry import Registry
-
-register_schema("""
-CREATE TABLE IF NOT EXISTS prompts (
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    hash TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    run_id TEXT,
-    PRIMARY KEY (name, version)
-);
-""")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -141,16 +128,12 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 
 def get_prompt(ref: str, registry: Registry) -> PromptTemplate:
     name, version = parse_ref(ref)
-    if version is None:
-        rows = registry.query("SELECT * FROM prompts WHERE name=? ORDER BY version DESC LIMIT 1", (name,))
-    else:
-        rows = registry.query("SELECT * FROM prompts WHERE name=? AND version=?", (name, version))
-    if not rows:
-        known = [r["name"] for r in registry.query("SELECT DISTINCT name FROM prompts ORDER BY name")]
+    row = registry.prompt_version(name, version)
+    if row is None:
+        known = registry.prompt_names()
         raise NotFoundError(f"No prompt '{ref}' in the registry.",
                             fix=f"create it with %%llmops prompt {name}" + (f"; known: {', '.join(known)}"
                                                                              if known else ""))
-    row = rows[0]
     art = registry.get_artifact(row["hash"])
     data = json.loads((art.path / "prompt.json").read_text())
     return PromptTemplate(name=data["name"], user=data["user"], system=data.get("system"), syntax=data["syntax"],
@@ -158,7 +141,7 @@ def get_prompt(ref: str, registry: Registry) -> PromptTemplate:
 
 
 def versions(name: str, registry: Registry) -> list[dict[str, Any]]:
-    return [dict(r) for r in registry.query("SELECT * FROM prompts WHERE name=? ORDER BY version", (name,))]
+    return registry.prompt_versions(name)
 
 
 def diff(old: PromptTemplate | None, new: PromptTemplate) -> str:
@@ -169,13 +152,4 @@ def diff(old: PromptTemplate | None, new: PromptTemplate) -> str:
 
 def record_version(registry: Registry, tmpl: PromptTemplate, artifact_hash: str, run_id: str | None) -> int:
     """Give ``artifact_hash`` the next version number of ``tmpl.name`` unless that content already has one."""
-    with registry.transaction() as con:
-        row = con.execute("SELECT version FROM prompts WHERE name=? AND hash=? ORDER BY version DESC LIMIT 1",
-                          (tmpl.name, artifact_hash)).fetchone()
-        latest = con.execute("SELECT version, hash FROM prompts WHERE name=? ORDER BY version DESC LIMIT 1",
-                             (tmpl.name,)).fetchone()
-        if row and latest and latest["hash"] == artifact_hash:
-            return row["version"]
-        version = (latest["version"] if latest else 0) + 1
-        con.execute("INSERT INTO prompts VALUES (?,?,?,?,?)", (tmpl.name, version, artifact_hash, time.time(), run_id))
-        return version
+    return registry.add_prompt_version(tmpl.name, artifact_hash, run_id)

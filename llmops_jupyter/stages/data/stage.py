@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import html
 import json
+import numbers
 import re
 from collections import Counter
 from pathlib import Path
@@ -23,6 +25,37 @@ ROLE_COLUMNS = {
     "input": ("input", "context"),
     "response": ("response", "output", "answer", "completion", "assistant", "target"),
 }
+NEAR_DUP_HELP = (
+    "opt-in: also remove near duplicates, examples whose character-5-gram Jaccard similarity to an earlier kept "
+    "example is at least THRESHOLD (MinHash LSH proposes candidates, the exact similarity decides), e.g. --near-dup "
+    "0.9. Off by default because short prompts that differ in one number look alike; the report and the dataset's "
+    "dropped.jsonl list each dropped example beside the one it matched. --no-near-dup is deprecated and does "
+    "nothing (off is the default)"
+)
+
+
+class _NearDupFlag(argparse.Action):
+    """``--near-dup THRESHOLD``, plus the deprecated ``--no-near-dup`` (a no-op now that off is the default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "--no-near-dup":
+            if values is not None:
+                parser.error("--no-near-dup takes no value (it is deprecated: near-duplicate removal is off by "
+                             "default); put the source before it or drop the flag")
+            setattr(namespace, self.dest, False)
+        elif values is None:
+            parser.error("--near-dup needs a THRESHOLD between 0.5 and 1.0, e.g. --near-dup 0.9")
+        else:
+            setattr(namespace, self.dest, values)
+
+
+def _near_dup_option() -> Any:
+    f = option(None, NEAR_DUP_HELP, min=0.5, max=1.0)
+    meta = {**f.metadata, "argparse": {"aliases": ("--no-near-dup",), "nargs": "?", "action": _NearDupFlag,
+                                       "metavar": "THRESHOLD"}}
+    return dataclasses.field(default=None, metadata=meta)
+
+
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
                   "bot": "assistant", "model": "assistant"}
 
@@ -38,14 +71,13 @@ class DataConfig(StageConfig):
     columns: dict[str, str] = option({}, "map roles to your column names, e.g. instruction=question response=answer "
                                          "(roles: instruction, input, response, system, messages)")
     system: str | None = option(None, "system prompt added to every example that has none")
-    min_chars: int = option(1, "drop examples whose response is shorter than this many characters", min=0)
-    max_chars: int = option(20000, "drop examples longer than this many characters in total", min=1)
-    max_tokens: int | None = option(None, "drop examples longer than this many tokens after templating (needs "
+    min_chars: int = option(1, "remove examples whose response is shorter than this many characters", min=0)
+    max_chars: int = option(20000, "remove examples longer than this many characters in total", min=1)
+    max_tokens: int | None = option(None, "remove examples longer than this many tokens after templating (needs "
                                           "--tokenizer)", min=1)
-    dedup: bool = option(True, "remove exact duplicates (after whitespace/case normalisation)")
-    near_dup: bool = option(True, "remove near duplicates (MinHash LSH over character 5-grams)")
-    near_dup_threshold: float = option(0.85, "Jaccard similarity above which two examples are near duplicates",
-                                       min=0.5, max=1.0)
+    dedup: bool = option(True, "remove exact duplicates: examples whose every turn is identical after whitespace/"
+                               "case normalisation and PII scrubbing")
+    near_dup: float | None = _near_dup_option()
     scrub_pii: bool = option(True, "replace emails, phone numbers, card numbers, IPs and SSNs with [TYPE] tokens")
     eval_fraction: float = option(0.1, "fraction held out for evaluation (deterministic by --seed)", min=0.0, max=0.9)
     eval_size: int | None = option(None, "hold out exactly this many examples instead of --eval-fraction", min=0)
@@ -54,6 +86,12 @@ class DataConfig(StageConfig):
     name: str | None = option(None, "dataset name shown in the registry (default: the source file name)")
 
     def validate(self) -> None:
+        if self.near_dup is False:  # deprecated `--no-near-dup` / near_dup=False: what the default does now
+            self.near_dup = None
+        elif self.near_dup is True:
+            raise self.invalid("near_dup", "takes a similarity THRESHOLD now, not true",
+                               fix="pass e.g. --near-dup 0.9 (near_dup=0.9), or leave it out to remove only exact "
+                                   "duplicates")
         if self.source is None or (isinstance(self.source, str) and not self.source.strip()):
             raise self.invalid("source", "is required", fix="pass a file path or a notebook variable like $df")
         if self.max_tokens is not None and not self.tokenizer:
@@ -74,8 +112,9 @@ def _describe_source(src: Any) -> str:
     return type(src).__name__
 
 
-def load_rows(src: Any) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Rows as dicts plus the files they came from. Errors name the file (and line for JSONL)."""
+def load_rows(src: Any) -> tuple[list[dict[str, Any]], list[Path], list[str]]:
+    """Rows as dicts (keys as text), the files they came from, and where each row came from ("d.jsonl line 3",
+    "row 7") so that errors and dropped examples can point at it. Errors name the file (and line)."""
     if isinstance(src, (str, Path)):
         path = Path(src).expanduser()
         if not path.exists():
@@ -86,70 +125,101 @@ def load_rows(src: Any) -> tuple[list[dict[str, Any]], list[Path]]:
             raise DataError(f"Folder '{src}' has no {'/'.join(SUPPORTED)} files.", path=str(src),
                             fix="point --source at a data file or a folder containing some")
         rows: list[dict[str, Any]] = []
+        origins: list[str] = []
         for f in files:
-            rows.extend(_read_file(f))
-        return rows, files
+            label = str(f.relative_to(path)) if path.is_dir() else f.name
+            for where, row in _read_file(f):
+                rows.append(_str_keys(row))
+                origins.append(f"{label} {where}")
+        return rows, files, origins
     if hasattr(src, "to_dict") and hasattr(src, "columns"):  # pandas DataFrame
-        return [dict(r) for r in src.to_dict("records")], []
+        records = src.to_dict("records")
+        return [_str_keys(r) for r in records], [], [f"row {label}" for label in list(src.index)[:len(records)]]
     if hasattr(src, "column_names") and hasattr(src, "to_list"):  # datasets.Dataset
-        return list(src.to_list()), []
+        records = list(src.to_list())
+        return [_str_keys(r) for r in records], [], [f"row {i}" for i in range(len(records))]
     if hasattr(src, "keys") and hasattr(src, "values") and all(hasattr(v, "column_names") for v in src.values()):
-        raise DataError("Got a DatasetDict; pass one split (e.g. $ds['train']).", fix="select a split first")
+        raise DataError("Got a DatasetDict; pass one split (e.g. $ds['train']).", fix="choose one split first")
     if isinstance(src, (list, tuple)):
         if not all(isinstance(r, dict) for r in src):
             raise DataError("A list source must hold dicts (one per example).", fix="e.g. [{'instruction': ..., "
                                                                                     "'response': ...}]")
-        return [dict(r) for r in src], []
+        return [_str_keys(r) for r in src], [], [f"row {i}" for i in range(len(src))]
     raise DataError(f"Cannot read a data source of type {type(src).__name__}.",
                     fix="pass a file path, a pandas DataFrame, a datasets.Dataset or a list of dicts")
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl" or (suffix == ".json" and _looks_jsonl(path)):
-        from llmops_jupyter.stages.data.format import read_jsonl
+def _str_keys(row: dict) -> dict[str, Any]:
+    return {str(k): v for k, v in row.items()}
 
-        rows = read_jsonl(path)
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def _read_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` pairs. Text formats are decoded strictly as UTF-8 first (a UTF-8 BOM is fine), so a
+    wrong encoding is one line naming the byte, never a ``UnicodeDecodeError`` from inside a parser. An empty file
+    holds no rows."""
+    from llmops_jupyter.stages.data.format import read_jsonl_lines, read_text
+
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED:
+        raise DataError(f"{path}: unsupported file type '{suffix}'.", path=str(path),
+                        fix=f"use one of {', '.join(SUPPORTED)}")
+    if path.stat().st_size == 0:
+        return []
+    text = read_text(path) if suffix != ".parquet" else ""
+    if suffix == ".jsonl" or (suffix == ".json" and _looks_jsonl(text)):
+        pairs = [(f"line {i}", row) for i, row in read_jsonl_lines(path, text)]
     elif suffix == ".json":
+        if not text.strip():
+            return []
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {exc.lineno} is not valid JSON ({exc.msg}).", path=str(path),
+            cut = " (the file may be truncated)" if exc.pos >= len(text.rstrip()) else ""
+            raise DataError(f"{path}: line {exc.lineno} is not valid JSON ({exc.msg}){cut}.", path=str(path),
                             line=exc.lineno, fix="fix the JSON, or use JSON Lines (one object per line)") from None
         rows = data.get("data", data) if isinstance(data, dict) else data
         if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a list of objects.", path=str(path), fix="write a JSON array")
+            raise DataError(f"{path}: expected a list of objects, found a {type(rows).__name__}.", path=str(path),
+                            fix="write a JSON array of objects (or an object whose 'data' key holds one)")
+        pairs = [(f"record {i}", row) for i, row in enumerate(rows, 1)]
     elif suffix in (".csv", ".tsv"):
+        import io
+
         import pandas as pd
 
         try:
-            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-        except Exception as exc:  # pandas raises several parser error types
-            raise DataError(f"{path}: cannot parse as {suffix[1:].upper()} ({exc}).", path=str(path),
-                            fix="check quoting and the delimiter") from None
-        rows = df.to_dict("records")
-    elif suffix == ".parquet":
+            df = pd.read_csv(io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", dtype=str,
+                             keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            return []
+        except Exception as exc:  # noqa: BLE001 - pandas raises several parser error types
+            raise DataError(f"{path}: cannot parse as {suffix[1:].upper()} ({_one_line(exc)}).", path=str(path),
+                            fix="check quoting and the delimiter (a quote left open often means a truncated "
+                                "file)") from None
+        pairs = [(f"row {i}", row) for i, row in enumerate(df.to_dict("records"), 1)]
+    else:
         import pyarrow.parquet as pq
 
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as exc:  # noqa: BLE001 - pyarrow error types vary by version
-            raise DataError(f"{path}: cannot read Parquet ({exc}).", path=str(path), fix="re-export the file") from None
-    else:
-        raise DataError(f"{path}: unsupported file type '{suffix}'.", path=str(path),
-                        fix=f"use one of {', '.join(SUPPORTED)}")
-    for i, row in enumerate(rows, 1):
+            raise DataError(f"{path}: cannot read Parquet ({_one_line(exc)}).", path=str(path),
+                            fix="re-export the file (it may be truncated or not Parquet)") from None
+        pairs = [(f"row {i}", row) for i, row in enumerate(rows, 1)]
+    for where, row in pairs:
         if not isinstance(row, dict):
-            raise DataError(f"{path}: record {i} is a {type(row).__name__}, not an object.", path=str(path), line=i,
-                            fix="each record must be a JSON object with named fields")
-    return rows
+            raise DataError(f"{path}: {where} is a {type(row).__name__}, not an object.", path=str(path),
+                            line=int(where.split()[-1]), fix="each record must be a JSON object with named fields")
+    return pairs
 
 
-def _looks_jsonl(path: Path) -> bool:
-    with open(path, encoding="utf-8") as fh:
-        first = fh.readline().strip()
-        second = fh.readline().strip()
-    return first.startswith("{") and second.startswith("{")
+def _looks_jsonl(text: str) -> bool:
+    lines = [ln.strip() for ln in text.split("\n", 2)[:2]]
+    return len(lines) == 2 and lines[0].startswith("{") and lines[1].startswith("{")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,6 +255,53 @@ def resolve_columns(found: list[str], cfg: DataConfig) -> tuple[str, dict[str, s
     return layout, mapping
 
 
+class NotText(Exception):
+    """A value that cannot stand for text (a list, a dict, undecodable bytes); the stage names row and column."""
+
+    def __init__(self, column: str, what: str):
+        self.column = column
+        self.what = what
+        super().__init__(f"column '{column}' holds {what}, not text")
+
+
+def as_text(value: Any, column: str) -> str:
+    """A cell as text. Missing values (None, NaN, pandas NA/NaT) are empty, so they are dropped as empty text rather
+    than learned as "nan"; a whole-number float prints without ".0" (pandas turns an int column with gaps into
+    floats); containers are refused rather than stringified."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    kind = type(value).__name__
+    if kind in ("NAType", "NaTType"):
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise NotText(column, "bytes that are not UTF-8") from None
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, numbers.Number):
+        if isinstance(value, numbers.Real):
+            f = float(value)
+            if f != f:
+                return ""
+            if not isinstance(value, numbers.Integral) and f.is_integer() and abs(f) < 1e16:
+                return str(int(f))
+        return str(value)
+    if isinstance(value, (list, tuple, dict, set)) or hasattr(value, "ndim"):
+        raise NotText(column, f"a {kind}")
+    return str(value)
+
+
+def _content(value: Any, column: str) -> str:
+    """Chat message content: text, or OpenAI-style content parts ``[{"type": "text", "text": ...}]``."""
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(as_text(p.get("text"), column) for p in value)
+    return as_text(value, column)
+
+
 def to_messages(row: dict[str, Any], layout: str, mapping: dict[str, str], system: str | None) -> list[dict]:
     msgs: list[dict[str, str]] = []
     if layout == "chat":
@@ -199,17 +316,17 @@ def to_messages(row: dict[str, Any], layout: str, mapping: dict[str, str], syste
             role = SHAREGPT_ROLES.get(str(role).lower())
             if role is None or content is None:
                 raise ValueError(f"message with unknown role {m.get('role', m.get('from'))!r}")
-            msgs.append({"role": role, "content": str(content)})
+            msgs.append({"role": role, "content": _content(content, mapping["messages"])})
     else:
-        instr = row.get(mapping["instruction"])
-        extra = row.get(mapping["input"]) if "input" in mapping else None
-        user = str(instr if instr is not None else "")
-        if extra is not None and str(extra).strip():
+        user = as_text(row.get(mapping["instruction"]), mapping["instruction"])
+        extra = as_text(row.get(mapping["input"]), mapping["input"]) if "input" in mapping else ""
+        if extra.strip():
             user = f"{user}\n\n{extra}"
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": str(row.get(mapping["response"])
-                                                                                        or "")}]
-        if "system" in mapping and row.get(mapping["system"]):
-            msgs.insert(0, {"role": "system", "content": str(row[mapping["system"]])})
+        msgs = [{"role": "user", "content": user},
+                {"role": "assistant", "content": as_text(row.get(mapping["response"]), mapping["response"])}]
+        sys_text = as_text(row.get(mapping["system"]), mapping["system"]) if "system" in mapping else ""
+        if sys_text.strip():
+            msgs.insert(0, {"role": "system", "content": sys_text})
     if system and (not msgs or msgs[0]["role"] != "system"):
         msgs.insert(0, {"role": "system", "content": system})
     return msgs
@@ -222,20 +339,34 @@ def _norm(messages: list[dict[str, str]]) -> str:
     return "\n".join(f"{m['role']}:{_WS.sub(' ', m['content']).strip().lower()}" for m in messages)
 
 
-def near_duplicates(texts: list[str], threshold: float, seed: int = 1) -> set[int]:
-    """Indices to drop: each later member of a near-duplicate group (MinHash LSH, datasketch)."""
+def near_duplicates(texts: list[str], threshold: float, seed: int = 1) -> dict[int, tuple[int, float]]:
+    """Each later member of a near-duplicate group → (the earlier kept index it matched, Jaccard similarity).
+
+    MinHash LSH (datasketch) only proposes candidates, with a lower bar than ``threshold`` so that pairs just above
+    it are rarely missed; a pair counts when the exact Jaccard similarity of the two character-5-gram sets reaches
+    ``threshold``, so the estimate's error alone never drops an example."""
     from datasketch import MinHash, MinHashLSH
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=128)
-    drop: set[int] = set()
+    lsh = MinHashLSH(threshold=max(0.3, threshold - 0.15), num_perm=128)
+    kept: dict[int, set[str]] = {}
+    drop: dict[int, tuple[int, float]] = {}
+    # datasketch's LSH lookup (no database involved), bound once so the loop reads as what it does
+    similar_to = lsh.query
     for i, text in enumerate(texts):
         shingles = {text[j:j + 5] for j in range(max(1, len(text) - 4))}
         mh = MinHash(num_perm=128, seed=seed)
         mh.update_batch([s.encode() for s in shingles])
-        if lsh.query(mh):
-            drop.add(i)
+        best: tuple[int, float] | None = None
+        for key in similar_to(mh):
+            j = int(key)
+            sim = len(shingles & kept[j]) / len(shingles | kept[j])
+            if best is None or sim > best[1] or (sim == best[1] and j < best[0]):
+                best = (j, sim)
+        if best is not None and best[1] >= threshold:
+            drop[i] = best
         else:
             lsh.insert(str(i), mh)
+            kept[i] = shingles
     return drop
 
 
@@ -246,12 +377,14 @@ def split_key(seed: int, ex_id: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 class DataReport:
-    """Counts, drops with reasons, PII counts and length stats; HTML in notebooks, text elsewhere."""
+    """Counts, drops with reasons, PII counts and length stats; HTML in notebooks, text elsewhere. When near-duplicate
+    removal was on, the dropped examples are shown beside the ones they matched."""
 
-    def __init__(self, manifest: dict[str, Any], artifact_hash: str, run_id: str):
+    def __init__(self, manifest: dict[str, Any], artifact_hash: str, run_id: str, folder: Path | None = None):
         self.manifest = manifest
         self.hash = artifact_hash
         self.run_id = run_id
+        self.folder = folder
 
     def rows(self) -> list[tuple[str, Any]]:
         m = self.manifest
@@ -260,21 +393,40 @@ class DataReport:
                ("source", m["source"]), ("layout", m["layout"]), ("input rows", c["input"]),
                ("kept", c["kept"]), ("train", c["train"]), ("eval", c["eval"])]
         out += [(f"dropped: {k}", v) for k, v in sorted(m["dropped"].items())]
+        threshold = m.get("near_dup")
+        out.append(("near duplicates", f"removed at similarity >= {threshold}" if threshold is not None
+                    else "kept (exact duplicates only; --near-dup THRESHOLD to remove them)"))
+        if m["dropped"] and self.folder is not None:
+            out.append(("dropped examples", f"{self.folder / m.get('dropped_file', 'dropped.jsonl')} "
+                                            f"(%llmops show {self.run_id})"))
         out += [(f"PII scrubbed: {k}", v) for k, v in sorted(m["pii"].items())]
         lens = m.get("lengths", {})
         if lens:
             out.append((f"length ({lens['unit']}) min/median/max", f"{lens['min']}/{lens['median']}/{lens['max']}"))
         return out
 
+    def near_dup_table(self, limit: int = 20):
+        """The near duplicates dropped, beside what they matched (None when near-duplicate removal was off)."""
+        if self.manifest.get("near_dup") is None or not self.manifest["dropped"].get("near duplicate") \
+                or self.folder is None:
+            return None
+        from llmops_jupyter.stages.data.format import dropped_table
+
+        return dropped_table(self.folder, reasons=("near duplicate",), limit=limit)
+
     def __str__(self) -> str:
         width = max(len(k) for k, _ in self.rows())
-        return "Data report\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in self.rows())
+        text = "Data report\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in self.rows())
+        table = self.near_dup_table()
+        return text if table is None else f"{text}\n\n{table}"
 
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
         body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in self.rows())
-        return f"<div class='llmops-data-report'><b>Data report</b><table>{body}</table></div>"
+        table = self.near_dup_table()
+        extra = table._repr_html_() if table is not None else ""
+        return f"<div class='llmops-data-report'><b>Data report</b><table>{body}</table>{extra}</div>"
 
 
 def length_figure(train_lengths: list[int], eval_lengths: list[int], unit: str):
@@ -298,12 +450,19 @@ class DataStage(Stage):
 
     def run(self, ctx) -> dict[str, Any]:
         from llmops_jupyter.core.pii import scrub
-        from llmops_jupyter.stages.data.format import DEFAULT_TEMPLATE, Dataset, render, write_dataset_dir
+        from llmops_jupyter.stages.data.format import (
+            DEFAULT_TEMPLATE,
+            DROPPED_FILE,
+            Dataset,
+            example_id,
+            render,
+            write_dataset_dir,
+        )
 
         cfg: DataConfig = ctx.config
-        rows, files = load_rows(cfg.source)
+        rows, files, origins = load_rows(cfg.source)
         if cfg.limit:
-            rows = rows[: cfg.limit]
+            rows, origins = rows[: cfg.limit], origins[: cfg.limit]
         source = _describe_source(cfg.source)
         if not rows:
             raise DataError(f"Data source '{source}' has no examples.", path=source,
@@ -311,7 +470,10 @@ class DataStage(Stage):
         for f in files:
             ctx.use(ctx.registry.add_reference(f, "raw-data", name=f.name))
         found = sorted({k for r in rows for k in r})
-        layout, mapping = resolve_columns(found, cfg)
+        try:
+            layout, mapping = resolve_columns(found, cfg)
+        except DataError as exc:
+            raise DataError(f"{source}: {exc.message}", path=source, fix=exc.fix) from None
 
         tokenizer, tok_info = None, {"tokenizer": None, "tokenizer_hash": None}
         if cfg.tokenizer:
@@ -326,28 +488,47 @@ class DataStage(Stage):
                         "tokenizer_hash": hashlib.sha256(tj.read_bytes()).hexdigest()[:16] if tj.exists() else None}
 
         dropped: Counter = Counter()
+        dropped_rows: list[dict[str, Any]] = []
         pii: Counter = Counter()
-        seen: set[str] = set()
+        seen: dict[str, int] = {}  # normalised example → index in `kept`
         kept: list[list[dict[str, str]]] = []
+        kept_at: list[int] = []  # input row of each kept example
         total = len(rows)
+
+        def ref(k: int) -> dict[str, Any]:
+            return {"id": example_id(kept[k]), "where": origins[kept_at[k]], "messages": kept[k]}
+
+        def drop(i: int, reason: str, msgs: list[dict[str, str]] | None = None, *, scrubbed: bool = False,
+                 matched: dict | None = None, similarity: float | None = None) -> None:
+            """Count the drop and keep the example (PII-scrubbed like the kept ones) for dropped.jsonl."""
+            dropped[reason] += 1
+            if msgs is not None and cfg.scrub_pii and not scrubbed:
+                msgs = [{"role": m["role"], "content": scrub(m["content"])[0]} for m in msgs]
+            dropped_rows.append({"row": i, "where": origins[i], "reason": reason, "messages": msgs,
+                                 "matched": matched, "similarity": similarity})
+
         for i, row in enumerate(rows):
             try:
                 msgs = to_messages(row, layout, mapping, cfg.system)
+            except NotText as exc:
+                raise DataError(f"{source}: {origins[i]}: {exc}.", path=source, fix=(
+                    f"map a text column with --columns <role>=<column>, or convert it first (e.g. "
+                    f"df['{exc.column}'] = df['{exc.column}'].astype(str)) and pass $df")) from None
             except (ValueError, TypeError, json.JSONDecodeError):
-                dropped["malformed messages"] += 1
+                drop(i, "malformed messages")
                 continue
             msgs = [{"role": m["role"], "content": m["content"].strip()} for m in msgs]
             if not msgs or msgs[-1]["role"] != "assistant":
-                dropped["no assistant response"] += 1
+                drop(i, "no assistant response", msgs)
                 continue
             if any(not m["content"] for m in msgs if m["role"] != "system"):
-                dropped["empty text"] += 1
+                drop(i, "empty text", msgs)
                 continue
             if len(msgs[-1]["content"]) < cfg.min_chars:
-                dropped[f"response shorter than {cfg.min_chars} chars"] += 1
+                drop(i, f"response shorter than {cfg.min_chars} chars", msgs)
                 continue
             if sum(len(m["content"]) for m in msgs) > cfg.max_chars:
-                dropped[f"longer than {cfg.max_chars} chars"] += 1
+                drop(i, f"longer than {cfg.max_chars} chars", msgs)
                 continue
             found_pii: Counter = Counter()
             if cfg.scrub_pii:
@@ -360,23 +541,26 @@ class DataStage(Stage):
             if cfg.dedup:
                 key = _norm(msgs)
                 if key in seen:
-                    dropped["exact duplicate"] += 1
+                    drop(i, "exact duplicate", msgs, scrubbed=True, matched=ref(seen[key]), similarity=1.0)
                     continue
-                seen.add(key)
+                seen[key] = len(kept)
             pii.update(found_pii)
             kept.append(msgs)
+            kept_at.append(i)
             if i % 500 == 0:
                 ctx.progress(i + 1, total, "cleaning")
-        if cfg.near_dup and len(kept) > 1:
-            drop = near_duplicates([_norm(m) for m in kept], cfg.near_dup_threshold)
-            dropped["near duplicate"] += len(drop)
-            kept = [m for j, m in enumerate(kept) if j not in drop]
+        if cfg.near_dup is not None and len(kept) > 1:
+            near = near_duplicates([_norm(m) for m in kept], cfg.near_dup)
+            for j, (k, sim) in near.items():
+                drop(kept_at[j], "near duplicate", kept[j], scrubbed=True, matched=ref(k), similarity=round(sim, 4))
+            kept_at = [r for j, r in enumerate(kept_at) if j not in near]
+            kept = [m for j, m in enumerate(kept) if j not in near]
 
         examples = []
         for j, msgs in enumerate(kept):
             ex = render(msgs, tokenizer)
             if cfg.max_tokens and ex["n_tokens"] is not None and ex["n_tokens"] > cfg.max_tokens:
-                dropped[f"longer than {cfg.max_tokens} tokens"] += 1
+                drop(kept_at[j], f"longer than {cfg.max_tokens} tokens", msgs, scrubbed=True)
                 continue
             examples.append(ex)
             if j % 500 == 0:
@@ -385,6 +569,7 @@ class DataStage(Stage):
             reasons = ", ".join(f"{k}: {v}" for k, v in dropped.items()) or "none"
             raise DataError(f"No examples left after cleaning '{source}' (dropped — {reasons}).", path=source,
                             fix="relax --min-chars/--max-chars/--max-tokens or check the column mapping")
+        dropped_rows.sort(key=lambda d: d["row"])
 
         examples.sort(key=lambda e: split_key(cfg.seed, e["id"]))
         n_eval = cfg.eval_size if cfg.eval_size is not None else round(len(examples) * cfg.eval_fraction)
@@ -401,25 +586,27 @@ class DataStage(Stage):
             "name": cfg.name or (Path(source).stem if isinstance(cfg.source, (str, Path)) else "dataset"),
             "source": source, "files": [str(f) for f in files], "layout": layout, "columns": mapping,
             "counts": {"input": total, "kept": len(examples)}, "dropped": dict(dropped), "pii": dict(pii),
+            "dedup": cfg.dedup, "near_dup": cfg.near_dup, "dropped_file": DROPPED_FILE,
             "chat_template": (tokenizer.chat_template if tokenizer is not None else DEFAULT_TEMPLATE),
             "seed": cfg.seed, "eval_fraction": cfg.eval_fraction, "eval_size": cfg.eval_size,
             "lengths": {"unit": unit, "min": lens[0], "median": lens[len(lens) // 2], "max": lens[-1]},
             **tok_info,
         }
         folder = ctx.staging_dir("data")
-        version = write_dataset_dir(folder, train_rows, eval_rows, manifest)
+        version = write_dataset_dir(folder, train_rows, eval_rows, manifest, dropped=dropped_rows)
         manifest = json.loads((folder / "manifest.json").read_text())
         art = ctx.save_artifact(folder, "dataset", name=manifest["name"],
                                 meta={"version": version, "counts": manifest["counts"], "pii": dict(pii)})
         ctx.log_metrics({"examples": len(examples), "train": len(train_rows), "eval": len(eval_rows),
                          "dropped": sum(dropped.values()), "pii_scrubbed": sum(pii.values())})
-        ctx.set_summary(version=version, dataset=art.hash)
+        ctx.set_summary(version=version, dataset=art.hash, dropped=dict(dropped),
+                        dropped_examples=str(Path(art.path) / DROPPED_FILE))
 
         def _len(e: dict) -> int:
             return e["n_tokens"] if tokenizer is not None else len(e["text"])
 
         return {
-            "report": DataReport(manifest, art.hash, ctx.run_id),
+            "report": DataReport(manifest, art.hash, ctx.run_id, Path(art.path)),
             "figure": length_figure([_len(e) for e in train_rows], [_len(e) for e in eval_rows], unit),
             "dataset": Dataset(art.path, art),
         }

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llmops_jupyter.core.errors import ConfigError, GateError
+from llmops_jupyter.stages.eval.metrics import canonical
 
 _RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*(>=|<=)\s*([+-]?\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|[+-]?\.\d+)\s*(%?)\s*$")
 
@@ -68,7 +69,8 @@ class GateResult:
 
 
 def parse_gate(spec: str | Sequence[str] | None) -> list[GateRule]:
-    """Parse ``"rougeL>=-0.01,ppl<=+5%"``; a bad rule is a ConfigError naming it and showing the syntax."""
+    """Parse ``"rougeL>=-0.01,ppl<=+5%"``; a bad rule is a ConfigError naming it and showing the syntax. Metric
+    aliases (``em``, ``rouge``) become the metric's one name here, so a gate compares the values eval stored."""
     if spec is None:
         return []
     parts = [spec] if isinstance(spec, str) else list(spec)
@@ -85,7 +87,7 @@ def parse_gate(spec: str | Sequence[str] | None) -> list[GateRule]:
                         "comma-separated")
             metric, op, num, pct = m.groups()
             value = float(num) / (100.0 if pct else 1.0)
-            rules.append(GateRule(metric, op, value, bool(pct), text.strip()))
+            rules.append(GateRule(canonical(metric), op, value, bool(pct), text.strip()))
     return rules
 
 

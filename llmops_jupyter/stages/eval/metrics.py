@@ -107,9 +107,15 @@ def register_metric(name: str, *, higher_is_better: bool | None = True, batch: b
     return deco
 
 
+def canonical(name: str) -> str:
+    """The one name of a metric or per-example value (``em`` → ``exact_match``): every place that accepts a metric
+    name — ``--metrics``, ``--gate``, reports, cards — resolves aliases through here."""
+    return ALIASES.get(name, name)
+
+
 def get_metric(name: str) -> Metric:
     """Look a metric up by name or alias; an unknown name is a ConfigError naming close matches."""
-    name = ALIASES.get(name, name)
+    name = canonical(name)
     if name in METRICS:
         return METRICS[name]
     close = difflib.get_close_matches(name, list(METRICS) + list(ALIASES), n=2)
@@ -121,7 +127,7 @@ def get_metric(name: str) -> Metric:
 
 def metric_for_key(key: str) -> Metric | None:
     """The metric that produces per-example value ``key`` (``loss`` → ppl), or None."""
-    key = ALIASES.get(key, key)
+    key = canonical(key)
     for m in METRICS.values():
         if key in m.keys:
             return m

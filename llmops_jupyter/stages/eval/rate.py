@@ -73,7 +73,7 @@ class CompareView:
     """
 
     def __init__(self, registry: Any, runs: list[str], *, start: int = 0, user: str | None = None):
-        self.registry = evalstore.ensure(registry)
+        self.registry = registry
         self.user = user
         versions = [v for run in runs for v in evalstore.versions(registry, run)]
         refs = [v["model_ref"] for v in versions]

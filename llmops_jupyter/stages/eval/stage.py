@@ -30,7 +30,7 @@ from llmops_jupyter.core.errors import ConfigError, DataError, LlmopsError, Stag
 from llmops_jupyter.core.stage import CommandEnv, Stage, command, register_stage
 from llmops_jupyter.stages.eval import store as evalstore
 from llmops_jupyter.stages.eval.gates import parse_gate
-from llmops_jupyter.stages.eval.metrics import ALIASES, DEFAULT_METRICS, get_metric
+from llmops_jupyter.stages.eval.metrics import DEFAULT_METRICS, get_metric
 
 
 @dataclasses.dataclass
@@ -106,7 +106,7 @@ class EvalConfig(StageConfig):
         rules = parse_gate(self.gate)
         produced = {k for n in names for k in get_metric(n).keys} - {"tokens_per_s"}
         for rule in rules:
-            key = ALIASES.get(rule.metric, rule.metric)
+            key = rule.metric  # already the canonical name (parse_gate)
             if key in ("bleu_corpus", "chrf_corpus", "tokens_per_s"):
                 raise self.invalid("gate", f"cannot gate on '{key}' (a whole-run number, no per-example values)",
                                    fix="gate on bleu / chrf / latency_s instead")
@@ -156,7 +156,7 @@ class EvalStage(Stage):
         from llmops_jupyter.stages.eval.generate import evaluate_model
 
         cfg: EvalConfig = ctx.config
-        reg = evalstore.ensure(ctx.registry)
+        reg = ctx.registry
         rules = parse_gate(cfg.gate)
         if cfg.lm_eval_task:
             require("lm_eval", "lmeval", package="lm-eval", feature="lm-evaluation-harness tasks")
@@ -224,8 +224,8 @@ class EvalStage(Stage):
 
         # store: per-example rows, per-version summaries, run metrics
         for pos, v in enumerate(versions):
-            evalstore.save_examples(reg, ctx.run_id, v.ref, v.model_hash, v.rows)
-            evalstore.save_summary(reg, ctx.run_id, v.ref, v.model_hash, pos, v.summary)
+            reg.add_eval_examples(ctx.run_id, v.ref, v.model_hash, v.rows)
+            reg.add_eval_summary(ctx.run_id, v.ref, v.model_hash, pos, v.summary)
         single = len(versions) == 1
         for v in versions:
             ctx.log_metrics({(k if single else f"{v.label}/{k}"): val for k, val in v.summary.items()
@@ -347,7 +347,7 @@ class EvalStage(Stage):
         by_id = {r["id"]: r for r in rows}
         ordered = [by_id[i] for i in ids]
         for rule in parse_gate(cfg.gate):
-            key = ALIASES.get(rule.metric, rule.metric)
+            key = rule.metric  # already the canonical name (parse_gate)
             need = ("nll", "n_tokens") if key in ("ppl", "loss") else (key,)
             if any(k not in ordered[0]["metrics"] for k in need):
                 raise StageError(f"Baseline run {run_id} has no '{rule.metric}' values to gate on.",

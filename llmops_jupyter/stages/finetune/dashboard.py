@@ -1,5 +1,6 @@
 """Live training dashboard: a plotly ``FigureWidget`` (loss, eval loss, lr, tokens/s, memory) and a status line with
-step, ETA and throughput, fed by runner events — or, for detached runs, by polling the registry (:class:`RunWatcher`).
+step, ETA and throughput, fed by runner events — or, for detached runs, by
+:class:`llmops_jupyter.stages.finetune.launch.RunWatcher` polling the registry.
 
 Widgets are only drawn for the notebook front end; elsewhere the view is silent (the generic tqdm progress covers
 the terminal). When a run ends without its static figure (interrupted / failed), the dashboard leaves a static plotly
@@ -8,14 +9,11 @@ figure in the output so saved notebooks still show the curves; finished runs ret
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from llmops_jupyter.core.runner import Event, EventType
+from llmops_jupyter.core.runner import END_EVENTS, Event, EventType
 
 #: Minimum seconds between figure redraws (bounds the dashboard's cost per training step).
 REDRAW_S = 0.5
@@ -68,7 +66,7 @@ class TrainingDashboard:
             self._ensure_widgets()  # drawn before the model loads: no widget start-up cost inside training
         elif event.type is EventType.PROGRESS and event.data.get("desc") == "finetune":
             self.progress(event.data.get("done") or 0, event.data.get("total"))
-        elif event.type in (EventType.FINISHED, EventType.FAILED, EventType.INTERRUPTED):
+        elif event.type in END_EVENTS:
             self.end(str(event.type))
 
     def progress(self, done: float, total: float | None) -> None:
@@ -161,88 +159,3 @@ class TrainingDashboard:
                     note.text = loss_panel_title(data)
         self._pending = 0
         self._last_draw = now
-
-
-class RunWatcher:
-    """Re-opens the live view of a run from the registry (metrics table + the worker's progress file).
-
-    ``follow()`` blocks until the run ends (scripts, papermill) and returns the static figure; ``start()`` polls in
-    a background thread so the notebook stays usable. A run whose process died without recording an end is
-    marked failed and reported.
-    """
-
-    def __init__(self, registry: Any, run_id: str, *, front_end: str = "python",
-                 display: Callable[[Any], None] | None = None, poll_s: float = 1.0):
-        self.registry = registry
-        self.run_id = run_id
-        self.poll_s = poll_s
-        self.front_end = front_end
-        self.display = display
-        self.view = TrainingDashboard(front_end=front_end, display=display)
-        self._rowid = 0
-        self.status = "running"
-        self.error: str | None = None
-        self._thread: threading.Thread | None = None
-
-    def poll(self) -> str:
-        """One poll: new metric rows, progress, status (reaping a dead worker). Returns the run status."""
-        from llmops_jupyter.stages.finetune.sft import reap_dead_run
-
-        reap_dead_run(self.registry, self.run_id)
-        rows = self.registry.query("SELECT rowid, key, value, step, ts FROM metrics WHERE run_id=? AND rowid>? "
-                                   "ORDER BY rowid", (self.run_id, self._rowid))
-        by_step: dict[Any, dict[str, float]] = {}
-        for r in rows:
-            self._rowid = r["rowid"]
-            by_step.setdefault(r["step"], {})[r["key"]] = r["value"]
-        for step, values in by_step.items():
-            self.view(Event(EventType.METRIC, self.run_id, "finetune", {"values": values, "step": step}))
-        progress = self.registry.home / "runs" / self.run_id / "progress.json"
-        if progress.exists():
-            try:
-                p = json.loads(progress.read_text())
-                self.view.progress(p.get("done") or 0, p.get("total"))
-            except (ValueError, OSError):
-                pass
-        run = self.registry.get_run(self.run_id)
-        self.status, self.error = run["status"], run["error"]
-        if self.status != "running":
-            self.view.end(self.status)
-        return self.status
-
-    def follow(self, timeout: float | None = None) -> Any:
-        """Poll until the run ends; returns its static training figure. A dead worker raises StageError."""
-        from llmops_jupyter.core.errors import StageError
-        from llmops_jupyter.stages.finetune.plots import training_figure
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() == "running":
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(self.poll_s)
-        if self.status == "failed":
-            raise StageError(f"Run {self.run_id} failed: {self.error}",
-                             fix=f"see `%llmops show {self.run_id}`; resume from its checkpoint with "
-                                 f"`%llmops finetune --resume {self.run_id}`")
-        return training_figure(self.registry.metric_history(self.run_id),
-                               title=f"finetune {self.run_id} ({self.status})")
-
-    def start(self) -> RunWatcher:
-        def loop() -> None:
-            try:
-                while self.poll() == "running":
-                    time.sleep(self.poll_s)
-            except Exception as exc:  # noqa: BLE001 - a view thread must not raise into the kernel
-                self.error = f"{type(exc).__name__}: {exc}"
-
-        self._thread = threading.Thread(target=loop, name=f"llmops-attach-{self.run_id}", daemon=True)
-        self._thread.start()
-        return self
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-
-def progress_file(home: Path, run_id: str) -> Path:
-    return Path(home) / "runs" / run_id / "progress.json"

@@ -24,8 +24,8 @@ from llmops_jupyter.core.errors import DataError
 
 if TYPE_CHECKING:
     from llmops_jupyter.registry import Registry
-    from llmops_jupyter.stages.finetune.sft import Reporter, TrainOutput
-    from llmops_jupyter.stages.finetune.stage import FinetuneConfig
+    from llmops_jupyter.stages.finetune.config import FinetuneConfig
+    from llmops_jupyter.stages.finetune.train import Reporter, TrainOutput
 
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected")
@@ -46,12 +46,7 @@ def rating_pairs(registry: Registry, runs: list[str]) -> list[dict[str, Any]]:
 
 def label_pairs(registry: Registry, deployment: str) -> list[dict[str, Any]]:
     """Pairs from monitoring labels: 'bad' records with a corrected response (chosen) vs the logged answer."""
-    from llmops_jupyter.stages.serve.reqlog import ensure_schema
-
-    ensure_schema(registry)
-    rows = registry.query("SELECT q.id, q.prompt, q.messages, q.response, q.model, l.corrected, l.ts FROM "
-                          "request_labels l JOIN requests q ON q.id = l.request WHERE q.deployment=? AND "
-                          "l.label='bad' AND l.corrected IS NOT NULL ORDER BY q.id", (deployment,))
+    rows = registry.corrected_requests(deployment)
     out = []
     for r in rows:
         if not r["response"] or r["corrected"].strip() == r["response"].strip():
@@ -127,7 +122,7 @@ def train_dpo(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eva
     from transformers import AutoTokenizer, PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from llmops_jupyter.stages.finetune.sft import (
+    from llmops_jupyter.stages.finetune.train import (
         TokenCounter,
         _callback_cls,
         finish_run,

@@ -16,83 +16,18 @@ training:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from llmops_jupyter.core.config import StageConfig, option
+from llmops_jupyter.core.errors import StageError
 from llmops_jupyter.core.stage import CommandEnv, Stage, command, register_stage
+from llmops_jupyter.stages.finetune.config import RESUME_EXTEND, RESUME_FREE, AttachConfig, FinetuneConfig
 
-METHODS = ("lora", "qlora", "dpo")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr", "inverse_sqrt",
-              "polynomial", "warmup_stable_decay")
-OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
-              "adafactor", "sgd")
+if TYPE_CHECKING:
+    from llmops_jupyter.core.runner import RunContext
 
-
-@dataclasses.dataclass
-class FinetuneConfig(StageConfig):
-    model: str = option("tiny-llama", "base model: local checkpoint folder, registry ref or provider name")
-    data: str = option("data@latest", "dataset artifact: data run id, dataset hash, 'data@latest' or a folder")
-    method: str = option("lora", "lora: adapters on a full-precision base; qlora: on a 4-bit NF4 base "
-                                 "(bitsandbytes, double quantization); dpo: a LoRA adapter trained with TRL's "
-                                 "DPOTrainer on a preference dataset (`%llmops pairs`)", choices=METHODS)
-    dpo_base: str = option("lora", "with --method dpo: adapt a full-precision (lora) or 4-bit NF4 (qlora) base",
-                           choices=["lora", "qlora"])
-    beta: float = option(0.1, "with --method dpo: DPO temperature β (higher = stay closer to the base model)",
-                         min=0.0, min_exclusive=True)
-    dtype: str = option("auto", "compute dtype of the base model (auto: bfloat16 on GPUs that support it, else "
-                                "float32)", choices=DTYPES)
-    rank: int = option(16, "LoRA rank r (size of the low-rank update)", min=1, max=4096)
-    alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha / rank", min=0, min_exclusive=True)
-    dropout: float = option(0.05, "dropout on the LoRA input", min=0, max=0.9)
-    target_modules: list[str] = option(["auto"], "modules to adapt: 'auto' = every linear projection of the decoder "
-                                                 "(peft 'all-linear', lm_head excluded), 'peft-default' = peft's "
-                                                 "per-architecture default (e.g. q_proj,v_proj for Llama), or names")
-    lr: float = option(2e-4, "peak learning rate", min=0, min_exclusive=True, max=1.0)
-    scheduler: str = option("cosine", "learning-rate schedule (transformers scheduler names)", choices=SCHEDULERS)
-    warmup_steps: int = option(0, "linear warm-up steps before the schedule", min=0)
-    optim: str = option("auto", "optimizer (auto: paged 8-bit AdamW for qlora on CUDA, bitsandbytes 8-bit AdamW for "
-                                "qlora on CPU, else AdamW)", choices=OPTIMIZERS)
-    epochs: float = option(1.0, "passes over the training split (ignored when --max-steps > 0)", min=0,
-                           min_exclusive=True)
-    max_steps: int = option(0, "stop after this many optimizer steps (0: use --epochs)", min=0)
-    batch_size: int = option(8, "examples per device per micro-batch", min=1, max=65536)
-    grad_accum: int = option(1, "micro-batches accumulated per optimizer step", min=1, max=65536)
-    seq_len: int = option(1024, "truncate examples to this many tokens", min=8, max=1_048_576)
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, ~30% "
-                                                 "slower)")
-    seed: int = option(0, "seed for initialisation, data order and dropout (same seed → same adapter)", min=0)
-    packing: bool = option(True, "padding-free packing: a micro-batch's examples are concatenated into rows and "
-                                 "never attend across each other (verified on the attention implementation in use; "
-                                 "falls back to length-grouped padding when that check fails)")
-    completion_only_loss: bool = option(True, "train on the response tokens only (prompt tokens are masked)")
-    log_every: int = option(10, "log metrics (loss, lr, tokens/s, memory) every N optimizer steps", min=1)
-    checkpoint_every: int = option(50, "save a resumable checkpoint every N steps (0: never)", min=0)
-    eval_every: int = option(0, "evaluate on the eval split every N steps (0: only at the end)", min=0)
-    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", min=1)
-    resume: str | None = option(None, "run id to continue from its last checkpoint (training options come from that "
-                                      "run; the result equals an uninterrupted run)")
-    detach: bool = option(False, "train in a supervised worker process; the cell returns at once "
-                                 "(`%llmops attach <run>` shows it)")
-    launcher: str = option("none", "none: train in this process; accelerate: `accelerate launch` with "
-                                   "--num-processes workers (multi-GPU)", choices=["none", "accelerate"])
-    num_processes: int = option(1, "processes for --launcher accelerate (one per GPU)", min=1, max=1024)
-    adapter_name: str | None = option(None, "name for the adapter artifact (default: <base model>-<method>)")
-
-    def validate(self) -> None:
-        if self.method == "dpo" and self.launcher != "none":
-            raise self.invalid("launcher", "is not supported with --method dpo yet",
-                               fix="drop --launcher (DPO trains in the kernel or with --detach)")
-        if self.num_processes > 1 and self.launcher == "none":
-            raise self.invalid("num_processes", "needs --launcher accelerate to start more than one process",
-                               fix="add --launcher accelerate, or drop --num-processes")
-        if not self.target_modules:
-            raise self.invalid("target_modules", "must name at least one module", fix="use --target-modules auto")
-
-
-#: Options that may differ between an interrupted run and its --resume without changing the result.
-RESUME_FREE = ("resume", "detach", "launcher", "num_processes", "checkpoint_every", "keep_checkpoints", "log_every",
-               "eval_every", "adapter_name")
+__all__ = ["AttachConfig", "FinetuneConfig", "FinetuneStage", "RESUME_FREE"]
 
 
 @register_stage
@@ -105,36 +40,119 @@ class FinetuneStage(Stage):
     live_view = "llmops_jupyter.stages.finetune.dashboard:TrainingDashboard"
 
     def run(self, ctx) -> dict[str, Any]:
-        from llmops_jupyter.stages.finetune import sft as finetuning
-
         cfg: FinetuneConfig = ctx.config
         if cfg.detach:
-            return finetuning.launch_detached(ctx)
-        return finetuning.run_stage(ctx)
+            from llmops_jupyter.stages.finetune.launch import launch_detached
+
+            return launch_detached(ctx)
+        return run_stage(ctx)
 
     def interrupt_hint(self, ctx) -> str:
-        from llmops_jupyter.stages.finetune import sft as finetuning
+        from llmops_jupyter.stages.finetune.train import last_checkpoint
 
-        ckpt = finetuning.last_checkpoint(ctx.registry, ctx.run_id)
+        ckpt = last_checkpoint(ctx.registry, ctx.run_id)
         if ckpt is None:
             return ("No checkpoint was written yet (set --checkpoint-every lower to keep progress); "
                     "start the run again.")
         return f"Last checkpoint: step {ckpt[0]}. Continue with: %llmops finetune --resume {ctx.run_id}"
 
 
-@dataclasses.dataclass
-class AttachConfig(StageConfig):
-    run: str = option("finetune@latest", "the fine-tuning run to watch (id, prefix or 'finetune@latest')",
-                      positional=True)
-    wait: bool = option(False, "block until the run ends (scripts, papermill); otherwise the view updates in the "
-                               "background and the cell returns")
-    poll_s: float = option(1.0, "seconds between registry polls", min=0.05, max=3600)
-    stop: bool = option(False, "ask the run's worker process to stop (like Ctrl-C: it keeps its last checkpoint)")
-
-
 @command("attach", AttachConfig)
 def attach(cfg: AttachConfig, env: CommandEnv) -> Any:
     """Re-open the live training view of a (possibly detached) fine-tuning run by polling the registry."""
-    from llmops_jupyter.stages.finetune.sft import attach_run
+    from llmops_jupyter.stages.finetune.launch import attach_run
 
     return attach_run(cfg, env)
+
+
+def effective_config(ctx: RunContext) -> tuple[FinetuneConfig, dict[str, Any], Path | None]:
+    """The config to train with: for ``--resume``, the interrupted run's training options and resolved inputs."""
+    from llmops_jupyter.stages.finetune.train import last_checkpoint
+
+    cfg: FinetuneConfig = ctx.config
+    if not cfg.resume:
+        return cfg, {}, None
+    src = ctx.registry.get_run(cfg.resume)
+    if src["stage"] != "finetune":
+        raise StageError(f"Run '{src['id']}' is a {src['stage']} run, not a finetune run.",
+                         fix="pass the id of an interrupted finetune run (`%llmops runs --stage finetune`)")
+    ckpt = last_checkpoint(ctx.registry, src["id"])
+    if ckpt is None:
+        raise StageError(f"Run '{src['id']}' has no complete checkpoint to resume from.",
+                         fix="start it again without --resume (use --checkpoint-every to save progress)")
+    src_cfg = FinetuneConfig.from_dict({k: v for k, v in src["params"].items() if k in FinetuneConfig.field_names()})
+    defaults = FinetuneConfig()
+    changes: dict[str, list[Any]] = {}
+    for name in FinetuneConfig.field_names():
+        if name in RESUME_FREE:
+            continue
+        given, before = getattr(cfg, name), getattr(src_cfg, name)
+        if given == getattr(defaults, name) or given == before:
+            continue  # not given on the command line (a default), or the same value
+        if name in RESUME_EXTEND:
+            changes[name] = [before, given]
+            continue
+        flag = "--" + name.replace("_", "-")
+        raise StageError(f"{flag} {given} differs from run {src['id']}'s {before}; a resumed run keeps its training "
+                         "options.", fix=f"drop {flag} (the run used {before}), or start a new run without --resume")
+    eff = dataclasses.replace(src_cfg, **{k: getattr(cfg, k) for k in RESUME_FREE},
+                              **{k: new for k, (_old, new) in changes.items()})
+    if eff.max_steps and eff.max_steps <= ckpt[0]:
+        raise StageError(f"--max-steps {eff.max_steps} is not past run {src['id']}'s last checkpoint (step {ckpt[0]}).",
+                         fix=f"give --max-steps above {ckpt[0]} to train longer")
+    pinned = {k: src["summary"].get(k) for k in ("dataset", "base_model_path") if src["summary"].get(k)}
+    recorded = {"resumed_from": src["id"], "resumed_at_step": ckpt[0], **pinned}
+    if changes:
+        recorded["resume_changes"] = changes
+        ctx.log("resume changes " + ", ".join(f"{k}: {a} → {b}" for k, (a, b) in changes.items()))
+    return eff, recorded, ckpt[1]
+
+
+def run_stage(ctx: RunContext) -> dict[str, Any]:
+    """In-process (or accelerate-launched) training for a Runner run; saves the adapter artifact."""
+    from llmops_jupyter.models.refs import use_model
+    from llmops_jupyter.stages.data.format import load_dataset
+    from llmops_jupyter.stages.finetune.train import run_dir
+
+    cfg, resumed, resume_ckpt = effective_config(ctx)
+    model = use_model(ctx, resumed.get("base_model_path") or cfg.model)
+    if model.kind != "base-model":
+        raise StageError(f"--model '{cfg.model}' is a {model.kind}; LoRA needs a base model.",
+                         fix="pass the base model (for an adapter: its merged model from `%llmops merge`)")
+    data = load_dataset(resumed.get("dataset") or cfg.data, ctx.registry)
+    if data.artifact is not None:
+        ctx.use(data.artifact)
+    folder = run_dir(ctx.registry, ctx.run_id)
+    ctx.set_summary(**{**resumed, "method": cfg.method, "base_model": model.name, "base_model_path": str(model.path),
+                       "dataset": data.artifact.hash if data.artifact else str(data.path),
+                       "data_version": data.version, "checkpoints": str(folder / "checkpoints")})
+    staging = ctx.staging_dir("adapter")
+    if cfg.launcher == "accelerate":
+        from llmops_jupyter.stages.finetune.launch import run_accelerate
+
+        out = run_accelerate(ctx, cfg, model.path, data.path, folder, staging, resume_ckpt)
+    elif cfg.method == "dpo":
+        from llmops_jupyter.stages.finetune.dpo import check_pairs, train_dpo
+
+        check_pairs(data.train, data.version)
+        out = train_dpo(cfg, model.path, data.train, data.eval, folder / "checkpoints", ctx, resume_from=resume_ckpt,
+                        model_ref=cfg.model, adapter_dir=staging)
+    else:
+        from llmops_jupyter.stages.finetune.sft import train
+
+        out = train(cfg, model.path, data.train, data.eval, folder / "checkpoints", ctx, resume_from=resume_ckpt,
+                    model_ref=cfg.model, adapter_dir=staging)
+    ctx.set_summary(**out.info)
+    ctx.log_metrics({k: v for k, v in out.metrics.items() if k != "eval_loss"}, step=out.info.get("steps"))
+    meta = {"base_model": model.name, "base_model_path": str(model.path),
+            "base_model_hash": model.artifact.hash if model.artifact else None,
+            "dataset": data.artifact.hash if data.artifact else None, "data_version": data.version,
+            "method": cfg.method, "config": cfg.to_params(), "metrics": out.metrics, **out.info}
+    (staging / "llmops_model.json").write_text(json.dumps(
+        {"name": cfg.adapter_name or f"{model.name}-{cfg.method}", "base_model": model.name, "method": cfg.method,
+         "data_version": data.version}, indent=2))
+    art = ctx.save_artifact(staging, "adapter", name=cfg.adapter_name or f"{model.name}-{cfg.method}", meta=meta)
+    from llmops_jupyter.stages.finetune.plots import training_figure
+
+    fig = training_figure(ctx.registry.metric_history(ctx.run_id), title=f"finetune {ctx.run_id}")
+    return {"adapter": art, "loss_figure": fig}

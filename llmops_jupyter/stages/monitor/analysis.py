@@ -119,25 +119,8 @@ def toxicity(texts: list[str], threshold: float = 0.5) -> list[dict[str, Any]] |
 # -- records & metrics ------------------------------------------------------------------------------------------
 def load_records(registry: Registry, deployment: str | None = None, *, since: float | None = None,
                  until: float | None = None, last: int | None = None) -> list[dict[str, Any]]:
-    sql = "SELECT * FROM requests WHERE 1=1"
-    args: list[Any] = []
-    if deployment:
-        sql += " AND deployment=?"
-        args.append(deployment)
-    if since is not None:
-        sql += " AND ts>=?"
-        args.append(since)
-    if until is not None:
-        sql += " AND ts<?"
-        args.append(until)
-    sql += " ORDER BY ts DESC, id DESC"
-    if last:
-        sql += " LIMIT ?"
-        args.append(int(last))
-    rows = [dict(r) for r in registry.query(sql, args)]
-    for r in rows:
-        r["checks"] = json.loads(r["checks"] or "{}")
-    return rows[::-1]
+    """Logged requests of a window, oldest first (``checks`` decoded); ``last`` keeps the newest N."""
+    return registry.requests(deployment, since=since, until=until, last=last)
 
 
 def _pct(values: list[float], q: float) -> float:

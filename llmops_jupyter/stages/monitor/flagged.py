@@ -10,24 +10,16 @@ from __future__ import annotations
 
 import html
 import json
-import time
 from typing import Any
 
 from llmops_jupyter.registry import Registry
-from llmops_jupyter.stages.serve.reqlog import ensure_schema
 
 LABELS = ("unlabelled", "good", "bad")
 
 
 def save_label(registry: Registry, request: int, label: str, corrected: str | None = None) -> None:
     """Persist one label (``unlabelled`` removes it). Already-exported labels are re-opened for the next version."""
-    ensure_schema(registry)
-    with registry.transaction() as con:
-        if label == "unlabelled":
-            con.execute("DELETE FROM request_labels WHERE request=?", (request,))
-        else:
-            con.execute("INSERT OR REPLACE INTO request_labels (request, label, corrected, ts, dataset) "
-                        "VALUES (?,?,?,?,NULL)", (request, label, corrected or None, time.time()))
+    registry.label_request(request, None if label == "unlabelled" else label, corrected)
 
 
 class _Row:
@@ -64,15 +56,9 @@ class FlaggedRecords:
     def __init__(self, registry: Registry, deployment: str, records: list[dict[str, Any]], *, limit: int = 50):
         import ipywidgets as W
 
-        ensure_schema(registry)
         self.registry = registry
         self.deployment = deployment
-        ids = [r["id"] for r in records[:limit]]
-        existing = {}
-        if ids:
-            marks = ",".join("?" for _ in ids)
-            existing = {r["request"]: dict(r) for r in registry.query(
-                f"SELECT * FROM request_labels WHERE request IN ({marks})", ids)}
+        existing = registry.request_labels([r["id"] for r in records[:limit]])
         self.rows = [_Row(self, r, existing.get(r["id"])) for r in records[:limit]]
         self.save_button = W.Button(description="Create dataset", button_style="primary", icon="database")
         self.save_button.on_click(lambda _b: self.save())

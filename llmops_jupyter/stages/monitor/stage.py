@@ -139,11 +139,9 @@ class MonitorStage(Stage):
                     updates.setdefault(rid, {}).update(res)
         if updates:
             by_id = {r["id"]: r for r in rows}
-            with reg.transaction() as con:
-                for rid, extra in updates.items():
-                    by_id[rid]["checks"].update(extra)
-                    con.execute("UPDATE requests SET checks=? WHERE id=?",
-                                (json.dumps(by_id[rid]["checks"], sort_keys=True), rid))
+            for rid, extra in updates.items():
+                by_id[rid]["checks"].update(extra)
+            reg.set_request_checks({rid: by_id[rid]["checks"] for rid in updates})
         ctx.progress(2, 4, "drift")
         metrics = analysis.compute_metrics(rows)
         drift: dict[str, float] = {}
@@ -261,9 +259,7 @@ class FeedbackStage(Stage):
         cfg: FeedbackConfig = ctx.config
         reg = ctx.registry
         dep = get_deployment(reg, cfg.deployment or "latest")
-        rows = [dict(r) for r in reg.query(
-            "SELECT q.*, l.label, l.corrected FROM request_labels l JOIN requests q ON q.id = l.request "
-            "WHERE q.deployment=? AND l.dataset IS NULL ORDER BY q.id", (dep["id"],))]
+        rows = reg.labelled_requests(dep["id"])
         if not rows:
             raise StageError(f"No new labelled records for deployment {dep['id']}.",
                              fix="label flagged records in the `%llmops monitor` widget first")
@@ -309,8 +305,7 @@ class FeedbackStage(Stage):
             "skipped_bad_without_correction": skipped, "pii": "scrubbed when logged (llmops_jupyter.core.pii)",
             "counts": {"labelled": len(rows)}})
         art = ctx.save_artifact(folder, "dataset", name=f"feedback-{dep['id']}", meta={"version": version})
-        with reg.transaction() as con:
-            con.executemany("UPDATE request_labels SET dataset=? WHERE request=?", [(art.hash, r["id"]) for r in rows])
+        reg.mark_labels_exported([r["id"] for r in rows], art.hash)
         ctx.log_metrics({"examples": len(examples), "train": len(train), "eval": len(ev), "skipped": skipped})
         ctx.set_summary(deployment=dep["id"], version=version, dataset=art.hash)
         return {"dataset": Table(["field", "value"], [["dataset", art.hash[:12]], ["version", version],

@@ -18,70 +18,9 @@ from collections import Counter
 from typing import Any
 
 from llmops_jupyter.core.pii import scrub
-from llmops_jupyter.registry import Registry, register_schema
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT,
-    ts REAL NOT NULL,
-    deployment TEXT,
-    model TEXT,
-    model_name TEXT,
-    endpoint TEXT,
-    prompt TEXT,
-    messages TEXT,
-    response TEXT,
-    latency_s REAL,
-    tokens_in INTEGER,
-    tokens_out INTEGER,
-    status INTEGER NOT NULL,
-    finish_reason TEXT,
-    stream INTEGER NOT NULL DEFAULT 0,
-    key_id TEXT,
-    error TEXT,
-    pii TEXT NOT NULL DEFAULT '{}',
-    checks TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS requests_dep_ts ON requests(deployment, ts);
-CREATE TABLE IF NOT EXISTS request_labels (
-    request INTEGER PRIMARY KEY,
-    label TEXT NOT NULL,
-    corrected TEXT,
-    ts REAL NOT NULL,
-    dataset TEXT
-);
-CREATE TABLE IF NOT EXISTS deployments (
-    id TEXT PRIMARY KEY,
-    run_id TEXT,
-    artifact TEXT,
-    model TEXT,
-    model_name TEXT,
-    url TEXT,
-    mode TEXT,
-    pid INTEGER,
-    host TEXT,
-    status TEXT NOT NULL,
-    started_at REAL,
-    stopped_at REAL,
-    key_ids TEXT NOT NULL DEFAULT '[]',
-    limits TEXT NOT NULL DEFAULT '{}',
-    error TEXT
-);
-"""
-register_schema(SCHEMA)
-
-COLUMNS = ("request_id", "ts", "deployment", "model", "model_name", "endpoint", "prompt", "messages", "response",
-           "latency_s", "tokens_in", "tokens_out", "status", "finish_reason", "stream", "key_id", "error", "pii",
-           "checks")
+from llmops_jupyter.registry import Registry
 
 _STOP = object()
-
-
-def ensure_schema(registry: Registry) -> None:
-    """Apply the tables to an already-open registry (``register_schema`` only affects registries opened later)."""
-    con = registry._connect()
-    con.executescript("BEGIN IMMEDIATE;\n" + SCHEMA + "\nCOMMIT;")
 
 
 def scrub_record(rec: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +52,6 @@ class RequestLog:
     """Queue + single writer thread. ``log(record)`` never blocks the caller on SQLite."""
 
     def __init__(self, registry: Registry, *, batch: int = 256, exporter: Any = None):
-        ensure_schema(registry)
         self.registry = registry
         self.batch = batch
         self.exporter = exporter
@@ -164,13 +102,9 @@ class RequestLog:
                 return
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        sql = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
-        values = [tuple(r.get(c) for c in COLUMNS) for r in rows]
         for attempt in range(20):
             try:
-                with self.registry.transaction() as con:
-                    con.executemany(sql, values)
-                self.written += len(rows)
+                self.written += self.registry.log_requests(rows)
                 break
             except Exception as exc:  # noqa: BLE001 - retry; losing a record is worse than a late one
                 self.errors += 1

@@ -17,12 +17,12 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from llmops_jupyter.core.env import pid_alive
 from llmops_jupyter.core.errors import NotFoundError, StageError
 from llmops_jupyter.registry import Registry
-from llmops_jupyter.stages.serve.reqlog import ensure_schema
 
 #: deployments served by threads of this process: id → Deployment
 LOCAL: dict[str, Deployment] = {}
@@ -48,34 +48,46 @@ def url_for(host: str, port: int) -> str:
     return f"http://{shown}:{port}/v1"
 
 
+# -- generated API keys ---------------------------------------------------------------------------------------
+def api_key_path(home: str | os.PathLike[str], deployment: str) -> Path:
+    """Where a deployment's generated key is kept: ``<registry home>/deployments/<id>/api_key``."""
+    return Path(home) / "deployments" / deployment / "api_key"
+
+
+def write_api_key(home: str | os.PathLike[str], deployment: str, key: str) -> Path:
+    """Write ``key`` to :func:`api_key_path`, created 0600 (folders 0700) so no other user can read it."""
+    path = api_key_path(home, deployment)
+    path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    os.fchmod(fd, 0o600)  # whatever the umask
+    with os.fdopen(fd, "w") as f:
+        f.write(key)  # no newline: open(path).read() is the key
+    return path
+
+
+def remove_api_key(home: str | os.PathLike[str], deployment: str) -> None:
+    """Delete a stopped deployment's key file (the key no longer opens anything; no reason to keep it on disk)."""
+    path = api_key_path(home, deployment)
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:  # not empty, or already gone
+        pass
+
+
 # -- registry status ------------------------------------------------------------------------------------------
 def record(registry: Registry, dep_id: str, **fields: Any) -> None:
-    ensure_schema(registry)
-    for key in ("key_ids", "limits"):
-        if key in fields and not isinstance(fields[key], str):
-            fields[key] = json.dumps(fields[key], sort_keys=True)
-    with registry.transaction() as con:
-        exists = con.execute("SELECT 1 FROM deployments WHERE id=?", (dep_id,)).fetchone()
-        if exists:
-            if fields:
-                con.execute(f"UPDATE deployments SET {', '.join(f'{k}=?' for k in fields)} WHERE id=?",
-                            (*fields.values(), dep_id))
-        else:
-            fields = {"status": "starting", **fields, "id": dep_id}
-            con.execute(f"INSERT INTO deployments ({', '.join(fields)}) VALUES ({', '.join('?' for _ in fields)})",
-                        tuple(fields.values()))
-
-
+    """Create or update a deployment's status row (see :meth:`Registry.record_deployment`)."""
+    registry.record_deployment(dep_id, **fields)
 
 
 def list_deployments(registry: Registry, *, status: str | None = None) -> list[dict[str, Any]]:
     """Deployments, newest first; running ones whose process is gone are reported (and recorded) as ``lost``."""
-    ensure_schema(registry)
-    rows = [dict(r) for r in registry.query("SELECT * FROM deployments ORDER BY started_at DESC")]
+    rows = registry.deployments()
     host = os.uname().nodename
     for r in rows:
-        r["key_ids"] = json.loads(r["key_ids"] or "[]")
-        r["limits"] = json.loads(r["limits"] or "{}")
         if r["status"] in ("starting", "running", "stopping") and r["host"] == host:
             local = r["id"] in LOCAL and r["mode"] == "thread"
             if not local and not (r["mode"] != "thread" and pid_alive(r["pid"])) and \
@@ -141,6 +153,7 @@ def _cleanup(serve_ctx: Any, registry: Registry, dep_id: str, error: str | None 
     finally:
         if serve_ctx.log is not None:
             serve_ctx.log.close()
+        remove_api_key(registry.home, dep_id)  # a generated key dies with its deployment
         record(registry, dep_id, status="failed" if error else "stopped", stopped_at=time.time(), error=error)
         LOCAL.pop(dep_id, None)
 
@@ -213,8 +226,8 @@ def spawn_process(spec: dict[str, Any], sock: socket.socket, registry: Registry,
     record(registry, spec["deployment"], pid=proc.pid)
     deadline = time.monotonic() + startup_timeout
     while True:
-        rows = registry.query("SELECT status, error FROM deployments WHERE id=?", (spec["deployment"],))
-        status = rows[0]["status"] if rows else "starting"
+        row = registry.deployment(spec["deployment"])
+        status = row["status"] if row else "starting"
         if status == "running":
             return proc
         if proc.poll() is not None or status == "failed" or time.monotonic() > deadline:
@@ -222,7 +235,7 @@ def spawn_process(spec: dict[str, Any], sock: socket.socket, registry: Registry,
                 proc.terminate()
             tail = log_path.read_text(errors="replace")[-800:] if log_path.exists() else ""
             record(registry, spec["deployment"], status="failed", stopped_at=time.time(),
-                   error=(rows[0]["error"] if rows and rows[0]["error"] else tail[-300:]))
+                   error=(row["error"] if row and row["error"] else tail[-300:]))
             raise StageError(f"The detached server exited before serving. Log tail:\n{tail}",
                              fix=f"see {log_path}")
         time.sleep(0.1)
@@ -248,8 +261,8 @@ def stop(registry: Registry, ref: str | None = None, *, timeout: float = 60.0) -
             os.kill(row["pid"], signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while pid_alive(row["pid"]) and time.monotonic() < deadline:
-                rows = registry.query("SELECT status FROM deployments WHERE id=?", (dep_id,))
-                if rows and rows[0]["status"] in ("stopped", "failed"):
+                current = registry.deployment(dep_id)
+                if current and current["status"] in ("stopped", "failed"):
                     break
                 time.sleep(0.05)
             else:

@@ -3,6 +3,10 @@
 The run records a ``deployment`` artifact (a JSON manifest: model artifact hash, url, start time, limits, key ids)
 with lineage model → deployment; the registry's ``deployments`` table keeps its live status. Requests are logged,
 PII-scrubbed, to the ``requests`` table for ``%llmops monitor``.
+
+A generated API key is never printed: cell outputs are saved in the ``.ipynb`` (and in every pipeline notebook
+papermill stores), so the key goes to a file only its owner can read, ``<registry home>/deployments/<id>/api_key``
+(mode 0600, removed when the deployment stops), and the output shows that path and how to use it.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import ipaddress
 import json
 import os
 import secrets
+import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from llmops_jupyter.core.config import StageConfig, option
@@ -44,7 +50,8 @@ class ServeConfig(StageConfig):
     host: str = option("127.0.0.1", "interface to listen on; loopback by default, 0.0.0.0 exposes it")
     port: int = option(0, "TCP port (0 = any free port)", min=0, max=65535)
     api_key_env: str | None = option(None, "environment variable holding the API key(s) (comma-separated); "
-                                           "without it a key is generated and shown once")
+                                           "without it a key is generated into a 0600 file in the registry "
+                                           "(the output shows its path, never the key)")
     auth: bool = option(True, "require an API key (--no-auth is allowed on loopback only)")
     max_request_bytes: int = option(1 << 20, "largest accepted request body; larger ones get 413", min=256)
     max_tokens: int = option(512, "largest max_tokens a request may ask for; more gets 400", min=1)
@@ -73,7 +80,7 @@ class ServeConfig(StageConfig):
             raise self.invalid("model", "is required to start a deployment",
                                fix="pass --model <run|folder|provider>, or --stop to stop one")
         if self.deployment:
-            raise self.invalid("deployment", "is only used with --stop", fix="drop it, or add --stop")
+            raise self.invalid("deployment", "is only used with --stop", fix="leave it out, or add --stop")
         if not self.auth and not _is_loopback(self.host):
             raise self.invalid("auth", "may only be disabled on a loopback host",
                                fix="keep auth on (default) or use --host 127.0.0.1")
@@ -82,41 +89,45 @@ class ServeConfig(StageConfig):
 
 
 class DeploymentInfo:
-    """What `%llmops serve` shows: where the endpoint is, and the generated key exactly once."""
+    """What `%llmops serve` shows: where the endpoint is and where its generated key is kept (never the key:
+    cell outputs are saved with the notebook)."""
 
-    def __init__(self, info: dict[str, Any], api_key: str | None):
+    def __init__(self, info: dict[str, Any], api_key_file: str | os.PathLike[str] | None = None):
         self.info = info
-        self._key = api_key
+        self.api_key_file = Path(api_key_file) if api_key_file is not None else None
 
     @property
     def api_key(self) -> str | None:
-        """The generated key; it exists only in this object (the registry keeps its hash prefix)."""
-        return self._key
+        """The generated key, read from :attr:`api_key_file` (``None`` with ``--api-key-env`` or ``--no-auth``)."""
+        return self.api_key_file.read_text().strip() if self.api_key_file is not None else None
 
-    def _key_line(self) -> str:
-        if self._key is None:
-            return ""
-        return f"API key (shown once, not stored; keep it now): {self._key}"
+    def _usage(self) -> list[tuple[str, str]]:
+        """How to use the key without ever pasting it: the client reads the file."""
+        if self.api_key_file is None:
+            return []
+        path = str(self.api_key_file)
+        return [("python", f"OpenAI(base_url={self.info['url']!r}, api_key=open({path!r}).read())"),
+                ("shell", f"export OPENAI_API_KEY=$(cat {shlex.quote(path)})")]
 
     def _rows(self) -> list[tuple[str, str]]:
         i = self.info
-        return [("deployment", i["deployment"]), ("url", i["url"]), ("model", f"{i['model']['name']} "
-                f"({i['model']['kind']} {str(i['model']['hash'])[:12]})"), ("mode", i["mode"]),
-                ("stop", f"%llmops serve --stop {i['deployment']}")]
+        rows = [("deployment", i["deployment"]), ("url", i["url"]), ("model", f"{i['model']['name']} "
+                f"({i['model']['kind']} {str(i['model']['hash'])[:12]})"), ("mode", i["mode"])]
+        if self.api_key_file is not None:
+            rows.append(("api key", f"in {self.api_key_file} (generated, readable by you only; not shown)"))
+        elif i.get("auth", True):
+            rows.append(("api key", "the key(s) in the variable given with --api-key-env"))
+        return rows + self._usage() + [("stop", f"%llmops serve --stop {i['deployment']}")]
 
     def __str__(self) -> str:
-        lines = [f"{k:<11} {v}" for k, v in self._rows()]
-        key = self._key_line()
-        return "\n".join(lines + ([key] if key else []))
+        return "\n".join(f"{k:<11} {v}" for k, v in self._rows())
 
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(v)}</code></td></tr>"
                        for k, v in self._rows())
-        key = self._key_line()
-        return (f"<div class='llmops-deployment'><b>Serving</b><table>{rows}</table>"
-                + (f"<div><b>{html.escape(key)}</b></div>" if key else "") + "</div>")
+        return f"<div class='llmops-deployment'><b>Serving</b><table>{rows}</table></div>"
 
 
 def _keys(cfg: ServeConfig) -> tuple[list[str], str | None]:
@@ -179,11 +190,12 @@ class ServeStage(Stage):
         port = sock.getsockname()[1]
         url = server.url_for(cfg.host, port)
         dep_id = ctx.run_id
+        key_file = server.api_key_path(reg.home, dep_id) if generated else None
         model_hash = m.artifact.hash if m.artifact else None
         manifest = {"deployment": dep_id, "url": url, "host": cfg.host, "port": port, "mode": mode,
                     "started": time.time(), "limits": limits.to_dict(), "key_ids": [key_id(h) for h in key_hashes],
-                    "auth": cfg.auth, "model": {"hash": model_hash, "kind": m.kind, "name": m.name,
-                                                "path": str(m.path)},
+                    "auth": cfg.auth, "api_key_file": str(key_file) if key_file else None,
+                    "model": {"hash": model_hash, "kind": m.kind, "name": m.name, "path": str(m.path)},
                     "openai_base_url": url, "batching": {"max_batch": cfg.max_batch},
                     "prompt": adapter.template.ref if adapter and adapter.template else None,
                     "rag": {"index": adapter.index_hash, "k": cfg.rag_k} if adapter and adapter.index else None}
@@ -191,6 +203,9 @@ class ServeStage(Stage):
                       pid=os.getpid(), host=os.uname().nodename, status="starting", started_at=manifest["started"],
                       key_ids=manifest["key_ids"], limits=manifest["limits"])
         try:
+            if generated:
+                server.write_api_key(reg.home, dep_id, generated)
+                generated = None  # from here on the key exists only in its file (and as a hash in the server)
             if mode == "process":
                 spec = {"deployment": dep_id, "model_path": model_hash or str(m.path), "model_name": m.name,
                         "model_hash": model_hash, "limits": limits.to_dict(), "key_hashes": key_hashes,
@@ -214,6 +229,8 @@ class ServeStage(Stage):
                                          log=RequestLog(reg, exporter=exporter_from_env()), adapter=adapter)
         except BaseException as exc:
             sock.close()
+            if key_file is not None:
+                key_file.unlink(missing_ok=True)
             server.record(reg, dep_id, status="failed", stopped_at=time.time(), error=f"{type(exc).__name__}: {exc}")
             raise
         folder = ctx.staging_dir("deployment")
@@ -221,7 +238,7 @@ class ServeStage(Stage):
         art = ctx.save_artifact(folder, "deployment", name=f"{m.name}@{url}", meta={"url": url, "mode": mode})
         server.record(reg, dep_id, artifact=art.hash)
         ctx.set_summary(deployment=dep_id, url=url, model=model_hash, mode=mode)
-        info = DeploymentInfo({**manifest, "artifact": art.hash}, generated)
+        info = DeploymentInfo({**manifest, "artifact": art.hash}, key_file)
         if mode == "thread":
             dep = server.start_thread(serve_ctx, sock, reg, url, grace=cfg.grace)
             server.record(reg, dep_id, status="running")
@@ -257,8 +274,7 @@ def deployments(cfg: DeploymentsConfig, env: CommandEnv) -> Table:
     from llmops_jupyter.stages.serve.server import list_deployments
 
     rows = []
-    counts = {r["deployment"]: r["n"] for r in env.registry.query(
-        "SELECT deployment, COUNT(*) AS n FROM requests GROUP BY deployment")}
+    counts = env.registry.request_counts()
     for r in list_deployments(env.registry, status=cfg.status):
         rows.append([r["id"], r["status"], r["mode"], r["url"], r["model_name"], str(r["model"] or "")[:12],
                      fmt_time(r["started_at"]), counts.get(r["id"], 0)])

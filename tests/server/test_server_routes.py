@@ -7,8 +7,6 @@ import time
 import httpx
 import pytest
 
-pytest_plugins = ["conftest_lab"]
-
 
 def get(lab, path: str, **kw) -> httpx.Response:
     return httpx.get(f"{lab.url}/llmops/{path}", headers=lab.headers(), timeout=30, **kw)
@@ -50,7 +48,7 @@ def test_runs_list_and_detail_with_lineage(lab_server):
     assert runs[ids["eval"]]["status"] == "failed"
 
     detail = get(lab_server, f"runs/{ids['finetune']}").json()
-    assert detail["params"]["lora_r"] == 8
+    assert detail["params"]["rank"] == 8
     assert detail["notebook_path"] == "template.ipynb"
     assert [a["kind"] for a in detail["outputs"]] == ["adapter"]
     assert sorted(a["kind"] for a in detail["inputs"]) == ["base-model", "dataset"]

@@ -1,8 +1,8 @@
 """Merge (LoRA → merged, verified) and quantize (GPTQ via GPTQModel, bitsandbytes) on the tiny model.
 
-The adapter is built here with peft directly (non-zero B matrices, so it changes the outputs) and registered the way
-a finetune run registers one: a ``finetune`` run with an ``adapter`` artifact whose meta names the base, the base
-model reference as run input, and a dataset → adapter lineage edge.
+Adapters come from real ``finetune`` runs of a few steps (a high learning rate, so they change the outputs); the
+"untrained" adapter is a real run stopped inside its learning-rate warm-up, where the rate is still 0 and LoRA's B
+matrices keep their zero initialisation.
 """
 
 from __future__ import annotations
@@ -23,28 +23,16 @@ PROBES = ["What is 2 plus 3?", "Repeat the colour red.", "Echo: blue green"]
 
 
 def make_adapter(registry: Registry, base_path, dataset_art, *, seed: int = 0, zero: bool = False):
-    """A LoRA adapter on every attention/MLP projection, registered like the output of a finetune run."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    """A LoRA adapter on every linear projection from a real finetune run: (run id, adapter artifact).
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base_path))
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                        "up_proj", "down_proj"],
-                     init_lora_weights=bool(zero), task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, cfg)
-    base_ref = registry.add_reference(base_path, "base-model", name="tiny-llama")
-    run_id = registry.create_run("finetune", {"model": str(base_path), "data": dataset_art.hash, "lora_r": 4})
-    registry.link_input(run_id, base_ref)
-    registry.link_input(run_id, dataset_art)
-    folder = registry.staging_dir("finetune")
-    peft_model.save_pretrained(str(folder))
-    art = registry.add_artifact(folder, "adapter", name="tiny-lora", run_id=run_id, move=True,
-                                meta={"base_model_path": str(base_path)},
-                                inputs=[base_ref.hash, dataset_art.hash], relation="finetune")
-    registry.finish_run(run_id, RunStatus.FINISHED)
-    return run_id, art
+    ``zero``: one optimizer step inside a longer warm-up (learning rate 0), so the adapter does not change outputs.
+    """
+    steps = {"max_steps": 1, "warmup_steps": 10} if zero else {"max_steps": 4}
+    res = Runner(registry).run("finetune", {"model": str(base_path), "data": dataset_art.hash, "rank": 4,
+                                            "alpha": 8, "lr": 1e-2, "batch_size": 4, "seq_len": 64, "seed": seed,
+                                            "log_every": 1, "checkpoint_every": 0, **steps})
+    assert res.status == RunStatus.FINISHED and res.artifact.kind == "adapter"
+    return res.run_id, res.artifact
 
 
 def logits_of(model, tokenizer, texts=PROBES):
@@ -57,12 +45,13 @@ def logits_of(model, tokenizer, texts=PROBES):
 @pytest.fixture(scope="module")
 def chain(tiny_model, tmp_path_factory):
     """dataset → adapter → merged → GPTQ 4-bit, in one registry shared by the module's read-only tests."""
-    from llmops_jupyter.testing import write_tiny_dataset
+    from llmops_jupyter.testing import tiny_records
 
     reg = Registry(tmp_path_factory.mktemp("mq") / ".llmops")
-    dataset = write_tiny_dataset(reg, tiny_model)
-    adapter_run, adapter = make_adapter(reg, tiny_model, dataset)
     runner = Runner(reg)
+    dataset = runner.run("data", {"source": tiny_records(48), "tokenizer": str(tiny_model), "eval_fraction": 0.25,
+                                  "name": "tiny"}).artifact
+    adapter_run, adapter = make_adapter(reg, tiny_model, dataset)
     merged = runner.run("merge", adapter=adapter_run)
     return {"registry": reg, "runner": runner, "dataset": dataset, "adapter_run": adapter_run, "adapter": adapter,
             "merged": merged}

@@ -51,8 +51,7 @@ def test_prompt_ab_eval_with_per_example_diff_gate_and_lineage(shell, registry, 
     assert {"qa@1/ppl", "qa@2/ppl", "qa@2/delta.ppl"} <= set(res.metrics)
     diff = evalstore.diff(registry, res.run_id, res.run_id, a_model="qa@1", b_model="qa@2")
     assert len(diff) == 6 and all("ppl" in d["delta"] for d in diff)
-    rows = {r["model_ref"]: r for r in registry.query("SELECT * FROM eval_examples WHERE run_id=? AND idx=0",
-                                                      (res.run_id,))}
+    rows = {ref: registry.eval_examples(res.run_id, ref)[0] for ref in ("qa@1", "qa@2")}
     assert "You are terse." in rows["qa@1"]["prompt"] and "Q: " not in rows["qa@1"]["prompt"]
     assert "one short sentence" in rows["qa@2"]["prompt"] and "\nA:" in rows["qa@2"]["prompt"]
     assert res.summary["gate"][0]["candidate"] == "qa@2"  # the gate compares prompt versions like model versions
@@ -167,7 +166,7 @@ def test_widget_ratings_become_pairs_and_dpo_raises_the_reward_margin(shell, reg
     assert m["dpo_reward_chosen_end"] > m["dpo_reward_rejected_end"]
     margins = [r["value"] for r in registry.metric_history(ft.run_id, "rewards/margins")]
     assert len(margins) >= 3 and margins[-1] > margins[0]  # streamed per logging step (dashboard)
-    from llmops_jupyter.stages.finetune.sft import checkpoints, run_dir
+    from llmops_jupyter.stages.finetune.train import checkpoints, run_dir
 
     assert [s for s, _ in checkpoints(run_dir(registry, ft.run_id) / "checkpoints")] == [12, 24]
     art = ft.outputs["adapter"]
@@ -195,7 +194,7 @@ def test_monitor_labels_become_pairs(registry):
         log.log({"ts": 2.0, "deployment": "dep-labels", "endpoint": "/v1/chat/completions", "prompt": q,
                  "messages": [{"role": "user", "content": q}], "response": a, "status": 200})
     log.close()
-    recs = [dict(r) | {"checks": {}, "flags": ["refusal"]} for r in registry.query("SELECT * FROM requests")]
+    recs = [r | {"checks": {}, "flags": ["refusal"]} for r in registry.requests()]
     widget = FlaggedRecords(registry, "dep-labels", recs)
     widget.label(recs[0]["id"], "bad", "Three years.")
     widget.label(recs[1]["id"], "good")
@@ -205,22 +204,27 @@ def test_monitor_labels_become_pairs(registry):
     assert "What is the warranty?" in row["prompt"] and res.metrics["from_monitor_label"] == 1
 
 
-def test_dpo_on_a_qlora_base_and_prompt_as_pipeline_parameter(registry, tiny_model):
+def test_dpo_on_a_qlora_base_and_prompt_as_pipeline_parameter(registry, tiny_model, tiny_dataset, other_model):
     pytest.importorskip("bitsandbytes")
+    pytest.importorskip("trl")
     import nbformat
 
     from llmops_jupyter.pipelines.params import resolve_parameters
-    from llmops_jupyter.stages.data.format import write_dataset_dir
+    from llmops_jupyter.stages.eval.rate import CompareView
 
-    prompt = "<|im_start|>user\nWhat colour is the sky?<|im_end|>\n<|im_start|>assistant\n"
-    rows = [{"id": str(i), "prompt": prompt + " " * i, "chosen": "The colour is blue.", "rejected": "red red red",
-             "text": prompt + "The colour is blue."} for i in range(6)]
-    folder = registry.staging_dir("pairs")
-    write_dataset_dir(folder, rows, [], {"format": "preference"})
-    art = registry.add_artifact(folder, "dataset", name="pairs", run_id=registry.create_run("pairs", {}), move=True)
-    ft = Runner(registry).run("finetune", {"model": str(tiny_model), "data": art.hash, "method": "dpo",
-                                           "dpo_base": "qlora", "max_steps": 12, "batch_size": 3, "lr": 5e-3,
-                                           "log_every": 4, "checkpoint_every": 0})
+    # a preference dataset from the real stages: eval of two versions → ratings in the widget → pairs
+    runner = Runner(registry)
+    ev = runner.run("eval", {"model": [str(tiny_model), str(other_model)], "data": tiny_dataset.hash, "limit": 6,
+                             "max_new_tokens": 8, "metrics": ["f1"]})
+    view = CompareView(registry, [ev.run_id])
+    for _ in view.ids:  # the rater prefers the first version on every example
+        view.preferred.value = 0
+        view.save_button.click()
+    pairs = runner.run("pairs", {"runs": [ev.run_id]})
+    assert pairs.metrics["pairs"] == 6
+    ft = runner.run("finetune", {"model": str(tiny_model), "data": pairs.run_id, "method": "dpo",
+                                 "dpo_base": "qlora", "max_steps": 12, "batch_size": 3, "lr": 5e-3, "log_every": 4,
+                                 "checkpoint_every": 0})
     assert ft.summary["optimizer"] == "adamw_bnb_8bit"  # the QLoRA optimizer choice, reused
     assert ft.metrics["dpo_margin_end"] > ft.metrics["dpo_margin_start"] + 0.3
 

@@ -1,7 +1,7 @@
 """Fixtures for the Lab extension tests: a server root holding a registry with a lineage chain and a template
 notebook, and a real JupyterLab server on loopback (random port, token auth) serving the built extension.
 
-Loaded with ``pytest_plugins = ["conftest_lab"]`` from the test modules; one server per session, shared by the
+Loaded by pytest for the tests in this folder; one server per session, shared by the
 route tests and the browser test.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LABEXT = ROOT / "llmops_jupyter" / "labextension"
 
 PARAMS_SRC = 'lr = 0.001\nsteps = 3\nuse_lora = True\nrun_name = "demo"\nlayers = [1, 2]'
@@ -101,7 +101,7 @@ def populate(home: Path, scratch: Path) -> dict[str, str]:
 
     ds = run("data", {"source": "support.jsonl", "eval_fraction": 0.1}, [], "dataset", "support-v1",
              {"n_train": 90.0})
-    ad = run("finetune", {"lr": 2e-4, "lora_r": 8, "max_steps": 50}, [ds, base], "adapter", "support-lora",
+    ad = run("finetune", {"lr": 2e-4, "rank": 8, "max_steps": 50}, [ds, base], "adapter", "support-lora",
              {"cpu_rss_mb": 900.0, "loss": 1.9, "eval_loss": 2.1}, notebook="template.ipynb")
     mg = run("merge", {"dtype": "float16"}, [ad, base], "merged", "support-merged", {"max_logit_diff": 1e-4})
     qt = run("quantize", {"method": "gptq", "bits": 4}, [mg], "quantized", "support-gptq4", {"ppl_ratio": 1.03})
@@ -110,7 +110,7 @@ def populate(home: Path, scratch: Path) -> dict[str, str]:
     run("finetune", {"lr": 1e-4, "max_steps": 100}, [ds, base], None, "still-training", {"loss": 2.5},
         status=RunStatus.RUNNING)
     ids["running"] = ids.pop("finetune")
-    ids["finetune"] = reg.query("SELECT id FROM runs WHERE name='support-lora'")[0]["id"]
+    ids["finetune"] = next(r["id"] for r in reg.list_runs(stage="finetune", limit=None) if r["name"] == "support-lora")
     reg.close()
     return ids
 

@@ -1,5 +1,6 @@
 """Governance: model cards, the append-only audit log (through a real kernel), doctor, MLflow and bundle export,
-resource sampling. Registry state is built through the Registry API, as the stages would write it."""
+resource sampling. The model lifecycle behind the card and export tests is made by running the real stages on the
+tiny model; only the tests of cards over missing records and of the audit log shape records by hand."""
 
 from __future__ import annotations
 
@@ -13,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llmops_jupyter.registry import RunStatus
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _folder(registry, prefix: str, files: dict[str, str], copy_from: Path | None = None) -> Path:
@@ -27,78 +26,93 @@ def _folder(registry, prefix: str, files: dict[str, str], copy_from: Path | None
     return folder
 
 
-@pytest.fixture()
-def lifecycle(registry, tiny_model, tiny_dataset):
-    """base → finetune (adapter) → merge (merged) → eval (on merged) → quantize (quantized), as stages record it."""
-    base = registry.add_reference(tiny_model, "base-model", name="tiny-llama")
-    ft = registry.create_run("finetune", {"learning_rate": 2e-4, "epochs": 2, "lora": {"r": 8, "alpha": 16},
-                                          "model": str(tiny_model)})
-    for art in (tiny_dataset, base):
-        registry.link_input(ft, art)
-    registry.log_metrics(ft, {"train_loss": 2.5}, step=1)
-    registry.log_metrics(ft, {"train_loss": 1.25, "eval_loss": 1.5}, step=2)
-    adapter = registry.add_artifact(
-        _folder(registry, "adapter", {"adapter_config.json": json.dumps(
-            {"base_model_name_or_path": str(tiny_model), "r": 8, "peft_type": "LORA"})}),
-        "adapter", name="tiny-lora", run_id=ft, move=True, inputs=[tiny_dataset.hash, base.hash], relation="finetune")
-    registry.finish_run(ft, RunStatus.FINISHED)
-
-    mg = registry.create_run("merge", {"adapter": adapter.hash, "dtype": "float32"})
-    registry.link_input(mg, adapter)
-    registry.link_input(mg, base)
-    merged = registry.add_artifact(_folder(registry, "merged", {"merge_info.json": json.dumps({"adapter": adapter.hash})},
-                                           copy_from=tiny_model),
-                                   "merged", name="tiny-merged", run_id=mg, move=True,
-                                   inputs=[adapter.hash, base.hash], relation="merge")
-    registry.finish_run(mg, RunStatus.FINISHED)
-
-    ev = registry.create_run("eval", {"model": merged.hash, "metrics": ["exact_match", "rouge_l"]})
-    registry.link_input(ev, merged)
-    registry.link_input(ev, tiny_dataset)
-    registry.log_metrics(ev, {"exact_match": 0.625, "rouge_l": 0.71})
-    registry.add_artifact(_folder(registry, "eval", {"results.jsonl": "{}\n"}), "eval-results", run_id=ev, move=True,
-                          inputs=[merged.hash, tiny_dataset.hash], relation="eval")
-    registry.finish_run(ev, RunStatus.FINISHED, summary={"gates": [
-        {"name": "exact_match >= 0.5", "passed": True, "value": 0.625}]})
-
-    other = registry.create_run("eval", {"model": "someone-else"})  # shares only the dataset: must not be listed
-    registry.link_input(other, tiny_dataset)
-    registry.log_metrics(other, {"exact_match": 0.01})
-    registry.finish_run(other, RunStatus.FINISHED)
-
-    qt = registry.create_run("quantize", {"method": "gptq", "bits": 4, "group_size": 32})
-    registry.link_input(qt, merged)
-    registry.log_metrics(qt, {"ppl_before": 12.0, "ppl_after": 12.6, "ppl_delta": 0.6})
-    quantized = registry.add_artifact(_folder(registry, "quant", {"quantize_config.json": '{"bits": 4}'},
-                                              copy_from=tiny_model), "quantized", run_id=qt, move=True,
-                                      inputs=[merged.hash], relation="quantize")
-    registry.finish_run(qt, RunStatus.FINISHED)
-    return {"base": base, "adapter": adapter, "merged": merged, "quantized": quantized, "dataset": tiny_dataset,
-            "runs": {"finetune": ft, "merge": mg, "eval": ev, "other_eval": other, "quantize": qt}}
+EVAL = {"limit": 4, "max_new_tokens": 4, "metrics": ["exact_match", "f1", "ppl"]}
 
 
-def test_model_card_of_merged_model(registry, lifecycle, shell, tmp_path):
-    from llmops_jupyter.governance.cards import build_model_card, save_model_card
+@pytest.fixture(scope="module")
+def lifecycle(tiny_model, tmp_path_factory):
+    """data → finetune (adapter) → merge (merged) → evals → quantize (bnb-4bit), every record made by the real
+    stages in a registry of its own, shared by the module's card and export tests.
+
+    Evals: the base model (the baseline), the merged model gated against it (passes) and gated with a rule no model
+    can meet (fails with a GateError after storing everything), and another model on the same dataset only.
+    """
+    from llmops_jupyter.core.errors import GateError
+    from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.registry import Registry
+    from llmops_jupyter.testing import build_tiny_model, tiny_records
+
+    root = tmp_path_factory.mktemp("governance")
+    home = root / ".llmops"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMOPS_HOME", str(home))
+        mp.chdir(root)
+        reg = Registry(home)
+        runner = Runner(reg)
+        data = runner.run("data", {"source": tiny_records(48), "tokenizer": str(tiny_model), "eval_fraction": 0.25,
+                                   "name": "tiny"})
+        mp.setenv("LLMOPS_NOTEBOOK", "train.ipynb")  # what the papermill glue / a kernel records
+        ft = runner.run("finetune", {"model": str(tiny_model), "data": data.run_id, "rank": 8, "alpha": 16,
+                                     "lr": 1e-2, "max_steps": 8, "batch_size": 4, "seq_len": 64, "log_every": 2,
+                                     "checkpoint_every": 0})
+        mp.delenv("LLMOPS_NOTEBOOK")
+        mg = runner.run("merge", {"adapter": ft.run_id})
+        base_eval = runner.run("eval", {"model": [str(tiny_model)], "data": data.run_id, **EVAL})
+        ev = runner.run("eval", {"model": [mg.run_id], "data": data.run_id, "baseline": base_eval.run_id,
+                                 "gate": "ppl<=+5%", **EVAL})  # fine-tuning lowered the perplexity: passes
+        with pytest.raises(GateError):
+            runner.run("eval", {"model": [mg.run_id], "data": data.run_id, "baseline": base_eval.run_id,
+                                "gate": "exact_match>=1.01", **EVAL})  # a delta above 1 is impossible
+        failed = reg.list_runs(stage="eval", limit=1)[0]["id"]
+        other_model = build_tiny_model(root / "tiny-other", seed=1)
+        other = runner.run("eval", {"model": [str(other_model)], "data": data.run_id, **EVAL})
+        qt = runner.run("quantize", {"model": mg.run_id, "method": "bnb-4bit", "eval_samples": 4,
+                                     "generate_tokens": 4, "compare_eval": False})
+    base = reg.get_artifact(ft.artifact.meta["base_model_hash"])
+    return {"registry": reg, "home": home, "base": base, "adapter": ft.artifact, "merged": mg.artifact,
+            "quantized": qt.artifact, "dataset": data.artifact,
+            "results": {"finetune": ft, "merge": mg, "eval": ev, "base_eval": base_eval, "quantize": qt},
+            "runs": {"data": data.run_id, "finetune": ft.run_id, "merge": mg.run_id, "base_eval": base_eval.run_id,
+                     "eval": ev.run_id, "failed_eval": failed, "other_eval": other.run_id, "quantize": qt.run_id}}
+
+
+def test_model_card_of_merged_model(lifecycle, shell, tmp_path, monkeypatch):
+    from llmops_jupyter.governance.cards import _cell, build_model_card, save_model_card
     from llmops_jupyter.governance.export import export_bundle
 
+    registry, runs, results = lifecycle["registry"], lifecycle["runs"], lifecycle["results"]
+    monkeypatch.setenv("LLMOPS_HOME", str(lifecycle["home"]))  # the magics below read the lifecycle's registry
     ds, merged = lifecycle["dataset"], lifecycle["merged"]
     manifest = json.loads((ds.path / "manifest.json").read_text())
-    card = build_model_card(registry, lifecycle["runs"]["merge"])  # a run ref picks its model output
+    card = build_model_card(registry, runs["merge"])  # a run ref picks its model output
     md = card.markdown
     assert card.data["model"]["hash"] == merged.hash
-    # data version: hash, manifest version, counts; PII not recorded by the fixture's manifest
+    # data version: hash, manifest version, counts; the data stage's PII scrub found nothing in the tiny records
     assert ds.hash in md and manifest["version"] in md
-    assert card.data["datasets"][0]["counts"] == manifest["counts"] and "train=36" in md
-    assert card.data["datasets"][0]["pii"] is None and "not recorded" in md
+    assert card.data["datasets"][0]["counts"] == manifest["counts"] and f"train={manifest['counts']['train']}" in md
+    assert card.data["datasets"][0]["pii"] == {} and "none found" in md
     # training config of the finetune run that made the adapter, with its final metrics
     (train,) = card.data["training"]
-    assert train["run_id"] == lifecycle["runs"]["finetune"] and train["params"]["learning_rate"] == 2e-4
-    assert "| lora.r | 8 |" in md and "| learning_rate | 0.0002 |" in md and "| train_loss | 1.25 |" in md
-    # eval numbers and gates of the eval on this model; the unrelated eval sharing the dataset is not listed
-    assert [e["run_id"] for e in card.data["evaluations"]] == [lifecycle["runs"]["eval"]]
-    assert card.data["evaluations"][0]["metrics"] == {"exact_match": 0.625, "rouge_l": 0.71}
-    assert "| exact_match | 0.625 |" in md and "| exact_match >= 0.5 | pass |" in md
-    assert lifecycle["runs"]["other_eval"] not in md
+    ft = results["finetune"]
+    assert train["run_id"] == runs["finetune"] and train["params"]["lr"] == 1e-2 and train["params"]["rank"] == 8
+    assert "| rank | 8 |" in md and "| alpha | 16 |" in md and "| lr | 0.01 |" in md
+    assert f"| train_loss | {_cell(ft.metrics['train_loss'])} |" in md
+    # eval numbers and gates of the evals on this model (and the upstream base model); the eval of another model
+    # that shares only the dataset is not listed
+    evals = {e["run_id"]: e for e in card.data["evaluations"]}
+    assert list(evals) == [runs["base_eval"], runs["eval"], runs["failed_eval"]]
+    assert evals[runs["base_eval"]]["artifact"] == lifecycle["base"].hash and "upstream base-model" in md
+    ev = evals[runs["eval"]]
+    assert ev["artifact"] == merged.hash and ev["metrics"]["ppl"] == pytest.approx(results["eval"].metrics["ppl"])
+    assert f"| ppl | {_cell(results['eval'].metrics['ppl'])} |" in md
+    # the gate results the eval stage recorded (summary["gate"]) show on the card: one pass, one failure
+    ((rule, verdict, detail),) = ev["gates"]
+    assert (rule, verdict) == ("ppl<=+5%", "pass") and detail["delta"] < 0.05 and detail["model"]
+    assert "| ppl<=+5% | pass |" in md
+    bad = evals[runs["failed_eval"]]
+    assert bad["status"] == "failed" and [g[:2] for g in bad["gates"]] == [["exact_match>=1.01", "FAIL"]]
+    assert "| exact_match>=1.01 | FAIL |" in md and "Run failed: Regression gate failed" in md
+    assert runs["other_eval"] not in md
     # base model and licence from the base folder's llmops_model.json; placeholders for the human fields
     assert card.data["base_model"]["licence"] == "Apache-2.0" and "license: apache-2.0" in md
     assert "_Not filled in._" in md and "Quantization" not in md  # quantize is downstream of the merged model
@@ -120,9 +134,11 @@ def test_model_card_of_merged_model(registry, lifecycle, shell, tmp_path):
 
     qcard = build_model_card(registry, lifecycle["quantized"])
     (q,) = qcard.data["quantization"]
-    assert q["method"] == "gptq" and q["quality"]["ppl_delta"] == 0.6 and "| ppl_delta | 0.6 |" in qcard.markdown
-    assert qcard.data["evaluations"][0]["artifact"] == merged.hash  # upstream eval, labelled as such
-    assert "upstream merged" in qcard.markdown
+    delta = results["quantize"].metrics["perplexity_delta"]
+    assert q["method"] == "bnb-4bit" and q["bits"] == 4 and q["quality"]["perplexity_delta"] == pytest.approx(delta)
+    assert f"| perplexity_delta | {_cell(delta)} |" in qcard.markdown
+    assert {e["artifact"] for e in qcard.data["evaluations"]} == {lifecycle["base"].hash, merged.hash}
+    assert "upstream merged" in qcard.markdown  # upstream evals, labelled as such
 
     # a bundle that transformers loads as is, with the card as README and the lineage
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -196,7 +212,7 @@ def test_audit_log_from_a_real_kernel(registry, home, tmp_path, monkeypatch, she
 
     (run,) = registry.list_runs(stage="audit-copy")
     assert run["status"] == "finished" and run["notebook"] == str(nb_path)
-    rows = registry.query("SELECT * FROM audit_log WHERE run_id=? ORDER BY id", (run["id"],))
+    rows = registry.audit_rows(run_id=run["id"], limit=None)
     assert [r["event"] for r in rows] == ["started", "input", "artifact", "finished"]
     out = registry.run_artifacts(run["id"], "output")[0]
     for r in rows:
@@ -210,13 +226,13 @@ def test_audit_log_from_a_real_kernel(registry, home, tmp_path, monkeypatch, she
 
     # append-only: the triggers refuse UPDATE and DELETE, through the registry or a raw connection
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        with registry.transaction() as con:
+        with registry._transaction() as con:
             con.execute("UPDATE audit_log SET user='mallory' WHERE run_id=?", (run["id"],))
     raw = sqlite3.connect(registry.db_path)
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         raw.execute("DELETE FROM audit_log")
     raw.close()
-    assert len(registry.query("SELECT * FROM audit_log WHERE run_id=?", (run["id"],))) == 4
+    assert len(registry.audit_rows(run_id=run["id"])) == 4
 
     table = shell.run_line_magic("llmops", f"audit --run {run['id']} --user ada --since 1h")
     assert len(table) == 4 and "audited.ipynb [cell 3]" in str(table)
@@ -267,7 +283,6 @@ def test_resource_sampler_in_process(registry):
 
 
 def test_automatic_card_for_merged_output(registry, tiny_model, monkeypatch):
-    import llmops_jupyter.governance.hooks  # noqa: F401 - what the front door imports
     from llmops_jupyter.core.runner import Runner
     from llmops_jupyter.core.stage import Stage
 
@@ -289,7 +304,6 @@ def test_automatic_card_for_merged_output(registry, tiny_model, monkeypatch):
 
 def test_automatic_sampling_policy(registry, monkeypatch):
     """The Runner listener samples long stages on GPU machines; on CPU only when asked (stage flag or env)."""
-    import llmops_jupyter.governance.hooks  # noqa: F401 - what the front door imports
     from llmops_jupyter.core.runner import Runner
     from llmops_jupyter.core.stage import Stage
     from llmops_jupyter.governance import gpu
@@ -350,53 +364,53 @@ def test_doctor_tested_ranges_match_pyproject():
         assert any(r.endswith(spec) or spec in r for r in reqs), (dists, spec, reqs)
 
 
-def test_mlflow_export_reads_back(registry, tmp_path, shell, monkeypatch):
+def test_mlflow_export_reads_back(lifecycle, tmp_path, shell, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     from llmops_jupyter.governance.cards import build_model_card, save_model_card
-    from llmops_jupyter.governance.export import export_mlflow
+    from llmops_jupyter.governance.export import _flat_params, export_mlflow
 
-    run = registry.create_run("finetune", {"learning_rate": 1e-3, "lora": {"r": 4}, "targets": ["q_proj", "v_proj"]},
-                              notebook="train.ipynb")
-    for step, loss in enumerate([3.0, 2.0, 1.5], 1):
-        registry.log_metrics(run, {"loss": loss}, step=step)
-    registry.log_metrics(run, {"final_score": 0.5})
-    report = registry.add_artifact(_folder(registry, "rep", {"report.json": '{"ok": true}'}), "report", run_id=run,
-                                   move=True)
-    adapter = registry.add_artifact(_folder(registry, "ad", {"adapter_config.json": "{}"}), "adapter", run_id=run,
-                                    move=True)
-    registry.finish_run(run, RunStatus.FINISHED, summary={"best_step": 3})
+    registry, runs = lifecycle["registry"], lifecycle["runs"]
+    monkeypatch.setenv("LLMOPS_HOME", str(lifecycle["home"]))  # the magic below reads the lifecycle's registry
+    run, failed, adapter = runs["finetune"], runs["failed_eval"], lifecycle["adapter"]
     card = save_model_card(registry, build_model_card(registry, adapter.hash))
-    failed = registry.create_run("eval", {"model": adapter.hash})
-    registry.finish_run(failed, RunStatus.FAILED, error="GateError: exact_match 0.1 < 0.5")
+    reg_run, reg_failed = registry.get_run(run), registry.get_run(failed)
+    assert reg_failed["status"] == "failed" and reg_failed["error"].startswith("Regression gate failed")
 
     uri = (tmp_path / "mlruns").as_uri()
-    rows = export_mlflow(registry, uri, experiment="governance-test")
+    rows = export_mlflow(registry, uri, experiment="governance-test", runs=[run, failed])
     assert [r["status"] for r in rows] == ["exported", "exported"]
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("governance-test")
     by_id = {r.data.tags["llmops.run_id"]: r for r in client.search_runs([exp.experiment_id])}
     assert set(by_id) == {run, failed}
     m = by_id[run]
-    reg_run = registry.get_run(run)
-    assert m.data.params == {"learning_rate": "0.001", "lora.r": "4", "targets": '["q_proj", "v_proj"]'}
+    assert m.data.params == _flat_params(reg_run["params"])  # every stage parameter, as the stage recorded it
+    assert m.data.params["lr"] == "0.01" and m.data.params["rank"] == "8" and m.data.params["target_modules"] == \
+        '["auto"]'
     assert m.data.tags["llmops.stage"] == "finetune" and m.data.tags["mlflow.source.name"] == "train.ipynb"
-    assert m.data.tags["summary.best_step"] == "3" and m.info.status == "FINISHED"
+    assert m.data.tags["summary.steps"] == json.dumps(reg_run["summary"]["steps"]) and m.info.status == "FINISHED"
     assert m.info.start_time == int(reg_run["started_at"] * 1000)
     hist = sorted((x.step, x.value) for x in client.get_metric_history(m.info.run_id, "loss"))
-    assert hist == [(h["step"], h["value"]) for h in registry.metric_history(run, "loss")] == [
-        (1, 3.0), (2, 2.0), (3, 1.5)]
+    losses = [(h["step"], h["value"]) for h in registry.metric_history(run, "loss")]
+    assert hist == losses and [s for s, _ in losses] == [2, 4, 6, 8]  # --log-every 2, --max-steps 8
     assert m.data.metrics == registry.metrics(run)
     paths = {a.path for a in client.list_artifacts(m.info.run_id)}
-    assert {f"report-{report.short}", f"model-card-{adapter.short}", "lineage.json"} <= paths
+    assert {"model-card", "lineage.json"} <= paths  # the adapter is the run's only output: its card travels
     assert f"adapter-{adapter.short}" not in paths  # model folders only with --include-models
-    card_files = {a.path for a in client.list_artifacts(m.info.run_id, f"model-card-{adapter.short}")}
-    assert f"model-card-{adapter.short}/README.md" in card_files
-    local = client.download_artifacts(m.info.run_id, f"model-card-{adapter.short}/README.md", str(tmp_path / "dl"))
+    assert m.data.tags[f"llmops.artifact.adapter.{adapter.short}"].startswith(adapter.hash)
+    card_files = {a.path for a in client.list_artifacts(m.info.run_id, "model-card")}
+    assert "model-card/README.md" in card_files
+    local = client.download_artifacts(m.info.run_id, "model-card/README.md", str(tmp_path / "dl"))
     assert Path(local).read_text() == (card.path / "README.md").read_text()
-    assert by_id[failed].info.status == "FAILED" and "GateError" in by_id[failed].data.tags["llmops.error"]
+    f = by_id[failed]
+    assert f.info.status == "FAILED" and f.data.tags["llmops.error"] == reg_failed["error"]
+    results = registry.run_artifacts(failed, "output")[0]  # stored before the gate failed; small, so uploaded
+    assert results.kind == "eval-results" and f"eval-results-{results.short}" in {
+        a.path for a in client.list_artifacts(f.info.run_id)}
 
-    again = shell.run_line_magic("llmops", f"export --to mlflow --tracking-uri {uri} --experiment governance-test")
+    again = shell.run_line_magic("llmops", f"export --to mlflow --tracking-uri {uri} --experiment governance-test "
+                                           f"--run {run} --run {failed}")
     assert "already exported" in str(again) and len(client.search_runs([exp.experiment_id])) == 2
     assert sys.modules.get("mlflow") is not None

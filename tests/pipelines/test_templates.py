@@ -14,7 +14,7 @@ import pytest
 from llmops_jupyter.core.stage import discover
 from llmops_jupyter.pipelines.params import _MAGIC, notebook_parameters, parameters_cell_index
 
-TEMPLATES = sorted((Path(__file__).resolve().parents[1] / "templates").glob("*.ipynb"))
+TEMPLATES = sorted((Path(__file__).resolve().parents[2] / "templates").glob("*.ipynb"))
 EXPECTED = {"data", "finetune", "eval", "merge_quantize", "serve_monitor", "full_lifecycle"}
 # test-size values for parameters (the defaults are already small; these keep every run quick)
 SMALL = {"max_steps": 5, "requests": 1, "group_size": 32}

@@ -84,8 +84,8 @@ def test_chat_messages_and_sharegpt(registry, tmp_path):
                           {"role": "assistant", "content": f"{i}"}]} for i in range(10)]
     rows += [{"conversations": [{"from": "human", "value": f"Hi {i}"}, {"from": "gpt", "value": f"Hello {i}!"}]}
              for i in range(10)]
-    a = run_data(registry, source=rows[:10], eval_size=2, near_dup=False)
-    b = run_data(registry, source=rows[10:], eval_size=2, near_dup=False)
+    a = run_data(registry, source=rows[:10], eval_size=2)
+    b = run_data(registry, source=rows[10:], eval_size=2)
     ds = load_dataset(a.run_id, registry)
     assert ds.train[0]["messages"][0] == {"role": "system", "content": "Be brief."}
     assert load_dataset(b.run_id, registry).train[0]["messages"][1]["role"] == "assistant"
@@ -101,7 +101,7 @@ def test_cleaning_dedup_near_dup_and_pii(registry, tmp_path):
     rows += [{"instruction": "Contact me at jane.doe@example.org or 555-867-5309, card 4111 1111 1111 1111",
               "response": "My IP is 10.0.0.12."},
              {"instruction": "", "response": "no instruction"}, {"instruction": "no response", "response": ""}]
-    res = run_data(registry, source=rows, eval_size=3)
+    res = run_data(registry, source=rows, eval_size=3, near_dup=0.85)  # near-duplicate removal is opt-in
     ds = load_dataset(res.run_id, registry)
     dropped = ds.manifest["dropped"]
     assert dropped["exact duplicate"] >= 2 and dropped["near duplicate"] >= 1 and dropped["empty text"] == 2

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("papermill")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "example-notebooks"
 TINY = {"model": "tiny-llama", "eval_limit": 8, "max_new_tokens": 8}
 

@@ -32,7 +32,7 @@ from llmops_jupyter.core.stage import Stage, register_stage
 @dataclasses.dataclass
 class ToyConfig(StageConfig):
     lr: float = option(1e-4, "learning rate", min=0, min_exclusive=True)
-    lora_r: int = option(8, "rank", min=1, max=256)
+    rank: int = option(8, "rank", min=1, max=256)
     mode: str = option("fast", "mode", choices=["fast", "slow"])
     api_key: str | None = option(None, "key", secret=True)
 
@@ -44,10 +44,10 @@ class ToyStage(Stage):
 
     def run(self, ctx):
         c = ctx.config
-        loss = round(1.0 / (1.0 + c.lora_r * c.lr * 1000.0), 6)
+        loss = round(1.0 / (1.0 + c.rank * c.lr * 1000.0), 6)
         ctx.log_metrics({"loss": loss})
         out = ctx.staging_dir()
-        (out / "model.txt").write_text(f"{c.lr} {c.lora_r}")
+        (out / "model.txt").write_text(f"{c.lr} {c.rank}")
         ctx.save_artifact(out, "adapter", name="toy")
         return {"loss": loss}
 '''
@@ -62,7 +62,7 @@ def expected_loss(lr: float, r: int) -> float:
     return round(1.0 / (1.0 + r * lr * 1000.0), 6)
 
 
-def make_notebook(path: Path, body: list[str], params: str = 'lr = 1e-4\nlora_r = 8\nmode = "fast"\napi_key = None'
+def make_notebook(path: Path, body: list[str], params: str = 'lr = 1e-4\nrank = 8\nmode = "fast"\napi_key = None'
                   ) -> Path:
     nb = nbformat.v4.new_notebook()
     setup = nbformat.v4.new_code_cell("%load_ext llmops_jupyter\n" + TOY_SRC)
@@ -76,7 +76,7 @@ def make_notebook(path: Path, body: list[str], params: str = 'lr = 1e-4\nlora_r 
 
 TRAIN = [
     "from llmops_jupyter.core.runner import Runner\n"
-    "res = Runner().run('toy', lr=lr, lora_r=lora_r, mode=mode, api_key=api_key)\nres.metrics",
+    "res = Runner().run('toy', lr=lr, rank=rank, mode=mode, api_key=api_key)\nres.metrics",
     "import os\nfrom llmops_jupyter.pipelines import record_metrics\n"
     "record_metrics(key_len=len(api_key or ''), gpu=float(os.environ.get('CUDA_VISIBLE_DEVICES', '-1')))",
 ]
@@ -104,13 +104,13 @@ def test_parameters_typed_against_notebook_and_stage_config(toy_nb):
     from llmops_jupyter.pipelines.params import read_notebook, resolve_parameters
 
     nb = read_notebook(toy_nb)
-    ok = resolve_parameters(nb, {"lr": "2e-4", "lora_r": "16", "mode": "slow", "api_key": "env:LLMOPS_TEST_KEY"})
-    assert ok.values["lr"] == 2e-4 and ok.values["lora_r"] == 16 and ok.record["api_key"] == "env:LLMOPS_TEST_KEY"
+    ok = resolve_parameters(nb, {"lr": "2e-4", "rank": "16", "mode": "slow", "api_key": "env:LLMOPS_TEST_KEY"})
+    assert ok.values["lr"] == 2e-4 and ok.values["rank"] == 16 and ok.record["api_key"] == "env:LLMOPS_TEST_KEY"
     cases = {
-        "lora_r": ("abc", "whole number"),       # notebook type
+        "rank": ("abc", "whole number"),       # notebook type
         "lr": ("-1", "toy --lr"),                # stage config range (lr > 0)
         "mode": ("medium", "must be one of"),   # stage config choices
-        "lora_rank": ("8", "did you mean 'lora_r'"),  # unknown name
+        "ranks": ("8", "did you mean 'rank'"),  # unknown name
         "api_key": ("literal", "environment reference"),  # secret by value
     }
     for name, (value, needle) in cases.items():
@@ -127,7 +127,7 @@ def test_parameters_typed_against_notebook_and_stage_config(toy_nb):
 
 
 def test_bad_parameter_rejected_before_any_kernel(toy_nb, home, capsys):
-    for argv in (["-p", "lora_r", "abc"], ["-p", "lora_r", "0"], ["-p", "learning_rate", "1"]):
+    for argv in (["-p", "rank", "abc"], ["-p", "rank", "0"], ["-p", "learning_rate", "1"]):
         assert cli(["run", str(toy_nb), *argv]) == 2
         err = capsys.readouterr().err
         assert f"'{argv[1]}'" in err and "ConfigError" in err
@@ -138,13 +138,13 @@ def test_bad_parameter_rejected_before_any_kernel(toy_nb, home, capsys):
 
 # -- a recorded pipeline run ------------------------------------------------------------------------------------
 def test_run_records_pipeline_children_cache_secret_and_rerun(toy_nb, home, tmp_path, capsys):
-    argv = ["run", str(toy_nb), "-p", "lr", "2e-4", "--param", "lora_r", "16", "-p", "api_key", "env:LLMOPS_TEST_KEY"]
+    argv = ["run", str(toy_nb), "-p", "lr", "2e-4", "--param", "rank", "16", "-p", "api_key", "env:LLMOPS_TEST_KEY"]
     assert cli(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     reg = Registry(home)
     (run,) = pipeline_runs(reg)
     assert run["status"] == "finished" and "Pipeline" in printed and run["id"] in printed
-    assert run["params"]["parameters"] == {"lr": 2e-4, "lora_r": 16, "api_key": "env:LLMOPS_TEST_KEY"}
+    assert run["params"]["parameters"] == {"lr": 2e-4, "rank": 16, "api_key": "env:LLMOPS_TEST_KEY"}
     assert run["notebook"] == str(toy_nb) and run["env"]["packages"].get("papermill")
     src = [a for a in reg.run_artifacts(run["id"], "input") if a.kind == "notebook"]
     out = [a for a in reg.run_artifacts(run["id"], "output") if a.kind == "notebook"]
@@ -158,7 +158,7 @@ def test_run_records_pipeline_children_cache_secret_and_rerun(toy_nb, home, tmp_
     metrics = reg.metrics(run["id"])
     assert metrics["loss"] == pytest.approx(expected_loss(2e-4, 16)) and metrics["key_len"] == len(SECRET)
     executed = nbformat.read(next(out[0].path.glob("*.ipynb")), as_version=4)
-    assert "lora_r = 16" in "".join(c.source for c in executed.cells)
+    assert "rank = 16" in "".join(c.source for c in executed.cells)
 
     # same inputs → cached (no kernel, no new stage run); --no-cache executes again
     assert cli(argv) == 0
@@ -191,7 +191,7 @@ def test_failing_cell_and_dead_kernel_are_reported(home, tmp_path):
 
     bad = make_notebook(tmp_path / "bad.ipynb", ["x = 1", "raise ValueError('boom in cell')"])
     with pytest.raises(StageError) as err:
-        run_pipeline(bad, {"lora_r": 4})
+        run_pipeline(bad, {"rank": 4})
     msg = str(err.value)
     assert "cell 4" in msg and "raise ValueError" in msg and "boom in cell" in msg, msg
     reg = Registry(home)
@@ -229,7 +229,7 @@ def test_sweep_on_dask_localcluster_compare_and_cache(toy_nb, home, shell, monke
 
     monkeypatch.setattr(sweep_mod, "detect_gpus", lambda: ["0", "1"])  # the CUDA boundary: pin per variant
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as lc:
-        argv = ["sweep", str(toy_nb), "--grid", "lr=1e-4,2e-4", "lora_r=8,16", "--parallel", "2",
+        argv = ["sweep", str(toy_nb), "--grid", "lr=1e-4,2e-4", "rank=8,16", "--parallel", "2",
                 "--cluster", lc.scheduler_address, "-p", "mode", "slow"]
         assert cli(argv) == 0, capsys.readouterr().err
         reg = Registry(home)
@@ -242,23 +242,23 @@ def test_sweep_on_dask_localcluster_compare_and_cache(toy_nb, home, shell, monke
         for r in runs:
             p = r["params"]["parameters"]
             m = reg.metrics(r["id"])
-            assert m["loss"] == pytest.approx(expected_loss(p["lr"], p["lora_r"]))
+            assert m["loss"] == pytest.approx(expected_loss(p["lr"], p["rank"]))
             assert m["gpu"] in (0.0, 1.0)
-            seen.add((p["lr"], p["lora_r"]))
+            seen.add((p["lr"], p["rank"]))
         assert seen == {(1e-4, 8), (1e-4, 16), (2e-4, 8), (2e-4, 16)}
 
         cmp = shell.run_line_magic("llmops", f"compare {sw['id']} --metric loss")
         assert [r[cmp.table.columns.index("lr")] for r in cmp.table.rows] == ["0.0001", "0.0001", "0.0002", "0.0002"]
         for row in cmp.rows:
-            assert row["metrics"]["loss"] == pytest.approx(expected_loss(row["params"]["lr"], row["params"]["lora_r"]))
-        assert cmp.best()["params"] == {"lr": 2e-4, "lora_r": 16}  # lowest loss
+            assert row["metrics"]["loss"] == pytest.approx(expected_loss(row["params"]["lr"], row["params"]["rank"]))
+        assert cmp.best()["params"] == {"lr": 2e-4, "rank": 16}  # lowest loss
         kinds = [f.data[0].type for f in cmp.figures]
         assert kinds == ["parcoords", "scatter"]
         report = reg.get_artifact(f"{sw['id']}:report").file("sweep-report.html")
         assert "plotly" in report.read_text() and sw["id"] in report.read_text()
 
         # re-running with one more rank: the 4 unchanged variants come from the cache, only 2 execute
-        argv[4] = "lora_r=8,16,32"
+        argv[4] = "rank=8,16,32"
         assert cli(argv) == 0, capsys.readouterr().err
         sw2 = reg.list_runs(stage="sweep")[0]
         statuses = sorted(r["status"] for r in pipeline_runs(reg) if r["parent_id"] == sw2["id"])
@@ -268,13 +268,13 @@ def test_sweep_on_dask_localcluster_compare_and_cache(toy_nb, home, shell, monke
 def test_sweep_local_process_pool(toy_nb, home):
     from llmops_jupyter.pipelines import run_sweep
 
-    res = run_sweep(toy_nb, ["lora_r=2", "4"], {"lr": 1e-3}, parallel=2, gpus=[])
+    res = run_sweep(toy_nb, ["rank=2", "4"], {"lr": 1e-3}, parallel=2, gpus=[])
     reg = Registry(home)
     assert res.summary["backend"] == "processes"
     runs = [r for r in pipeline_runs(reg) if r["parent_id"] == res.run_id]
     assert sorted(reg.metrics(r["id"])["loss"] for r in runs) == [expected_loss(1e-3, 4), expected_loss(1e-3, 2)]
-    with pytest.raises(ConfigError, match="'lora_r'"):  # every variant validated before the first kernel
-        run_sweep(toy_nb, ["lora_r=2,oops"], gpus=[])
+    with pytest.raises(ConfigError, match="'rank'"):  # every variant validated before the first kernel
+        run_sweep(toy_nb, ["rank=2,oops"], gpus=[])
 
 
 # -- export -----------------------------------------------------------------------------------------------------
@@ -286,13 +286,13 @@ def test_export_lifts_magic_arguments_into_parameters(home, tmp_path, shell):
     src = tmp_path / "work.ipynb"
     nbformat.write(nb, src)
     table = shell.run_line_magic("llmops", f"pipeline export {src} --out {tmp_path / 'pipe.ipynb'}")
-    assert [r[0] for r in table.rows] == ["lr", "lora_r", "mode"]
+    assert [r[0] for r in table.rows] == ["lr", "rank", "mode"]
     out = nbformat.read(tmp_path / "pipe.ipynb", as_version=4)
     params = [c for c in out.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1 and "lr = 0.002" in params[0].source and "lora_r = 4" in params[0].source
-    assert "%llmops toy --lr $lr --lora-r $lora_r --mode $mode" in out.cells[-1].source
+    assert len(params) == 1 and "lr = 0.002" in params[0].source and "rank = 4" in params[0].source
+    assert "%llmops toy --lr $lr --lora-r $rank --mode $mode" in out.cells[-1].source
     assert Registry(home).list_artifacts("notebook")
-    shell.run_line_magic("llmops", f"pipeline run {tmp_path / 'pipe.ipynb'} -p lora_r 32")
+    shell.run_line_magic("llmops", f"pipeline run {tmp_path / 'pipe.ipynb'} -p rank 32")
     reg = Registry(home)
     (run,) = pipeline_runs(reg)
     assert reg.metrics(run["id"])["loss"] == pytest.approx(expected_loss(0.002, 32))
@@ -318,7 +318,7 @@ def test_lab_server_contract(toy_nb, home, tmp_path):
     from llmops_jupyter.pipelines import run_pipeline
 
     out = tmp_path / "outputs" / "toy.out.ipynb"
-    res = run_pipeline(str(toy_nb), {"lora_r": 2}, output=str(out), cwd=str(tmp_path), registry_home=str(home))
+    res = run_pipeline(str(toy_nb), {"rank": 2}, output=str(out), cwd=str(tmp_path), registry_home=str(home))
     assert res["status"] == "finished" and res["error"] is None and len(res["stage_runs"]) == 1
     assert out.exists() and Registry(home).get_run(res["run_id"])["stage"] == "pipeline"
     bad = make_notebook(tmp_path / "bad.ipynb", ["1/0"])

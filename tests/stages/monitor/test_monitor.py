@@ -190,7 +190,7 @@ def test_flagged_records_labelled_in_widget_become_dataset(traffic):
     dep_art = traffic.reg.get_artifact(f"{traffic.dep}:deployment")
     edges = traffic.reg.lineage(art, "up")["edges"]
     assert any(e["src"] == dep_art.hash and e["dst"] == art.hash for e in edges)
-    assert traffic.reg.query("SELECT COUNT(*) AS n FROM request_labels WHERE dataset=?", (art.hash,))[0]["n"] == 3
+    assert len(traffic.reg.request_labels(dataset=art.hash)) == 3
 
 
 def test_stage_modules_import_light():

@@ -382,3 +382,16 @@ def test_stage_module_imports_stay_light():
             "'sentence_transformers', 'openai', 'ipywidgets') if m in sys.modules]\nprint(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_gates_written_with_metric_aliases_compare_the_stored_values(registry, tiny_dataset, tiny_model):
+    """`em>=…` / `rouge>=…` are the aliases eval accepts for --metrics; a gate on them must compare real values
+    (it used to compare a missing key: delta NaN, a gate that could never pass)."""
+    base = run_eval(registry, model=[str(tiny_model)], data=tiny_dataset.hash, metrics=["em", "rouge"])
+    same = run_eval(registry, model=[str(tiny_model)], data=tiny_dataset.hash, metrics=["em", "rouge"],
+                    baseline=base.run_id, gate="em>=0,rouge>=-0.01")
+    assert same.status == "finished"
+    (gate,) = same.summary["gate"]
+    gates = gate["results"]
+    assert [g["metric"] for g in gates] == ["exact_match", "rougeL"]
+    assert all(g["passed"] and g["delta"] == 0 for g in gates), gates

@@ -32,7 +32,7 @@ def test_concurrent_writer_processes_lose_nothing(tmp_path):
         assert p.exitcode == 0
     reg = Registry(home)
     assert len(reg.list_runs(limit=None)) == 100
-    assert reg.query("SELECT COUNT(*) AS n FROM metrics")[0]["n"] == 200
+    assert sum(len(reg.metric_history(r["id"])) for r in reg.list_runs(limit=None)) == 200
     assert len(reg.list_artifacts(limit=1000)) == 100
     assert all(r["status"] == "finished" for r in reg.list_runs(limit=None))
     assert list((home / "tmp").iterdir()) == []
@@ -111,3 +111,42 @@ def test_registry_home_that_is_a_file_is_a_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(RegistryError, match="not writable.*Fix: set LLMOPS_HOME"):
         Registry(blocker / ".llmops")
+
+
+def test_typed_queries_for_children_derived_artifacts_and_inputs(registry, tmp_path):
+    parent = registry.create_run("sweep")
+    a = registry.create_run("pipeline", parent_id=parent)
+    b = registry.create_run("report", parent_id=parent)
+    c = registry.create_run("pipeline", parent_id=parent)
+    assert [r["id"] for r in registry.child_runs(parent)] == [a, b, c]
+    assert [r["id"] for r in registry.child_runs(parent, "pipeline", newest_first=True)] == [c, a]
+    assert registry.child_runs(a) == []
+
+    src = tmp_path / "model.txt"
+    src.write_text("weights")
+    model = registry.add_artifact(src, "merged", run_id=a)
+    card_src = tmp_path / "card.md"
+    card_src.write_text("card")
+    card = registry.add_artifact(card_src, "model-card", inputs=[model.hash])
+    assert [x.hash for x in registry.derived_artifacts(model.hash)] == [card.hash]
+    assert registry.derived_artifacts(model.hash, "model-card", limit=1)[0].path == card.path
+    assert registry.derived_artifacts(model.hash, "dataset") == []
+
+    registry.link_input(c, model.hash)
+    assert registry.input_links([model.hash, card.hash]) == [(c, model.hash)]
+    assert registry.input_links([]) == []
+
+
+def test_audit_rows_are_append_only(registry):
+    run = registry.create_run("data")
+    registry.add_audit("started", user="ada", run_id=run, stage="data", detail={"b": 1, "a": [2]})
+    registry.add_audit("card", user="bob", artifact="abc", kind="model-card")
+    rows = registry.audit_rows()
+    assert [r["event"] for r in rows] == ["started", "card"] and rows[0]["detail"] == {"a": [2], "b": 1}
+    assert [r["event"] for r in registry.audit_rows(run_id=run)] == ["started"]
+    assert [r["user"] for r in registry.audit_rows(user="bob", event="card")] == ["bob"]
+    assert [r["event"] for r in registry.audit_rows(limit=1)] == ["card"]
+    assert registry.audit_rows(since=rows[-1]["ts"] + 1) == []
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        with registry._transaction() as con:
+            con.execute("DELETE FROM audit_log")

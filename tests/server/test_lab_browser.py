@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["conftest_lab"]
 pytestmark = pytest.mark.browser
 
-SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "lab"
+SHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "lab"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +79,7 @@ def test_run_detail_shows_lineage_graph(page, lab_server):
     assert ys["dataset"] < ys["adapter"] < ys["merged"] < ys["quantized"] < ys["deployment"]
     assert page.locator(".llmops-node-own").get_attribute("data-kind") == "adapter"
     params = page.locator(".llmops-params").inner_text()
-    assert "lora_r" in params and "8" in params
+    assert "rank" in params and "8" in params
     assert "eval_loss" in page.locator(".llmops-metric-table").inner_text()
     page.locator(".llmops-lineage").scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "02-run-lineage.png"))

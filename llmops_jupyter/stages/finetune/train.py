@@ -1,0 +1,327 @@
+"""The training-run template shared by supervised (:mod:`.sft`) and preference (:mod:`.dpo`) training.
+
+Model loading (LoRA, or QLoRA on a bitsandbytes 4-bit NF4 base with ``prepare_model_for_kbit_training``), the
+optimizer choice, ``TrainingArguments``, the reporter protocol and its callback, token counting, checkpoints and
+exact resume, OOM advice, the run summary and releasing memory. SFT and DPO differ only in the data collation and
+the trainer class (as papermill's engines share ``wrap_and_execute_notebook``). Imported lazily.
+
+**Exact resume**: checkpoints go to ``<registry home>/runs/<run>/checkpoints``; the Trainer restores optimizer,
+scheduler, RNG and data position, and a ``llmops-complete`` marker written after each save means a checkpoint
+cut in half by Ctrl-C is never picked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from llmops_jupyter.core.errors import NotFoundError, ResourceError, StageError
+
+if TYPE_CHECKING:
+    from llmops_jupyter.registry import Registry
+    from llmops_jupyter.stages.finetune.config import FinetuneConfig
+
+
+COMPLETE_MARKER = "llmops-complete"
+
+
+PROGRESS_FILE = "progress.json"
+
+
+class Reporter(Protocol):
+    def progress(self, done: float, total: float | None = None, desc: str | None = None, **extra: Any) -> None: ...
+    def log_metrics(self, values: dict[str, float], step: int | None = None) -> None: ...
+    def log(self, message: str) -> None: ...
+
+
+def run_dir(registry: Registry, run_id: str) -> Path:
+    """Per-run working folder (checkpoints, worker log, progress file) under the registry home."""
+    path = registry.home / "runs" / run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``folder``, oldest first."""
+    out = []
+    for p in folder.glob("checkpoint-*"):
+        if (p / COMPLETE_MARKER).exists() and p.name.split("-")[-1].isdigit():
+            out.append((int(p.name.split("-")[-1]), p))
+    return sorted(out)
+
+
+def last_checkpoint(registry: Registry, run_id: str) -> tuple[int, Path] | None:
+    """Newest complete checkpoint of a run, following ``--resume`` chains back to earlier runs."""
+    seen = set()
+    while run_id and run_id not in seen:
+        seen.add(run_id)
+        found = checkpoints(registry.home / "runs" / run_id / "checkpoints")
+        if found:
+            return found[-1]
+        try:
+            run = registry.get_run(run_id)
+        except NotFoundError:
+            return None
+        run_id = (run.get("summary") or {}).get("resumed_from")
+    return None
+
+
+def resolve_dtype(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def resolve_target_modules(names: list[str], model_type: str) -> Any:
+    """``auto`` → peft's ``all-linear`` (every linear projection, output layer excluded); ``peft-default`` →
+    peft's per-architecture default list; anything else is used as given."""
+    if names == ["auto"]:
+        return "all-linear"
+    if names == ["peft-default"]:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+        if model_type not in defaults:
+            raise StageError(f"peft has no default target modules for architecture '{model_type}'.",
+                             fix="use --target-modules auto, or name the modules (e.g. q_proj,v_proj)")
+        return list(defaults[model_type])
+    return list(names)
+
+
+def uses_4bit(cfg: FinetuneConfig) -> bool:
+    """QLoRA, or DPO on a QLoRA base (``--method dpo --dpo-base qlora``): the frozen base is 4-bit NF4."""
+    return cfg.method == "qlora" or (cfg.method == "dpo" and getattr(cfg, "dpo_base", "lora") == "qlora")
+
+
+def load_model(cfg: FinetuneConfig, model_path: Path, dtype: Any) -> Any:
+    """Base model (4-bit NF4 + double quantization for QLoRA) with LoRA adapters attached."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if uses_4bit(cfg):
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+    if uses_4bit(cfg):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    set_seed(cfg.seed)  # LoRA A matrices are initialised here: same seed, same adapter
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
+                      target_modules=resolve_target_modules(list(cfg.target_modules), model.config.model_type))
+    return get_peft_model(model, lora)
+
+
+def choose_optimizer(cfg: FinetuneConfig) -> str:
+    import torch
+
+    if cfg.optim != "auto":
+        return cfg.optim
+    if uses_4bit(cfg):
+        return "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_bnb_8bit"
+    return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory (CUDA) or peak process RSS (CPU), in MB."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class TokenCounter:
+    """Counts real (non-padding) tokens of every training forward pass — the numerator of tokens/s."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
+        import torch
+
+        if not torch.is_grad_enabled():
+            return  # evaluation
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if mask is not None and mask.dim() == 2:
+            self.tokens += int(mask.sum())
+        elif mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:  # packed rows: see packed_rows
+            self.tokens += int(mask.diagonal(dim1=-2, dim2=-1).sum())
+        elif ids is not None:
+            self.tokens += int(ids.numel())
+
+
+def _callback_cls():
+    from transformers import TrainerCallback
+
+    class ReportCallback(TrainerCallback):
+        """Trainer → reporter: progress every step, metrics every logging step, checkpoint completion marker."""
+
+        def __init__(self, reporter: Reporter, counter: TokenCounter):
+            self.reporter, self.counter = reporter, counter
+            self.last_t = time.perf_counter()
+            self.last_tokens = 0
+            self.train_loss: float | None = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_t, self.last_tokens = time.perf_counter(), self.counter.tokens
+            self.reporter.progress(state.global_step, state.max_steps, desc="finetune")
+
+        def on_step_begin(self, args, state, control, **kw):
+            if getattr(self, "_first", True):  # after a resume, skipped batches were counted: start fresh
+                self._first = False
+                self.last_t, self.last_tokens = time.perf_counter(), self.counter.tokens
+
+        def on_step_end(self, args, state, control, **kw):
+            self.reporter.progress(state.global_step, state.max_steps, desc="finetune")
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.exists():
+                    (folder / COMPLETE_MARKER).write_text(str(state.global_step))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            values: dict[str, float] = {}
+            if "loss" in logs:
+                now = time.perf_counter()
+                values["loss"] = logs["loss"]
+                values["lr"] = logs.get("learning_rate")
+                if logs.get("grad_norm") is not None:
+                    values["grad_norm"] = logs["grad_norm"]
+                values["tokens_per_s"] = (self.counter.tokens - self.last_tokens) / max(now - self.last_t, 1e-9)
+                values["memory_mb"] = peak_memory_mb()
+                values["epoch"] = logs.get("epoch")
+                self.last_t, self.last_tokens = now, self.counter.tokens
+            if "eval_loss" in logs:
+                values["eval_loss"] = logs["eval_loss"]
+            # preference tuning (DPO): rewards and log-probs per logging step and per evaluation
+            values.update({k: v for k, v in logs.items()
+                           if k.startswith(("rewards/", "logps/", "eval_rewards/", "eval_logps/"))})
+            if "train_loss" in logs:
+                self.train_loss = logs["train_loss"]
+            values = {k: float(v) for k, v in values.items() if v is not None}
+            if values and state.is_world_process_zero:
+                self.reporter.log_metrics(values, step=state.global_step)
+
+    return ReportCallback
+
+
+@contextlib.contextmanager
+def oom_guard(cfg: FinetuneConfig, model_ref: str) -> Iterator[None]:
+    """CUDA out-of-memory → :class:`ResourceError` with concrete `%llmops plan` advice (and memory freed first)."""
+    import torch
+
+    message = None
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        traceback.clear_frames(exc.__traceback__)  # drop the activations the failed step's frames still hold
+        first = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        message = (f"Out of GPU memory while fine-tuning '{model_ref}' with --method {cfg.method}, --batch-size "
+                   f"{cfg.batch_size}, --seq-len {cfg.seq_len} ({first}).")
+    if message is not None:  # raised outside the except block: the traceback no longer pins the tensors
+        free_memory()
+        fix = (f"run `%llmops plan --model {model_ref}` to see what fits; then lower --batch-size (raise --grad-accum "
+               "to keep the effective batch), lower --seq-len, add --gradient-checkpointing")
+        if cfg.method != "qlora":
+            fix += ", or use --method qlora"
+        raise ResourceError(message, fix=fix) from None
+
+
+def free_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def reset_peak_memory() -> None:
+    """Peak memory reported for a run is that run's, not the kernel's since it started."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def finish_run(trainer: Any, model: Any, counter: TokenCounter, metrics: dict[str, float], *, dtype: Any,
+               batching: str, train_examples: int, eval_examples: int, tokenizer: Any, adapter_dir: Path | None,
+               save_kwargs: dict[str, Any] | None = None, **extra: Any) -> TrainOutput:
+    """Throughput and peak memory into ``metrics``, the run summary, and the adapter saved (rank 0): what supervised
+    and preference training report alike."""
+    metrics["train_tokens_per_s"] = counter.tokens / max(metrics.get("train_runtime_s", 0.0), 1e-9)
+    metrics["peak_memory_mb"] = peak_memory_mb()
+    optim = trainer.args.optim
+    info = {"batching": batching, "optimizer": str(getattr(optim, "value", optim)),
+            "steps": trainer.state.global_step, "tokens": counter.tokens, "dtype": str(dtype).replace("torch.", ""),
+            **extra,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "target_modules": sorted(model.peft_config["default"].target_modules),
+            "train_examples": train_examples, "eval_examples": eval_examples}
+    if adapter_dir is not None and trainer.is_world_process_zero():
+        model.save_pretrained(str(adapter_dir), **(save_kwargs or {}))
+        tokenizer.save_pretrained(str(adapter_dir))
+    return TrainOutput(adapter_dir, metrics, info)
+
+
+def release(trainer: Any, hook: Any) -> None:
+    """Drop the trainer's hold on model and optimizer state (the caller then deletes its own names and calls
+    :func:`free_memory`), so a finished or failed run gives its memory back to the kernel."""
+    hook.remove()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+
+
+@dataclasses.dataclass
+class TrainOutput:
+    adapter_dir: Path | None
+    metrics: dict[str, float]
+    info: dict[str, Any]
+
+
+def trainer_kwargs(cfg: FinetuneConfig, out_dir: Path, dtype: Any, *, has_eval: bool) -> dict[str, Any]:
+    """TrainingArguments shared by supervised (Trainer) and preference (DPOTrainer) runs."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return dict(
+        output_dir=str(out_dir), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_steps,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, optim=choose_optimizer(cfg),
+        logging_steps=cfg.log_every, save_strategy="steps" if cfg.checkpoint_every else "no",
+        save_steps=cfg.checkpoint_every or 500, save_total_limit=cfg.keep_checkpoints,
+        eval_strategy="steps" if cfg.eval_every and has_eval else "no", eval_steps=cfg.eval_every or None,
+        seed=cfg.seed, data_seed=cfg.seed, report_to=[], disable_tqdm=True,
+        gradient_checkpointing=False,  # enabled on the model by load_model when asked (peft/kbit-aware)
+        bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16, use_cpu=not cuda,
+        dataloader_num_workers=0,
+    )
+
+
+def progress_file(home: Path, run_id: str) -> Path:
+    """The detached worker's progress file, read by ``%llmops attach``."""
+    return Path(home) / "runs" / run_id / PROGRESS_FILE
