@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,21 +26,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "example-notebooks" / "02_qlora_merge_gptq_serve.ipynb"
 SHOWN = ("exact_match", "f1", "rougeL", "ppl")
-
-
-def _watch(registry: Any, since: float, stop: threading.Event, t0: float) -> None:
-    """Print each stage run of the pipeline as it starts and ends (the notebook itself runs in a kernel)."""
-    seen: dict[str, str] = {}
-    while not stop.wait(2.0):
-        try:
-            rows = [r for r in reversed(registry.list_runs(since=since, limit=None)) if r["stage"] != "pipeline"]
-        except Exception:  # noqa: BLE001 - the registry may be busy; try again next tick
-            continue
-        for r in rows:
-            if seen.get(r["id"]) != r["status"]:
-                seen[r["id"]] = r["status"]
-                took = f" in {r['duration_s']:.0f}s" if r["duration_s"] else ""
-                print(f"  [{_clock(time.time() - t0)}] {r['stage']:<9} {r['id']:<18} {r['status']}{took}", flush=True)
 
 
 def _clock(seconds: float) -> str:
@@ -64,9 +48,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a parameter of the notebook (e.g. -p max_steps 300)")
     ap.add_argument("--out", default="demo-out", help="folder for the executed notebook and the report")
     ap.add_argument("--home", default=None, help="registry home (default: $LLMOPS_HOME or ./.llmops)")
+    ap.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                    help="at most one progress line per stage this often (default 10)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="also show other libraries' logging and warnings (default: only in each run's run.log)")
     ap.add_argument("--notebook", default=str(NOTEBOOK), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.verbose:
+        os.environ["LLMOPS_VERBOSE"] = "1"  # this process and the notebook's kernel
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from llmops_jupyter.core.errors import LlmopsError
@@ -83,23 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"llmops-jupyter demo: {Path(args.notebook).name} through papermill\n"
           f"  registry  {registry.home.resolve()}\n  output    {out}\n"
           "  model     SmolLM2-135M-Instruct from the PyPI GGUF wheel (converted once into the model cache)\n"
-          "  stages run in a Jupyter kernel; each line below is a recorded run:", flush=True)
+          "  stages run in a Jupyter kernel; below: each recorded run as it starts and ends, and progress\n"
+          "  (step/total, loss, ETA) of long stages; other libraries' output is in <registry>/runs/<run>/run.log",
+          flush=True)
     t0 = time.time()
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(registry, t0 - 1, stop, t0), daemon=True)
-    watcher.start()
     error: str | None = None
     try:
+        # A line per stage start/end and, for long stages (the fine-tune), per progress step at most every
+        # --progress-every seconds: step/total, loss, ETA (read from the registry while the kernel works).
         res = run_pipeline(args.notebook, params, output=str(executed), cwd=str(out), cache=False, registry=registry,
-                           name="demo")
+                           name="demo", progress=lambda line: print(line, flush=True),
+                           progress_every=args.progress_every)
         if res["status"] != "finished":
             error = res.get("error") or res["status"]
         run_id = res["run_id"]
     except LlmopsError as exc:  # bad parameters: nothing ran
         error, run_id = str(exc), None
-    finally:
-        stop.set()
-        watcher.join(timeout=5)
     took = time.time() - t0
     print(f"\nexecuted notebook  {executed}")
     print(f"registry           {registry.home.resolve()}  (pipeline run {run_id})")

@@ -88,3 +88,45 @@ def scrub(text: str) -> tuple[str, Counter]:
 
 def contains_pii(text: str) -> bool:
     return bool(find_pii(text or ""))
+
+
+# -- secrets (audit log, request log, run errors) ----------------------------------------------------------------------------------------------------
+_SECRET_NAME = r"[A-Za-z0-9_]*?(?:api_?key|access_?key|secret_?key|private_?key|token|secret|password|passwd|pwd|credentials?)"
+#: (pattern, replacement): each replaces the secret with ``[SECRET]``, keeping what names it (a flag, a variable).
+SECRET_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    # PEM private keys, whole blocks
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)", re.S), "[SECRET]"),
+    # password in a URL: scheme://user:password@host
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/?#@'\"]*:)[^\s/?#@'\"]+(@)"), r"\1[SECRET]\2"),
+    # Authorization headers and bearer tokens
+    (re.compile(r"(?i)\b((?:bearer|token|basic)\s+)(?=[A-Za-z0-9._~+/=-]*\d)[A-Za-z0-9._~+/=-]{12,}"),
+     r"\1[SECRET]"),
+    # vendor key formats: OpenAI/Anthropic (sk-...), Hugging Face, GitHub, GitLab, Slack, AWS, Google, Stripe, JWTs
+    (re.compile(r"(?<![A-Za-z0-9_-])(?:sk|rk|pk)-[A-Za-z0-9_-]{8,}"), "[SECRET]"),
+    (re.compile(r"(?<![A-Za-z0-9_])(?:hf_|api_org_)[A-Za-z0-9]{10,}"), "[SECRET]"),
+    (re.compile(r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|glpat-[A-Za-z0-9_-]{20,})"),
+     "[SECRET]"),
+    (re.compile(r"(?<![A-Za-z0-9-])xox[abposr]-[A-Za-z0-9-]{10,}"), "[SECRET]"),
+    (re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])"), "[SECRET]"),
+    (re.compile(r"(?<![A-Za-z0-9_-])AIza[A-Za-z0-9_-]{30,}"), "[SECRET]"),
+    (re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), "[SECRET]"),
+    # quoted values assigned to a secret-looking name: API_KEY = "...", api_key='...', "token": "...", password="..."
+    (re.compile(r"(?i)(\b" + _SECRET_NAME + r"\b[\"']?\]?\s*[:=]\s*[rbuf]{0,2}([\"']))(?!\[SECRET\])[^\"'\n]+?(\2)"),
+     r"\1[SECRET]\3"),
+    # unquoted shell/env assignments: export HF_TOKEN=abc, PASSWORD=abc (no spaces around =)
+    (re.compile(r"(?i)((?:^|(?<=[\s;&|]))(?:export\s+)?" + _SECRET_NAME + r"=)(?![\"'$\[])[^\s;&|]+", re.M),
+     r"\1[SECRET]"),
+    # command-line flags: --hf-token abc, --api-key=abc, --password abc (not --api-key-env VAR, not --max-tokens)
+    (re.compile(r"(?i)(--[A-Za-z0-9-]*?(?:api-?key|access-?key|secret-?key|token|secret|password|passwd)(?:=|\s+))"
+                r"(?![\"']?\[SECRET\])(?!-)(?:\"[^\"]*\"|'[^']*'|\S+)"),
+     r"\1[SECRET]"),
+]
+
+
+def scrub_secrets(text: str) -> str:
+    """``text`` with API keys, tokens, passwords (assigned, in flags, in URLs) replaced by ``[SECRET]``."""
+    if not text:
+        return text
+    for pattern, repl in SECRET_PATTERNS:
+        text = pattern.sub(repl, text)
+    return text

@@ -15,7 +15,6 @@ import hashlib
 import html
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from llmops_jupyter.core.config import StageConfig, jsonable
 from llmops_jupyter.core.env import current_notebook, environment, git_commit
 from llmops_jupyter.core.errors import LlmopsError
+from llmops_jupyter.core.pii import scrub_secrets
 from llmops_jupyter.registry import Artifact, Registry, RunStatus
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ class RunContext:
 
     def _cleanup(self) -> None:
         for path in self._staging:
-            shutil.rmtree(path, ignore_errors=True)
+            self.registry.release_staging(path)
 
 
 @dataclasses.dataclass
@@ -321,7 +321,10 @@ class Runner:
         hint = ""
         with _sigterm_interrupts() as signalled:
             try:
-                result = stage_obj.run(ctx)
+                from llmops_jupyter.core.capture import stage_output  # other libraries' output → the run's log
+
+                with stage_output(ctx):
+                    result = stage_obj.run(ctx)
                 outputs = dict(result or {})
                 status = RunStatus.FINISHED
             except KeyboardInterrupt:
@@ -345,8 +348,9 @@ class Runner:
                     if summary:
                         self.registry.update_run(run_id, summary=summary)
                     self.emit(Event(EventType.DETACHED, run_id, stage_name, {"pid": ctx.handed_off}))
-                else:
-                    self.registry.finish_run(run_id, status, error=error, summary=summary or None)
+                else:  # an exception's text may quote a key or a URL with a password: never store those
+                    self.registry.finish_run(run_id, status, error=scrub_secrets(error) if error else None,
+                                             summary=summary or None)
                 if key and status is RunStatus.FINISHED:
                     self.registry.update_run(run_id, cache_key=key)
                 if status is RunStatus.FINISHED:

@@ -21,6 +21,18 @@ _VAR = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)$")
 _PLACEHOLDER = "\x00llmops-var-{}\x00"
 
 
+VERBOSE_FLAG = "--verbose"
+VERBOSE_HELP = ("show other libraries' logging and warnings in the output too (by default they go only to the "
+                "run's log file, <home>/runs/<run id>/run.log)")
+
+
+def strip_verbose(tokens: list[str]) -> tuple[list[str], bool | None]:
+    """Take the global ``--verbose`` (accepted before or after the command name, on every command) out of the
+    tokens before the command's own parser sees them. Returns (tokens, True if given else None)."""
+    rest = [t for t in tokens if t != VERBOSE_FLAG]
+    return rest, (True if len(rest) != len(tokens) else None)
+
+
 class HelpRequested(Exception):
     """``--help`` was asked for; ``text`` is the help to print."""
 
@@ -113,6 +125,9 @@ def _split_list(items: list[Any] | Any) -> list[Any]:
 def build_parser(cfg_cls: type[StageConfig], prog: str, description: str, values: dict[str, Any]) -> Parser:
     parser = Parser(prog=prog, description=description, add_help=True, allow_abbrev=False,
                     formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    # Taken out by strip_verbose before parsing; declared so `--help` lists it and a direct parse accepts it.
+    if not any(flag_name(f) == VERBOSE_FLAG for f in dataclasses.fields(cfg_cls)):
+        parser.add_argument(VERBOSE_FLAG, action="store_true", dest="_llmops_verbose", help=VERBOSE_HELP)
     for f in dataclasses.fields(cfg_cls):
         meta = f.metadata
         if meta.get("cell"):

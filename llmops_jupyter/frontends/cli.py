@@ -7,11 +7,12 @@ import sys
 
 from llmops_jupyter.core.display import print_text
 from llmops_jupyter.core.errors import ConfigError, LlmopsError
-from llmops_jupyter.frontends.argparsing import HelpRequested, parse_config
+from llmops_jupyter.frontends.argparsing import HelpRequested, parse_config, strip_verbose
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, verbose = strip_verbose(argv)
     from llmops_jupyter.core.stage import get_command
     from llmops_jupyter.frontends.magics import overview  # noqa: PLC0415 - IPython is a core dependency
 
@@ -35,16 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(cmd.config_cls, rest, prog=f"llmops {name}", description=cmd.help)
         from llmops_jupyter.frontends.frontdoor import execute
 
-        result = execute(cmd, config, front_end="cli", display=print_text)
+        result = execute(cmd, config, front_end="cli", display=print_text, verbose=verbose)
         print_text(result)
     except HelpRequested as req:
         print(req.text)
         return 0
     except LlmopsError as exc:
-        print(f"llmops: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"llmops: {type(exc).__name__}: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt as exc:
-        print(f"llmops: {exc or 'interrupted'}", file=sys.stderr)
+        print(f"llmops: {' '.join(str(exc or 'interrupted').splitlines())}", file=sys.stderr)
         return 130
     return 0
 

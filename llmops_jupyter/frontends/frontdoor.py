@@ -6,6 +6,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from llmops_jupyter.core.capture import verbosity
 from llmops_jupyter.core.config import StageConfig
 from llmops_jupyter.core.display import print_text
 from llmops_jupyter.core.runner import Runner
@@ -31,8 +32,19 @@ def execute(
     display: Callable[[Any], None] = print_text,
     registry: Registry | None = None,
     live: bool = True,
+    verbose: bool | None = None,
 ) -> Any:
-    """Run one command: a stage through the Runner (recorded), or a view function. Returns its result."""
+    """Run one command: a stage through the Runner (recorded), or a view function. Returns its result.
+
+    ``verbose=True`` (the front ends' ``--verbose``) also shows other libraries' logging and warnings, which are
+    otherwise only written to the run's log file (see :mod:`llmops_jupyter.core.capture`); None: ``$LLMOPS_VERBOSE``.
+    """
+    with verbosity(verbose):
+        return _execute(cmd, config, front_end=front_end, shell=shell, display=display, registry=registry, live=live)
+
+
+def _execute(cmd: Command | str, config: StageConfig | dict[str, Any] | None, *, front_end: str, shell: Any,
+             display: Callable[[Any], None], registry: Registry | None, live: bool) -> Any:
     cmd = get_command(cmd) if isinstance(cmd, str) else cmd
     if config is None or isinstance(config, dict):
         config = cmd.config_cls.from_dict(config or {})

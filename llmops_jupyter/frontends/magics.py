@@ -11,12 +11,16 @@ from IPython.utils.process import arg_split
 
 from llmops_jupyter.core.errors import ConfigError
 from llmops_jupyter.core.stage import discover, get_command
-from llmops_jupyter.frontends.argparsing import HelpRequested, parse_config
+from llmops_jupyter.frontends.argparsing import HelpRequested, parse_config, strip_verbose
 
 INTRO = """Drive the LLM lifecycle from notebook cells: %llmops <command> [options]   (%llmops <command> --help)
 
 Pass notebook objects with $name (e.g. --source $df); quote values with spaces. A %%llmops cell body is read as
 YAML parameters (or, for commands with a text body such as `prompt`, as that text).
+
+A stage cell shows the stage's own progress, results and warnings; other libraries' logging and warnings go to the
+run's log file (<home>/runs/<run id>/run.log, named by `%llmops show RUN`). --verbose (on any command, before or
+after its name) shows them too.
 """
 
 
@@ -40,6 +44,7 @@ class LlmopsMagics(Magics):
             tokens = arg_split(line, posix=True)
         except ValueError as exc:  # unbalanced quotes
             raise IPythonUsageError(f"%llmops: cannot parse the line ({exc}); check the quotes.") from None
+        tokens, verbose = strip_verbose(tokens)
         if not tokens or tokens[0] in ("-h", "--help", "help"):
             print(overview())
             return None
@@ -57,7 +62,7 @@ class LlmopsMagics(Magics):
             raise IPythonUsageError(str(exc)) from None
         from llmops_jupyter.frontends.frontdoor import execute
 
-        return execute(cmd, config, front_end="magic", shell=self.shell, display=display)
+        return execute(cmd, config, front_end="magic", shell=self.shell, display=display, verbose=verbose)
 
 
 def load(ipython) -> None:

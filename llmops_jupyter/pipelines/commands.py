@@ -60,6 +60,18 @@ def _run_report(result: Any) -> Bundle:
     return Bundle(head, metrics, timing, children)
 
 
+def _progress_printer(env: CommandEnv) -> Any:
+    """The command line and a notebook cell get a line per stage start/end and progress step while the kernel
+    works (the pipeline's stages run in another process, so no live bar can reach here)."""
+    if env.front_end not in ("cli", "magic"):
+        return None
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    return out
+
+
 def _execute(cfg: Any, env: CommandEnv) -> Bundle:
     from llmops_jupyter.pipelines import copy_output_notebook, track_started
     from llmops_jupyter.pipelines.execute import run_pipeline
@@ -68,7 +80,8 @@ def _execute(cfg: Any, env: CommandEnv) -> Bundle:
     started = track_started(listeners)
     try:
         result = run_pipeline(cfg.notebook, _params(cfg), registry=env.registry, cache=cfg.cache, name=cfg.name,
-                              kernel=cfg.kernel, timeout=cfg.timeout, listeners=listeners)
+                              kernel=cfg.kernel, timeout=cfg.timeout, listeners=listeners,
+                              progress=_progress_printer(env))
     except StageError:
         if cfg.out and started:
             copy_output_notebook(env.registry, env.registry.get_run(started[0])["summary"], cfg.out)

@@ -17,9 +17,13 @@ import dataclasses
 import io
 import json
 import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmops_jupyter.core.capture import PROGRESS_FILE, VERBOSE_ENV, is_verbose, run_log_path
 from llmops_jupyter.core.config import StageConfig, option
 from llmops_jupyter.core.errors import LlmopsError, StageError
 from llmops_jupyter.core.files import hash_tree
@@ -87,13 +91,14 @@ def _ipc_prefix() -> str | None:
     return prefix if len(prefix) + 8 < 104 else None  # sun_path holds 104-108 bytes; "-<port>" is appended
 
 
-def _kernel_manager_class(extra_env: dict[str, str]):
+def _kernel_manager_class(extra_env: dict[str, str], log_path: Path | None = None):
     """An AsyncKernelManager that starts the kernel with ``extra_env`` on top of this process's environment.
 
     Passing the environment to the kernel (instead of setting ``os.environ``) lets several pipelines run at once in
     threads (a Dask worker) without seeing each other's run ids or GPU pins. On POSIX the kernel talks over IPC
     sockets in the Jupyter runtime dir (owner-only) rather than TCP ports on localhost: nothing else on the machine
-    can connect to a pipeline's kernel.
+    can connect to a pipeline's kernel. With ``log_path`` the kernel process's own stdout/stderr (its
+    ``[IPKernelApp]`` messages, C libraries' prints) go to that file instead of this process's terminal.
     """
     from jupyter_client import AsyncKernelManager
 
@@ -108,7 +113,13 @@ def _kernel_manager_class(extra_env: dict[str, str]):
         async def start_kernel(self, **kw: Any) -> None:
             env = dict(kw.pop("env", None) or os.environ)
             env.update(extra_env)
-            return await super().start_kernel(env=env, **kw)
+            if log_path is None:
+                return await super().start_kernel(env=env, **kw)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "ab") as log:  # the kernel keeps its own copy of the descriptor
+                kw.setdefault("stdout", log)
+                kw.setdefault("stderr", log)
+                return await super().start_kernel(env=env, **kw)
 
     return EnvKernelManager
 
@@ -118,6 +129,15 @@ def _first_line(source: str) -> str:
         if line.strip():
             return line.strip()[:80]
     return ""
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """An error value as one line: a failure is reported as a single line; the detail is in the executed notebook."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    out = lines[0] if lines else ""
+    if len(lines) > 1:
+        out += " …"
+    return out if len(out) <= limit else out[: limit - 1] + "…"
 
 
 def _inject(nb: Any, params: ResolvedParams) -> tuple[Any, int]:
@@ -192,6 +212,118 @@ def _cell_progress(ctx: RunContext) -> dict[str, Any]:
     return {"file": _ProgressSink(ctx), "mininterval": 0, "bar_format": "cells {n} {total}\n"}
 
 
+class PipelineWatch:
+    """Reports the stage runs a pipeline notebook makes while its kernel works: a line when one starts or ends, and
+    a progress line (step/total, %, latest loss, ETA) at most every ``every`` seconds per run, read from the registry
+    and each run's ``progress.json`` (kept by the Runner in the kernel). ``$LLMOPS_PROGRESS_EVERY`` sets the rate.
+    """
+
+    def __init__(self, registry: Registry, run_id: str, out: Callable[[str], None], *, every: float | None = None,
+                 poll: float = 1.0):
+        if every is None:
+            try:
+                every = float(os.environ.get("LLMOPS_PROGRESS_EVERY", "") or 5.0)
+            except ValueError:
+                every = 5.0
+        self.registry = registry
+        self.run_id = run_id
+        self.out = out
+        self.every = every
+        self.poll_s = min(poll, max(every, 0.1))
+        self.t0 = time.time()
+        self._status: dict[str, str] = {}
+        self._printed: dict[str, tuple[float, Any]] = {}  # run id → (when, done) of the last progress line
+        self._first: dict[str, tuple[float, float]] = {}  # run id → (ts, done) of the first progress seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"llmops-watch-{run_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.poll()  # the runs that ended since the last poll
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.poll()
+
+    def _line(self, text: str) -> None:
+        try:
+            self.out(f"  [{_clock(time.time() - self.t0)}] {text}")
+        except Exception:  # noqa: BLE001 - a closed stdout must not stop the pipeline
+            pass
+
+    def poll(self) -> None:
+        try:
+            children = self.registry.child_runs(self.run_id)
+        except Exception:  # noqa: BLE001 - the registry may be busy (another writer): next tick
+            return
+        for run in children:
+            rid, stage, status = run["id"], run["stage"], run["status"]
+            before = self._status.get(rid)
+            if before is None:
+                self._line(f"{stage:<9} {rid:<18} started")
+            if status == "running":
+                self._progress(rid, stage)
+            elif before != status:
+                self._progress(rid, stage, final=True)
+                took = f" in {_clock(run['duration_s'])}" if run.get("duration_s") else ""
+                error = f": {_one_line(run['error'], 160)}" if run.get("error") else ""
+                self._line(f"{stage:<9} {rid:<18} {status}{took}{error}")
+            self._status[rid] = status
+
+    def _progress(self, rid: str, stage: str, *, final: bool = False) -> None:
+        path = Path(self.registry.home) / "runs" / rid / PROGRESS_FILE
+        try:
+            p = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        done, total = p.get("done"), p.get("total")
+        if done is None:
+            return
+        now = time.time()
+        self._first.setdefault(rid, (float(p.get("ts") or now), float(done)))
+        last = self._printed.get(rid)
+        if last is not None and (last[1] == done or (not final and now - last[0] < self.every)):
+            return
+        self._printed[rid] = (now, done)
+        parts = [f"{stage:<9} {rid:<18}", f"step {done:g}/{total:g}" if total else f"step {done:g}"]
+        if total:
+            parts.append(f"{100.0 * float(done) / float(total):3.0f}%")
+        loss = self._loss(rid)
+        if loss is not None:
+            parts.append(f"loss {loss:.4g}")
+        t_first, d_first = self._first[rid]
+        if total and float(done) > d_first and float(done) < float(total):
+            rate = (float(done) - d_first) / max(float(p.get("ts") or now) - t_first, 1e-6)
+            parts.append(f"ETA {_clock((float(total) - float(done)) / rate)}")
+        if p.get("desc") and p["desc"] != stage:
+            parts.append(f"({p['desc']})")
+        self._line(" ".join(parts))
+
+    def _loss(self, rid: str) -> float | None:
+        try:
+            metrics = self.registry.metrics(rid)
+        except Exception:  # noqa: BLE001
+            return None
+        for key in ("loss", "train_loss", "train/loss"):
+            if metrics.get(key) is not None:
+                return metrics[key]
+        return next((v for k, v in metrics.items() if k.endswith("loss") and v is not None), None)
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
 class PipelineStage(Stage):
     """Runs one notebook through papermill (not registered as a command: ``run``/``pipeline run`` drive it)."""
 
@@ -199,17 +331,20 @@ class PipelineStage(Stage):
     config_cls = PipelineRunConfig
 
     def __init__(self, source: Path, params: ResolvedParams, *, cwd: Path, timeout: int | None = None,
-                 env: dict[str, str] | None = None, source_env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, source_env: dict[str, str] | None = None,
+                 progress: Callable[[str], None] | None = None, progress_every: float | None = None):
         self.source = source
         self.params = params
         self.cwd = cwd
         self.timeout = timeout
         self.env = dict(env or {})
         self.source_env = source_env if source_env is not None else os.environ
+        self.progress = progress
+        self.progress_every = progress_every
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         import papermill
-        from nbclient.exceptions import DeadKernelError
+        from nbclient.exceptions import CellTimeoutError, DeadKernelError
         from papermill.exceptions import PapermillExecutionError
 
         cfg: PipelineRunConfig = ctx.config
@@ -222,29 +357,44 @@ class PipelineStage(Stage):
         nb.metadata["llmops"] = {"pipeline_run": ctx.run_id, "parameters": self.params.record,
                                  "source_hash": src_art.hash}
         secrets = {ref.var: ref.value(self.source_env) for ref in self.params.secrets.values()}
+        verbose = is_verbose()
         env = {
             **self.env,
             **secrets,
             "LLMOPS_NOTEBOOK": str(self.source),
             "LLMOPS_PIPELINE_RUN": ctx.run_id,
             "LLMOPS_HOME": str(reg.home),
+            **({VERBOSE_ENV: "1"} if verbose else {}),
         }
         out_dir = ctx.staging_dir("notebook")
         out_path = out_dir / f"{self.source.stem}.out.ipynb"
         ctx.log(f"executing {self.source.name} on kernel '{cfg.kernel}'")
         error: StageError | None = None
+        kernel_log = None if verbose else run_log_path(reg.home, ctx.run_id)
+        watch = None
+        if self.progress is not None:
+            watch = PipelineWatch(reg, ctx.run_id, self.progress, every=self.progress_every)
+            watch.start()
         try:
             _fresh_context(lambda: papermill.execute_notebook(
                 nb, str(out_path), kernel_name=cfg.kernel, cwd=str(self.cwd), progress_bar=_cell_progress(ctx),
                 log_output=False, request_save_on_cell_execute=True, execution_timeout=self.timeout,
-                kernel_manager_class=_kernel_manager_class(env),
+                kernel_manager_class=_kernel_manager_class(env, kernel_log),
             ))
         except PapermillExecutionError as exc:
             idx = exc.cell_index - (1 if exc.cell_index > injected else 0)
+            value = _one_line(_scrub_text(str(exc.evalue), secrets.values()))
             error = StageError(
                 f"Notebook {self.source.name} failed in cell {idx} (`{_first_line(exc.source)}`): "
-                f"{exc.ename}: {_scrub_text(str(exc.evalue), secrets.values())}",
+                f"{exc.ename}: {value}",
                 fix=f"see the executed notebook (`%llmops show {ctx.run_id}`), fix the cell and run again")
+        except CellTimeoutError:
+            idx, line = _running_cell(out_path, injected)
+            where = f"cell {idx} (`{line}`)" if idx is not None else "a cell"
+            error = StageError(
+                f"Notebook {self.source.name} timed out in {where}: it ran longer than --timeout {self.timeout}s.",
+                fix=f"raise --timeout (or drop it), or make the cell faster; the executed notebook "
+                    f"(`%llmops show {ctx.run_id}`) shows where it stopped")
         except DeadKernelError:
             idx, line = _running_cell(out_path, injected)
             where = f" while running cell {idx} (`{line}`)" if idx is not None else ""
@@ -255,8 +405,11 @@ class PipelineStage(Stage):
         except RuntimeError as exc:  # papermill/nbclient report a kernel that cannot start this way
             if "kernel" not in str(exc).lower():
                 raise
-            error = StageError(f"The kernel '{cfg.kernel}' for {self.source.name} failed: {exc}",
+            error = StageError(f"The kernel '{cfg.kernel}' for {self.source.name} failed: {_one_line(str(exc))}",
                                fix="check `jupyter kernelspec list`; `make install` creates 'llmops-jupyter'")
+        finally:
+            if watch is not None:
+                watch.stop()
         cells = _cell_timings(out_path, injected)
         children = _children(reg, ctx.run_id)
         summary: dict[str, Any] = {"notebook": str(self.source), "notebook_artifact": src_art.hash, "kernel": cfg.kernel,
@@ -407,12 +560,16 @@ def run_pipeline(
     timeout: int | None = None,
     tags: list[str] | None = None,
     listeners: list | None = None,
+    progress: Callable[[str], None] | None = None,
+    progress_every: float | None = None,
 ) -> RunResult:
     """Validate ``parameters`` against ``notebook`` (before any kernel starts), execute it, record the run.
 
     ``env`` adds environment variables for the kernel (e.g. ``CUDA_VISIBLE_DEVICES``); secrets are given as
     ``"env:VAR"`` values. ``cache=True`` returns the earlier run when the notebook, parameters and the files they
-    name are unchanged (the result's status is ``cached``).
+    name are unchanged (the result's status is ``cached``). ``progress`` (e.g. ``print``) gets a line per stage run
+    start/end and per progress step of the notebook's stages, at most every ``progress_every`` seconds (default 5,
+    or ``$LLMOPS_PROGRESS_EVERY``); see :class:`PipelineWatch`.
     """
     registry = registry or Registry.open()
     source, nb, params, src_env = prepare(notebook, parameters, registry=registry, env=env)
@@ -425,7 +582,8 @@ def run_pipeline(
                                input_hashes=hashes, kernel=kernel_name, sweep=sweep, variant=variant)
     # GPU pins and run ids are not inputs: a variant that ran on another GPU is still the same computation.
     key = cache_key("pipeline", {"notebook": config.notebook_hash, "parameters": params.record, "inputs": hashes}, [])
-    stage = PipelineStage(source, params, cwd=work, timeout=timeout, env=env, source_env=src_env)
+    stage = PipelineStage(source, params, cwd=work, timeout=timeout, env=env, source_env=src_env, progress=progress,
+                          progress_every=progress_every)
     runner = Runner(registry, listeners=listeners)
     return runner.run(stage, config, name=name, parent_id=parent_id, tags=tags, cache=key if cache else False)
 

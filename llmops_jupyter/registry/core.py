@@ -192,6 +192,7 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
+        self.sweep_staging()
 
     def _connect(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
@@ -236,6 +237,24 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         return self._connect().execute(sql, tuple(params)).fetchall()
+
+    def integrity_check(self) -> list[str]:
+        """SQLite's own check of the database file: ``[]`` when it is sound, else its complaints."""
+        rows = [r[0] for r in self._query("PRAGMA integrity_check")]
+        return [] if rows == ["ok"] else rows
+
+    def verify_artifacts(self) -> list[str]:
+        """Stored artifacts whose files no longer hash to their id (or are missing): ``[]`` when every one matches.
+        External references (base models registered in place) are skipped: their folders are the user's."""
+        bad = []
+        for art in map(self._artifact, self._query("SELECT * FROM artifacts")):
+            if art.meta.get("external"):
+                continue
+            if not art.path.exists():
+                bad.append(f"{art.short}: missing {art.path}")
+            elif hash_tree(art.path) != art.hash:
+                bad.append(f"{art.short}: content changed at {art.path}")
+        return bad
 
     def cached_runs(self, stage: str, cache_key: str) -> list[dict[str, Any]]:
         """Finished runs of ``stage`` with this cache key, newest first (``id`` and decoded ``summary``)."""
@@ -441,10 +460,36 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
 
     # -- artifacts ------------------------------------------------------------------------------------------------
     def staging_dir(self, prefix: str = "stage") -> Path:
-        """A fresh folder inside the registry to build an artifact in (same filesystem → atomic rename)."""
+        """A fresh folder inside the registry to build an artifact in (same filesystem → atomic rename).
+
+        A sibling ``<name>.owner`` file names the process building it, so a folder left by a killed process is
+        removed by the next registry that opens (:meth:`sweep_staging`) instead of staying behind."""
         path = self.tmp_dir / f"{prefix}-{uuid.uuid4().hex}"
+        owner = {"pid": os.getpid(), "host": os.uname().nodename, "start": process_start()}
+        path.with_name(path.name + ".owner").write_text(json.dumps(owner))
         path.mkdir(parents=True)
         return path
+
+    def release_staging(self, path: Path) -> None:
+        """Remove a staging folder (whatever is left of it after its artifact was stored) and its owner file."""
+        shutil.rmtree(path, ignore_errors=True)
+        path.with_name(path.name + ".owner").unlink(missing_ok=True)
+
+    def sweep_staging(self) -> list[Path]:
+        """Remove staging folders whose building process is gone (killed mid-stage); returns what was removed."""
+        removed = []
+        for marker in self.tmp_dir.glob("*.owner"):
+            folder = marker.with_name(marker.name[: -len(".owner")])
+            try:
+                owner = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                continue
+            if folder.exists() and not process_gone(owner.get("pid"), owner.get("host"), owner.get("start")):
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            marker.unlink(missing_ok=True)
+            removed.append(folder)
+        return removed
 
     def add_artifact(
         self,
@@ -467,9 +512,12 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         if not src.exists():
             raise RegistryError(f"Artifact source '{src}' does not exist.", fix="check the path the stage wrote")
         staging = self.tmp_dir / f"ingest-{uuid.uuid4().hex}"
+        marker = staging.with_name(staging.name + ".owner")
+        marker.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "start": process_start()}))
         try:
             if move and src.is_dir() and src.resolve().parent == self.tmp_dir.resolve():
                 os.replace(src, staging)
+                src.with_name(src.name + ".owner").unlink(missing_ok=True)
             elif src.is_dir():
                 shutil.copytree(src, staging, symlinks=False)
             else:
@@ -491,6 +539,8 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        finally:
+            marker.unlink(missing_ok=True)
         now = time.time()
         rel = final.relative_to(self.home).as_posix()
         with self._transaction() as con:

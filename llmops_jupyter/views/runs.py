@@ -87,6 +87,7 @@ def show(cfg: ShowConfig, env: CommandEnv) -> Bundle:
         ["started", fmt_time(run["created_at"])], ["duration", fmt_duration(run["duration_s"])],
         ["notebook", run["notebook"] or ""], ["git commit", run["git_commit"] or ""],
         ["user@host", f"{run['user']}@{run['host']}"], ["error", run["error"] or ""],
+        *([["log", run["summary"]["log"]]] if (run.get("summary") or {}).get("log") else []),
     ], title=f"Run {run['id']}")
     params = Table(["parameter", "value"], [[k, json.dumps(v) if not isinstance(v, str) else v]
                                             for k, v in sorted(run["params"].items())], title="Parameters")
@@ -100,6 +101,13 @@ def show(cfg: ShowConfig, env: CommandEnv) -> Bundle:
     outputs = reg.run_artifacts(run["id"], "output")
     if outputs:
         parts.append(lineage_table(reg.lineage(outputs[-1]), f"Lineage of {outputs[-1].kind} {outputs[-1].short}"))
+    for a in outputs:
+        if a.kind == "dataset":  # what the data stage left out, and why (dropped.jsonl)
+            from llmops_jupyter.stages.data.format import dropped_table
+
+            table = dropped_table(a.path)
+            if len(table):
+                parts.append(table)
     return Bundle(*parts)
 
 

@@ -10,17 +10,22 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from llmops_jupyter.core.env import pid_alive
+
 ROOT = Path(__file__).resolve().parents[2]
 LABEXT = ROOT / "llmops_jupyter" / "labextension"
+RUNNING_STEPS = 100_000  # the "running" fine-tune's --max-steps: it never gets there
 
 PARAMS_SRC = 'lr = 0.001\nsteps = 3\nuse_lora = True\nrun_name = "demo"\nlayers = [1, 2]'
 TRAIN_SRC = '''\
@@ -66,53 +71,83 @@ def write_template(path: Path) -> None:
     nbformat.write(nb, str(path))
 
 
-def populate(home: Path, scratch: Path) -> dict[str, str]:
-    """Runs through the Registry API: data → finetune → merge → quantize → serve (a lineage chain), plus a failed
-    eval and a running finetune. Returns run ids by role."""
-    from llmops_jupyter.registry import Registry, RunStatus
+@dataclass
+class Populated:
+    ids: dict[str, str]
+    worker: Any  # the detached fine-tune still running (DetachedRun); killed at teardown
 
-    reg = Registry(home)
+    def stop(self) -> None:
+        """Kill the detached worker (paused or not); its supervisor records the run as failed."""
+        if self.worker is not None and pid_alive(self.worker.pid):
+            os.kill(self.worker.pid, signal.SIGKILL)
+            try:
+                self.worker.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - "killed by SIGKILL" is the expected ending
+                pass
+
+
+def populate(home: Path, scratch: Path, tiny_model: Path) -> Populated:
+    """Real stage runs on the tiny model: data → finetune → merge → quantize (bnb-4bit) → serve (started, then
+    stopped), an eval of the adapter that fails its gate, and a detached finetune still running (its worker paused
+    with SIGSTOP after its first logged step, so it holds no CPU; killed at teardown). Returns run ids by role."""
+    from llmops_jupyter.core.errors import GateError
+    from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.registry import Registry
+    from llmops_jupyter.stages.serve import server
+    from llmops_jupyter.testing import tiny_records
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    source = scratch / "support.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in tiny_records(48)))
     ids: dict[str, str] = {}
-
-    def artifact(run: str, kind: str, name: str, parents: list, stage: str):
-        folder = scratch / name
-        folder.mkdir(parents=True)
-        (folder / "content.txt").write_text(f"{kind} {name} {secrets.token_hex(4)}")
-        return reg.add_artifact(folder, kind, name=name, run_id=run, inputs=[p.hash for p in parents],
-                                relation=stage)
-
-    base_dir = scratch / "tiny-base"
-    base_dir.mkdir(parents=True)
-    (base_dir / "config.json").write_text('{"model_type": "llama"}')
-    base = reg.add_reference(base_dir, "base-model", name="tiny-llama")
-
-    def run(stage: str, params: dict, inputs: list, kind: str | None, name: str, metrics: dict,
-            notebook: str | None = None, status=RunStatus.FINISHED):
-        rid = reg.create_run(stage, params, notebook=notebook, name=name)
-        for a in inputs:
-            reg.link_input(rid, a.hash)
-        out = artifact(rid, kind, name, inputs, stage) if kind else None
-        for step in (1, 2, 3):
-            reg.log_metrics(rid, {k: v / step for k, v in metrics.items()}, step=step)
-        if status != RunStatus.RUNNING:
-            reg.finish_run(rid, status, error="GateError: rougeL 0.1 < 0.3" if status == RunStatus.FAILED else None)
-        ids[stage] = rid
-        return out
-
-    ds = run("data", {"source": "support.jsonl", "eval_fraction": 0.1}, [], "dataset", "support-v1",
-             {"n_train": 90.0})
-    ad = run("finetune", {"lr": 2e-4, "rank": 8, "max_steps": 50}, [ds, base], "adapter", "support-lora",
-             {"cpu_rss_mb": 900.0, "loss": 1.9, "eval_loss": 2.1}, notebook="template.ipynb")
-    mg = run("merge", {"dtype": "float16"}, [ad, base], "merged", "support-merged", {"max_logit_diff": 1e-4})
-    qt = run("quantize", {"method": "gptq", "bits": 4}, [mg], "quantized", "support-gptq4", {"ppl_ratio": 1.03})
-    run("serve", {"port": 8000}, [qt], "deployment", "support-endpoint", {"p50_ms": 41.0})
-    run("eval", {"metrics": ["rougeL"]}, [ad], None, "eval-gate", {"rougeL": 0.1}, status=RunStatus.FAILED)
-    run("finetune", {"lr": 1e-4, "max_steps": 100}, [ds, base], None, "still-training", {"loss": 2.5},
-        status=RunStatus.RUNNING)
-    ids["running"] = ids.pop("finetune")
-    ids["finetune"] = next(r["id"] for r in reg.list_runs(stage="finetune", limit=None) if r["name"] == "support-lora")
-    reg.close()
-    return ids
+    worker = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMOPS_HOME", str(home))
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        mp.setenv("OMP_NUM_THREADS", "1")  # the detached worker inherits it
+        mp.chdir(scratch)
+        reg = Registry(home)
+        runner = Runner(reg)
+        ft_opts = {"model": str(tiny_model), "batch_size": 4, "seq_len": 64, "lr": 1e-2, "log_every": 1,
+                   "checkpoint_every": 0}
+        data = runner.run("data", {"source": str(source), "tokenizer": str(tiny_model), "eval_fraction": 0.1,
+                                   "name": "support-v1"})
+        ids["data"] = data.run_id
+        mp.setenv("LLMOPS_NOTEBOOK", str(home.parent / "template.ipynb"))  # as recorded from a kernel in Lab
+        mp.setenv("LLMOPS_RESOURCE_SAMPLING", "on")  # sampled resources, as on a GPU machine
+        mp.setenv("LLMOPS_SAMPLE_S", "0.2")
+        ft = runner.run("finetune", {**ft_opts, "data": data.run_id, "rank": 8, "max_steps": 6,
+                                     "adapter_name": "support-lora"}, name="support-lora")
+        ids["finetune"] = ft.run_id
+        for var in ("LLMOPS_NOTEBOOK", "LLMOPS_RESOURCE_SAMPLING", "LLMOPS_SAMPLE_S"):
+            mp.delenv(var)
+        ids["merge"] = runner.run("merge", {"adapter": ft.run_id, "name": "support-merged"}).run_id
+        ids["quantize"] = runner.run("quantize", {"model": ids["merge"], "method": "bnb-4bit", "eval_samples": 4,
+                                                  "generate_tokens": 4, "compare_eval": False,
+                                                  "name": "support-bnb4"}).run_id
+        dep = runner.run("serve", {"model": ids["quantize"], "auth": False, "foreground": False}, name="support-endpoint")
+        ids["serve"] = dep.run_id
+        server.stop(reg, dep.run_id, timeout=30)  # a deployment record, no server left running
+        with pytest.raises(GateError):  # the adapter vs its base with a gate no model can pass
+            runner.run("eval", {"model": [str(tiny_model), ft.run_id], "data": data.run_id, "limit": 4,
+                                "max_new_tokens": 4, "metrics": ["exact_match"], "gate": "exact_match>=1.01"},
+                       name="eval-gate")
+        ids["eval"] = reg.list_runs(stage="eval", limit=1)[0]["id"]
+        detached = runner.run("finetune", {**ft_opts, "data": data.run_id, "max_steps": RUNNING_STEPS,
+                                           "detach": True}, name="still-training")
+        worker = detached.outputs["run"]
+        try:
+            deadline = time.time() + 120
+            while "loss" not in reg.metrics(worker.run_id):
+                if time.time() > deadline or not pid_alive(worker.pid):
+                    raise RuntimeError(f"detached finetune did not start:\n{worker.log.read_text()[-3000:]}")
+                time.sleep(0.3)
+            os.kill(worker.pid, signal.SIGSTOP)
+        except BaseException:
+            Populated(ids, worker).stop()
+            raise
+        ids["running"] = worker.run_id
+    return Populated(ids, worker)
 
 
 def free_port() -> int:
@@ -135,17 +170,24 @@ class LabServer:
 
 
 @pytest.fixture(scope="session")
-def lab_server(tmp_path_factory) -> LabServer:
+def lab_server(tmp_path_factory, tiny_model) -> LabServer:
     if not (LABEXT / "package.json").exists():
         pytest.fail("The Lab extension is not built: run `make labext` (npm + jupyter-builder) first.")
-    import httpx
-
     base = tmp_path_factory.mktemp("lab")
     root = base / "root"
     root.mkdir()
     write_template(root / "template.ipynb")
     home = root / ".llmops"
-    ids = populate(home, base / "scratch")
+    populated = populate(home, base / "scratch", tiny_model)
+    try:
+        yield from _serve_lab(base, root, home, populated.ids)
+    finally:
+        populated.stop()
+
+
+def _serve_lab(base: Path, root: Path, home: Path, ids: dict[str, str]):
+    import httpx
+
     # Isolated Jupyter dirs: only our extension config + the worktree's built labextension.
     cfg, data, rt = base / "config", base / "data", base / "runtime"
     cfg.mkdir()

@@ -71,12 +71,14 @@ def test_run_detail_shows_lineage_graph(page, lab_server):
     page.click(f'.llmops-run-row[data-run-id="{lab_server.ids["finetune"]}"]')
     page.wait_for_selector(".llmops-lineage svg .llmops-node", timeout=30_000)
     kinds = page.locator(".llmops-lineage svg .llmops-node").evaluate_all("ns => ns.map(n => n.dataset.kind)")
-    assert sorted(kinds) == sorted(["dataset", "base-model", "adapter", "merged", "quantized", "deployment"])
+    # the chain, the eval of the adapter and one model card per adapter / merged / quantized / deployment version
+    assert sorted(kinds) == sorted(["raw-data", "dataset", "base-model", "adapter", "merged", "quantized",
+                                    "deployment", "eval-results"] + ["model-card"] * 4)
     assert page.locator(".llmops-lineage svg .llmops-edge").count() >= 6
-    # Layered top to bottom: dataset above adapter above merged above quantized above deployment.
+    # Layered top to bottom: raw data above dataset above adapter above merged above quantized above deployment.
     ys = {k: page.locator(f'.llmops-node[data-kind="{k}"]').bounding_box()["y"]
-          for k in ("dataset", "adapter", "merged", "quantized", "deployment")}
-    assert ys["dataset"] < ys["adapter"] < ys["merged"] < ys["quantized"] < ys["deployment"]
+          for k in ("raw-data", "dataset", "adapter", "merged", "quantized", "deployment")}
+    assert ys["raw-data"] < ys["dataset"] < ys["adapter"] < ys["merged"] < ys["quantized"] < ys["deployment"]
     assert page.locator(".llmops-node-own").get_attribute("data-kind") == "adapter"
     params = page.locator(".llmops-params").inner_text()
     assert "rank" in params and "8" in params

@@ -36,31 +36,39 @@ def test_post_requires_auth(lab_server):
     assert n_jobs(lab_server) == before
 
 
+# what the real stages leave around the fine-tune's adapter: the raw file the data stage read, the eval of the
+# adapter, and the model card saved for every adapter / merged / quantized / deployment version
+CHAIN = {"raw-data", "dataset", "base-model", "adapter", "merged", "quantized", "deployment"}
+LINEAGE = CHAIN | {"eval-results", "model-card"}
+
+
 def test_runs_list_and_detail_with_lineage(lab_server):
     ids = lab_server.ids
     r = get(lab_server, "runs")
     assert r.status_code == 200
     runs = {x["id"]: x for x in r.json()["runs"]}
     assert {ids["data"], ids["finetune"], ids["merge"], ids["quantize"], ids["serve"], ids["eval"]} <= set(runs)
-    assert runs[ids["finetune"]]["metrics"]["loss"] == pytest.approx(1.9 / 3)
-    # most telling first (the sidebar shows the head): the stage's key metrics, sampled resources last
-    assert list(runs[ids["finetune"]]["metrics"]) == ["eval_loss", "loss", "cpu_rss_mb"]
+    detail = get(lab_server, f"runs/{ids['finetune']}").json()
+    assert runs[ids["finetune"]]["metrics"]["loss"] == pytest.approx(detail["metrics"]["loss"])
+    # most telling first (the sidebar shows the head): the stage's key metrics, then by name, sampled resources last
+    names = list(runs[ids["finetune"]]["metrics"])
+    assert names[:4] == ["eval_loss", "train_loss", "train_tokens_per_s", "peak_memory_mb"]
+    assert names[-1] == "cpu_rss_mb" and names[4:-1] == sorted(names[4:-1]) and "loss" in names
     assert runs[ids["eval"]]["status"] == "failed"
 
-    detail = get(lab_server, f"runs/{ids['finetune']}").json()
     assert detail["params"]["rank"] == 8
     assert detail["notebook_path"] == "template.ipynb"
     assert [a["kind"] for a in detail["outputs"]] == ["adapter"]
     assert sorted(a["kind"] for a in detail["inputs"]) == ["base-model", "dataset"]
     kinds = {n["kind"] for n in detail["lineage"]["nodes"]}
-    assert kinds == {"dataset", "base-model", "adapter", "merged", "quantized", "deployment"}
+    assert kinds == LINEAGE
     by_hash = {n["hash"]: n["kind"] for n in detail["lineage"]["nodes"]}
     edges = {(by_hash[e["src"]], by_hash[e["dst"]]) for e in detail["lineage"]["edges"]}
-    assert {("dataset", "adapter"), ("adapter", "merged"), ("merged", "quantized"),
-            ("quantized", "deployment")} <= edges
+    assert {("raw-data", "dataset"), ("dataset", "adapter"), ("adapter", "merged"), ("merged", "quantized"),
+            ("quantized", "deployment"), ("adapter", "eval-results"), ("adapter", "model-card")} <= edges
 
     up = get(lab_server, f"lineage/{ids['serve']}:deployment", params={"direction": "up"}).json()
-    assert {n["kind"] for n in up["nodes"]} == kinds
+    assert {n["kind"] for n in up["nodes"]} == CHAIN
 
 
 def test_resources_report_memory_and_running_runs(lab_server):
@@ -68,7 +76,9 @@ def test_resources_report_memory_and_running_runs(lab_server):
     assert res["gpus"] or res["host"]["memory_total_mb"] > 0
     running = {r["id"]: r for r in res["running"]}
     assert lab_server.ids["running"] in running
-    assert running[lab_server.ids["running"]]["total_steps"] == 100
+    run = running[lab_server.ids["running"]]
+    assert run["total_steps"] == get(lab_server, f"runs/{run['id']}").json()["params"]["max_steps"] == 100_000
+    assert 1 <= run["step"] < run["total_steps"] and "loss" in run["metrics"] and not run["stale"]
 
 
 def test_notebook_parameters_are_typed(lab_server):

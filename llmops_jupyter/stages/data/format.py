@@ -96,18 +96,27 @@ def read_text(path: Path) -> str:
         if data.startswith(bom):
             raise DataError(f"{path}: the file is {name}-encoded (byte-order mark at byte 0), not UTF-8.",
                             path=str(path), line=1, fix=fix.replace("<encoding>", name.lower()))
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+    skip = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+
+    def where(offset: int) -> tuple[int, str]:
+        line = data.count(b"\n", 0, offset) + 1
+        col = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+        return line, f"at byte offset {offset} (column {col})"
+
     try:
-        return data.decode("utf-8")
+        text = data[skip:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        start = exc.start
-        line = data.count(b"\n", 0, start) + 1
-        col = start - (data.rfind(b"\n", 0, start) + 1)
+        start = exc.start + skip
+        line, at = where(start)
         hint = " (NUL bytes: UTF-16?)" if b"\x00" in data[:4096] else ""
-        raise DataError(f"{path}: line {line} is not valid UTF-8: byte 0x{data[start]:02x} at byte offset {start} "
-                        f"(column {col + 1}){hint}.", path=str(path), line=line,
+        raise DataError(f"{path}: line {line} is not valid UTF-8: byte 0x{data[start]:02x} {at}{hint}.",
+                        path=str(path), line=line,
                         fix=fix.replace("<encoding>", "utf-16" if hint else "latin1")) from None
+    if "\x00" in text:  # valid UTF-8, but text files have no NULs: UTF-16 without a byte-order mark
+        line, at = where(data.index(b"\x00"))
+        raise DataError(f"{path}: line {line} has a NUL byte {at}; the file looks UTF-16-encoded, not UTF-8.",
+                        path=str(path), line=line, fix=fix.replace("<encoding>", "utf-16le")) from None
+    return text
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

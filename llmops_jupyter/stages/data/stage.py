@@ -178,7 +178,8 @@ def _read_file(path: Path) -> list[tuple[str, dict[str, Any]]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            cut = " (the file may be truncated)" if exc.pos >= len(text.rstrip()) else ""
+            at_end = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+            cut = " (the file may be truncated)" if at_end else ""
             raise DataError(f"{path}: line {exc.lineno} is not valid JSON ({exc.msg}){cut}.", path=str(path),
                             line=exc.lineno, fix="fix the JSON, or use JSON Lines (one object per line)") from None
         rows = data.get("data", data) if isinstance(data, dict) else data

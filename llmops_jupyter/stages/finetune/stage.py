@@ -67,7 +67,7 @@ def attach(cfg: AttachConfig, env: CommandEnv) -> Any:
 
 def effective_config(ctx: RunContext) -> tuple[FinetuneConfig, dict[str, Any], Path | None]:
     """The config to train with: for ``--resume``, the interrupted run's training options and resolved inputs."""
-    from llmops_jupyter.stages.finetune.train import last_checkpoint
+    from llmops_jupyter.stages.finetune.train import clear_incomplete_checkpoints, last_checkpoint, run_dir
 
     cfg: FinetuneConfig = ctx.config
     if not cfg.resume:
@@ -76,6 +76,10 @@ def effective_config(ctx: RunContext) -> tuple[FinetuneConfig, dict[str, Any], P
     if src["stage"] != "finetune":
         raise StageError(f"Run '{src['id']}' is a {src['stage']} run, not a finetune run.",
                          fix="pass the id of an interrupted finetune run (`%llmops runs --stage finetune`)")
+    if src["status"] == "running":
+        raise StageError(f"Run '{src['id']}' is still running (pid {src['pid']} on {src['host']}).",
+                         fix=f"stop it first (`%llmops attach {src['id']} --stop`), then resume it")
+    clear_incomplete_checkpoints(run_dir(ctx.registry, src["id"]) / "checkpoints")
     ckpt = last_checkpoint(ctx.registry, src["id"])
     if ckpt is None:
         raise StageError(f"Run '{src['id']}' has no complete checkpoint to resume from.",

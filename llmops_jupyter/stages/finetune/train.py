@@ -58,6 +58,17 @@ def checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def clear_incomplete_checkpoints(folder: Path) -> list[Path]:
+    """Remove checkpoint folders a killed process left half-written (no completion marker). Only for a run that
+    has ended: a live trainer's newest checkpoint is incomplete while it is being saved."""
+    import shutil
+
+    gone = [p for p in folder.glob("checkpoint-*") if p.is_dir() and not (p / COMPLETE_MARKER).exists()]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
 def last_checkpoint(registry: Registry, run_id: str) -> tuple[int, Path] | None:
     """Newest complete checkpoint of a run, following ``--resume`` chains back to earlier runs."""
     seen = set()

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from llmops_jupyter.core.pii import scrub
+from llmops_jupyter.core.pii import scrub, scrub_secrets
 from llmops_jupyter.registry import Registry
 
 _STOP = object()
@@ -34,12 +34,12 @@ def scrub_record(rec: dict[str, Any]) -> dict[str, Any]:
     counts: Counter = Counter()
     for key in ("prompt", "response", "error"):
         if out.get(key):
-            out[key], c = scrub(str(out[key]))
+            out[key], c = scrub(scrub_secrets(str(out[key])))
             counts.update(c)
     if out.get("messages"):
         msgs = []
         for m in out["messages"]:
-            content, _ = scrub(str(m.get("content") or ""))  # counted once, through `prompt`
+            content, _ = scrub(scrub_secrets(str(m.get("content") or "")))  # counted once, through `prompt`
             msgs.append({"role": m.get("role"), "content": content})
         out["messages"] = json.dumps(msgs, ensure_ascii=False)
     out["pii"] = json.dumps(dict(counts), sort_keys=True)

@@ -85,7 +85,8 @@ def test_near_dup_is_opt_in_and_lists_dropped_beside_matched(shell, registry):
     assert "removed at similarity >= 0.6" in report
     assert "Dropped examples" in res.outputs["report"]._repr_html_()
     # what `%llmops show data@…` can list: the stored file, beside its matches
-    table = dropped_table(ds.path)
+    table = dropped_table(ds.path, limit=None)
+    assert len(dropped_table(ds.path)) == 50 and "6 more in" in dropped_table(ds.path).note
     assert len(table) == n and table.columns[:4] == ["dropped", "reason", "example", "matched"]
     assert str(ds.path / DROPPED_FILE) in res.summary["dropped_examples"]
 
