@@ -47,23 +47,15 @@ def tiny_records(n: int = 48, seed: int = 0) -> list[dict[str, str]]:
 
 
 def write_tiny_dataset(registry, tokenizer_path, n: int = 48, eval_fraction: float = 0.25, seed: int = 0):
-    """Register a dataset artifact in the standard format without running the data stage (fixtures only)."""
-    from transformers import AutoTokenizer
+    """The tiny records as a dataset version, made by the real data stage (templated with the tiny tokenizer; the
+    records repeat a few short examples on purpose, so exact-duplicate removal is off)."""
+    from llmops_jupyter.core.runner import Runner
 
-    from llmops_jupyter.registry import RunStatus
-    from llmops_jupyter.stages.data.format import render, write_dataset_dir
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_path))
-    examples = [render([{"role": "user", "content": r["instruction"]},
-                        {"role": "assistant", "content": r["response"]}], tok) for r in tiny_records(n, seed)]
-    n_eval = max(1, int(len(examples) * eval_fraction))
-    run_id = registry.create_run("data", {"source": "tiny_records", "n": n})
-    folder = registry.staging_dir("data")
-    write_dataset_dir(folder, examples[n_eval:], examples[:n_eval],
-                      {"tokenizer": str(tokenizer_path), "chat_template": tok.chat_template, "seed": seed})
-    art = registry.add_artifact(folder, "dataset", name="tiny", run_id=run_id, move=True)
-    registry.finish_run(run_id, RunStatus.FINISHED)
-    return art
+    records = tiny_records(n, seed)
+    res = Runner(registry, defaults=False).run(
+        "data", {"source": records, "tokenizer": str(tokenizer_path), "eval_size": max(1, int(n * eval_fraction)),
+                 "seed": seed, "scrub_pii": False, "dedup": False, "name": "tiny"})
+    return res.artifact
 
 
 def read_bytes_elsewhere(paths: list[str | os.PathLike]) -> dict[str, bytes]:

@@ -18,6 +18,41 @@ def pytest_configure(config):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _import_skip(report) -> str | None:
+    """The reason when ``report`` is a skip caused by a failed import (``pytest.importorskip``), else None."""
+    if not report.skipped:
+        return None
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr or "")
+    return reason if "could not import" in reason else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a test skipped because an import failed is a failure (GPU tests excepted): a broken
+    transformers or Playwright install must not turn most of the suite into skips."""
+    outcome = yield
+    report = outcome.get_result()
+    reason = _import_skip(report)
+    if CI and reason and "gpu" not in item.keywords:
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: skipped because an import failed, which CI counts as a failure: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped at import (``importorskip`` at module level)."""
+    outcome = yield
+    report = outcome.get_result()
+    reason = _import_skip(report)
+    if CI and reason and "/gpu/" not in str(getattr(collector, "path", "")):
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: module skipped because an import failed: {reason}"
+
+
 def pytest_collection_modifyitems(config, items):
     cuda = False
     if any("gpu" in item.keywords for item in items):

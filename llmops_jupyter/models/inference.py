@@ -6,9 +6,12 @@ base+adapter, merged, quantized) is loaded and prompted the same way. Requires t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,29 @@ def load_tokenizer(path: str | Path, *, padding_side: str = "left"):
     return tok
 
 
+@contextlib.contextmanager
+def without_gptqmodel(base: Any) -> Iterator[None]:
+    """peft probes for GPTQModel on every LoRA layer it injects (``dispatch_gptq``), and the probe *imports* it: its
+    banner, env messages and seconds of start-up in an eval or fine-tune cell of a model without a single GPTQ
+    layer. Unless ``base`` is GPTQ/AWQ-quantized (or GPTQModel is loaded already), peft sees it as absent here;
+    GPTQModel is imported only by the quantize stage and by loading a quantized checkpoint."""
+    qc = getattr(getattr(base, "config", None), "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if "gptqmodel" in sys.modules or str(getattr(method, "value", method) or "").lower() in ("gptq", "awq"):
+        yield
+        return
+    import peft.import_utils as peft_imports
+
+    sys.modules["gptqmodel"] = None  # type: ignore[assignment]  # find_spec → None, import → ImportError
+    peft_imports.is_gptqmodel_available.cache_clear()
+    try:
+        yield
+    finally:
+        if "gptqmodel" in sys.modules and sys.modules["gptqmodel"] is None:
+            del sys.modules["gptqmodel"]
+        peft_imports.is_gptqmodel_available.cache_clear()
+
+
 def load_model(model: ModelRef | str | Path, *, dtype: str | None = "auto", device: str | None = None,
                registry: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) ready for inference; adapters are applied on their base with peft (not merged)."""
@@ -68,7 +94,8 @@ def load_model(model: ModelRef | str | Path, *, dtype: str | None = "auto", devi
             raise StageError(f"Adapter '{model.ref}' does not say which base model it applies to.",
                              fix="re-train it with %llmops finetune, or pass the base with --model")
         base = transformers.AutoModelForCausalLM.from_pretrained(str(model.base.path), dtype=torch_dtype)
-        net = peft.PeftModel.from_pretrained(base, str(model.path))
+        with without_gptqmodel(base):
+            net = peft.PeftModel.from_pretrained(base, str(model.path))
         tok_path = model.path if (model.path / "tokenizer_config.json").exists() else model.base.path
     else:
         kwargs: dict[str, Any] = {"dtype": torch_dtype}

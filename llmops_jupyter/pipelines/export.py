@@ -56,6 +56,7 @@ def _lift_line(line: str, configs: dict, taken: dict[str, Any], lifted: list[Lif
         return line
     stage, cfg = tokens[0], configs[tokens[0]]
     fields = {flag_name(f): f for f in dataclasses.fields(cfg)}
+    fields.update({"--" + a.replace("_", "-"): f for f in dataclasses.fields(cfg) for a in f.metadata.get("aliases", ())})
     positional = [f for f in dataclasses.fields(cfg) if f.metadata.get("positional")]
     out = [tokens[0]]
     i = 1
@@ -75,7 +76,7 @@ def _lift_line(line: str, configs: dict, taken: dict[str, Any], lifted: list[Lif
                     if not many:
                         break
             new = _lift(stage, cfg, f, values, taken, lifted, cell)
-            out.append(flag)
+            out.append(flag_name(f) if f is not None else flag)  # an alias (--lora-r) is written as the one name
             out += new if new is not None else values
             i = j
             continue

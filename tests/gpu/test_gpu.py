@@ -61,4 +61,4 @@ def test_plan_detects_the_gpu_and_estimates_a_measured_run(registry, wider_model
     measured = res.metrics["peak_memory_mb"] * 2**20
     est = estimate(load_arch(str(wider_model), registry), "lora", 128, 8, device_kind="gpu")
     planned = est.total - est.parts["runtime overhead"]  # the CUDA context is not in max_memory_allocated
-    assert 0.2 < measured / planned < 5, (measured, planned)
+    assert 0.5 < measured / planned < 2.0, (measured, planned)  # the planner's stated accuracy: within 2×

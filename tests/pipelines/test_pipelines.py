@@ -6,7 +6,6 @@ Notebooks run through a real kernel (papermill/nbclient). The notebooks register
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import subprocess
@@ -32,7 +31,7 @@ from llmops_jupyter.core.stage import Stage, register_stage
 @dataclasses.dataclass
 class ToyConfig(StageConfig):
     lr: float = option(1e-4, "learning rate", min=0, min_exclusive=True)
-    rank: int = option(8, "rank", min=1, max=256)
+    rank: int = option(8, "rank", min=1, max=256, aliases=["lora_r"])
     mode: str = option("fast", "mode", choices=["fast", "slow"])
     api_key: str | None = option(None, "key", secret=True)
 
@@ -290,7 +289,7 @@ def test_export_lifts_magic_arguments_into_parameters(home, tmp_path, shell):
     out = nbformat.read(tmp_path / "pipe.ipynb", as_version=4)
     params = [c for c in out.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and "lr = 0.002" in params[0].source and "rank = 4" in params[0].source
-    assert "%llmops toy --lr $lr --lora-r $rank --mode $mode" in out.cells[-1].source
+    assert "%llmops toy --lr $lr --rank $rank --mode $mode" in out.cells[-1].source
     assert Registry(home).list_artifacts("notebook")
     shell.run_line_magic("llmops", f"pipeline run {tmp_path / 'pipe.ipynb'} -p rank 32")
     reg = Registry(home)
@@ -310,7 +309,6 @@ def test_help_lists_param_flags(capsys):
     assert cli(["run", "--help"]) == 0
     out = capsys.readouterr().out
     assert "-p NAME VALUE, --param NAME VALUE" in out and "--no-cache" in out
-    assert json  # keep import used
 
 
 def test_lab_server_contract(toy_nb, home, tmp_path):

@@ -97,13 +97,24 @@ def test_failed_ingest_leaves_nothing_behind(registry, tmp_path, monkeypatch):
     assert registry.list_artifacts() == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_registry_folder_is_a_clear_error(tmp_path):
+    """A folder the process may not write. Root writes anywhere (CI runs as root): there the folder is made
+    immutable (`chattr +i`), which binds root too."""
+    import subprocess
+
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    with pytest.raises(RegistryError, match="not writable.*Fix: set LLMOPS_HOME"):
-        Registry(ro / ".llmops")
+    if os.geteuid() != 0:
+        ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    else:
+        made = subprocess.run(["chattr", "+i", str(ro)], capture_output=True, text=True)
+        assert made.returncode == 0, f"cannot make a folder read-only for root here: {made.stderr}"
+    try:
+        with pytest.raises(RegistryError, match="not writable.*Fix: set LLMOPS_HOME"):
+            Registry(ro / ".llmops")
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(ro)], check=True)
 
 
 def test_registry_home_that_is_a_file_is_a_clear_error(tmp_path):

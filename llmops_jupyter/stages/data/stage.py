@@ -56,6 +56,36 @@ def _near_dup_option() -> Any:
     return dataclasses.field(default=None, metadata=meta)
 
 
+DECONTAMINATE_DEFAULT = 0.9
+EVAL_NEAR_COPY = "eval near-copy of train"
+DECONTAMINATE_HELP = (
+    "remove from the eval split every example whose character-5-gram Jaccard similarity to a training example is at "
+    "least THRESHOLD (MinHash LSH proposes candidates, the exact similarity decides), so held-out scores do not "
+    "reward memorised near-copies; each removal is listed in dropped.jsonl beside the training example it matched. "
+    "On by default; --no-decontaminate keeps the eval split as drawn. Short prompts that differ in one number "
+    "(\"What is 12 plus 7?\" / \"... 8?\") stay well below 0.9"
+)
+
+
+class _DecontaminateFlag(argparse.Action):
+    """``--decontaminate [THRESHOLD]`` (alone: the default threshold) and ``--no-decontaminate``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "--no-decontaminate":
+            if values is not None:
+                parser.error("--no-decontaminate takes no value; put the source before it")
+            setattr(namespace, self.dest, None)
+        else:
+            setattr(namespace, self.dest, DECONTAMINATE_DEFAULT if values is None else values)
+
+
+def _decontaminate_option() -> Any:
+    f = option(DECONTAMINATE_DEFAULT, DECONTAMINATE_HELP, min=0.5, max=1.0)
+    meta = {**f.metadata, "argparse": {"aliases": ("--no-decontaminate",), "nargs": "?",
+                                       "action": _DecontaminateFlag, "metavar": "THRESHOLD"}}
+    return dataclasses.field(default=DECONTAMINATE_DEFAULT, metadata=meta)
+
+
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
                   "bot": "assistant", "model": "assistant"}
 
@@ -78,6 +108,7 @@ class DataConfig(StageConfig):
     dedup: bool = option(True, "remove exact duplicates: examples whose every turn is identical after whitespace/"
                                "case normalisation and PII scrubbing")
     near_dup: float | None = _near_dup_option()
+    decontaminate: float | None = _decontaminate_option()
     scrub_pii: bool = option(True, "replace emails, phone numbers, card numbers, IPs and SSNs with [TYPE] tokens")
     eval_fraction: float = option(0.1, "fraction held out for evaluation (deterministic by --seed)", min=0.0, max=0.9)
     eval_size: int | None = option(None, "hold out exactly this many examples instead of --eval-fraction", min=0)
@@ -92,6 +123,10 @@ class DataConfig(StageConfig):
             raise self.invalid("near_dup", "takes a similarity THRESHOLD now, not true",
                                fix="pass e.g. --near-dup 0.9 (near_dup=0.9), or leave it out to remove only exact "
                                    "duplicates")
+        if self.decontaminate is False:  # --no-decontaminate / decontaminate=False: keep the eval split as drawn
+            self.decontaminate = None
+        elif self.decontaminate is True:
+            self.decontaminate = DECONTAMINATE_DEFAULT
         if self.source is None or (isinstance(self.source, str) and not self.source.strip()):
             raise self.invalid("source", "is required", fix="pass a file path or a notebook variable like $df")
         if self.max_tokens is not None and not self.tokenizer:
@@ -340,35 +375,75 @@ def _norm(messages: list[dict[str, str]]) -> str:
     return "\n".join(f"{m['role']}:{_WS.sub(' ', m['content']).strip().lower()}" for m in messages)
 
 
-def near_duplicates(texts: list[str], threshold: float, seed: int = 1) -> dict[int, tuple[int, float]]:
-    """Each later member of a near-duplicate group → (the earlier kept index it matched, Jaccard similarity).
+def _shingles(text: str) -> set[str]:
+    return {text[j:j + 5] for j in range(max(1, len(text) - 4))}
 
-    MinHash LSH (datasketch) only proposes candidates, with a lower bar than ``threshold`` so that pairs just above
-    it are rarely missed; a pair counts when the exact Jaccard similarity of the two character-5-gram sets reaches
-    ``threshold``, so the estimate's error alone never drops an example."""
+
+def _candidates(threshold: float, seed: int):
+    """A MinHash LSH index that only proposes candidates: its bar is lower than ``threshold`` so that pairs just
+    above it are rarely missed; the exact Jaccard similarity of the 5-gram sets decides."""
     from datasketch import MinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=max(0.3, threshold - 0.15), num_perm=128)
+
+    def sketch(shingles: set[str]) -> MinHash:
+        mh = MinHash(num_perm=128, seed=seed)
+        mh.update_batch([s.encode() for s in shingles])
+        return mh
+
+    return lsh, sketch
+
+
+def _best_match(shingles: set[str], keys: list[str], pool: dict[int, set[str]]) -> tuple[int, float] | None:
+    """The most similar of the proposed candidates by exact Jaccard (ties: the earliest)."""
+    best: tuple[int, float] | None = None
+    for key in keys:
+        j = int(key)
+        sim = len(shingles & pool[j]) / len(shingles | pool[j])
+        if best is None or sim > best[1] or (sim == best[1] and j < best[0]):
+            best = (j, sim)
+    return best
+
+
+def near_duplicates(texts: list[str], threshold: float, seed: int = 1) -> dict[int, tuple[int, float]]:
+    """Each later member of a near-duplicate group → (the earlier kept index it matched, Jaccard similarity).
+
+    MinHash LSH (datasketch) only proposes candidates; a pair counts when the exact Jaccard similarity of the two
+    character-5-gram sets reaches ``threshold``, so the estimate's error alone never drops an example."""
+    lsh, sketch = _candidates(threshold, seed)
     kept: dict[int, set[str]] = {}
     drop: dict[int, tuple[int, float]] = {}
     # datasketch's LSH lookup (no database involved), bound once so the loop reads as what it does
     similar_to = lsh.query
     for i, text in enumerate(texts):
-        shingles = {text[j:j + 5] for j in range(max(1, len(text) - 4))}
-        mh = MinHash(num_perm=128, seed=seed)
-        mh.update_batch([s.encode() for s in shingles])
-        best: tuple[int, float] | None = None
-        for key in similar_to(mh):
-            j = int(key)
-            sim = len(shingles & kept[j]) / len(shingles | kept[j])
-            if best is None or sim > best[1] or (sim == best[1] and j < best[0]):
-                best = (j, sim)
+        shingles = _shingles(text)
+        mh = sketch(shingles)
+        best = _best_match(shingles, similar_to(mh), kept)
         if best is not None and best[1] >= threshold:
             drop[i] = best
         else:
             lsh.insert(str(i), mh)
             kept[i] = shingles
     return drop
+
+
+def near_copies(queries: list[str], corpus: list[str], threshold: float, seed: int = 1) -> dict[int, tuple[int, float]]:
+    """Each query with a ``corpus`` text at least ``threshold`` similar → (the most similar corpus index, its
+    similarity): the eval split's decontamination against the training split. Same measure as
+    :func:`near_duplicates` (exact character-5-gram Jaccard over MinHash LSH candidates)."""
+    lsh, sketch = _candidates(threshold, seed)
+    pool: dict[int, set[str]] = {}
+    for j, text in enumerate(corpus):
+        pool[j] = _shingles(text)
+        lsh.insert(str(j), sketch(pool[j]))
+    similar_to = lsh.query  # datasketch's LSH lookup, no database involved
+    hits: dict[int, tuple[int, float]] = {}
+    for i, text in enumerate(queries):
+        shingles = _shingles(text)
+        best = _best_match(shingles, similar_to(sketch(shingles)), pool)
+        if best is not None and best[1] >= threshold:
+            hits[i] = best
+    return hits
 
 
 def split_key(seed: int, ex_id: str) -> str:
@@ -397,6 +472,11 @@ class DataReport:
         threshold = m.get("near_dup")
         out.append(("near duplicates", f"removed at similarity >= {threshold}" if threshold is not None
                     else "kept (exact duplicates only; --near-dup THRESHOLD to remove them)"))
+        if "decontaminate" in m:  # datasets written before cross-split decontamination have no such key
+            t = m["decontaminate"]
+            out.append(("eval decontamination",
+                        f"eval examples at similarity >= {t} to a train example removed "
+                        f"({m['dropped'].get(EVAL_NEAR_COPY, 0)})" if t is not None else "off (--no-decontaminate)"))
         if m["dropped"] and self.folder is not None:
             out.append(("dropped examples", f"{self.folder / m.get('dropped_file', 'dropped.jsonl')} "
                                             f"(%llmops show {self.run_id})"))
@@ -407,13 +487,14 @@ class DataReport:
         return out
 
     def near_dup_table(self, limit: int = 20):
-        """The near duplicates dropped, beside what they matched (None when near-duplicate removal was off)."""
-        if self.manifest.get("near_dup") is None or not self.manifest["dropped"].get("near duplicate") \
-                or self.folder is None:
+        """The near duplicates and eval near-copies of training examples dropped, beside what they matched (None
+        when there are none)."""
+        reasons = tuple(r for r in ("near duplicate", EVAL_NEAR_COPY) if self.manifest["dropped"].get(r))
+        if not reasons or self.folder is None:
             return None
         from llmops_jupyter.stages.data.format import dropped_table
 
-        return dropped_table(self.folder, reasons=("near duplicate",), limit=limit)
+        return dropped_table(self.folder, reasons=reasons, limit=limit)
 
     def __str__(self) -> str:
         width = max(len(k) for k, _ in self.rows())
@@ -558,19 +639,20 @@ class DataStage(Stage):
             kept = [m for j, m in enumerate(kept) if j not in near]
 
         examples = []
+        example_at: dict[int, int] = {}  # id(example) → its input row
         for j, msgs in enumerate(kept):
             ex = render(msgs, tokenizer)
             if cfg.max_tokens and ex["n_tokens"] is not None and ex["n_tokens"] > cfg.max_tokens:
                 drop(kept_at[j], f"longer than {cfg.max_tokens} tokens", msgs, scrubbed=True)
                 continue
             examples.append(ex)
+            example_at[id(ex)] = kept_at[j]
             if j % 500 == 0:
                 ctx.progress(j + 1, len(kept), "templating")
         if not examples:
             reasons = ", ".join(f"{k}: {v}" for k, v in dropped.items()) or "none"
             raise DataError(f"No examples left after cleaning '{source}' (dropped — {reasons}).", path=source,
                             fix="relax --min-chars/--max-chars/--max-tokens or check the column mapping")
-        dropped_rows.sort(key=lambda d: d["row"])
 
         examples.sort(key=lambda e: split_key(cfg.seed, e["id"]))
         n_eval = cfg.eval_size if cfg.eval_size is not None else round(len(examples) * cfg.eval_fraction)
@@ -578,6 +660,11 @@ class DataStage(Stage):
             n_eval = max(1, n_eval)
         n_eval = min(n_eval, len(examples) - 1)
         eval_rows, train_rows = examples[:n_eval], examples[n_eval:]
+        if cfg.decontaminate is not None and eval_rows and train_rows:
+            eval_rows = self._decontaminate(eval_rows, train_rows, cfg.decontaminate, example_at, origins, drop,
+                                            source)
+        dropped_rows.sort(key=lambda d: d["row"])
+        examples = eval_rows + train_rows
         for rows_ in (eval_rows, train_rows):
             rows_.sort(key=lambda e: e["id"])
 
@@ -587,7 +674,8 @@ class DataStage(Stage):
             "name": cfg.name or (Path(source).stem if isinstance(cfg.source, (str, Path)) else "dataset"),
             "source": source, "files": [str(f) for f in files], "layout": layout, "columns": mapping,
             "counts": {"input": total, "kept": len(examples)}, "dropped": dict(dropped), "pii": dict(pii),
-            "dedup": cfg.dedup, "near_dup": cfg.near_dup, "dropped_file": DROPPED_FILE,
+            "dedup": cfg.dedup, "near_dup": cfg.near_dup, "decontaminate": cfg.decontaminate,
+            "dropped_file": DROPPED_FILE,
             "chat_template": (tokenizer.chat_template if tokenizer is not None else DEFAULT_TEMPLATE),
             "seed": cfg.seed, "eval_fraction": cfg.eval_fraction, "eval_size": cfg.eval_size,
             "lengths": {"unit": unit, "min": lens[0], "median": lens[len(lens) // 2], "max": lens[-1]},
@@ -606,8 +694,30 @@ class DataStage(Stage):
         def _len(e: dict) -> int:
             return e["n_tokens"] if tokenizer is not None else len(e["text"])
 
+        if dropped.get(EVAL_NEAR_COPY):
+            ctx.log(f"{dropped[EVAL_NEAR_COPY]} eval example(s) removed as near-copies of training examples "
+                     f"(similarity >= {cfg.decontaminate}); listed in {Path(art.path) / DROPPED_FILE}")
         return {
             "report": DataReport(manifest, art.hash, ctx.run_id, Path(art.path)),
             "figure": length_figure([_len(e) for e in train_rows], [_len(e) for e in eval_rows], unit),
             "dataset": Dataset(art.path, art),
         }
+
+    @staticmethod
+    def _decontaminate(eval_rows: list[dict], train_rows: list[dict], threshold: float, example_at: dict[int, int],
+                       origins: list[str], drop, source: str) -> list[dict]:
+        """The eval split without its near-copies of training examples; each one removed is recorded (``drop``)
+        beside the training example it matched. A held-out score on such copies measures memory, not skill."""
+        hits = near_copies([_norm(e["messages"]) for e in eval_rows], [_norm(e["messages"]) for e in train_rows],
+                           threshold)
+        for i, (j, sim) in hits.items():
+            ex, match = eval_rows[i], train_rows[j]
+            drop(example_at[id(ex)], EVAL_NEAR_COPY, ex["messages"], scrubbed=True, similarity=round(sim, 4),
+                 matched={"id": match["id"], "where": origins[example_at[id(match)]], "messages": match["messages"]})
+        kept = [e for i, e in enumerate(eval_rows) if i not in hits]
+        if not kept:
+            raise DataError(f"Every held-out example of '{source}' is a near-copy of a training example (similarity "
+                            f">= {threshold}), so the eval split would be empty.", path=source,
+                            fix="remove near duplicates first (--near-dup 0.9), raise --decontaminate, or keep "
+                                "them with --no-decontaminate")
+        return kept

@@ -139,7 +139,10 @@ def load_model(cfg: FinetuneConfig, model_path: Path, dtype: Any) -> Any:
     set_seed(cfg.seed)  # LoRA A matrices are initialised here: same seed, same adapter
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
                       target_modules=resolve_target_modules(list(cfg.target_modules), model.config.model_type))
-    return get_peft_model(model, lora)
+    from llmops_jupyter.models.inference import without_gptqmodel  # GPTQModel only for a GPTQ base
+
+    with without_gptqmodel(model):
+        return get_peft_model(model, lora)
 
 
 def choose_optimizer(cfg: FinetuneConfig) -> str:

@@ -104,7 +104,10 @@ class MergeStage(Stage):
         base_logits = mt.batched_logits(model, tokenizer, probes)
 
         ctx.progress(3, steps, "base+adapter logits")
-        peft_model = peft.PeftModel.from_pretrained(model, str(adapter.path))
+        from llmops_jupyter.models.inference import without_gptqmodel  # GPTQModel only for a GPTQ base
+
+        with without_gptqmodel(model):
+            peft_model = peft.PeftModel.from_pretrained(model, str(adapter.path))
         peft_model.eval()
         adapted_logits = mt.batched_logits(peft_model, tokenizer, probes)
 

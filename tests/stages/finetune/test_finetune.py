@@ -273,6 +273,7 @@ def test_saved_notebook_shows_static_loss_figure(tiny_model, tiny_dataset, home,
         nbformat.v4.new_code_cell("%load_ext llmops_jupyter"),
         nbformat.v4.new_code_cell(f"%llmops finetune --model {tiny_model} --data {tiny_dataset.hash} --max-steps 4 "
                                   "--batch-size 4 --log-every 1"),
+        nbformat.v4.new_code_cell("import sys; print(sys.executable)"),
     ]
     env = {"LLMOPS_HOME": str(home), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
@@ -291,7 +292,7 @@ def test_saved_notebook_shows_static_loss_figure(tiny_model, tiny_dataset, home,
     assert figs, [o.get("data", {}).keys() for o in saved.cells[1].outputs]
     loss = next(t for t in figs[-1]["data"] if t["name"] == "loss")
     assert len(loss["y"]) == 4
-    assert sys.executable  # the kernel is the venv's python3 kernelspec
+    assert saved.cells[2].outputs[0]["text"].strip() == sys.executable  # the kernel is the venv's python3 kernelspec
 
 
 def test_dashboard_draws_curves_and_eta_from_events():
