@@ -1,5 +1,7 @@
-# Every target sets itself up from nothing: .venv with CPU torch first (constrained), the project editable with
-# its extras, a kernel spec inside the venv; then it runs.
+# Every target sets itself up from nothing: .venv with torch first (constrained; never a surprise CUDA build, see
+# tools/install_torch.py), the project editable with its extras, a kernel spec inside the venv; then it runs.
+#   make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu    # pick the torch build (cpu, cu130, ...)
+#   make test TORCH_ALLOW_CUDA=1                                     # a CUDA build on a machine without a GPU
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,17 +10,21 @@ EXTRAS ?= dev
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma  := ,
 PYTEST_ARGS ?=
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+TORCH_ALLOW_CUDA ?=
+export TORCH_SPEC TORCH_INDEX_URL TORCH_ALLOW_CUDA
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv install test demo bench lab lint clean labext labext-dev browser-deps
+.PHONY: venv install test test-fast smoke-extras demo bench lab lint clean labext labext-dev browser-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
+	$(PY) tools/install_torch.py
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q -e '.[$(EXTRAS)]'
@@ -36,10 +42,10 @@ LABEXT_SRC  := $(wildcard $(LABEXT_DIR)/src/*.ts $(LABEXT_DIR)/style/* $(LABEXT_
                $(LABEXT_DIR)/package.json $(LABEXT_DIR)/tsconfig.json
 LABEXT_LINK := $(VENV)/share/jupyter/labextensions/llmops-jupyter
 
-# `npm ci` refuses a lock file missing other platforms' optional packages (partial registry mirrors drop them);
-# `npm install` then installs the same locked versions.
+# `npm ci` installs exactly the lock file and never rewrites it (the lock lists every platform's optional packages,
+# so `git status` stays clean after `make test`).
 $(LABEXT_DEPS): $(LABEXT_DIR)/package.json $(LABEXT_DIR)/package-lock.json
-	cd $(LABEXT_DIR) && (npm ci --no-audit --no-fund || npm install --no-audit --no-fund)
+	cd $(LABEXT_DIR) && npm ci --no-audit --no-fund
 	touch $@
 
 $(LABEXT_OUT): $(LABEXT_SRC) $(LABEXT_DEPS)
@@ -60,11 +66,22 @@ browser-deps:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) \
 		|| echo "warning: chromium not installed; browser tests will be skipped (fail under CI=true)"
 
+# The whole suite, then every README install line in a fresh venv (SMOKE=0 skips that step).
+SMOKE ?= 1
 test: labext $(STAMP) labext-dev browser-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@if [ "$(SMOKE)" = "1" ]; then $(MAKE) --no-print-directory smoke-extras; fi
+
+# The inner loop: everything not marked slow or browser (under 3 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+
+# Build the wheel, install it per README install line into fresh venvs, run tools/smoke_extra_check.py in each.
+smoke-extras: labext
+	$(PY) tools/smoke_extras.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check llmops_jupyter tests bench
+	$(PY) -m ruff check llmops_jupyter tests bench tools
 
 # DEMO_ARGS: notebook parameter overrides, e.g. make demo DEMO_ARGS="-p max_steps 300 -p eval_limit 60"
 demo: $(STAMP)

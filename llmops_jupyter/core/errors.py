@@ -73,8 +73,9 @@ class MissingDependencyError(LlmopsError, ImportError):
         self.package = package
         self.extra = extra
         what = f" (needed for {feature})" if feature else ""
+        plural = "s" if "," in package else ""
         super().__init__(
-            f"The optional package '{package}' is not installed{what}.",
+            f"The optional package{plural} '{package}' {'are' if plural else 'is'} not installed{what}.",
             fix=f"pip install 'llmops-jupyter[{extra}]'",
         )
 

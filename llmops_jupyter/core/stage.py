@@ -40,6 +40,13 @@ class Stage:
     live_view: ClassVar[str | None] = None
     #: metrics that ``%llmops runs`` shows first for this stage (``label/metric`` names match on the metric part).
     key_metrics: ClassVar[tuple[str, ...]] = ()
+    #: optional extras the stage needs (``pip install 'llmops-jupyter[extra]'``); checked by the front door first
+    extras: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def extras_for(cls, config: Any) -> tuple[str, ...]:
+        """The extras a run with ``config`` needs: :attr:`extras`, plus what its options pull in (override)."""
+        return cls.extras
 
     def run(self, ctx: RunContext) -> dict[str, Any] | None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -67,6 +74,13 @@ class Command:
     stage_cls: type[Stage] | None = None
     func: Callable[[Any, CommandEnv], Any] | None = None
     cli: bool = True  # offered by the `llmops` CLI too
+    extras: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()  # of a view command (a stage declares its own)
+
+    def required_extras(self, config: Any) -> tuple[str, ...]:
+        """The optional extras this command needs for ``config`` (checked before anything runs)."""
+        if self.stage_cls is not None:
+            return tuple(self.stage_cls.extras_for(config))
+        return tuple(self.extras(config) if callable(self.extras) else self.extras)
 
     @property
     def is_stage(self) -> bool:
@@ -87,12 +101,13 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
     return cls
 
 
-def command(name: str, config_cls: type[StageConfig], *, cli: bool = True):
-    """Function decorator: register a view command ``func(config, env) -> displayable``."""
+def command(name: str, config_cls: type[StageConfig], *, cli: bool = True,
+            extras: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()):
+    """Function decorator: register a view command ``func(config, env) -> displayable`` needing ``extras``."""
 
     def deco(func: Callable[[Any, CommandEnv], Any]):
         config_cls.command = name
-        _COMMANDS[name] = Command(name, config_cls, (func.__doc__ or "").strip(), func=func, cli=cli)
+        _COMMANDS[name] = Command(name, config_cls, (func.__doc__ or "").strip(), func=func, cli=cli, extras=extras)
         return func
 
     return deco

@@ -9,6 +9,7 @@ from typing import Any
 from llmops_jupyter.core.capture import verbosity
 from llmops_jupyter.core.config import StageConfig
 from llmops_jupyter.core.display import print_text
+from llmops_jupyter.core.extras import check as check_extras
 from llmops_jupyter.core.runner import Runner
 from llmops_jupyter.core.stage import Command, CommandEnv, get_command
 from llmops_jupyter.registry import Registry
@@ -48,6 +49,8 @@ def _execute(cmd: Command | str, config: StageConfig | dict[str, Any] | None, *,
     cmd = get_command(cmd) if isinstance(cmd, str) else cmd
     if config is None or isinstance(config, dict):
         config = cmd.config_cls.from_dict(config or {})
+    # Before any work and before the registry is touched: a missing extra is one line with the install command.
+    check_extras(cmd.required_extras(config), feature=("llmops " if front_end == "cli" else "%llmops ") + cmd.name)
     registry = registry or Registry.open()
     runner = Runner(registry)
     env = CommandEnv(registry=registry, runner=runner, shell=shell, display=display, front_end=front_end)

@@ -24,6 +24,9 @@ class ProgressView:
         total = event.data.get("total")
         bar = self._bars.get(desc)
         if bar is None:
+            # A stage's phases are sequential: finish the previous phase's bar first. Two bars open at once make
+            # tqdm stack them with cursor moves, which a terminal IPython (no widgets) overwrites into garbage.
+            self.close()
             if self.front_end == "magic":
                 from tqdm.auto import tqdm
             else:

@@ -93,7 +93,7 @@ class ExportConfig(StageConfig):
                                    fix="pass --run <merge run or artifact hash>")
 
 
-@command("export", ExportConfig)
+@command("export", ExportConfig, extras=lambda cfg: ("mlflow",) if cfg.to == "mlflow" else ())
 def export(cfg: ExportConfig, env: CommandEnv) -> Any:
     """Export runs, metrics, artifacts and model cards to MLflow, or one model as a self-contained folder."""
     import os

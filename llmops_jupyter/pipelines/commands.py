@@ -106,7 +106,7 @@ class RunConfig(StageConfig):
                                    "written for a failed run too, to see where it stopped)")
 
 
-@command("run", RunConfig)
+@command("run", RunConfig, extras=("batch",))
 def run(cfg: RunConfig, env: CommandEnv) -> Bundle:
     """Execute a notebook with papermill as a recorded pipeline run (parameters validated before the kernel starts)."""
     return _execute(cfg, env)
@@ -127,7 +127,7 @@ class PipelineConfig(StageConfig):
     timeout: int | None = option(None, "run: seconds a single cell may run", min=1)
 
 
-@command("pipeline", PipelineConfig)
+@command("pipeline", PipelineConfig, extras=("batch",))
 def pipeline(cfg: PipelineConfig, env: CommandEnv) -> Bundle | Table:
     """Pipeline notebooks: `export` lifts magic arguments into a parameters cell; `run` executes with papermill."""
     if cfg.action == "run":
@@ -163,7 +163,7 @@ class SweepConfig(StageConfig):
     timeout: int | None = option(None, "seconds a single cell may run", min=1)
 
 
-@command("sweep", SweepConfig)
+@command("sweep", SweepConfig, extras=("batch",))
 def sweep(cfg: SweepConfig, env: CommandEnv) -> Any:
     """Run a notebook over a grid of parameters (process pool or Dask cluster), then compare the variants."""
     from llmops_jupyter.pipelines.execute import gather_params
@@ -221,7 +221,7 @@ class RerunConfig(StageConfig):
     atol: float = option(1e-9, "absolute tolerance for metrics to count as reproduced", min=0)
 
 
-@command("rerun", RerunConfig)
+@command("rerun", RerunConfig, extras=("batch",))
 def rerun(cfg: RerunConfig, env: CommandEnv) -> Table:
     """Re-execute a pipeline run with its recorded notebook and parameters; report whether metrics match."""
     from llmops_jupyter.pipelines.execute import rerun_pipeline

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
+
 nbformat = pytest.importorskip("nbformat")
 ROOT = Path(__file__).resolve().parents[2]
 

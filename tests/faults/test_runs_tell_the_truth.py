@@ -15,6 +15,8 @@ import pytest
 
 from llmops_jupyter.core.errors import StageError
 
+pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
+
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"batch_size": 4, "lr": 1e-2, "log_every": 1, "seq_len": 64}
 

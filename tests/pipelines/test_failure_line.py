@@ -17,6 +17,8 @@ import pytest
 
 from llmops_jupyter.registry import Registry
 
+pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
+
 pytest.importorskip("papermill")
 
 

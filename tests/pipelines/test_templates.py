@@ -14,6 +14,8 @@ import pytest
 from llmops_jupyter.core.stage import discover
 from llmops_jupyter.pipelines.params import _MAGIC, notebook_parameters, parameters_cell_index
 
+pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
+
 TEMPLATES = sorted((Path(__file__).resolve().parents[2] / "templates").glob("*.ipynb"))
 EXPECTED = {"data", "finetune", "eval", "merge_quantize", "serve_monitor", "full_lifecycle"}
 # test-size values for parameters (the defaults are already small; these keep every run quick)

@@ -7,6 +7,8 @@ import time
 import httpx
 import pytest
 
+pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
+
 
 def get(lab, path: str, **kw) -> httpx.Response:
     return httpx.get(f"{lab.url}/llmops/{path}", headers=lab.headers(), timeout=30, **kw)

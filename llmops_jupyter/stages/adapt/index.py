@@ -32,6 +32,7 @@ class IndexStage(Stage):
     """Chunk documents with overlap, embed them (MiniLM) and store a faiss index as a registry artifact."""
 
     name = "index"
+    extras = ("eval",)  # sentence-transformers + faiss
     config_cls = IndexConfig
     key_metrics = ("recall_at_*", "chunks", "documents")
 

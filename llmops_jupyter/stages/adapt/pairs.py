@@ -42,6 +42,11 @@ class PairsStage(Stage):
     """Turn eval ratings and monitoring labels into a versioned preference (chosen/rejected) dataset."""
 
     name = "pairs"
+    extras = ()
+
+    @classmethod
+    def extras_for(cls, config) -> tuple[str, ...]:
+        return ("finetune",) if config.deployment or config.tokenizer else ()  # chat template of the model
     config_cls = PairsConfig
     key_metrics = ("pairs", "train", "eval", "ratings")
 

@@ -527,6 +527,11 @@ class DataStage(Stage):
     """Load, validate, clean, PII-scrub, template, split and version a dataset."""
 
     name = "data"
+    extras = ()
+
+    @classmethod
+    def extras_for(cls, config) -> tuple[str, ...]:
+        return ("finetune",) if config.tokenizer or config.max_tokens else ()  # chat templates need transformers
     config_cls = DataConfig
     key_metrics = ("examples", "train", "eval", "dropped", "pii_scrubbed")
 

@@ -146,6 +146,11 @@ class EvalStage(Stage):
     """Evaluate model versions: metrics, LLM judge, per-example results, regression gate vs a baseline."""
 
     name = "eval"
+    extras = ("eval",)
+
+    @classmethod
+    def extras_for(cls, config) -> tuple[str, ...]:
+        return ("lmeval",) if getattr(config, "lm_eval_task", None) else ("eval",)
     config_cls = EvalConfig
     key_metrics = ("exact_match", "f1", "rougeL", "ppl", "judge_score")
 
@@ -506,7 +511,7 @@ class RateConfig(StageConfig):
             raise self.invalid("runs", "takes at most 4 runs", fix="compare fewer runs at a time")
 
 
-@command("rate", RateConfig, cli=False)
+@command("rate", RateConfig, cli=False, extras=("eval",))
 def rate(cfg: RateConfig, env: CommandEnv) -> Any:
     """Side-by-side view of eval outputs per example with thumbs / 1-5 ratings and notes, saved to the registry."""
     from llmops_jupyter.stages.eval.rate import CompareView

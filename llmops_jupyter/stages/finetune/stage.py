@@ -35,6 +35,7 @@ class FinetuneStage(Stage):
     """Fine-tune a base model with LoRA or QLoRA on a dataset; records the adapter with lineage."""
 
     name = "finetune"
+    extras = ("finetune",)
     config_cls = FinetuneConfig
     key_metrics = ("eval_loss", "train_loss", "train_tokens_per_s", "peak_memory_mb")
     live_view = "llmops_jupyter.stages.finetune.dashboard:TrainingDashboard"

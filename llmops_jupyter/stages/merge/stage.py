@@ -57,6 +57,7 @@ class MergeStage(Stage):
     """Merge a LoRA adapter into its base (optionally NF4-dequantized), verify logits, save a merged model."""
 
     name = "merge"
+    extras = ("finetune",)
     config_cls = MergeConfig
     key_metrics = ("merge_max_abs_diff", "adapter_effect_max_abs_diff")
 

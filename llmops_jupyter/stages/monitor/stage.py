@@ -85,6 +85,12 @@ class MonitorStage(Stage):
     """Checks, drift and dashboards over a deployment's logged requests; --check gates on alert rules."""
 
     name = "monitor"
+    extras = ()
+
+    @classmethod
+    def extras_for(cls, config) -> tuple[str, ...]:
+        needs = ("monitor",) if config.reference else ()  # embedding drift (MiniLM)
+        return needs + (("finetune",) if config.self_consistency else ())  # re-sampling the model
     config_cls = MonitorConfig
     key_metrics = ("request_count", "flagged_rate", "drift", "p95_latency_s")
 

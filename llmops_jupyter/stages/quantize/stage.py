@@ -125,6 +125,11 @@ class QuantizeStage(Stage):
     """Quantize a merged (or base) model with GPTQ or bitsandbytes; report size, perplexity, load time, tokens/s."""
 
     name = "quantize"
+    extras = ("finetune",)
+
+    @classmethod
+    def extras_for(cls, config) -> tuple[str, ...]:
+        return ("quantize",) if config.method == "gptq" else ("finetune",)
     config_cls = QuantizeConfig
     key_metrics = ("size_ratio", "perplexity_delta", "perplexity", "tokens_per_s")
 

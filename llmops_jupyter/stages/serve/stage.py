@@ -154,6 +154,7 @@ class ServeStage(Stage):
     """Serve a model version over an OpenAI-compatible HTTP API (chat/completions, streaming); --stop stops it."""
 
     name = "serve"
+    extras = ("serve",)  # includes [finetune]: the model runtime
     config_cls = ServeConfig
 
     def run(self, ctx) -> dict[str, Any]:

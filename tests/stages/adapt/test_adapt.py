@@ -68,6 +68,7 @@ def test_prompt_ab_eval_with_per_example_diff_gate_and_lineage(shell, registry, 
 
 
 # -- RAG ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_rag_eval_retrieves_the_right_chunk_and_grounds_answers(registry, tiny_model):
     from llmops_jupyter.stages.adapt.rag import load_index, recall_at_k
 
@@ -204,6 +205,7 @@ def test_monitor_labels_become_pairs(registry):
     assert "What is the warranty?" in row["prompt"] and res.metrics["from_monitor_label"] == 1
 
 
+@pytest.mark.slow
 def test_dpo_on_a_qlora_base_and_prompt_as_pipeline_parameter(registry, tiny_model, tiny_dataset, other_model):
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("trl")

@@ -350,6 +350,7 @@ def test_magic_eval_and_rate_through_shell(shell, registry, tiny_dataset, tiny_m
         shell.run_line_magic("llmops", "eval --model tiny-llama --gate 'ppl<5%' --baseline x")
 
 
+@pytest.mark.slow
 def test_notebook_through_a_real_kernel_shows_the_summary_figure(tmp_path, tiny_model):
     papermill = pytest.importorskip("papermill")
     import nbformat

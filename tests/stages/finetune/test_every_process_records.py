@@ -13,6 +13,8 @@ import pytest
 
 from llmops_jupyter.governance import audit
 
+pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
+
 ROOT = Path(__file__).resolve().parents[3]
 
 

@@ -147,6 +147,7 @@ def test_packed_rows_are_capped_at_the_longest_example_and_logits_match(tiny_mod
                 at += lengths[i]
 
 
+@pytest.mark.slow
 def test_interrupt_keeps_checkpoint_and_resume_equals_uninterrupted(registry, tiny_model, tiny_dataset):
     from safetensors.torch import load_file
 
@@ -235,6 +236,7 @@ def test_accelerate_command_line():
     assert "--cpu" in accelerate_command(1, Path("s"), cpu=True)
 
 
+@pytest.mark.slow
 def test_accelerate_launcher_two_cpu_processes(registry, tiny_model, tiny_dataset, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     res = run_ft(registry, tiny_model, tiny_dataset, max_steps=4, launcher="accelerate", num_processes=2)
@@ -244,6 +246,7 @@ def test_accelerate_launcher_two_cpu_processes(registry, tiny_model, tiny_datase
     assert len(losses(registry, res.run_id)) == 4  # rank 0's metrics relayed into the parent's run
 
 
+@pytest.mark.slow
 def test_detached_worker_death_is_reported(registry, tiny_model, tiny_dataset, monkeypatch):
     from llmops_jupyter.core.runner import Runner
 
@@ -264,6 +267,7 @@ def test_detached_worker_death_is_reported(registry, tiny_model, tiny_dataset, m
     assert run["status"] == "failed" and "worker process killed by signal SIGKILL" in run["error"]
 
 
+@pytest.mark.slow
 def test_saved_notebook_shows_static_loss_figure(tiny_model, tiny_dataset, home, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient
