@@ -76,6 +76,18 @@ DEFAULT_LISTENERS: tuple[str, ...] = (
 )
 
 
+_ACTIVE: dict[str, RunContext] = {}  # runs executing in this process, by id
+
+
+def request_stop(run_id: str, reason: str) -> bool:
+    """Ask a run executing in this process to stop early and cleanly (see :meth:`RunContext.request_stop`);
+    for listeners, which see events, not contexts. Returns whether such a run is active here."""
+    ctx = _ACTIVE.get(run_id)
+    if ctx is not None:
+        ctx.request_stop(reason)
+    return ctx is not None
+
+
 def default_listeners() -> list[Listener]:
     """The :data:`DEFAULT_LISTENERS`, imported."""
     import importlib
@@ -110,6 +122,7 @@ class RunContext:
         self._staging: list[Path] = []
         self._metric_latest: dict[str, float] = {}
         self.handed_off: int | None = None
+        self.stop_reason: str | None = None
 
     # -- reporting ------------------------------------------------------------------------------------------------
     def emit(self, type: EventType, **data: Any) -> None:
@@ -130,6 +143,12 @@ class RunContext:
 
     def set_summary(self, **values: Any) -> None:
         self.summary.update(jsonable(values))
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the stage to stop early and cleanly (listeners call this, e.g. a hyperparameter search's pruner on an
+        intermediate eval loss). Stages that support it (fine-tuning) end at the next step; the run is then recorded
+        with status ``pruned`` and the reason, not as failed."""
+        self.stop_reason = reason
 
     def hand_off(self, pid: int) -> None:
         """The run continues in process ``pid`` (a detached worker): the Runner records no end for it here; that
@@ -312,6 +331,7 @@ class Runner:
                 env=environment(), parent_id=parent_id, tags=tags, run_id=run_id,
             )
         ctx = RunContext(self, run_id, stage_name, config)
+        _ACTIVE[run_id] = ctx
         start = time.time()
         self.emit(Event(EventType.STARTED, run_id, stage_name, {"params": run_params, **({"adopted": True} if adopt
                                                                                           else {})}))
@@ -339,10 +359,13 @@ class Runner:
                 error = f"{type(exc).__name__}: {exc}"
                 raise
             finally:
+                _ACTIVE.pop(run_id, None)
                 ctx._cleanup()
                 summary = dict(ctx.summary)
                 if status is RunStatus.FINISHED and ctx.inputs:
                     summary.setdefault("inputs", [a.hash for a in ctx.inputs])
+                if status is RunStatus.FINISHED and ctx.stop_reason:
+                    status, error = RunStatus.PRUNED, ctx.stop_reason
                 if status is RunStatus.FINISHED and ctx.handed_off:
                     status = RunStatus.RUNNING  # the worker records the end
                     if summary:
@@ -353,8 +376,9 @@ class Runner:
                                              summary=summary or None)
                 if key and status is RunStatus.FINISHED:
                     self.registry.update_run(run_id, cache_key=key)
-                if status is RunStatus.FINISHED:
-                    self.emit(Event(EventType.FINISHED, run_id, stage_name, {"duration_s": time.time() - start}))
+                if status in (RunStatus.FINISHED, RunStatus.PRUNED):
+                    self.emit(Event(EventType.FINISHED, run_id, stage_name, {"duration_s": time.time() - start,
+                                                                             "status": str(status)}))
                 elif status is RunStatus.INTERRUPTED:
                     self.emit(Event(EventType.INTERRUPTED, run_id, stage_name, {"error": error}))
                 elif status is RunStatus.FAILED:

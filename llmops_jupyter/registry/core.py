@@ -37,6 +37,7 @@ class RunStatus(str, enum.Enum):
     FAILED = "failed"
     INTERRUPTED = "interrupted"
     CACHED = "cached"
+    PRUNED = "pruned"  # stopped early on purpose (a search's pruner): what it logged is valid, it did not fail
 
     def __str__(self) -> str:
         return self.value

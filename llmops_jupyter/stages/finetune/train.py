@@ -210,6 +210,15 @@ def _callback_cls():
 
         def on_step_end(self, args, state, control, **kw):
             self.reporter.progress(state.global_step, state.max_steps, desc="finetune")
+            self._maybe_stop(control)
+
+        def on_evaluate(self, args, state, control, **kw):
+            self._maybe_stop(control)
+
+        def _maybe_stop(self, control) -> None:
+            """A listener asked the run to stop early (e.g. a search's pruner): end training cleanly here."""
+            if getattr(self.reporter, "stop_reason", None):
+                control.should_training_stop = True
 
         def on_save(self, args, state, control, **kw):
             if state.is_world_process_zero:
@@ -240,6 +249,7 @@ def _callback_cls():
             values = {k: float(v) for k, v in values.items() if v is not None}
             if values and state.is_world_process_zero:
                 self.reporter.log_metrics(values, step=state.global_step)
+            self._maybe_stop(control)  # a listener may decide on the metrics just logged (eval loss → pruner)
 
     return ReportCallback
 
