@@ -1,11 +1,22 @@
-"""Benchmark: `%llmops finetune` (verified packing) vs a plain transformers Trainer + peft baseline with padding.
+"""Benchmark: `%llmops finetune` (default: the packing check's choice) vs its own modes and vs TRL / HF baselines.
 
-Same model, same variable-length data, same steps, seed and LoRA config. Each variant runs in a fresh process so
-peak memory (CUDA max allocated, or peak RSS on CPU) is its own. Reported as ratios measured in this run:
-useful (non-padding) tokens/s, peak memory, and the live dashboard's overhead as the share of training time spent
-inside its event handler (FigureWidget updates included).
+Variants, all in this run, same model, data, LoRA (r16 all-linear), steps, batch size and seed, each in its own
+process, each repeated (median and min–max reported):
 
-    PYTHONPATH=. python bench/bench_finetune.py [--steps 30] [--hidden 256] [--layers 4]
+* ``stage default``: ``batching=auto`` (kernel probe + cost model), and the stage forced to each mode it could
+  pick: ``flat`` (one packed row per micro-batch), ``packed`` (rows ≤ the longest example), ``grouped``
+  (length-grouped padding);
+* TRL ``SFTTrainer(padding_free=True)``, TRL ``SFTTrainer(packing=True)`` (BFD, padding-free rows of seq-len),
+  HF ``Trainer(train_sampling_strategy="group_by_length")`` with padding.
+
+Tokens are counted the same way for every variant (the stage's ``TokenCounter`` hook on the model's forward: real
+tokens, padding excluded) over ``train_runtime`` as the Trainer measures it. The model has SmolLM2-135M's shape
+(hidden 576, 9 heads × 64, 3 KV heads, MLP 1536, vocab 49,152, tied embeddings), random init, no weights; on CPU
+with fewer layers (``--layers``, stated in the output) so the whole benchmark fits ~10 min on 2 cores. The data
+(``--examples`` long-tailed lengths) is one epoch of ``--steps`` × ``--batch-size``, so every variant except TRL's
+BFD packing trains exactly the same examples.
+
+    PYTHONPATH=. python bench/bench_finetune.py [--layers 2] [--steps 4] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -13,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,24 +34,34 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = {"rank": 16, "alpha": 32.0, "dropout": 0.05, "lr": 2e-4, "seed": 0}
+SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+                "num_hidden_layers": 30, "vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 100000.0,
+                "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "head_dim": 64}
+STAGE_MODES = ("auto", "flat", "packed", "grouped")
+BASELINES = ("trl_padding_free", "trl_packing_bfd", "hf_group_by_length")
 
 
-def make_inputs(work: Path, hidden: int, layers: int, n: int, seq_len: int) -> tuple[Path, Path]:
-    """A wider tiny Llama and a dataset whose lengths follow a long-tailed distribution (as real chat data)."""
+def make_inputs(work: Path, layers: int, n: int, seq_len: int) -> tuple[Path, Path]:
+    """SmolLM2-135M-shaped Llama (random init, ``layers`` of its 30 layers) and long-tailed chat examples."""
     import random
 
-    from transformers import AutoTokenizer
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from llmops_jupyter.stages.data.format import render, write_dataset_dir
     from llmops_jupyter.testing import build_tiny_model
 
-    model = build_tiny_model(work / "model", hidden=hidden, layers=layers)
+    model = build_tiny_model(work / "model", layers=1)  # its tokenizer (ids < 512 ⊂ the 49,152 vocab)
     tok = AutoTokenizer.from_pretrained(str(model))
+    cfg = LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": layers}, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(str(model))
     rng = random.Random(0)
     words = "red green blue yellow black white model token adapter data train loss".split()
     rows = []
     for _ in range(n):
-        k = max(1, min(int(rng.lognormvariate(3.0, 1.0)), seq_len // 2))
+        k = max(1, min(int(rng.lognormvariate(3.0, 0.9)), seq_len // 2))
         text = " ".join(rng.choice(words) for _ in range(k))
         rows.append(render([{"role": "user", "content": f"Echo: {text}"}, {"role": "assistant", "content": text}],
                            tok))
@@ -47,144 +70,191 @@ def make_inputs(work: Path, hidden: int, layers: int, n: int, seq_len: int) -> t
     return model, data
 
 
-def peak_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def variant_stage(model: Path, data: Path, steps: int, bs: int, seq_len: int, dashboard: bool,
-                  method: str = "lora", packing: bool = True) -> dict:
+def variant_stage(model: str, data: str, steps: int, bs: int, seq_len: int, batching: str = "auto") -> dict:
     os.environ["LLMOPS_HOME"] = tempfile.mkdtemp(prefix="bench-home-")
     from llmops_jupyter.core.runner import Runner
     from llmops_jupyter.registry import Registry
-    from llmops_jupyter.stages.finetune.dashboard import TrainingDashboard
 
-    listeners, spent = [], [0.0]
-    if dashboard:
-        view = TrainingDashboard(front_end="magic", display=lambda obj: None)
-
-        def timed(event):  # widget creation (STARTED, before the model loads) is not training overhead
-            t = time.perf_counter()
-            view(event)
-            if event.type.value != "started":
-                spent[0] += time.perf_counter() - t
-
-        listeners.append(timed)
-    res = Runner(Registry(os.environ["LLMOPS_HOME"]), listeners=listeners).run("finetune", {
-        "model": str(model), "data": str(data), "max_steps": steps, "batch_size": bs, "seq_len": seq_len,
-        "log_every": 1, "checkpoint_every": 0, "completion_only_loss": True, "method": method, "packing": packing,
-        **LORA})
-    m = res.metrics
-    return {"tokens_per_s": m["train_tokens_per_s"], "peak_mb": peak_mb(), "train_s": m["train_runtime_s"],
-            "tokens": res.summary["tokens"], "batching": res.summary["batching"], "dashboard_s": spent[0],
-            "final_loss": m["loss"]}
+    res = Runner(Registry(os.environ["LLMOPS_HOME"])).run("finetune", {
+        "model": model, "data": data, "max_steps": steps, "batch_size": bs, "seq_len": seq_len, "log_every": 1,
+        "checkpoint_every": 0, "completion_only_loss": True, "batching": batching, **LORA})
+    if res.status != "finished":
+        raise RuntimeError(f"stage run {res.status}: {res.error}")
+    m, s = res.metrics, res.summary
+    return {"tokens_per_s": m["train_tokens_per_s"], "train_s": m["train_runtime_s"], "tokens": s["tokens"],
+            "batching": s["batching"], "attention_kernel": s.get("attention_kernel"),
+            "padding_waste_pct": s.get("padding_waste_pct"), "reason": s.get("batching_reason"),
+            "costs": s.get("batching_costs"), "final_loss": m.get("loss")}
 
 
-def variant_baseline(model: Path, data: Path, steps: int, bs: int, seq_len: int) -> dict:
-    """What one writes by hand: Trainer + peft, pad to the longest example of each random batch."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
+def _features(data: str, model: str, seq_len: int):
+    from transformers import AutoTokenizer
 
     from llmops_jupyter.stages.data.format import Dataset
     from llmops_jupyter.stages.finetune.sft import tokenize
-    from llmops_jupyter.stages.finetune.train import TokenCounter, resolve_dtype
 
-    ds = Dataset(data)
-    tok = AutoTokenizer.from_pretrained(str(model))
-    feats = tokenize(ds.train, tok, seq_len, True)
-    dtype = resolve_dtype("auto")
+    tok = AutoTokenizer.from_pretrained(model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok, tokenize(Dataset(Path(data)).train, tok, seq_len, True)  # the stage's own tokenization
+
+
+def _peft_model(model: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from llmops_jupyter.stages.finetune.train import resolve_dtype
+
     cuda = torch.cuda.is_available()
-    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype, **({"device_map": {"": 0}} if cuda else {}))
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=resolve_dtype("auto"),
+                                                **({"device_map": {"": 0}} if cuda else {}))
+    base.config.use_cache = False
     set_seed(0)
-    peft_model = get_peft_model(base, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"],
-                                                 lora_dropout=LORA["dropout"], target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
-    counter = TokenCounter()
-    peft_model.register_forward_pre_hook(counter, with_kwargs=True)
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=bs, max_steps=steps,
-                             learning_rate=LORA["lr"], lr_scheduler_type="cosine", seed=0, data_seed=0,
-                             report_to=[], disable_tqdm=True, logging_steps=1, save_strategy="no",
-                             remove_unused_columns=False, use_cpu=not cuda, bf16=cuda and dtype == torch.bfloat16,
-                             optim="adamw_torch_fused" if cuda else "adamw_torch")
-    trainer = Trainer(model=peft_model, args=args, train_dataset=feats,
-                      data_collator=DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100))
+    return get_peft_model(base, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                           target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def _common_args(steps: int, bs: int) -> dict:
+    import torch
+
+    from llmops_jupyter.stages.finetune.train import resolve_dtype
+
+    cuda = torch.cuda.is_available()
+    return dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=bs, max_steps=steps,
+                learning_rate=LORA["lr"], lr_scheduler_type="cosine", seed=0, data_seed=0, report_to=[],
+                disable_tqdm=True, logging_steps=1, save_strategy="no", use_cpu=not cuda,
+                bf16=cuda and resolve_dtype("auto") == torch.bfloat16,
+                optim="adamw_torch_fused" if cuda else "adamw_torch", dataloader_num_workers=0)
+
+
+def _finish(trainer, counter, batching: str) -> dict:
     out = trainer.train()
     rt = out.metrics["train_runtime"]
     loss = [x["loss"] for x in trainer.state.log_history if "loss" in x][-1]
-    return {"tokens_per_s": counter.tokens / rt, "peak_mb": peak_mb(), "train_s": rt, "tokens": counter.tokens,
-            "batching": "padded", "final_loss": loss}
+    return {"tokens_per_s": counter.tokens / rt, "train_s": rt, "tokens": counter.tokens, "batching": batching,
+            "padding_waste_pct": round(counter.padding_pct, 2), "final_loss": loss}
 
 
-def _child(kind: str, spec: dict) -> dict:
+def variant_baseline(model: str, data: str, steps: int, bs: int, seq_len: int, kind: str) -> dict:
+    from datasets import Dataset as HFDataset
+
+    from llmops_jupyter.stages.finetune.train import TokenCounter
+
+    tok, feats = _features(data, model, seq_len)
+    peft_model = _peft_model(model)
+    counter = TokenCounter()
+    peft_model.register_forward_pre_hook(counter, with_kwargs=True)
+    if kind == "hf_group_by_length":
+        from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+        args = TrainingArguments(**_common_args(steps, bs), remove_unused_columns=False,
+                                 train_sampling_strategy="group_by_length")
+        trainer = Trainer(model=peft_model, args=args, train_dataset=feats,
+                          data_collator=DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100))
+        return _finish(trainer, counter, "padded, length-grouped")
+    from trl import SFTConfig, SFTTrainer
+
+    ds = HFDataset.from_list([{"input_ids": f["input_ids"],
+                               "completion_mask": [int(x != -100) for x in f["labels"]]} for f in feats])
+    extra = ({"padding_free": True, "max_length": None} if kind == "trl_padding_free"
+             else {"packing": True, "packing_strategy": "bfd", "max_length": seq_len})
+    args = SFTConfig(**_common_args(steps, bs), completion_only_loss=True, **extra)
+    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=ds, processing_class=tok)
+    return _finish(trainer, counter, kind)
+
+
+def _child(kind: str, spec: dict, repeats: int) -> list[dict]:
     code = (f"import json,sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'bench')!r}); "
             f"import bench_finetune as b; spec=json.loads(sys.argv[1]); "
-            f"r=b.variant_{kind}(**spec); print('RESULT'+json.dumps(r))")
+            f"[print('RESULT'+json.dumps(b.variant_{kind}(**spec)), flush=True) for _ in range({repeats})]")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT"):
-            return json.loads(line[6:])
-    raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
+    got = [json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("RESULT")]
+    if len(got) != repeats:
+        raise RuntimeError(f"{kind} {spec} failed:\n{out.stderr[-3000:]}")
+    return got
+
+
+def summarize(runs: list[dict]) -> dict:
+    tps = [r["tokens_per_s"] for r in runs]
+    return {"median": statistics.median(tps), "min": min(tps), "max": max(tps), "runs": runs}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "liger-kernel", "flash-attn"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
+            "load_avg_1_5_15min_at_end": os.getloadavg()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def goals(result: dict) -> list[tuple[str, float, float, bool]]:
+    """(goal, measured ratio of medians, threshold, holds)."""
+    v = result["variants"]
+    default = v["stage_auto"]["median"]
+    own_best = max(v[f"stage_{m}"]["median"] for m in STAGE_MODES if m != "auto")
+    rows = [("default ≥ 1.5× TRL padding_free (CPU)", default / v["trl_padding_free"]["median"], 1.5),
+            ("default ≥ 0.95× best of the stage's own modes", default / own_best, 0.95)]
+    return [(name, ratio, goal, ratio >= goal) for name, ratio, goal in rows]
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--hidden", type=int, default=576)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--examples", type=int, default=400)
-    p.add_argument("--no-grouped", action="store_true",
-                   help="skip packed vs the stage's own length-grouped padding (--no-packing), LoRA and QLoRA")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2, help="of SmolLM2-135M's 30 (CPU: fewer, to fit the time)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = p.parse_args(argv)
+    t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        model, data = make_inputs(Path(tmp), a.hidden, a.layers, a.examples, a.seq_len)
+        model, data = make_inputs(Path(tmp), a.layers, a.steps * a.batch_size, a.seq_len)
         spec = {"model": str(model), "data": str(data), "steps": a.steps, "bs": a.batch_size, "seq_len": a.seq_len}
-        base = _child("baseline", spec)
-        stage = _child("stage", {**spec, "dashboard": False})
-        dash = _child("stage", {**spec, "dashboard": True})
-        grouped = {}
-        if not a.no_grouped:  # QLoRA: bitsandbytes' 4-bit CPU kernels; the packing check must see through their noise
-            grouped["lora"] = (stage, _child("stage", {**spec, "dashboard": False, "packing": False}))
-            grouped["qlora"] = (_child("stage", {**spec, "dashboard": False, "method": "qlora"}),
-                                _child("stage", {**spec, "dashboard": False, "method": "qlora", "packing": False}))
-    result = {
-        "steps": a.steps, "batch_size": a.batch_size, "batching": stage["batching"],
-        "tokens_per_s_ratio": stage["tokens_per_s"] / base["tokens_per_s"],
-        "peak_memory_ratio": stage["peak_mb"] / base["peak_mb"],
-        "same_tokens": stage["tokens"] == base["tokens"],
-        "dashboard_overhead_pct": 100 * dash["dashboard_s"] / dash["train_s"],
-        "stage": stage, "baseline": base, "stage_with_dashboard": dash,
-    }
-    for method, (packed, padded) in grouped.items():
-        result[f"{method}_vs_grouped"] = {"batching": packed["batching"], "packed": packed, "grouped": padded,
-                                          "tokens_per_s_ratio": packed["tokens_per_s"] / padded["tokens_per_s"]}
-    rows = [("useful tokens/s  stage ÷ padded baseline", f"{result['tokens_per_s_ratio']:.2f}×", "goal ≥ 1.5×"),
-            ("peak memory      stage ÷ padded baseline", f"{result['peak_memory_ratio']:.2f}×", "goal ≤ 1.0×"),
-            ("dashboard time   share of training time", f"{result['dashboard_overhead_pct']:.2f}%", "goal < 2%"),
-            ("batching chosen by the packing check", stage["batching"], ""),
-            ("tokens trained   stage / baseline", f"{stage['tokens']} / {base['tokens']}", "must be equal")]
-    print(f"bench_finetune: {a.steps} steps × {a.batch_size} examples, hidden {a.hidden}, {a.layers} layers")
-    for method in grouped:
-        q = result[f"{method}_vs_grouped"]
-        rows.append((f"{method:<6} packed ({q['batching']}) ÷ --no-packing", f"{q['tokens_per_s_ratio']:.2f}×",
-                     "length-grouped padding: no goal, reported"))
-    for name, value, goal in rows:
-        print(f"  {name:<44} {value:>14}   {goal}")
+        runs: dict[str, list[dict]] = {}
+        jobs = [(f"stage_{m}", "stage", {"batching": m}) for m in STAGE_MODES]
+        jobs += [(k, "baseline", {"kind": k}) for k in BASELINES]
+        for rep in range(a.repeats):  # round-robin: load drift on a shared machine hits every variant alike
+            for name, kind, extra in jobs:
+                runs.setdefault(name, []).extend(_child(kind, {**spec, **extra}, 1))
+                print(f"  repeat {rep + 1} {name:<20} {runs[name][-1]['tokens_per_s']:>9,.0f} tok/s", flush=True)
+        variants = {name: summarize(r) for name, r in runs.items()}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "versions": versions(),
+              "model": {"shape": "SmolLM2-135M", **SMOLLM2_135M, "num_hidden_layers": a.layers, "init": "random"},
+              "settings": {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
+                           "examples": a.steps * a.batch_size, "repeats": a.repeats, **LORA},
+              "variants": variants, "wall_s": time.time() - t0}
+    result["goals"] = [{"goal": g, "ratio": r, "threshold": t, "holds": h} for g, r, t, h in goals(result)]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = "gpu" if "gpu" in result["machine"] else "cpu"
+    path = out / f"finetune-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    auto = variants["stage_auto"]["runs"][0]
+    print(f"bench_finetune: SmolLM2-135M shape with {a.layers} layers, {a.steps} steps × {a.batch_size}, seq-len "
+          f"{a.seq_len}, {a.repeats} repeats; default chose {auto['batching']} / {auto['attention_kernel']}")
+    print(f"  {'variant':<20} {'median tok/s':>12} {'min–max':>20} {'padding':>8}")
+    for name, v in variants.items():
+        pad = v["runs"][0].get("padding_waste_pct")
+        print(f"  {name:<20} {v['median']:>12,.0f} {v['min']:>9,.0f}–{v['max']:<9,.0f} {pad if pad is not None else '':>7}%")
+    for g in result["goals"]:
+        print(f"  GOAL {g['goal']:<48} {g['ratio']:.2f}×  {'holds' if g['holds'] else 'DOES NOT HOLD'}")
+    print(f"  raw results: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return result
 
 

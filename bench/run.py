@@ -30,6 +30,7 @@ def main(argv: list[str]) -> int:
         mod = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(mod)
+            sys.argv = [str(path)]  # each benchmark parses its own defaults, not run.py's arguments
             results[name] = mod.main()
         except Exception:  # noqa: BLE001 - report and continue with the other benchmarks
             traceback.print_exc()
@@ -38,6 +39,11 @@ def main(argv: list[str]) -> int:
     out = HERE / "out"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    goals = [(name, g) for name, r in results.items() if isinstance(r, dict) for g in r.get("goals", [])]
+    if goals:
+        print("\ngoals:")
+        for name, g in goals:
+            print(f"  [{name}] {g['goal']}: {g['ratio']:.2f}× → {'holds' if g['holds'] else 'DOES NOT HOLD'}")
     print(f"\nresults: {out / 'latest.json'}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

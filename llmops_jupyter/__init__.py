@@ -26,3 +26,12 @@ def _jupyter_labextension_paths():  # the prebuilt Lab extension shipped in the 
 
 def _jupyter_server_extension_points():
     return [{"module": "llmops_jupyter.server"}]
+
+
+def form(command: str, /, **values):
+    """An ipywidgets form for ``command`` (``"finetune"``, ``"data"``, ...), optionally pre-filled with ``values``;
+    the same as ``%llmops <command> --form``. Its Run button runs the command as the magic does and writes the
+    equivalent ``%llmops`` line into a new cell. ipywidgets is imported here, never when the extension loads."""
+    from llmops_jupyter.frontends.forms import build_form
+
+    return build_form(command, **values)

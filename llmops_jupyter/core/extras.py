@@ -32,7 +32,7 @@ EXTRAS: dict[str, dict[str, str]] = {
              "opentelemetry.exporter.otlp.proto.http": "opentelemetry-exporter-otlp-proto-http"},
     "toxicity": {"detoxify": "detoxify"},
     "batch": {"papermill": "papermill", "nbformat": "nbformat", "nbclient": "nbclient", "ipykernel": "ipykernel",
-              "distributed": "dask[distributed]"},
+              "distributed": "dask[distributed]", "optuna": "optuna"},
     "mlflow": {"mlflow": "mlflow-skinny"},
     "gpu": {"pynvml": "nvidia-ml-py"},
     "lab": {"jupyterlab": "jupyterlab", "jupyter_server": "jupyter-server"},

@@ -73,6 +73,7 @@ DEFAULT_LISTENERS: tuple[str, ...] = (
     "llmops_jupyter.governance.audit:listener",
     "llmops_jupyter.governance.gpu:listener",
     "llmops_jupyter.governance.cards:auto_card_listener",
+    "llmops_jupyter.pipelines.search:trial_listener",  # no-op unless the kernel runs an Optuna trial
 )
 
 

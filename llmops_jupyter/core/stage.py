@@ -129,6 +129,7 @@ CATALOG: tuple[str, ...] = (
     "llmops_jupyter.stages.adapt.prompt_commands",
     "llmops_jupyter.views.runs",
     "llmops_jupyter.views.models",
+    "llmops_jupyter.views.diff",
     "llmops_jupyter.governance.commands",
     "llmops_jupyter.pipelines.commands",
 )

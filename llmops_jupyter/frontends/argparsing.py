@@ -26,6 +26,33 @@ VERBOSE_HELP = ("show other libraries' logging and warnings in the output too (b
                 "run's log file, <home>/runs/<run id>/run.log)")
 
 
+FORM_FLAG = "--form"
+FORM_HELP = "notebook only: show this command as a form (ipywidgets) instead of running it; Run writes this line"
+
+
+def strip_form(tokens: list[str]) -> tuple[list[str], bool]:
+    """Take ``--form`` (the notebook's config form, see :mod:`llmops_jupyter.frontends.forms`) out of the tokens."""
+    rest = [t for t in tokens if t != FORM_FLAG]
+    return rest, len(rest) != len(tokens)
+
+
+POSITIONAL_GROUP = "positional arguments"
+OPTIONS_GROUP = "options"
+
+
+def option_groups(cfg_cls: type[StageConfig]) -> list[tuple[str, list[dataclasses.Field]]]:
+    """The fields of ``cfg_cls`` in the groups ``--help`` shows them in (positionals first, then the options, then
+    any ``metadata["group"]`` a field names), in declaration order. ``cell`` fields (a %%llmops body) are left out.
+    The config form lays its fields out with the same groups."""
+    groups: dict[str, list[dataclasses.Field]] = {POSITIONAL_GROUP: [], OPTIONS_GROUP: []}
+    for f in dataclasses.fields(cfg_cls):
+        if f.metadata.get("cell"):
+            continue
+        title = POSITIONAL_GROUP if f.metadata.get("positional") else (f.metadata.get("group") or OPTIONS_GROUP)
+        groups.setdefault(title, []).append(f)
+    return [(title, fields) for title, fields in groups.items() if fields]
+
+
 def strip_verbose(tokens: list[str]) -> tuple[list[str], bool | None]:
     """Take the global ``--verbose`` (accepted before or after the command name, on every command) out of the
     tokens before the command's own parser sees them. Returns (tokens, True if given else None)."""
@@ -122,16 +149,24 @@ def _split_list(items: list[Any] | Any) -> list[Any]:
     return out
 
 
-def build_parser(cfg_cls: type[StageConfig], prog: str, description: str, values: dict[str, Any]) -> Parser:
+def build_parser(cfg_cls: type[StageConfig], prog: str, description: str, values: dict[str, Any], *,
+                 form_flag: bool = False) -> Parser:
+    """``form_flag``: also declare the notebook's ``--form`` (the magic strips it before parsing; declared so its
+    ``--help`` lists it)."""
     parser = Parser(prog=prog, description=description, add_help=True, allow_abbrev=False,
                     formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     # Taken out by strip_verbose before parsing; declared so `--help` lists it and a direct parse accepts it.
     if not any(flag_name(f) == VERBOSE_FLAG for f in dataclasses.fields(cfg_cls)):
         parser.add_argument(VERBOSE_FLAG, action="store_true", dest="_llmops_verbose", help=VERBOSE_HELP)
-    for f in dataclasses.fields(cfg_cls):
+    if form_flag and not any(flag_name(f) == FORM_FLAG for f in dataclasses.fields(cfg_cls)):
+        parser.add_argument(FORM_FLAG, action="store_true", dest="_llmops_form", help=FORM_HELP)
+    target: dict[str, Any] = {POSITIONAL_GROUP: parser, OPTIONS_GROUP: parser}
+    fields = [(title, f) for title, group in option_groups(cfg_cls) for f in group]
+    for title, f in fields:
         meta = f.metadata
-        if meta.get("cell"):
-            continue
+        if title not in target:
+            target[title] = parser.add_argument_group(title)
+        group = target[title]
         tp, _optional = unwrap_optional(field_type(cfg_cls, f))
         help_text = meta.get("help", "")
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
@@ -166,9 +201,9 @@ def build_parser(cfg_cls: type[StageConfig], prog: str, description: str, values
             kwargs.setdefault("nargs", "?")
             if not has_default:
                 kwargs["help"] = "(required) " + kwargs["help"]
-            parser.add_argument(f.name, **kwargs)
+            group.add_argument(f.name, **kwargs)
         else:
-            parser.add_argument(flag_name(f), *aliases, **kwargs)
+            group.add_argument(flag_name(f), *aliases, **kwargs)
     return parser
 
 
@@ -181,11 +216,12 @@ def parse_config(
     namespace: dict[str, Any] | None = None,
     cell: str | None = None,
     base: dict[str, Any] | None = None,
+    form_flag: bool = False,
 ) -> StageConfig:
     """argv (already quote-split) → validated config. ``cell`` fills the config's ``cell`` field, or else is
     read as a YAML mapping of parameters (flags on the line win)."""
     argv, values = resolve_variables(argv, namespace)
-    parser = build_parser(cfg_cls, prog, description, values)
+    parser = build_parser(cfg_cls, prog, description, values, form_flag=form_flag)
     ns = parser.parse_args(argv)
     given = dict(base or {})
     if cell is not None and cell.strip():

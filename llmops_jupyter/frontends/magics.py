@@ -11,7 +11,7 @@ from IPython.utils.process import arg_split
 
 from llmops_jupyter.core.errors import ConfigError
 from llmops_jupyter.core.stage import discover, get_command
-from llmops_jupyter.frontends.argparsing import HelpRequested, parse_config, strip_verbose
+from llmops_jupyter.frontends.argparsing import HelpRequested, parse_config, strip_form, strip_verbose
 
 INTRO = """Drive the LLM lifecycle from notebook cells: %llmops <command> [options]   (%llmops <command> --help)
 
@@ -20,7 +20,8 @@ YAML parameters (or, for commands with a text body such as `prompt`, as that tex
 
 A stage cell shows the stage's own progress, results and warnings; other libraries' logging and warnings go to the
 run's log file (<home>/runs/<run id>/run.log, named by `%llmops show RUN`). --verbose (on any command, before or
-after its name) shows them too.
+after its name) shows them too. `%llmops <command> --form` shows the command as a form; its Run button writes the
+equivalent %llmops line into a new cell.
 """
 
 
@@ -49,11 +50,16 @@ class LlmopsMagics(Magics):
             print(overview())
             return None
         name, argv = tokens[0], tokens[1:]
+        argv, want_form = strip_form(argv)
         try:
             cmd = get_command(name)
+            if want_form:
+                from llmops_jupyter.frontends.forms import form_from_argv
+
+                return form_from_argv(cmd, argv, shell=self.shell, cell=cell)
             config = parse_config(
                 cmd.config_cls, argv, prog=f"%llmops {name}", description=cmd.help,
-                namespace=self.shell.user_ns if self.shell else None, cell=cell,
+                namespace=self.shell.user_ns if self.shell else None, cell=cell, form_flag=True,
             )
         except HelpRequested as req:
             print(req.text)

@@ -21,32 +21,40 @@ class Comparison:
     """The comparison of a sweep's variants: ``rows`` (dicts), ``table``, ``figures``; displays all in notebooks."""
 
     def __init__(self, sweep_id: str, rows: list[dict[str, Any]], params: list[str], metrics: list[str],
-                 metric: str | None = None, report: Path | None = None):
+                 metric: str | None = None, report: Path | None = None, study: Any = None,
+                 direction: str | None = None):
         self.sweep_id = sweep_id
         self.rows = rows
         self.params = params
         self.metrics = metrics
         self.metric = metric or (metrics[0] if metrics else None)
         self.report = report
+        #: the Optuna study of an optuna sweep (its own figures are added), None for a grid
+        self.study = study
+        self.direction = direction
         self._figures: list[Any] | None = None
 
     @property
     def table(self) -> Table:
-        cols = ["variant", "run", "status", *self.params, *self.metrics]
+        cols = ["trial" if self.study is not None else "variant", "run", "status", *self.params, *self.metrics]
         body = [[r["index"], r["run_id"] or "", r["status"], *[_cell(r["params"].get(p)) for p in self.params],
                  *[r["metrics"].get(m) for m in self.metrics]] for r in self.rows]
         best = self.best()
-        note = f"best {self.metric}: variant {best['index']} ({best['run_id']})" if best else ""
+        what = "trial" if self.study is not None else "variant"
+        note = f"best {self.metric}: {what} {best['index']} ({best['run_id']})" if best else ""
         if self.report:
             note += ("; " if note else "") + f"report: {self.report}"
-        return Table(cols, body, title=f"Sweep {self.sweep_id}: {len(self.rows)} variants", note=note)
+        return Table(cols, body, title=f"Sweep {self.sweep_id}: {len(self.rows)} {what}s", note=note)
 
     def best(self, metric: str | None = None, mode: str | None = None) -> dict[str, Any] | None:
         """Best variant by ``metric``: lowest for loss/perplexity-like names, else highest."""
         metric = metric or self.metric
-        rows = [r for r in self.rows if metric and _num(r["metrics"].get(metric)) is not None]
+        rows = [r for r in self.rows if metric and _num(r["metrics"].get(metric)) is not None
+                and r["status"] != "pruned"]  # a pruned trial's last value is not a result
         if not rows:
             return None
+        if mode is None and self.direction and metric == self.metric:
+            mode = "min" if self.direction == "minimize" else "max"
         lower = mode == "min" or (mode is None and any(s in metric.lower() for s in ("loss", "ppl", "perplex",
                                                                                       "error", "latency")))
         return (min if lower else max)(rows, key=lambda r: r["metrics"][metric])
@@ -55,6 +63,10 @@ class Comparison:
     def figures(self) -> list[Any]:
         if self._figures is None:
             self._figures = figures(self.rows, self.params, self.metrics, self.metric)
+            if self.study is not None:
+                from llmops_jupyter.pipelines.search import study_figures
+
+                self._figures += study_figures(self.study)
         return self._figures
 
     def to_frame(self):
@@ -90,12 +102,18 @@ def _num(v: Any) -> float | None:
 
 def compare_sweep(registry: Registry, sweep_ref: str, *, runs: list[str] | None = None, grid: list[str] | None = None,
                   variants: list[dict[str, Any]] | None = None, metrics: list[str] | None = None,
-                  metric: str | None = None) -> Comparison:
-    """Rows for every pipeline run of a sweep (its children), with the grid parameters and final metrics."""
+                  metric: str | None = None, study: Any = None) -> Comparison:
+    """Rows for every pipeline run of a sweep (its children), with the grid parameters and final metrics.
+
+    For an optuna sweep the rows are every trial of its study (resumed sweeps included), the parameters are the
+    searched space and Optuna's own figures are added."""
     sweep = registry.get_run(sweep_ref)
     if sweep["stage"] != "sweep":
         raise NotFoundError(f"Run '{sweep['id']}' is a {sweep['stage']} run, not a sweep.",
                             fix="pass a sweep run id (`%llmops runs --stage sweep`)")
+    sp = sweep["params"]
+    if sp.get("search") == "optuna":
+        return _compare_search(registry, sweep, metrics=metrics, metric=metric, study=study)
     grid = grid if grid is not None else list(sweep["params"].get("grid", {}))
     if runs is None:
         runs = [r["id"] for r in registry.child_runs(sweep["id"], "pipeline")]
@@ -113,6 +131,34 @@ def compare_sweep(registry: Registry, sweep_ref: str, *, runs: list[str] | None 
             seen += [k for k in r["metrics"] if k not in seen]
         metrics = sorted(seen)
     return Comparison(sweep["id"], rows, grid, metrics, metric=metric)
+
+
+def _compare_search(registry: Registry, sweep: dict[str, Any], *, metrics: list[str] | None, metric: str | None,
+                    study: Any) -> Comparison:
+    from llmops_jupyter.pipelines.search import load_study, trial_runs
+
+    sp = sweep["params"]
+    if study is None:
+        study = load_study(sp["storage"], sp["study"])
+    space = list(sp.get("space") or {})
+    rows = []
+    for t in trial_runs(study):
+        if not t["run_id"]:
+            continue
+        try:
+            run = registry.get_run(t["run_id"])
+        except NotFoundError:  # a trial recorded in another registry
+            continue
+        rows.append({"index": t["trial"], "run_id": t["run_id"], "status": run["status"],
+                     "params": {k: t["params"].get(k) for k in space}, "metrics": registry.metrics(t["run_id"])})
+    rows.sort(key=lambda r: r["index"])
+    if metrics is None:
+        seen: list[str] = [sp["metric"]] if sp.get("metric") else []
+        for r in rows:
+            seen += [k for k in r["metrics"] if k not in seen]
+        metrics = seen[:1] + sorted(seen[1:])
+    return Comparison(sweep["id"], rows, space, metrics, metric=metric or sp.get("metric"), study=study,
+                      direction=sp.get("direction"))
 
 
 def figures(rows: list[dict[str, Any]], params: list[str], metrics: list[str], metric: str | None) -> list[Any]:

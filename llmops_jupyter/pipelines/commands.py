@@ -161,14 +161,41 @@ class SweepConfig(StageConfig):
     name: str | None = option(None, "name of the sweep run")
     kernel: str | None = option(None, "kernel spec for every variant")
     timeout: int | None = option(None, "seconds a single cell may run", min=1)
+    search: str = option("grid", "grid: every combination of --grid; optuna: TPE sampling over --space with pruning "
+                                 "(needs --trials and --metric)", choices=["grid", "optuna"])
+    space: list[str] = option([], "optuna: distributions per parameter: --space 'lr=loguniform(1e-5,1e-3)' "
+                                  "'rank=int(4,64)' 'dropout=float(0,0.2)' 'method=choice(lora,qlora)'")
+    trials: int | None = option(None, "optuna: trials the study holds when the sweep ends (with --resume: the new "
+                                      "total)", min=1)
+    metric: str | None = option(None, "optuna: the metric to optimise (e.g. eval_loss); its intermediate values "
+                                      "while training drive pruning")
+    direction: str | None = option(None, "optuna: minimize or maximize --metric (default: minimize)",
+                                   choices=["minimize", "maximize"])
+    pruner: str | None = option(None, "optuna: stop unpromising trials early (default: median)",
+                                choices=["none", "median", "hyperband"])
+    startup_trials: int | None = option(None, "optuna: trials before pruning and TPE modelling start (default 5)",
+                                        min=1)
+    seed: int | None = option(None, "optuna: sampler seed (same seed and results → same proposals)", min=0)
+    resume: str | None = option(None, "optuna: continue the study of this sweep run (finished trials are kept, "
+                                      "not repeated)")
+
+    def validate(self) -> None:
+        if self.search == "grid":
+            given = [f for f in ("space", "trials", "metric", "direction", "pruner", "startup_trials", "seed",
+                                 "resume") if getattr(self, f) not in (None, [])]
+            if given:
+                flag = "--" + given[0].replace("_", "-")
+                raise ConfigError(f"sweep: {flag} belongs to an Optuna search.", field=given[0],
+                                  fix=f"add --search optuna (or drop {flag} for a grid sweep)")
 
 
 @command("sweep", SweepConfig, extras=("batch",))
 def sweep(cfg: SweepConfig, env: CommandEnv) -> Any:
-    """Run a notebook over a grid of parameters (process pool or Dask cluster), then compare the variants."""
+    """Run a notebook over a grid of parameters, or an Optuna search with pruning (process pool or Dask cluster),
+    then compare the variants."""
     from llmops_jupyter.pipelines.execute import gather_params
     from llmops_jupyter.pipelines.params import load_params_file, pairs_to_dict
-    from llmops_jupyter.pipelines.sweep import parse_grid, run_sweep
+    from llmops_jupyter.pipelines.sweep import parse_grid, run_search, run_sweep
 
     grid = parse_grid(cfg.grid)
     fixed: dict[str, Any] = {}
@@ -180,8 +207,16 @@ def sweep(cfg: SweepConfig, env: CommandEnv) -> Any:
         else:
             fixed.update(data)
     fixed.update(gather_params(pairs_to_dict(cfg.param)))
-    result = run_sweep(cfg.notebook, grid, fixed, registry=env.registry, parallel=cfg.parallel, cluster=cfg.cluster,
-                       cache=cfg.cache, name=cfg.name, kernel=cfg.kernel, timeout=cfg.timeout)
+    if cfg.search == "optuna":
+        result = run_search(cfg.notebook, cfg.space, fixed, trials=cfg.trials, metric=cfg.metric,
+                            direction=cfg.direction, pruner=cfg.pruner, startup_trials=cfg.startup_trials,
+                            seed=cfg.seed, resume=cfg.resume, registry=env.registry, parallel=cfg.parallel,
+                            cluster=cfg.cluster, cache=cfg.cache, name=cfg.name, kernel=cfg.kernel,
+                            timeout=cfg.timeout)
+    else:
+        result = run_sweep(cfg.notebook, grid, fixed, registry=env.registry, parallel=cfg.parallel,
+                           cluster=cfg.cluster, cache=cfg.cache, name=cfg.name, kernel=cfg.kernel,
+                           timeout=cfg.timeout)
     comparison = result.outputs["comparison"]
     if result.artifact is not None:
         comparison.report = result.artifact.file("sweep-report.html")
@@ -197,7 +232,8 @@ class CompareConfig(StageConfig):
 
 @command("compare", CompareConfig)
 def compare(cfg: CompareConfig, env: CommandEnv) -> Any:
-    """Compare a sweep's variants: one table plus parallel-coordinates and metric-vs-parameter figures."""
+    """Compare a sweep's variants: one table plus parallel-coordinates and metric-vs-parameter figures (for an Optuna
+    search also its optimisation history, parameter importances and parallel coordinates)."""
     from llmops_jupyter.pipelines.aggregate import compare_sweep, write_report
 
     comparison = compare_sweep(env.registry, cfg.sweep, metric=cfg.metric)

@@ -1,4 +1,5 @@
-"""Sweeps: a grid of parameter variants of one notebook, each a pipeline run under one ``sweep`` run.
+"""Sweeps: a grid of parameter variants of one notebook (or an Optuna search over a space of them, see
+:mod:`llmops_jupyter.pipelines.search`), each a pipeline run under one ``sweep`` run.
 
 Every variant is validated before the first kernel starts. Variants run on a local process pool by default, or on
 a Dask distributed cluster when given its address (``tcp://host:8786``, or a ``Client``/cluster object from Python).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import itertools
+import math
 import os
 import shutil
 import subprocess
@@ -22,7 +24,7 @@ from llmops_jupyter.core.config import StageConfig, option
 from llmops_jupyter.core.errors import ConfigError, LlmopsError, StageError
 from llmops_jupyter.core.runner import RunContext, Runner, RunResult
 from llmops_jupyter.core.stage import Stage
-from llmops_jupyter.registry import Registry
+from llmops_jupyter.registry import Registry, RunStatus
 
 
 def parse_grid(items: list[str] | dict[str, Any] | None) -> dict[str, list[Any]]:
@@ -74,17 +76,26 @@ def detect_gpus() -> list[str]:
 
 def run_variant(home: str, notebook: str, params: dict[str, Any], *, parent_id: str, sweep: str, index: int,
                 cache: bool, gpu: str | None, kernel: str | None, cwd: str | None,
-                timeout: int | None) -> dict[str, Any]:
-    """One variant (runs in a pool process or a Dask worker); never raises, reports errors in the result."""
+                timeout: int | None, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One variant (runs in a pool process or a Dask worker); never raises, reports errors in the result.
+
+    ``extra_env`` goes to the variant's kernel (an Optuna trial's storage/study/trial ids). A notebook whose stage
+    run was pruned (stopped early by a search) makes the pipeline run ``pruned`` too."""
     from llmops_jupyter.pipelines.execute import run_pipeline
 
     env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+    env.update(extra_env or {})
     registry = Registry.open(home)
     try:
         res = run_pipeline(notebook, params, registry=registry, cache=cache, parent_id=parent_id, sweep=sweep,
                            variant=index, env=env, kernel=kernel, cwd=cwd, timeout=timeout,
                            name=f"{Path(notebook).stem}[{index}]")
-        return {"index": index, "run_id": res.run_id, "status": str(res.status), "metrics": res.metrics,
+        status = str(res.status)
+        pruned = [c for c in registry.child_runs(res.run_id) if c["status"] == RunStatus.PRUNED.value]
+        if pruned and status == RunStatus.FINISHED.value:
+            status = RunStatus.PRUNED.value
+            registry.update_run(res.run_id, status=RunStatus.PRUNED, error=pruned[0]["error"])
+        return {"index": index, "run_id": res.run_id, "status": status, "metrics": res.metrics,
                 "error": None, "gpu": gpu}
     except LlmopsError as exc:
         failed = [r["id"] for r in registry.child_runs(parent_id, "pipeline", newest_first=True)
@@ -103,6 +114,20 @@ class SweepRunConfig(StageConfig):
     parallel: int = option(1, "variants running at once", min=1)
     cluster: str | None = option(None, "Dask scheduler address, or None for the local process pool")
     cache: bool = option(True, "reuse unchanged variants")
+    search: str = option("grid", "grid: every combination; optuna: TPE sampling over `space` with pruning",
+                         choices=["grid", "optuna"])
+    space: dict[str, Any] = option({}, "optuna: parameter → distribution")
+    trials: int | None = option(None, "optuna: trials the study holds when the sweep ends", min=1)
+    metric: str | None = option(None, "optuna: the metric optimised (a pipeline run metric; reported while "
+                                      "training for pruning)")
+    direction: str = option("minimize", "optuna: minimize or maximize the metric",
+                            choices=["minimize", "maximize"])
+    pruner: str = option("median", "optuna: the pruner", choices=["none", "median", "hyperband"])
+    startup_trials: int = option(5, "optuna: trials before pruning and TPE modelling start", min=1)
+    seed: int | None = option(None, "optuna: sampler seed")
+    study: str | None = option(None, "optuna: the study name (the first sweep run's id)")
+    storage: str | None = option(None, "optuna: the study's journal file")
+    resume: str | None = option(None, "optuna: the sweep run this one resumes")
 
 
 SweepRunConfig.command = "sweep"
@@ -125,6 +150,8 @@ class SweepStage(Stage):
         from llmops_jupyter.pipelines.aggregate import compare_sweep, write_report
 
         cfg: SweepRunConfig = ctx.config
+        if cfg.search == "optuna":
+            return self._search(ctx)
         total = len(self.variants)
         parallel = max(1, min(cfg.parallel, total, len(self.gpus) or cfg.parallel))
         common = dict(parent_id=ctx.run_id, sweep=ctx.run_id, cache=cfg.cache, kernel=self.kernel, cwd=self.cwd,
@@ -167,6 +194,110 @@ class SweepStage(Stage):
             raise StageError(f"{len(failed)} of {total} sweep variants failed: {lines}",
                              fix=f"see `%llmops compare {ctx.run_id}` and `%llmops show <run>` of the failed ones")
         return {"comparison": comparison}
+
+
+    def _search(self, ctx: RunContext) -> dict[str, Any]:
+        """Ask Optuna for trials, run each as a pipeline variant (up to ``parallel`` at once), tell it the result."""
+        from optuna.trial import TrialState
+
+        from llmops_jupyter.pipelines import search
+        from llmops_jupyter.pipelines.aggregate import compare_sweep, write_report
+
+        cfg: SweepRunConfig = ctx.config
+        pruner = {"name": cfg.pruner, "startup_trials": cfg.startup_trials}
+        # On resume the sampler's seed moves on by the trials already there, so it does not replay the first draws.
+        existing = _study_size(cfg.storage, cfg.study)
+        seed = None if cfg.seed is None else cfg.seed + existing
+        study = search.create_study(cfg.storage, cfg.study, direction=cfg.direction, pruner=pruner, seed=seed,
+                                    startup_trials=cfg.startup_trials)
+        # A resumed study may hold trials whose process died with the old sweep: they never finish; mark them failed.
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        done_states = (TrialState.COMPLETE, TrialState.PRUNED)
+        before = len(study.get_trials(deepcopy=False, states=done_states))
+        todo = max(0, (cfg.trials or 0) - before)
+        dists = search.distributions(cfg.space)
+        parallel = max(1, min(cfg.parallel, todo or 1, len(self.gpus) or cfg.parallel))
+        home = str(ctx.registry.home)
+        where = f"Dask cluster {cfg.cluster}" if self.cluster is not None else f"{parallel} local process(es)"
+        ctx.log(f"optuna search: {todo} new trial(s) ({before} already in study {cfg.study}) on {where}")
+        ctx.progress(0, todo, desc="trials")
+        results: list[dict[str, Any]] = []
+        fixed = dict(cfg.parameters)
+        with _Backend(self.cluster, parallel) as backend:
+            free = list(self.gpus)
+            pending: dict[Any, tuple[str | None, Any]] = {}
+            asked = 0
+            while asked < todo or pending:
+                while asked < todo and len(pending) < parallel:
+                    trial = study.ask(dists)
+                    asked += 1
+                    gpu = free.pop(0) if free else None
+                    env = search.trial_env(cfg.storage, cfg.study, trial._trial_id, cfg.metric, pruner)
+                    fut = backend.submit(run_variant, home, cfg.notebook, {**fixed, **trial.params},
+                                         parent_id=ctx.run_id, sweep=ctx.run_id, index=trial.number,
+                                         cache=cfg.cache, gpu=gpu, kernel=self.kernel, cwd=self.cwd,
+                                         timeout=self.timeout, extra_env=env)
+                    pending[fut] = (gpu, trial)
+                for fut in backend.wait_any(list(pending)):
+                    gpu, trial = pending.pop(fut)
+                    if gpu is not None:
+                        free.append(gpu)
+                    res = backend.result(fut)
+                    res["index"] = trial.number
+                    res["params"] = dict(trial.params)
+                    value = res["metrics"].get(cfg.metric)
+                    if res["run_id"]:
+                        trial.set_user_attr("run_id", res["run_id"])
+                    if res["status"] == RunStatus.PRUNED.value:
+                        study.tell(trial, state=TrialState.PRUNED)
+                    elif res["status"] == "failed" or value is None or math.isnan(value):
+                        if res["status"] != "failed":
+                            res["error"] = f"the notebook recorded no metric '{cfg.metric}'"
+                            res["status"] = "failed"
+                        study.tell(trial, state=TrialState.FAIL)
+                    else:
+                        study.tell(trial, float(value))
+                    res["value"] = value
+                    results.append(res)
+                    ctx.progress(len(results), todo, desc="trials")
+                    ctx.log(f"trial {trial.number} {res['status']}"
+                            + (f": {cfg.metric}={value:.4g}" if value is not None else "")
+                            + f" ({_params_text(trial.params)})")
+        results.sort(key=lambda r: r["index"])
+        best = search.best_trial(study)
+        counts = {s: sum(r["status"] == s for r in results) for s in ("finished", "cached", "pruned", "failed")}
+        ctx.set_summary(trials=[{k: r.get(k) for k in ("index", "run_id", "status", "params", "value", "gpu", "error")}
+                                for r in results],
+                        best=best, study=cfg.study, storage=cfg.storage, study_trials=len(study.trials),
+                        backend="dask" if self.cluster is not None else "processes", parallel=parallel)
+        metrics = {"trials": len(results), "pruned": counts["pruned"], "failed": counts["failed"],
+                   "cached": counts["cached"]}
+        if best is not None and best["value"] is not None:
+            metrics[f"best_{cfg.metric}"] = best["value"]
+        ctx.log_metrics(metrics)
+        if best is not None:
+            ctx.log(f"best trial {best['trial']} ({best['run_id']}): {cfg.metric}={best['value']:.4g} {best['params']}")
+        comparison = compare_sweep(ctx.registry, ctx.run_id, study=study)
+        out = ctx.staging_dir("report")
+        write_report(comparison, out / "sweep-report.html")
+        ctx.save_artifact(out, "report", name=f"search {Path(cfg.notebook).stem}", meta={"file": "sweep-report.html"})
+        if results and counts["failed"] == len(results):
+            lines = "; ".join(f"trial {r['index']} ({r['run_id']}): {r['error']}" for r in results[:3])
+            raise StageError(f"all {len(results)} trials failed: {lines}",
+                             fix=f"see `%llmops show <run>` of the failed ones (`%llmops compare {ctx.run_id}`)")
+        return {"comparison": comparison, "best": best}
+
+
+def _study_size(storage: str, study: str) -> int:
+    from llmops_jupyter.pipelines import search
+
+    names = [st.study_name for st in search.open_storage(storage).get_all_studies()]
+    return len(search.load_study(storage, study).trials) if study in names else 0
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 class _Backend:
@@ -273,3 +404,84 @@ def run_sweep(
     stage = SweepStage(typed, cluster=cluster, gpus=gpus, kernel=kernel,
                        cwd=str(Path(cwd).resolve()) if cwd else None, timeout=timeout)
     return Runner(registry).run(stage, config, name=name)
+
+
+def run_search(
+    notebook: str | os.PathLike | None,
+    space: dict[str, Any] | list[str] | None = None,
+    parameters: dict[str, Any] | None = None,
+    *,
+    trials: int | None = None,
+    metric: str | None = None,
+    direction: str | None = None,
+    pruner: str | None = None,
+    startup_trials: int | None = None,
+    seed: int | None = None,
+    resume: str | None = None,
+    registry: Registry | None = None,
+    parallel: int | None = None,
+    cluster: Any = None,
+    cache: bool = True,
+    name: str | None = None,
+    kernel: str | None = None,
+    cwd: str | os.PathLike | None = None,
+    timeout: int | None = None,
+    gpus: list[str] | None = None,
+) -> RunResult:
+    """An Optuna search over ``space`` (see :mod:`llmops_jupyter.pipelines.search`); returns the ``sweep`` run.
+
+    ``resume`` names an earlier optuna sweep run: its study (storage, space, metric, direction, notebook and fixed
+    parameters unless given again) continues until it holds ``trials`` finished trials; trials already complete or
+    pruned are not repeated."""
+    from llmops_jupyter.pipelines import search
+    from llmops_jupyter.pipelines.execute import prepare
+
+    registry = registry or Registry.open()
+    prev: dict[str, Any] = {}
+    if resume:
+        old = registry.get_run(resume)
+        if old["stage"] != "sweep" or old["params"].get("search") != "optuna":
+            raise ConfigError(f"--resume {resume}: run {old['id']} is not an optuna sweep.", field="resume",
+                              value=resume, fix="pass a sweep run made with --search optuna (`%llmops runs --stage sweep`)")
+        prev = old["params"]
+        resume = old["id"]
+    space = search.parse_space(space) or prev.get("space") or {}
+    if not space:
+        raise ConfigError("--search optuna needs --space.", field="space",
+                          fix="write --space 'lr=loguniform(1e-5,1e-3)' 'rank=int(4,64)'")
+    metric = metric or prev.get("metric")
+    if not metric:
+        raise ConfigError("--search optuna needs --metric (the value to optimise).", field="metric",
+                          fix="e.g. --metric eval_loss --direction minimize")
+    trials = trials or prev.get("trials")
+    if not trials:
+        raise ConfigError("--search optuna needs --trials.", field="trials", fix="e.g. --trials 20")
+    notebook = notebook or prev.get("notebook")
+    if not notebook:
+        raise ConfigError("a search needs a notebook.", field="notebook", fix="llmops sweep NB --search optuna ...")
+    fixed = {**(prev.get("parameters") or {}), **(parameters or {})}
+    overlap = sorted(set(fixed) & set(space))
+    for k in overlap:
+        fixed.pop(k)
+    source, _nb, params, _env = prepare(notebook, fixed, registry=registry)
+    for k, d in space.items():  # every parameter typed against the notebook before the first kernel starts
+        probes = d["values"] if d["kind"] == "choice" else [d["low"], d["high"]]
+        for v in probes:
+            prepare(source, {**fixed, k: v}, registry=registry)
+    gpus = detect_gpus() if gpus is None else gpus
+    if parallel is None:
+        parallel = len(gpus) or max(1, min(trials, (os.cpu_count() or 2) // 2))
+    address = None if cluster is None else (cluster if isinstance(cluster, str)
+                                            else getattr(cluster, "scheduler_address", type(cluster).__name__))
+    run_id = f"sweep-{os.urandom(4).hex()}"
+    study = prev.get("study") or run_id
+    storage = prev.get("storage") or str(search.storage_path(registry.home, study))
+    config = SweepRunConfig(
+        notebook=str(source), grid={}, parameters=params.record, parallel=parallel, cluster=address, cache=cache,
+        search="optuna", space=space, trials=trials, metric=metric,
+        direction=direction or prev.get("direction") or "minimize", pruner=pruner or prev.get("pruner") or "median",
+        startup_trials=startup_trials or prev.get("startup_trials") or 5,
+        seed=seed if seed is not None else prev.get("seed"), study=study, storage=storage, resume=resume)
+    stage = SweepStage([], cluster=cluster, gpus=gpus, kernel=kernel, cwd=str(Path(cwd).resolve()) if cwd else None,
+                       timeout=timeout)
+    return Runner(registry).run(stage, config, name=name, run_id=run_id)

@@ -32,7 +32,8 @@ def test_lora_and_qlora_train_on_cuda_and_qlora_uses_less_memory(registry, wider
     for res in (lora, qlora):
         hist = [m["value"] for m in registry.metric_history(res.run_id, "loss")]
         assert hist[-1] < hist[0]
-        assert res.summary.get("batching") in ("flat", "flat-mask", "grouped")
+        assert res.summary.get("batching") in ("flat", "packed", "grouped")
+        assert res.summary.get("attention_kernel") and "mfu_pct" in res.metrics and "4N" in res.summary["mfu_rule"]
     assert qlora.summary["optimizer"] == "paged_adamw_8bit"
     assert qlora.metrics["peak_memory_mb"] < lora.metrics["peak_memory_mb"]
 
@@ -62,3 +63,60 @@ def test_plan_detects_the_gpu_and_estimates_a_measured_run(registry, wider_model
     est = estimate(load_arch(str(wider_model), registry), "lora", 128, 8, device_kind="gpu")
     planned = est.total - est.parts["runtime overhead"]  # the CUDA context is not in max_memory_allocated
     assert 0.5 < measured / planned < 2.0, (measured, planned)  # the planner's stated accuracy: within 2×
+
+
+def test_packing_check_picks_a_boundary_kernel_on_cuda(wider_model):
+    """On CUDA a kernel that reads boundaries from position_ids passes the probe and wins: layout `flat`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmops_jupyter.stages.finetune.kernels import VARLEN_KERNELS, candidate_kernels
+    from llmops_jupyter.stages.finetune.sft import choose_batching
+
+    model = AutoModelForCausalLM.from_pretrained(str(wider_model), dtype=torch.bfloat16, device_map={"": 0})
+    assert any(k in VARLEN_KERNELS for k in candidate_kernels(model))
+    g = torch.Generator().manual_seed(0)
+    feats = [{"input_ids": torch.randint(5, 400, (n,), generator=g).tolist()} for n in (40, 17, 33, 9, 60, 25)]
+    for f in feats:
+        f["labels"] = list(f["input_ids"])
+    choice = choose_batching(model, feats, True, torch.bfloat16, batch_size=6)
+    assert choice.kernel in VARLEN_KERNELS and choice.mode == "flat", choice
+    assert choice.max_diff == choice.max_diff and choice.max_diff < 0.1
+
+
+@pytest.mark.parametrize("kernel", ["torch_varlen", "flex_attention"])
+def test_boundary_kernels_give_per_example_logits_on_cuda(wider_model, kernel):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmops_jupyter.stages.finetune.kernels import set_kernel, torch_varlen_available
+    from llmops_jupyter.stages.finetune.sft import packed_batch
+
+    if kernel == "torch_varlen" and not torch_varlen_available():
+        pytest.skip("torch.nn.attention.varlen not in this torch")
+    model = AutoModelForCausalLM.from_pretrained(str(wider_model), dtype=torch.bfloat16, device_map={"": 0}).eval()
+    lengths = [37, 5, 12, 30]
+    g = torch.Generator().manual_seed(0)
+    feats = [{"input_ids": torch.randint(5, 400, (n,), generator=g).tolist()} for n in lengths]
+    for f in feats:
+        f["labels"] = list(f["input_ids"])
+    batch = {k: (v.cuda() if hasattr(v, "cuda") else v) for k, v in packed_batch(feats).items() if k != "labels"}
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([f["input_ids"]], device="cuda"), use_cache=False).logits[0].float()
+                 for f in feats]
+        set_kernel(model, kernel)
+        packed = model(**batch).logits[0].float()
+    at = 0
+    for n, ref in zip(lengths, alone):
+        assert (packed[at:at + n] - ref).abs().max().item() < 0.1 * max(1.0, ref.abs().max().item())
+        at += n
+
+
+def test_liger_kernels_match_the_plain_loss_and_train(registry, wider_model):
+    pytest.importorskip("liger_kernel")
+    data = _dataset(registry, wider_model)
+    res = Runner(registry).run("finetune", model=str(wider_model), data=data.hash, method="lora", dtype="bfloat16",
+                               max_steps=5, batch_size=8, seq_len=64, kernels="liger", log_every=1)
+    assert res.status == "finished"
+    assert abs(res.summary["liger_loss"] - res.summary["plain_loss"]) < 2e-2 * max(1.0, res.summary["plain_loss"])
+    assert res.summary["kernels"] == "liger"

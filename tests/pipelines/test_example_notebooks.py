@@ -59,7 +59,7 @@ def test_every_example_notebook_is_parameterised_and_explained():
 
     names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
     assert names == ["01_quickstart.ipynb", "02_qlora_merge_gptq_serve.ipynb", "03_sweep_and_compare.ipynb",
-                     "04_human_evaluation.ipynb"]
+                     "04_human_evaluation.ipynb", "05_search_and_diff.ipynb"]
     for name in names:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         assert parameters_cell_index(nb) >= 0, name

@@ -60,6 +60,14 @@ class FinetuneConfig(StageConfig):
     packing: bool = option(True, "padding-free packing: a micro-batch's examples are concatenated into rows and "
                                  "never attend across each other (verified on the attention implementation in use; "
                                  "falls back to length-grouped padding when that check fails)")
+    batching: str = option("auto", "auto: the packing check picks the attention kernel (fastest that passes its "
+                                   "contamination probe) and the cheapest layout by a cost model, and records why; "
+                                   "flat: one packed row per micro-batch; packed: rows no longer than the "
+                                   "micro-batch's longest example; grouped: length-grouped padding",
+                           choices=["auto", "flat", "packed", "grouped"])
+    kernels: str = option("none", "liger: Liger's fused linear cross-entropy, RMSNorm and SwiGLU kernels (CUDA only; "
+                                  "checked against the plain model's loss on the first batch)",
+                          choices=["none", "liger"])
     completion_only_loss: bool = option(True, "train on the response tokens only (prompt tokens are masked)")
     log_every: int = option(10, "log metrics (loss, lr, tokens/s, memory) every N optimizer steps", min=1)
     checkpoint_every: int = option(50, "save a resumable checkpoint every N steps (0: never)", min=0)

@@ -1,5 +1,5 @@
 """Live training dashboard: a plotly ``FigureWidget`` (loss, eval loss, lr, tokens/s, memory) and a status line with
-step, ETA and throughput, fed by runner events — or, for detached runs, by
+step, ETA, throughput, MFU (GPU; 4N FLOPs/token for LoRA), padding waste, the batching mode and attention kernel, fed by runner events — or, for detached runs, by
 :class:`llmops_jupyter.stages.finetune.launch.RunWatcher` polling the registry.
 
 Widgets are only drawn for the notebook front end; elsewhere the view is silent (the generic tqdm progress covers
@@ -48,6 +48,7 @@ class TrainingDashboard:
         self.done = 0.0
         self.total: float | None = None
         self.ended: str | None = None
+        self.tags: dict[str, Any] = {}  # batching mode, attention kernel (sent with progress events)
 
     @property
     def live(self) -> bool:
@@ -65,6 +66,7 @@ class TrainingDashboard:
         elif event.type is EventType.STARTED:
             self._ensure_widgets()  # drawn before the model loads: no widget start-up cost inside training
         elif event.type is EventType.PROGRESS and event.data.get("desc") == "finetune":
+            self.tags.update({k: event.data[k] for k in ("batching", "kernel", "flops_rule") if event.data.get(k)})
             self.progress(event.data.get("done") or 0, event.data.get("total"))
         elif event.type in END_EVENTS:
             self.end(str(event.type))
@@ -126,10 +128,16 @@ class TrainingDashboard:
             parts.append(f"ETA {fmt_eta(self.eta_s())}")
         for key, label, fmt in (("loss", "loss", "{:.4f}"), ("eval_loss", "eval", "{:.4f}"),
                                 ("rewards/margins", "margin", "{:+.3f}"),
-                                ("tokens_per_s", "tok/s", "{:,.0f}"), ("memory_mb", "mem MB", "{:,.0f}")):
+                                ("tokens_per_s", "tok/s", "{:,.0f}"), ("mfu_pct", "MFU", "{:.1f}%"),
+                                ("padding_pct", "padding", "{:.0f}%"), ("memory_mb", "mem MB", "{:,.0f}")):
             v = self._latest(key)
             if v is not None:
+                if key == "mfu_pct" and self.tags.get("flops_rule"):
+                    fmt = "{:.1f}% (" + self.tags["flops_rule"] + ")"
                 parts.append(f"{label} {fmt.format(v)}")
+        if self.tags.get("batching"):
+            parts.append(f"batching {self.tags['batching']}"
+                         + (f" · attention {self.tags['kernel']}" if self.tags.get("kernel") else ""))
         return " · ".join(parts)
 
     def _update_status(self, force: bool = False) -> None:

@@ -166,11 +166,24 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def real_tokens(position_ids: Any) -> int:
+    """Non-padding tokens of a packed batch: positions > 0, plus each example's first token (a 0 followed by a 1);
+    padding is a run of zeros (see :func:`.sft.packed_batch`). Rows without padding count every token."""
+    pos = position_ids if position_ids.dim() > 1 else position_ids[None]
+    if not pos.numel():
+        return 0
+    starts = (pos[:, :-1] == 0) & (pos[:, 1:] == 1)
+    return int((pos > 0).sum()) + int(starts.sum())
+
+
 class TokenCounter:
-    """Counts real (non-padding) tokens of every training forward pass — the numerator of tokens/s."""
+    """Counts real (non-padding) tokens and all positions (padding included) of every training forward pass: the
+    numerator of tokens/s and the padding-waste share. Every batch layout is counted the same way: a 2-D attention
+    mask's ones, packed rows' real tokens from their ``position_ids``, else every id."""
 
     def __init__(self) -> None:
         self.tokens = 0
+        self.positions = 0
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> None:
         import torch
@@ -179,12 +192,36 @@ class TokenCounter:
             return  # evaluation
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
+        pos = kwargs.get("position_ids")
         if mask is not None and mask.dim() == 2:
             self.tokens += int(mask.sum())
-        elif mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:  # packed rows: see packed_rows
-            self.tokens += int(mask.diagonal(dim1=-2, dim2=-1).sum())
+            self.positions += int(mask.numel())
+        elif mask is None and pos is not None and ids is not None:
+            n = real_tokens(pos.expand(ids.shape[0], -1) if pos.shape[0] != ids.shape[0] else pos)
+            self.tokens += n
+            self.positions += int(ids.numel())
         elif ids is not None:
             self.tokens += int(ids.numel())
+            self.positions += int(ids.numel())
+
+    @property
+    def padding_pct(self) -> float:
+        return 100.0 * (1 - self.tokens / self.positions) if self.positions else 0.0
+
+
+def efficiency(model: Any) -> dict[str, Any]:
+    """What MFU needs: training FLOPs per token (and the rule, 4N for LoRA) and the device's peak (None on CPU)."""
+    from llmops_jupyter.stages.finetune.kernels import flops_per_token, peak_tflops
+
+    fpt, rule = flops_per_token(model, lora=True)
+    return {"flops_per_token": fpt, "flops_rule": rule, "peak_tflops": peak_tflops()}
+
+
+def mfu_pct(tokens_per_s: float, flops_per_token: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation in % (None without a known peak, e.g. on CPU)."""
+    if not peak_tflops:
+        return None
+    return 100.0 * tokens_per_s * flops_per_token / (peak_tflops * 1e12)
 
 
 def _callback_cls():
@@ -193,23 +230,30 @@ def _callback_cls():
     class ReportCallback(TrainerCallback):
         """Trainer → reporter: progress every step, metrics every logging step, checkpoint completion marker."""
 
-        def __init__(self, reporter: Reporter, counter: TokenCounter):
+        def __init__(self, reporter: Reporter, counter: TokenCounter, *, batching: str | None = None,
+                     kernel: str | None = None, flops_per_token: float = 0.0, flops_rule: str = "",
+                     peak_tflops: float | None = None):
             self.reporter, self.counter = reporter, counter
             self.last_t = time.perf_counter()
-            self.last_tokens = 0
+            self.last_tokens = self.last_positions = 0
             self.train_loss: float | None = None
+            self.fpt, self.peak = flops_per_token, peak_tflops
+            # shown by the dashboard's status line with every progress event
+            self.tags = {k: v for k, v in (("batching", batching), ("kernel", kernel),
+                                           ("flops_rule", flops_rule if peak_tflops else None)) if v}
 
         def on_train_begin(self, args, state, control, **kw):
             self.last_t, self.last_tokens = time.perf_counter(), self.counter.tokens
-            self.reporter.progress(state.global_step, state.max_steps, desc="finetune")
+            self.reporter.progress(state.global_step, state.max_steps, desc="finetune", **self.tags)
 
         def on_step_begin(self, args, state, control, **kw):
             if getattr(self, "_first", True):  # after a resume, skipped batches were counted: start fresh
                 self._first = False
                 self.last_t, self.last_tokens = time.perf_counter(), self.counter.tokens
+                self.last_positions = self.counter.positions
 
         def on_step_end(self, args, state, control, **kw):
-            self.reporter.progress(state.global_step, state.max_steps, desc="finetune")
+            self.reporter.progress(state.global_step, state.max_steps, desc="finetune", **self.tags)
             self._maybe_stop(control)
 
         def on_evaluate(self, args, state, control, **kw):
@@ -235,10 +279,15 @@ def _callback_cls():
                 values["lr"] = logs.get("learning_rate")
                 if logs.get("grad_norm") is not None:
                     values["grad_norm"] = logs["grad_norm"]
-                values["tokens_per_s"] = (self.counter.tokens - self.last_tokens) / max(now - self.last_t, 1e-9)
+                tokens = self.counter.tokens - self.last_tokens
+                values["tokens_per_s"] = tokens / max(now - self.last_t, 1e-9)
+                positions = self.counter.positions - self.last_positions
+                if positions:
+                    values["padding_pct"] = 100.0 * (1 - tokens / positions)
+                values["mfu_pct"] = mfu_pct(values["tokens_per_s"], self.fpt, self.peak)
                 values["memory_mb"] = peak_memory_mb()
                 values["epoch"] = logs.get("epoch")
-                self.last_t, self.last_tokens = now, self.counter.tokens
+                self.last_t, self.last_tokens, self.last_positions = now, self.counter.tokens, self.counter.positions
             if "eval_loss" in logs:
                 values["eval_loss"] = logs["eval_loss"]
             # preference tuning (DPO): rewards and log-probs per logging step and per evaluation
@@ -293,14 +342,27 @@ def reset_peak_memory() -> None:
 
 def finish_run(trainer: Any, model: Any, counter: TokenCounter, metrics: dict[str, float], *, dtype: Any,
                batching: str, train_examples: int, eval_examples: int, tokenizer: Any, adapter_dir: Path | None,
-               save_kwargs: dict[str, Any] | None = None, **extra: Any) -> TrainOutput:
-    """Throughput and peak memory into ``metrics``, the run summary, and the adapter saved (rank 0): what supervised
-    and preference training report alike."""
+               save_kwargs: dict[str, Any] | None = None, efficiency: dict[str, Any] | None = None,
+               **extra: Any) -> TrainOutput:
+    """Throughput, padding waste, MFU (GPU) and peak memory into ``metrics``, the run summary, and the adapter saved
+    (rank 0): what supervised and preference training report alike."""
     metrics["train_tokens_per_s"] = counter.tokens / max(metrics.get("train_runtime_s", 0.0), 1e-9)
+    metrics["padding_waste_pct"] = counter.padding_pct
     metrics["peak_memory_mb"] = peak_memory_mb()
+    if efficiency:
+        mfu = mfu_pct(metrics["train_tokens_per_s"], efficiency["flops_per_token"], efficiency["peak_tflops"])
+        if mfu is not None:
+            metrics["mfu_pct"] = mfu
+        extra = {**extra, "flops_per_token": efficiency["flops_per_token"],
+                 "mfu_rule": f"{efficiency['flops_rule']} FLOPs/token (LoRA: frozen base, no weight gradients), "
+                             + (f"peak {efficiency['peak_tflops']:g} TFLOP/s bf16" if efficiency["peak_tflops"]
+                                else "no MFU: no known accelerator peak (CPU)")}
     optim = trainer.args.optim
     info = {"batching": batching, "optimizer": str(getattr(optim, "value", optim)),
-            "steps": trainer.state.global_step, "tokens": counter.tokens, "dtype": str(dtype).replace("torch.", ""),
+            "steps": trainer.state.global_step, "tokens": counter.tokens, "positions": counter.positions,
+            "padding_waste_pct": round(counter.padding_pct, 2),
+            **({"mfu_pct": round(metrics["mfu_pct"], 2)} if "mfu_pct" in metrics else {}),
+            "dtype": str(dtype).replace("torch.", ""),
             **extra,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total_params": sum(p.numel() for p in model.parameters()),

@@ -117,6 +117,40 @@ def test_twenty_concurrent_requests_none_hang_none_lost(served):
     assert sum(r["status"] == 429 for r in rows) == results.count("429")
 
 
+def test_busy_server_answers_429_with_retry_after(served, monkeypatch):
+    """Both generation slots held (the engine is made to wait): the next request waits --queue-timeout, then gets
+    429 with Retry-After, and the refusal is in the request log. Deterministic: no race on generation speed."""
+    engine = served.handle.serve_ctx.engine
+    gate = threading.Event()
+    real_submit = engine.submit
+    holding: list[object] = []
+
+    def held(req):  # called after the request took its slot
+        holding.append(req)
+        threading.Thread(target=lambda: (gate.wait(60), real_submit(req)), daemon=True).start()
+        return req
+
+    monkeypatch.setattr(engine, "submit", held)
+    holders = [threading.Thread(target=lambda: served.client.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "hold a slot"}], max_tokens=4)) for _ in range(2)]
+    for t in holders:
+        t.start()
+    deadline = time.monotonic() + 300  # generous: a loaded CI machine, not a timing assertion
+    while len(holding) < 2:  # both slots taken before the probe
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with pytest.raises(openai.RateLimitError) as info:
+        served.client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "busy?"}],
+                                              max_tokens=4)
+    gate.set()
+    for t in holders:
+        t.join(60)
+    assert info.value.response.headers["retry-after"] == "1"
+    assert "generation slots" in str(info.value)
+    served.handle.serve_ctx.log.flush()
+    assert any(r["status"] == 429 and r["prompt"] == "busy?" for r in served.reg.requests())
+
+
 def test_pii_is_scrubbed_before_storage(served):
     raw = ["jane.doe@example.org", "4111 1111 1111 1111", "+1 415 555 0199", "203.0.113.77"]
     prompt = f"My email is {raw[0]}, card {raw[1]}, phone {raw[2]}, server {raw[3]}. Summarise."
@@ -192,37 +226,3 @@ def test_stop_via_magic_finishes_in_flight_stream(served, shell, monkeypatch):
     assert sum(r["prompt"] == "in flight" and r["status"] == 200 for r in served.reg.requests()) == 1
     with pytest.raises(openai.APIConnectionError):
         served.client.models.list()
-
-
-def test_busy_server_answers_429_with_retry_after(served, monkeypatch):
-    """Both generation slots held (the engine is made to wait): the next request waits --queue-timeout, then gets
-    429 with Retry-After, and the refusal is in the request log. Deterministic: no race on generation speed."""
-    engine = served.handle.serve_ctx.engine
-    gate = threading.Event()
-    real_submit = engine.submit
-    holding: list[object] = []
-
-    def held(req):  # called after the request took its slot
-        holding.append(req)
-        threading.Thread(target=lambda: (gate.wait(60), real_submit(req)), daemon=True).start()
-        return req
-
-    monkeypatch.setattr(engine, "submit", held)
-    holders = [threading.Thread(target=lambda: served.client.chat.completions.create(
-        model="tiny-llama", messages=[{"role": "user", "content": "hold a slot"}], max_tokens=4)) for _ in range(2)]
-    for t in holders:
-        t.start()
-    deadline = time.monotonic() + 30
-    while len(holding) < 2:  # both slots taken before the probe
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    with pytest.raises(openai.RateLimitError) as info:
-        served.client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "busy?"}],
-                                              max_tokens=4)
-    gate.set()
-    for t in holders:
-        t.join(60)
-    assert info.value.response.headers["retry-after"] == "1"
-    assert "generation slots" in str(info.value)
-    served.handle.serve_ctx.log.flush()
-    assert any(r["status"] == 429 and r["prompt"] == "busy?" for r in served.reg.requests())

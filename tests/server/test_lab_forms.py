@@ -1,0 +1,77 @@
+"""``%llmops plan --form`` in JupyterLab in a real Chromium: the form renders, a bad value shows the magic's
+message beside its field, Run shows the equivalent line and the command's output.
+
+Needs Debian's ``chromium`` and Python Playwright (as test_lab_browser.py). Screenshots: ``test-artifacts/lab/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+SHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "lab"
+
+
+def write_notebook(path: Path) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("%load_ext llmops_jupyter\n%llmops plan --form")]
+    nbformat.write(nb, str(path))
+
+
+def test_plan_form_in_lab(lab_server):
+    exe = shutil.which("chromium")
+    if exe is None:
+        message = "Debian chromium is not installed (apt-get install -y chromium; `make test` does it)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    sync_api = pytest.importorskip("playwright.sync_api")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    write_notebook(lab_server.root / "forms.ipynb")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 950})
+            page.goto(f"{lab_server.url}/lab/tree/forms.ipynb?token={lab_server.token}")
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
+            form = page.locator(".llmops-form")
+            for _ in range(4):  # the first keypress can land before the editor and kernel are ready
+                page.wait_for_timeout(3000)
+                page.locator(".jp-NotebookPanel .jp-Cell .jp-InputArea-editor").first.click()
+                page.keyboard.press("Shift+Enter")
+                try:
+                    form.wait_for(timeout=30_000)
+                    break
+                except sync_api.TimeoutError:
+                    page.screenshot(path=str(SHOTS / "20-form-waiting.png"))
+            form.wait_for(timeout=30_000)
+            model = page.locator(".llmops-field-model input")
+            model.fill("Llama-3.1-8B")
+            rank = page.locator(".llmops-field-rank input")
+            rank.fill("0")
+            error = page.locator(".llmops-field-rank .llmops-form-error")
+            page.wait_for_function("el => el.textContent.includes('--rank must be >= 1')", arg=error.element_handle(),
+                                   timeout=30_000)
+            assert "plan: --rank must be >= 1 and <= 4096 (got 0)" in error.inner_text()
+            page.screenshot(path=str(SHOTS / "20-form-invalid.png"))
+            rank.fill("8")
+            page.wait_for_function("el => el.textContent.trim() === ''", arg=error.element_handle(), timeout=30_000)
+            page.locator("button.llmops-form-run").click()
+            out = page.locator(".llmops-form .jp-OutputArea-output")
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.llmops-form .jp-OutputArea-output')]"
+                ".some(e => e.textContent.includes('Equivalent cell: %llmops plan --model Llama-3.1-8B --rank 8'))",
+                timeout=60_000)
+            assert out.count() >= 2  # the line, then the plan itself
+            page.screenshot(path=str(SHOTS / "21-form-run.png"))
+        finally:
+            browser.close()
