@@ -104,10 +104,10 @@ def _peft_model(model: str):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
 
-    from llmops_jupyter.stages.finetune.train import resolve_dtype
+    from llmops_jupyter.stages.finetune.train import compute_dtype
 
     cuda = torch.cuda.is_available()
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=resolve_dtype("auto"),
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=compute_dtype("auto"),
                                                 **({"device_map": {"": 0}} if cuda else {}))
     base.config.use_cache = False
     set_seed(0)
@@ -118,13 +118,13 @@ def _peft_model(model: str):
 def _common_args(steps: int, bs: int) -> dict:
     import torch
 
-    from llmops_jupyter.stages.finetune.train import resolve_dtype
+    from llmops_jupyter.stages.finetune.train import compute_dtype
 
     cuda = torch.cuda.is_available()
     return dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=bs, max_steps=steps,
                 learning_rate=LORA["lr"], lr_scheduler_type="cosine", seed=0, data_seed=0, report_to=[],
                 disable_tqdm=True, logging_steps=1, save_strategy="no", use_cpu=not cuda,
-                bf16=cuda and resolve_dtype("auto") == torch.bfloat16,
+                bf16=cuda and compute_dtype("auto") == torch.bfloat16,
                 optim="adamw_torch_fused" if cuda else "adamw_torch", dataloader_num_workers=0)
 
 

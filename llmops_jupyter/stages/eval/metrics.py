@@ -246,8 +246,8 @@ def _support(texts: list[str], examples: list[dict[str, Any]]) -> list[float]:
     context sentence. The score is the larger of the two — monitoring calls a response *unsupported* only when
     both are low, so eval and monitoring agree on what "grounded" means.
     """
+    from llmops_jupyter.models.embeddings import embed
     from llmops_jupyter.stages.monitor.analysis import context_support
-    from llmops_jupyter.stages.monitor.embed import embed
 
     out = []
     for text, ex in zip(texts, examples):

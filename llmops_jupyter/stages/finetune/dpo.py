@@ -125,18 +125,18 @@ def train_dpo(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eva
     from llmops_jupyter.stages.finetune.train import (
         TokenCounter,
         _callback_cls,
+        compute_dtype,
         finish_run,
         free_memory,
         load_model,
         oom_guard,
         release,
         reset_peak_memory,
-        resolve_dtype,
         trainer_kwargs,
     )
 
     check_pairs(train_rows, str(model_ref))
-    dtype = resolve_dtype(cfg.dtype)
+    dtype = compute_dtype(cfg.dtype)
     reset_peak_memory()
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if tokenizer.pad_token is None:

@@ -24,12 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmops_jupyter.core.capture import PROGRESS_FILE
 from llmops_jupyter.core.env import pid_alive, process_gone
 from llmops_jupyter.core.errors import NotFoundError, ResourceError, StageError
 from llmops_jupyter.core.files import atomic_write_json
 from llmops_jupyter.core.runner import Event, EventType
 from llmops_jupyter.stages.finetune.dashboard import TrainingDashboard
-from llmops_jupyter.stages.finetune.train import PROGRESS_FILE, Reporter, TrainOutput, run_dir
+from llmops_jupyter.stages.finetune.train import Reporter, TrainOutput, run_dir
 
 if TYPE_CHECKING:
     from llmops_jupyter.core.runner import RunContext
@@ -45,25 +46,12 @@ def _interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: stop cleanly, kee
 
 def run_detached(home: str, run_id: str, params: dict) -> int:
     os.environ["LLMOPS_HOME"] = home
-    from llmops_jupyter.core.files import atomic_write_json
-    from llmops_jupyter.core.runner import EventType, Runner
+    from llmops_jupyter.core.runner import Runner
     from llmops_jupyter.registry import Registry
 
-    registry = Registry(home)
-    progress = run_dir(registry, run_id) / PROGRESS_FILE
-    last = [0.0]
-
-    def write_progress(event) -> None:
-        if event.type is EventType.PROGRESS:
-            now = time.time()
-            done, total = event.data.get("done"), event.data.get("total")
-            if now - last[0] > 0.5 or done == total:
-                last[0] = now
-                atomic_write_json(progress, {"done": done, "total": total, "ts": now, "pid": os.getpid()})
-
-    runner = Runner(registry, listeners=[write_progress])
+    # The Runner keeps runs/<run>/progress.json current while the stage runs (core.capture), as in any process.
     try:
-        runner.run("finetune", params, run_id=run_id, adopt=True)
+        Runner(Registry(home)).run("finetune", params, run_id=run_id, adopt=True)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -34,6 +34,7 @@ from llmops_jupyter.stages.finetune.train import (
     TokenCounter,
     TrainOutput,
     _callback_cls,
+    compute_dtype,
     efficiency,
     finish_run,
     free_memory,
@@ -41,7 +42,6 @@ from llmops_jupyter.stages.finetune.train import (
     oom_guard,
     release,
     reset_peak_memory,
-    resolve_dtype,
     trainer_kwargs,
 )
 
@@ -341,7 +341,7 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
     """Run one training; write the adapter to ``adapter_dir`` (rank 0). Used in-process and by the workers."""
     from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
 
-    dtype = resolve_dtype(cfg.dtype)
+    dtype = compute_dtype(cfg.dtype)
     reset_peak_memory()
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if tokenizer.pad_token is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llmops_jupyter.core.errors import NotFoundError, ResourceError, StageError
+from llmops_jupyter.core.runner import free_memory
 
 if TYPE_CHECKING:
     from llmops_jupyter.registry import Registry
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 COMPLETE_MARKER = "llmops-complete"
 
 
-PROGRESS_FILE = "progress.json"
 
 
 class Reporter(Protocol):
@@ -85,7 +84,9 @@ def last_checkpoint(registry: Registry, run_id: str) -> tuple[int, Path] | None:
     return None
 
 
-def resolve_dtype(name: str) -> Any:
+def compute_dtype(name: str) -> Any:
+    """The dtype to train in: ``auto`` = bfloat16 on GPUs that support it, else float32 (a checkpoint's saved dtype
+    is :func:`llmops_jupyter.models.tools.checkpoint_dtype`)."""
     import torch
 
     if name == "auto":
@@ -325,13 +326,6 @@ def oom_guard(cfg: FinetuneConfig, model_ref: str) -> Iterator[None]:
         raise ResourceError(message, fix=fix) from None
 
 
-def free_memory() -> None:
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def reset_peak_memory() -> None:
     """Peak memory reported for a run is that run's, not the kernel's since it started."""
     torch = sys.modules.get("torch")
@@ -406,8 +400,3 @@ def trainer_kwargs(cfg: FinetuneConfig, out_dir: Path, dtype: Any, *, has_eval: 
         bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16, use_cpu=not cuda,
         dataloader_num_workers=0,
     )
-
-
-def progress_file(home: Path, run_id: str) -> Path:
-    """The detached worker's progress file, read by ``%llmops attach``."""
-    return Path(home) / "runs" / run_id / PROGRESS_FILE

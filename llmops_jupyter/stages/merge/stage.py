@@ -75,7 +75,7 @@ class MergeStage(Stage):
                 "or corrupts the adapter delta.",
                 fix="pass --base with the full/half-precision base checkpoint (add --dequantize-nf4 for a QLoRA "
                     "adapter)")
-        dtype = mt.resolve_dtype(cfg.dtype, base.path)
+        dtype = mt.checkpoint_dtype(cfg.dtype, base.path)
         tol = cfg.tolerance if cfg.tolerance is not None else mt.default_tolerance(dtype)
 
         dataset = mt.load_data(cfg.data, ctx.registry, mt.upstream_dataset(ctx.registry, adapter.artifact))

@@ -74,7 +74,11 @@ def length(text: str) -> int:
 def drift_report(ref_texts: list[str], cur_texts: list[str], *, embed_fn: Any = None) -> dict[str, float]:
     """All drift scores for two lists of prompts."""
     if embed_fn is None:
-        from llmops_jupyter.stages.monitor.embed import embed as embed_fn
+        from functools import partial
+
+        from llmops_jupyter.models.embeddings import embed
+
+        embed_fn = partial(embed, extra="monitor")
     out = embedding_drift(embed_fn(ref_texts), embed_fn(cur_texts))
     ref_len, cur_len = [length(t) for t in ref_texts], [length(t) for t in cur_texts]
     out["length_psi"] = psi(ref_len, cur_len)

@@ -121,7 +121,11 @@ class MonitorStage(Stage):
         embed_fn = None
         if rag or cfg.reference:
             try:
-                from llmops_jupyter.stages.monitor.embed import embed as embed_fn
+                from functools import partial
+
+                from llmops_jupyter.models.embeddings import embed
+
+                embed_fn = partial(embed, extra="monitor")
             except ImportError:  # pragma: no cover - the extra is missing
                 embed_fn = None
         for r, (context, question) in rag:
