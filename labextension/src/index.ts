@@ -7,9 +7,11 @@ import { ICommandPalette, ToolbarButton } from '@jupyterlab/apputils';
 import { DocumentRegistry, DocumentWidget } from '@jupyterlab/docregistry';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { LabIcon, runIcon } from '@jupyterlab/ui-components';
+import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
 import { Widget } from '@lumino/widgets';
 
 import { DEFAULT_SETTINGS, IPanelSettings, LlmopsPanel } from './panel';
+import { nextCellFactory } from './nextcell';
 import { notifyJob, runAsPipeline } from './pipeline';
 
 const PLUGIN_ID = 'llmops-jupyter:plugin';
@@ -42,13 +44,17 @@ const plugin: JupyterFrontEndPlugin<void> = {
   id: PLUGIN_ID,
   description: 'Registry runs, lineage, resources and run-as-pipeline for llmops-jupyter.',
   autoStart: true,
-  optional: [ISettingRegistry, ICommandPalette, ILayoutRestorer],
+  optional: [ISettingRegistry, ICommandPalette, ILayoutRestorer, IRenderMimeRegistry],
   activate: (
     app: JupyterFrontEnd,
     settingRegistry: ISettingRegistry | null,
     palette: ICommandPalette | null,
-    restorer: ILayoutRestorer | null
+    restorer: ILayoutRestorer | null,
+    rendermime: IRenderMimeRegistry | null
   ) => {
+    if (rendermime) {
+      rendermime.addFactory(nextCellFactory(app), 0);  // config forms: the equivalent line in a new cell
+    }
     const openNotebook = (path: string) => void app.commands.execute('docmanager:open', { path });
     const panel = new LlmopsPanel({ openNotebook });
     panel.title.icon = llmopsIcon;

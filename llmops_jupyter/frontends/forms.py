@@ -18,7 +18,9 @@ import enum
 import html
 import re
 import shlex
+import time
 import typing
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -513,12 +515,16 @@ class ConfigForm:
             return None
         config = self.config()
         self.last_line = self.line()
-        if self.shell is not None and hasattr(self.shell, "set_next_input"):
-            self.shell.set_next_input(self.last_line, replace=False)
+        clicked = _from_widget_click(self.shell)
+        if not clicked and self.shell is not None and hasattr(self.shell, "set_next_input"):
+            self.shell.set_next_input(self.last_line, replace=False)  # inside a cell execution: Jupyter adds it
         self.output.clear_output()
         show = self._display or ipy_display
         with self.output:
             print(f"Equivalent cell: {self.last_line}")
+            if clicked:  # a click in the browser: the Lab extension inserts the cell (labextension/src/nextcell.ts)
+                ipy_display({NEXT_CELL_MIME: {"source": self.last_line, "id": uuid.uuid4().hex,
+                                              "ts": time.time() * 1000}, "text/plain": ""}, raw=True)
             try:
                 self.result = execute(self.cmd, config, front_end="magic", shell=self.shell, display=show)
                 if not self.cmd.is_stage and self.result is not None:  # a view's result is the cell's Out
@@ -539,6 +545,20 @@ def _placeholder(spec: FieldSpec) -> Any:
     if spec.kind == "list":
         return ["x"]
     return "x"
+
+
+NEXT_CELL_MIME = "application/vnd.llmops.next-cell+json"
+
+
+def _from_widget_click(shell: Any) -> bool:
+    """Whether this code runs for a widget message (a click in the browser) rather than a cell execution: only
+    an execution reply can carry IPython's ``set_next_input`` to the front end."""
+    kernel = getattr(shell, "kernel", None)
+    try:
+        parent = kernel.get_parent("shell") if kernel is not None else None
+    except Exception:  # noqa: BLE001 - an older ipykernel or no kernel (terminal IPython)
+        return False
+    return bool(parent) and parent.get("header", {}).get("msg_type") == "comm_msg"
 
 
 def _current_shell() -> Any:

@@ -72,6 +72,12 @@ def test_plan_form_in_lab(lab_server):
                 ".some(e => e.textContent.includes('Equivalent cell: %llmops plan --model Llama-3.1-8B --rank 8'))",
                 timeout=60_000)
             assert out.count() >= 2  # the line, then the plan itself
+            # the Lab extension put the exact line into a new cell below the form's cell
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.jp-NotebookPanel .jp-Cell .jp-InputArea-editor')]"
+                ".some(e => e.textContent.includes('%llmops plan --model Llama-3.1-8B --rank 8'))", timeout=30_000)
+            editors = page.locator(".jp-NotebookPanel .jp-Cell .jp-InputArea-editor").all_inner_texts()
+            assert [e.strip() for e in editors].count("%llmops plan --model Llama-3.1-8B --rank 8") == 1, editors
             page.screenshot(path=str(SHOTS / "21-form-run.png"))
         finally:
             browser.close()
