@@ -19,7 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv install test test-fast smoke-extras demo bench lab lint clean labext labext-dev browser-deps
+.PHONY: venv install test test-fast test-gguf smoke-extras demo bench lab lint clean labext labext-dev browser-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,18 @@ test: labext $(STAMP) labext-dev browser-deps
 # The inner loop: everything not marked slow or browser (under 3 minutes on 2 cores).
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+
+# The llama.cpp runtime tests (marked `gguf`; `make test` deselects them): installs the [gguf] extra, whose
+# llama-cpp-python builds llama.cpp from source once (~7 min on 2 cores). The built wheel is kept in build/wheels
+# (git-ignored) and in pip's wheel cache, so later runs and fresh venvs on this machine reuse it.
+GGUF_WHEELS := build/wheels
+test-gguf: $(STAMP)
+	@mkdir -p $(GGUF_WHEELS)
+	@ls $(GGUF_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+		CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(PIP) wheel --no-deps -w $(GGUF_WHEELS) \
+		"llama-cpp-python>=0.3.36,<0.4"
+	$(PIP) install -q --find-links $(GGUF_WHEELS) -e '.[$(EXTRAS),gguf]'
+	$(PY) -m pytest -m gguf tests/stages/export $(PYTEST_ARGS)
 
 # Build the wheel, install it per README install line into fresh venvs, run tools/smoke_extra_check.py in each.
 smoke-extras: labext

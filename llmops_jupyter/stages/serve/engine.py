@@ -208,3 +208,130 @@ class Engine:
             if not req.future.done():
                 req.future.set_exception(exc)
             push("error", exc)
+
+
+class LlamaCppEngine:
+    """The same engine interface over llama.cpp (``llama-cpp-python``) for a ``gguf`` model version.
+
+    One worker thread owns the ``Llama`` object (it is not thread-safe); requests run one at a time (llama.cpp's
+    own batching is per sequence here, so ``max_batch`` is accepted and ignored). Chat prompts are rendered with the
+    chat template stored in the GGUF, as ``Llama.create_chat_completion`` does, so what was parity-checked at export
+    is what is served.
+    """
+
+    def __init__(self, model: ModelRef | str, *, registry: Any = None, device: str | None = None,
+                 max_batch: int = 8, batch_wait_s: float = 0.01, n_ctx: int = 4096):
+        from pathlib import Path
+
+        from llmops_jupyter.stages.export.convert import read_metadata
+        from llmops_jupyter.stages.export.parity import gguf_file, load_llama
+
+        self.model_ref = model
+        path = gguf_file(Path(getattr(model, "path", model)))
+        meta = read_metadata(path)
+        arch = meta.get("general.architecture", "llama")
+        self.context_length = int(min(n_ctx, int(meta.get(f"{arch}.context_length", n_ctx) or n_ctx)))
+        gpu = bool(device and device.startswith("cuda"))
+        self.llm = load_llama(path, n_ctx=self.context_length, n_gpu_layers=-1 if gpu else 0)
+        self.template = meta.get("tokenizer.chat_template")
+        self._bos = self._piece(self.llm.token_bos())
+        self._eos = self._piece(self.llm.token_eos())
+        self.max_batch = 1
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="llmops-serve-llamacpp", daemon=True)
+        self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0}
+        self._thread.start()
+
+    def _piece(self, tok: int) -> str:
+        return self.llm.detokenize([tok], special=True).decode("utf-8", errors="replace") if tok >= 0 else ""
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        if self.template:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            return Jinja2ChatFormatter(template=self.template, eos_token=self._eos, bos_token=self._bos)(
+                messages=messages).prompt
+        from llmops_jupyter.stages.data.format import render
+
+        return render([*messages, {"role": "assistant", "content": ""}], None)["prompt"]
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        if not self._thread.is_alive():
+            req.future.set_exception(RuntimeError("the generation engine is stopped"))
+            return req
+        self._queue.put(req)
+        return req
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+        close = getattr(self.llm, "close", None)
+        if close is not None and not self._thread.is_alive():
+            close()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            self._run(item)
+
+    def _kwargs(self, req: GenRequest) -> dict[str, Any]:
+        kw: dict[str, Any] = {"max_tokens": req.max_tokens, "stop": list(req.stop) or None, "seed": req.seed}
+        if req.temperature > 0:
+            kw.update(temperature=req.temperature, top_p=req.top_p)
+        else:
+            kw.update(temperature=0.0, top_k=1)
+        return kw
+
+    def _run(self, req: GenRequest) -> None:
+        try:
+            if req.stream is None:
+                out = self.llm.create_completion(req.prompt, **self._kwargs(req))
+                choice, usage = out["choices"][0], out["usage"]
+                result = GenResult(choice["text"], usage["prompt_tokens"], usage["completion_tokens"],
+                                   choice.get("finish_reason") or "stop")
+                req.future.set_result(result)
+            else:
+                loop, q = req.stream
+
+                def push(kind: str, value: Any) -> None:
+                    loop.call_soon_threadsafe(q.put_nowait, (kind, value))
+
+                text, tokens, finish = "", 0, "length"
+                prompt_tokens = self.count_tokens(req.prompt)
+                for chunk in self.llm.create_completion(req.prompt, stream=True, **self._kwargs(req)):
+                    if req.cancelled.is_set():
+                        finish = "stop"
+                        break
+                    choice = chunk["choices"][0]
+                    piece = choice.get("text") or ""
+                    if piece:
+                        tokens += 1
+                        text += piece
+                        push("text", piece)
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
+                result = GenResult(text, prompt_tokens, tokens, finish)
+                req.future.set_result(result)
+                push("end", result)
+            self.stats["requests"] += 1
+            self.stats["batches"] += 1
+            self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], 1)
+        except BaseException as exc:  # noqa: BLE001 - the waiting request learns about the failure
+            if not req.future.done():
+                req.future.set_exception(exc)
+            if req.stream is not None:
+                loop, q = req.stream
+                loop.call_soon_threadsafe(q.put_nowait, ("error", exc))
+
+
+def make_engine(model: ModelRef, **kwargs: Any) -> Engine | LlamaCppEngine:
+    """The engine for a model version: llama.cpp for a ``gguf`` artifact, transformers for everything else."""
+    if getattr(model, "kind", None) == "gguf":
+        return LlamaCppEngine(model, **kwargs)
+    return Engine(model, **kwargs)

@@ -170,9 +170,20 @@ class ServeStage(Stage):
             return {"stopped": Table(["deployment", "status", "url", "stopped"], rows, title="Stopped")}
 
         from llmops_jupyter.models.refs import use_model
+        from llmops_jupyter.stages.export.stage import resolve_gguf
         from llmops_jupyter.stages.serve.app import Limits, ServeContext, key_id
 
-        m = use_model(ctx, cfg.model)
+        m = resolve_gguf(cfg.model, reg)  # a GGUF version is served by llama.cpp behind the same app
+        if m is not None:
+            from llmops_jupyter.core.extras import check
+
+            check(["gguf"], feature="%llmops serve of a GGUF model")
+            if cfg.detach:
+                raise ConfigError("serve: --detach does not serve GGUF models yet.", field="detach",
+                                  fix="serve it in the kernel or in the foreground (`llmops serve --model ...`)")
+            ctx.use(m.artifact)
+        else:
+            m = use_model(ctx, cfg.model)
         from llmops_jupyter.stages.adapt.augment import RequestAdapter
 
         adapter = RequestAdapter.from_refs(reg, cfg.prompt, cfg.rag, cfg.rag_k)  # fails before the port is bound
@@ -219,11 +230,11 @@ class ServeStage(Stage):
                 serve_ctx = None
             else:
                 from llmops_jupyter.stages.monitor.otel import exporter_from_env
-                from llmops_jupyter.stages.serve.engine import Engine
+                from llmops_jupyter.stages.serve.engine import make_engine
                 from llmops_jupyter.stages.serve.reqlog import RequestLog
 
                 ctx.progress(0, 1, "loading model")
-                engine = Engine(m, registry=reg, device=cfg.device, max_batch=cfg.max_batch)
+                engine = make_engine(m, registry=reg, device=cfg.device, max_batch=cfg.max_batch)
                 ctx.progress(1, 1, "loading model")
                 serve_ctx = ServeContext(engine=engine, limits=limits, deployment=dep_id, model_name=m.name,
                                          model_hash=model_hash, key_hashes=key_hashes,

@@ -1,0 +1,1 @@
+"""Export a model version to GGUF (llama.cpp / Ollama) with a deploy-parity gate (``%llmops gguf``, ``parity``)."""
