@@ -169,3 +169,5 @@ def test_example_notebook_05_runs_on_the_tiny_model(home, tmp_path, tiny_model):
     text = "\n".join(texts)
     assert "best trial" in text and "4 trials" in text and "diff finetune-" in text
     assert "Optuna: optimisation history" in titles and any(t.startswith("Training curves") for t in titles)
+    form_out = done.cells[-1].outputs  # the closing form cell: a widget view (with its text fallback)
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in form_out), form_out
