@@ -12,6 +12,14 @@ from pathlib import Path
 import pytest
 
 
+def pytest_ignore_collect(collection_path, config):
+    """The llama.cpp runtime module imports ``llama_cpp`` at collection: not collected at all unless ``-m`` names
+    ``gguf`` (an import skip would be a failure under CI=true, and these tests are not part of ``make test``)."""
+    if collection_path.name == "test_gguf_runtime.py" and "gguf" not in (config.getoption("markexpr") or ""):
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     if "gguf" in (config.getoption("markexpr") or ""):
         return
