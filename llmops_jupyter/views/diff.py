@@ -20,7 +20,8 @@ from llmops_jupyter.core.display import Table
 from llmops_jupyter.core.stage import CommandEnv, command
 
 #: run-summary keys that describe how a run computed (batching mode, attention kernel, precision)
-KERNEL_KEYS = ("batching", "attn_implementation", "attention", "dtype", "optimizer", "launcher")
+KERNEL_KEYS = ("batching", "attention_kernel", "attn_implementation", "attention", "kernels", "dtype", "optimizer",
+               "launcher")
 #: summary keys shown as run outcomes, not as causes
 _SKIP_SUMMARY = {"checkpoints", "inputs", "cells", "children", "output_notebook", "notebook_artifact", "trials",
                  "variants", "base_model_path"}
