@@ -235,3 +235,19 @@ def test_packing_check_tolerates_kernel_noise_but_not_leaks(model):
     assert "kernel noise" in choice.describe()
     noisy = choose_batching(ShortInputsNoisy(model, 0.5), feats, True, torch.float32, kernels=["sdpa"])
     assert noisy.mode == "grouped" and "noise" in noisy.reason
+
+
+def test_dashboard_status_shows_efficiency_mode_and_kernel():
+    """What the live view tells the user about efficiency: MFU with its FLOPs rule (GPU), padding waste, the batching
+    mode and the attention kernel, as the training callback sends them."""
+    from llmops_jupyter.core.runner import Event, EventType
+    from llmops_jupyter.stages.finetune.dashboard import TrainingDashboard
+
+    view = TrainingDashboard(front_end="python")
+    view(Event(EventType.PROGRESS, "r", "finetune", {"done": 2, "total": 10, "desc": "finetune", "batching": "packed",
+                                                     "kernel": "sdpa", "flops_rule": "4N FLOPs/token"}))
+    view(Event(EventType.METRIC, "r", "finetune", {"values": {"loss": 1.5, "mfu_pct": 31.25, "padding_pct": 12.0},
+                                                   "step": 2}))
+    text = view.status_text()
+    assert "MFU 31.2% (4N FLOPs/token)" in text and "padding 12%" in text
+    assert "batching packed · attention sdpa" in text
