@@ -46,7 +46,8 @@ def test_plan_form_in_lab(lab_server):
             form = page.locator(".llmops-form")
             for _ in range(4):  # the first keypress can land before the editor and kernel are ready
                 page.wait_for_timeout(3000)
-                page.locator(".jp-NotebookPanel .jp-Cell .jp-InputArea-editor").first.click()
+                # the visible notebook: Lab may restore another one (an earlier test's) in a background tab
+                page.locator(".jp-NotebookPanel .jp-Cell .jp-InputArea-editor:visible").first.click()
                 page.keyboard.press("Shift+Enter")
                 try:
                     form.wait_for(timeout=30_000)

@@ -118,6 +118,6 @@ def test_missing_extra_is_one_line(shell, home, monkeypatch):
         with pytest.raises(MissingDependencyError) as info:
             shell.run_line_magic("llmops", line)
         text = str(info.value)
-        assert "\n" not in text and "'llama-cpp-python'" in text, text
+        assert "\n" not in text and "llama-cpp-python" in text, text
         assert "pip install 'llmops-jupyter[gguf]'" in text
     assert not home.exists()
