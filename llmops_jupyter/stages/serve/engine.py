@@ -56,7 +56,33 @@ def apply_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-class Engine:
+class _Worker:
+    """One worker thread owns the model and takes requests from a queue (what every engine shares)."""
+
+    def _start_worker(self, name: str) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0}
+        self._thread.start()
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        if not self._thread.is_alive():
+            req.future.set_exception(RuntimeError("the generation engine is stopped"))
+            return req
+        self._queue.put(req)
+        return req
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Finish what is queued, then end the worker thread."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    def _work(self) -> None:  # pragma: no cover - each engine defines it
+        raise NotImplementedError
+
+
+class Engine(_Worker):
     """Loads a model version once and serves generation requests from a single worker thread."""
 
     def __init__(self, model: ModelRef | str, *, registry: Any = None, device: str | None = None,
@@ -72,10 +98,7 @@ class Engine:
         self.context_length = int(getattr(self.net.config, "max_position_embeddings", 2048) or 2048)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="llmops-serve-engine", daemon=True)
-        self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0}
-        self._thread.start()
+        self._start_worker("llmops-serve-engine")
 
     # -- API used by the app ----------------------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
@@ -85,19 +108,6 @@ class Engine:
         from llmops_jupyter.models.inference import apply_chat
 
         return apply_chat(self.count_tokenizer, messages)
-
-    def submit(self, req: GenRequest) -> GenRequest:
-        if not self._thread.is_alive():
-            req.future.set_exception(RuntimeError("the generation engine is stopped"))
-            return req
-        self._queue.put(req)
-        return req
-
-    def stop(self, timeout: float = 60.0) -> None:
-        """Finish what is queued, then end the worker thread."""
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
 
     # -- worker -------------------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -210,7 +220,7 @@ class Engine:
             push("error", exc)
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(_Worker):
     """The same engine interface over llama.cpp (``llama-cpp-python``) for a ``gguf`` model version.
 
     One worker thread owns the ``Llama`` object (it is not thread-safe); requests run one at a time (llama.cpp's
@@ -237,10 +247,7 @@ class LlamaCppEngine:
         self._bos = self._piece(self.llm.token_bos())
         self._eos = self._piece(self.llm.token_eos())
         self.max_batch = 1
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="llmops-serve-llamacpp", daemon=True)
-        self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0}
-        self._thread.start()
+        self._start_worker("llmops-serve-llamacpp")
 
     def _piece(self, tok: int) -> str:
         return self.llm.detokenize([tok], special=True).decode("utf-8", errors="replace") if tok >= 0 else ""
@@ -258,17 +265,8 @@ class LlamaCppEngine:
 
         return render([*messages, {"role": "assistant", "content": ""}], None)["prompt"]
 
-    def submit(self, req: GenRequest) -> GenRequest:
-        if not self._thread.is_alive():
-            req.future.set_exception(RuntimeError("the generation engine is stopped"))
-            return req
-        self._queue.put(req)
-        return req
-
     def stop(self, timeout: float = 60.0) -> None:
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
+        super().stop(timeout)
         close = getattr(self.llm, "close", None)
         if close is not None and not self._thread.is_alive():
             close()
