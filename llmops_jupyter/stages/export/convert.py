@@ -149,12 +149,46 @@ def _converter_fix(stderr: str) -> str:
     return "see the run's log (run.log) for the converter's full output"
 
 
+_LOG_CALLBACK: Any = None
+
+
+def llama_cpp_lib() -> Any:
+    """``llama_cpp``, with llama.cpp's own log lines routed into Python ``logging`` (logger ``llama_cpp.native``).
+
+    llama-cpp-python's default callback prints them to stderr until a ``Llama`` is created quiet, so the quantizer's
+    per-tensor fallback warnings (180 lines for SmolLM2 at q4_k_m) would fill the cell. As log records they go where
+    every other library's output goes during a stage: the run's ``run.log`` (shown with ``--verbose``)."""
+    global _LOG_CALLBACK
+    import llama_cpp
+
+    if _LOG_CALLBACK is None:
+        import ctypes
+        import logging
+
+        log = logging.getLogger("llama_cpp.native")
+        levels = {0: logging.CRITICAL, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+        state = {"level": logging.INFO, "buf": ""}
+
+        @llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, user_data: Any) -> None:
+            if level != 5:  # 5: continues the previous record
+                state["level"] = levels.get(level, logging.INFO)
+            state["buf"] += (text or b"").decode("utf-8", errors="replace")
+            while "\n" in state["buf"]:
+                line, state["buf"] = state["buf"].split("\n", 1)
+                if line.strip():
+                    log.log(state["level"], line)
+
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        _LOG_CALLBACK = callback  # ctypes keeps no reference: the callback must outlive every llama.cpp call
+    return llama_cpp
+
+
 def quantize(src: Path, dst: Path, quant: str) -> Path:
     """Quantize an f16 GGUF with llama.cpp's quantizer (k-quants pick per-tensor types, imatrix-free)."""
     import ctypes
 
-    import llama_cpp
-
+    llama_cpp = llama_cpp_lib()
     ftype = getattr(llama_cpp, QUANTIZER_TYPES[quant])
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype

@@ -14,9 +14,10 @@ import time
 def main() -> int:
     from llmops_jupyter.models.refs import resolve_model
     from llmops_jupyter.registry import Registry
+    from llmops_jupyter.stages.export.stage import resolve_gguf
     from llmops_jupyter.stages.serve import server
     from llmops_jupyter.stages.serve.app import Limits, ServeContext
-    from llmops_jupyter.stages.serve.engine import Engine
+    from llmops_jupyter.stages.serve.engine import make_engine
     from llmops_jupyter.stages.serve.reqlog import RequestLog
 
     spec = json.loads(os.environ.pop("LLMOPS_SERVE_SPEC"))
@@ -24,8 +25,10 @@ def main() -> int:
     dep_id = spec["deployment"]
     sock = socket.socket(fileno=spec["fd"])
     try:
-        model = resolve_model(spec["model_path"], registry, register=False)
-        engine = Engine(model, registry=registry, device=spec.get("device"))
+        # a gguf version is served by llama.cpp, anything else by transformers (the same choice as in the kernel)
+        model = resolve_gguf(spec["model_path"], registry) or resolve_model(spec["model_path"], registry,
+                                                                            register=False)
+        engine = make_engine(model, registry=registry, device=spec.get("device"), max_batch=spec.get("max_batch", 8))
         from llmops_jupyter.stages.adapt.augment import RequestAdapter
         from llmops_jupyter.stages.monitor.otel import exporter_from_env
 

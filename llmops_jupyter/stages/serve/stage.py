@@ -178,9 +178,6 @@ class ServeStage(Stage):
             from llmops_jupyter.core.extras import check
 
             check(["gguf"], feature="%llmops serve of a GGUF model")
-            if cfg.detach:
-                raise ConfigError("serve: --detach does not serve GGUF models yet.", field="detach",
-                                  fix="serve it in the kernel or in the foreground (`llmops serve --model ...`)")
             ctx.use(m.artifact)
         else:
             m = use_model(ctx, cfg.model)
@@ -208,7 +205,7 @@ class ServeStage(Stage):
                     "started": time.time(), "limits": limits.to_dict(), "key_ids": [key_id(h) for h in key_hashes],
                     "auth": cfg.auth, "api_key_file": str(key_file) if key_file else None,
                     "model": {"hash": model_hash, "kind": m.kind, "name": m.name, "path": str(m.path)},
-                    "openai_base_url": url, "batching": {"max_batch": cfg.max_batch},
+                    "openai_base_url": url, "batching": _batching(m, cfg.max_batch),
                     "prompt": adapter.template.ref if adapter and adapter.template else None,
                     "rag": {"index": adapter.index_hash, "k": cfg.rag_k} if adapter and adapter.index else None}
         server.record(reg, dep_id, run_id=ctx.run_id, model=model_hash, model_name=m.name, url=url, mode=mode,
@@ -221,7 +218,7 @@ class ServeStage(Stage):
             if mode == "process":
                 spec = {"deployment": dep_id, "model_path": model_hash or str(m.path), "model_name": m.name,
                         "model_hash": model_hash, "limits": limits.to_dict(), "key_hashes": key_hashes,
-                        "url": url, "grace": cfg.grace, "device": cfg.device,
+                        "url": url, "grace": cfg.grace, "device": cfg.device, "max_batch": cfg.max_batch,
                         "prompt": adapter.template.ref if adapter and adapter.template else None,
                         "rag": str(adapter.index.path) if adapter and adapter.index else None,
                         "rag_index": adapter.index_hash if adapter else None, "rag_k": cfg.rag_k}
@@ -262,6 +259,14 @@ class ServeStage(Stage):
             server.serve_foreground(serve_ctx, sock, reg, grace=cfg.grace)
             return {"deployment": info}
         return {"deployment": info}
+
+
+def _batching(model: Any, max_batch: int) -> dict[str, Any]:
+    """What the deployment really does with concurrent requests (llama.cpp's engine generates one at a time)."""
+    if getattr(model, "kind", None) == "gguf":
+        return {"max_batch": 1, "engine": "llama.cpp", "note": "one request at a time; --max-batch applies to "
+                                                                "transformers models"}
+    return {"max_batch": max_batch, "engine": "transformers"}
 
 
 def _in_kernel() -> bool:
