@@ -79,8 +79,11 @@ test-fast: $(STAMP)
 # The llama.cpp runtime tests (marked `gguf`; `make test` deselects them): installs the [gguf] extra, whose
 # llama-cpp-python builds llama.cpp from source once (~7 min on 2 cores). The built wheel is kept in build/wheels
 # (git-ignored) and in pip's wheel cache, so later runs and fresh venvs on this machine reuse it.
+# Go (Debian's golang-go) runs the Modelfile TEMPLATE through Go's text/template, the engine Ollama uses.
 GGUF_WHEELS := build/wheels
 test-gguf: $(STAMP)
+	@command -v go >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq golang-go) \
+		|| echo "warning: Go not installed; the Modelfile template tests will be skipped"
 	@mkdir -p $(GGUF_WHEELS)
 	@ls $(GGUF_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
 		CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(PIP) wheel --no-deps -w $(GGUF_WHEELS) \

@@ -4,6 +4,7 @@ the parity command, and serving the file through the same OpenAI-compatible app.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -204,3 +205,62 @@ def test_the_demo_exports_its_fine_tuned_smollm2_to_gguf_and_serves_it(tmp_path)
     deps = [d for d in reg.deployments() if d["model"] == gguf.hash]
     assert len(deps) == 1 and deps[0]["status"] == "stopped"
     assert len(reg.requests(deps[0]["id"])) == 2  # the two questions, in the request log
+
+
+GO_RENDER = Path(__file__).parent / "gotemplate" / "render.go"
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Opposite of hot?"}],
+    [{"role": "user", "content": "Convert 2 kg to g."}, {"role": "assistant", "content": "2000 g"},
+     {"role": "user", "content": "And 3 kg?"}],
+]
+
+
+def go_render(template: str, conversations: list) -> list[str]:
+    """Ollama's template engine (Go's text/template) on ``conversations``: what `ollama run` sends to the model.
+    ``make test-gguf`` installs Go (Debian's golang-go) when it is missing."""
+    import shutil
+    import subprocess
+
+    if shutil.which("go") is None:
+        pytest.skip("Go not installed (make test-gguf installs golang-go)")
+    proc = subprocess.run(["go", "run", str(GO_RENDER)], input=json.dumps({"template": template,
+                                                                          "conversations": conversations}),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("default_system", [None, "You are a helpful AI assistant named SmolLM."])
+def test_every_modelfile_template_renders_in_go_as_the_family_it_was_matched_to(default_system):
+    """The Go TEMPLATE of each family, executed by Go's text/template, gives exactly the rendering the chat
+    template was matched against (so the match carries over to Ollama)."""
+    from llmops_jupyter.stages.export.modelfile import FAMILIES, PROBES
+
+    convs = [*PROBES, *CONVERSATIONS]
+    for fam in FAMILIES:
+        assert go_render(fam.go_template(default_system), convs) == [fam.render(m, default_system) for m in convs], \
+            fam.name
+
+
+def test_the_exported_modelfile_gives_ollama_the_prompt_llama_cpp_was_checked_with(exported):
+    """The Modelfile's TEMPLATE, run by Go's text/template, renders every conversation exactly as llama.cpp renders
+    it from the chat template in the GGUF (the rendering the parity gate checked), default system prompt included;
+    its stops are the tokens llama.cpp stops on."""
+    from llmops_jupyter.stages.export.modelfile import parse_modelfile
+    from llmops_jupyter.stages.export.parity import GGUFSide, gguf_file
+
+    reg, runs = exported
+    art = runs["q8_0"].artifact
+    mf = parse_modelfile((art.path / "Modelfile").read_text())
+    assert mf["FROM"] == f"./{art.meta['file']}" and (art.path / art.meta["file"]).exists()
+    side = GGUFSide(gguf_file(art.path))
+    try:
+        expected = [side.render(c)[0] for c in CONVERSATIONS]
+        stops = {v for k, v in mf["parameters"] if k == "stop"}
+        assert stops and all(side.llm.tokenize(s.encode(), add_bos=False, special=True)[0] in side.eos
+                             for s in stops)
+    finally:
+        side.close()
+    assert "You are a helpful AI assistant named SmolLM" in expected[0]  # SmolLM2's default system prompt
+    assert go_render(mf["TEMPLATE"], CONVERSATIONS) == expected
