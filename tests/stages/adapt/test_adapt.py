@@ -184,24 +184,33 @@ def test_widget_ratings_become_pairs_and_dpo_raises_the_reward_margin(shell, reg
                                 "max_steps": 1})
 
 
-def test_monitor_labels_become_pairs(registry):
+def test_monitor_labels_become_pairs(registry, tiny_model):
+    """Real traffic: a served model answers two questions through the openai client, the monitor checks them, a
+    reviewer labels one answer bad (with a correction) and one good; `pairs --deployment` makes the bad one a pair."""
+    openai = pytest.importorskip("openai")
+    from llmops_jupyter.stages.monitor.analysis import load_records
     from llmops_jupyter.stages.monitor.flagged import FlaggedRecords
     from llmops_jupyter.stages.serve import server
-    from llmops_jupyter.stages.serve.reqlog import RequestLog
 
-    server.record(registry, "dep-labels", run_id="dep-labels", status="stopped", mode="thread", started_at=1.0)
-    log = RequestLog(registry)
-    for q, a in (("What is the warranty?", "Nobody knows."), ("Is it waterproof?", "Yes.")):
-        log.log({"ts": 2.0, "deployment": "dep-labels", "endpoint": "/v1/chat/completions", "prompt": q,
-                 "messages": [{"role": "user", "content": q}], "response": a, "status": 200})
-    log.close()
-    recs = [r | {"checks": {}, "flags": ["refusal"]} for r in registry.requests()]
-    widget = FlaggedRecords(registry, "dep-labels", recs)
+    runner = Runner(registry)
+    res = runner.run("serve", {"model": str(tiny_model), "auth": False, "max_tokens": 8, "foreground": False})
+    dep = res.run_id
+    try:
+        client = openai.OpenAI(base_url=res.outputs["deployment"].info["url"], api_key="none", max_retries=0)
+        for q in ("What is the warranty?", "Is it waterproof?"):
+            client.chat.completions.create(model="tiny-llama", max_tokens=6, temperature=0,
+                                           messages=[{"role": "user", "content": q}])
+    finally:
+        server.stop(registry, dep, timeout=30)
+    runner.run("monitor", {"deployment": dep, "plots": False, "widget": False, "toxicity": False})
+    recs = sorted(load_records(registry, dep), key=lambda r: r["ts"])
+    assert [r["prompt"] for r in recs] == ["What is the warranty?", "Is it waterproof?"]
+    widget = FlaggedRecords(registry, dep, recs)
     widget.label(recs[0]["id"], "bad", "Three years.")
     widget.label(recs[1]["id"], "good")
-    res = Runner(registry).run("pairs", {"deployment": "dep-labels"})
+    res = runner.run("pairs", {"deployment": dep})
     (row,) = res.outputs["pairs"]
-    assert row["chosen"] == "Three years." and row["rejected"] == "Nobody knows."
+    assert row["chosen"] == "Three years." and row["rejected"] == recs[0]["response"] != "Three years."
     assert "What is the warranty?" in row["prompt"] and res.metrics["from_monitor_label"] == 1
 
 
