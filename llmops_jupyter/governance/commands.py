@@ -9,6 +9,7 @@ from llmops_jupyter.core.config import StageConfig, option
 from llmops_jupyter.core.display import Bundle, Table, fmt_time
 from llmops_jupyter.core.errors import ConfigError
 from llmops_jupyter.core.stage import CommandEnv, command
+from llmops_jupyter.stages.export.convert import QUANTS as GGUF_QUANTS
 
 
 @dataclasses.dataclass
@@ -80,15 +81,27 @@ class ExportConfig(StageConfig):
     tracking_uri: str | None = option(None, "MLflow tracking URI (http://..., sqlite:///mlflow.db, a folder); "
                                             "default: $MLFLOW_TRACKING_URI or ./mlruns")
     experiment: str = option("llmops-jupyter", "MLflow experiment name")
-    run: list[str] = option([], "--to mlflow: only these runs (default: all); --to dir: the model to bundle")
+    run: list[str] = option([], "--to mlflow: only these runs (default: all); --to dir / gguf: the model to "
+                                "export", aliases=["model"])
     include_models: bool = option(False, "also upload model folders (adapters, merged, quantized) to MLflow")
     out: str | None = option(None, "--to dir: the folder to write (must be new or empty)")
     overwrite: bool = option(False, "--to dir: replace a non-empty --out folder")
+    quant: str | None = option(None, "--to gguf: GGUF tensor type (default q8_0; see %llmops gguf --help)",
+                               choices=list(GGUF_QUANTS))
+    parity: bool | None = option(None, "--to gguf: run the deploy-parity gate (default on)")
+    parity_min: float | None = option(None, "--to gguf: least next-token agreement the gate accepts (default by "
+                                            "quant)", min=0, max=1)
 
     def validate(self) -> None:
+        if self.to != "gguf":
+            for name in ("quant", "parity", "parity_min"):
+                if getattr(self, name) is not None:
+                    flag = "--" + name.replace("_", "-")
+                    raise self.invalid(name, f"applies only with --to gguf (this export is --to {self.to})",
+                                       fix=f"drop {flag}, or export with --to gguf")
         if self.to == "gguf" and len(self.run) != 1:
             raise self.invalid("run", "needs exactly one model (merge run or artifact) with --to gguf",
-                               fix="pass --run <merge run>, or use %llmops gguf --model RUN --quant ...")
+                               fix="pass --model <merge run>, or use %llmops gguf --model RUN --quant ...")
         if self.to == "dir":
             if not self.out:
                 raise self.invalid("out", "is required with --to dir", fix="pass --out PATH")
@@ -105,7 +118,9 @@ def export(cfg: ExportConfig, env: CommandEnv) -> Any:
     from llmops_jupyter.governance import export as exp
 
     if cfg.to == "gguf":  # a recorded run of the gguf stage (lineage merged → gguf, parity gate)
-        result = env.runner.run("gguf", {"model": cfg.run[0]})
+        given = {k: v for k, v in (("quant", cfg.quant), ("parity", cfg.parity), ("parity_min", cfg.parity_min))
+                 if v is not None}
+        result = env.runner.run("gguf", {"model": cfg.run[0], **given})
         return result.outputs.get("report")
     if cfg.to == "mlflow":
         uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns"

@@ -416,3 +416,16 @@ def test_mlflow_export_reads_back(lifecycle, tmp_path, shell, monkeypatch):
                                            f"--run {run} --run {failed}")
     assert "already exported" in str(again) and len(client.search_runs([exp.experiment_id])) == 2
     assert sys.modules.get("mlflow") is not None
+
+
+def test_gguf_options_of_export_are_refused_for_other_destinations(shell, home):
+    """`export --to dir --quant q8_0` would silently drop --quant: one line naming it instead, nothing written."""
+    from IPython.core.error import UsageError
+
+    for flags, name in (("--quant q8_0", "--quant"), ("--parity-min 0.5", "--parity-min"), ("--no-parity", "--parity")):
+        with pytest.raises(UsageError) as info:
+            shell.run_line_magic("llmops", f"export --to dir --model tiny-llama --out {home / 'b'} {flags}")
+        msg = str(info.value)
+        assert msg.startswith(f"export: {name} applies only with --to gguf (this export is --to dir)")
+        assert "\n" not in msg
+        assert not (home / "b").exists()

@@ -23,12 +23,11 @@ from llmops_jupyter.core.config import StageConfig, option
 from llmops_jupyter.core.display import Bundle, Table
 from llmops_jupyter.core.errors import ConfigError, GateError, LlmopsError
 from llmops_jupyter.core.stage import CommandEnv, Stage, command, register_stage
+from llmops_jupyter.stages.export.convert import QUANTS
 
 if TYPE_CHECKING:
     from llmops_jupyter.core.runner import RunContext
     from llmops_jupyter.models.refs import ModelRef
-
-QUANTS = ("f16", "q8_0", "q4_0", "q4_k_m", "bf16", "f32", "q4_1", "q5_k_m", "q6_k")
 
 
 @dataclasses.dataclass

@@ -92,8 +92,13 @@ def test_parity_command_compares_two_versions(exported, trained_model, shell, mo
 
 
 def test_export_to_gguf_through_the_governance_command(trained_model, shell, home):
-    out = shell.run_line_magic("llmops", f"export --to gguf --run {trained_model}")
-    assert "GGUF export" in str(out) and "passed" in str(out)
+    """The issue's spelling: `export --to gguf --model RUN --quant ...`, the gguf options passed through."""
+    from llmops_jupyter.registry import Registry
+
+    out = shell.run_line_magic("llmops", f"export --to gguf --model {trained_model} --quant f16 --parity-min 0.99")
+    assert "GGUF export" in str(out) and "passed" in str(out) and "f16" in str(out)
+    (art,) = Registry(home).list_artifacts(kind="gguf")
+    assert art.meta["quant"] == "f16"
 
 
 def test_served_gguf_answers_the_openai_client(exported, trained_model):
