@@ -205,7 +205,8 @@ def create_app(ctx: ServeContext):
     @app.get("/health")
     async def health():
         return {"status": "ok", "deployment": ctx.deployment, "model": ctx.model_name,
-                "uptime_s": round(time.time() - ctx.started, 3)}
+                "uptime_s": round(time.time() - ctx.started, 3),
+                "engine": getattr(ctx.engine, "kind", "transformers"), "max_batch": getattr(ctx.engine, "max_batch", 1)}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -85,6 +85,8 @@ class _Worker:
 class Engine(_Worker):
     """Loads a model version once and serves generation requests from a single worker thread."""
 
+    kind = "transformers"
+
     def __init__(self, model: ModelRef | str, *, registry: Any = None, device: str | None = None,
                  max_batch: int = 8, batch_wait_s: float = 0.01):
         from llmops_jupyter.models.inference import load_model, load_tokenizer
@@ -228,6 +230,8 @@ class LlamaCppEngine(_Worker):
     chat template stored in the GGUF, as ``Llama.create_chat_completion`` does, so what was parity-checked at export
     is what is served.
     """
+
+    kind = "llama.cpp"
 
     def __init__(self, model: ModelRef | str, *, registry: Any = None, device: str | None = None,
                  max_batch: int = 8, batch_wait_s: float = 0.01, n_ctx: int = 4096):

@@ -157,6 +157,10 @@ def test_detached_deployment_serves_a_gguf_from_its_own_process(exported, traine
         assert row["mode"] == "process" and row["pid"] != os.getpid() and row["status"] == "running"
         info = res.outputs["deployment"].info
         assert info["model"]["kind"] == "gguf" and info["batching"]["engine"] == "llama.cpp"
+        import httpx
+
+        health = httpx.get(row["url"].removesuffix("/v1") + "/health", timeout=30).json()
+        assert health["engine"] == "llama.cpp" and health["max_batch"] == 1  # the child loaded the file in llama.cpp
         client = openai.OpenAI(base_url=row["url"], api_key="unused", max_retries=0, timeout=60)
         out = client.chat.completions.create(model=art.name, messages=msgs, max_tokens=12, temperature=0)
         assert out.choices[0].message.content == expected

@@ -188,9 +188,13 @@ def test_detached_process_serves_and_stops(tiny_model, served):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMOPS_HOME", str(served.home))
-        res = Runner(served.reg).run("serve", model=str(tiny_model), detach=True, auth=False)
+        res = Runner(served.reg).run("serve", model=str(tiny_model), detach=True, auth=False, max_batch=3)
         row = server.get_deployment(served.reg, res.run_id)
         assert row["mode"] == "process" and row["pid"] != os.getpid() and row["status"] == "running"
+        import httpx
+
+        health = httpx.get(row["url"].removesuffix("/v1") + "/health", timeout=30).json()
+        assert health["engine"] == "transformers" and health["max_batch"] == 3  # the flag reached the child
         client = openai.OpenAI(base_url=row["url"], api_key="unused", max_retries=0, timeout=60)
         out = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
                                              max_tokens=4)
