@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         art = registry.get_artifact(f"{rep_runs[0]['id']}:report")
         print(f"                   {art.path / 'report.html'}  (registry artifact {art.hash[:12]})")
         print("\nheld-out split (greedy decoding):\n" + _metrics_table(registry, rep_runs[0]["id"]))
+    for gguf_run in registry.child_runs(run_id, "gguf", newest_first=True)[:1]:  # section 11, with [gguf]
+        art = registry.get_artifact(f"{gguf_run['id']}:gguf")
+        m = registry.metrics(gguf_run["id"])
+        print(f"GGUF               {art.path / art.meta['file']}  ({art.meta['quant']}, parity next-token agreement "
+              f"{m.get('parity_next_token_agreement', float('nan')):.3f}; Modelfile beside it)")
     print(f"\ndemo finished in {_clock(took)} (mm:ss)")
     return 0
 

@@ -340,6 +340,9 @@ def open_side(model: Any, registry: Any) -> Any:
     """A side for a resolved model: a ``gguf`` artifact (or ``.gguf`` file) → llama.cpp, anything else → transformers."""
     path = Path(getattr(model, "path", model))
     if getattr(model, "kind", None) == "gguf" or path.suffix == ".gguf":
+        from llmops_jupyter.core.extras import check
+
+        check(["gguf"], feature="parity of a GGUF model")
         return GGUFSide(gguf_file(path), label=f"gguf {getattr(model, 'name', path.name)} (llama.cpp)")
     return HFSide(model, registry=registry)
 

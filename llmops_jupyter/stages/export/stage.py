@@ -262,7 +262,13 @@ class ParityConfig(StageConfig):
             raise self.invalid("model", "needs exactly two model versions", fix="pass --model A --model B")
 
 
-@command("parity", ParityConfig, extras=("gguf",))
+def _parity_extras(cfg: ParityConfig) -> tuple[str, ...]:
+    """[gguf] when a side names a gguf run or .gguf file (said before anything is touched); a gguf artifact given
+    by hash is checked when its side opens (``parity.open_side``). Two transformers versions need [finetune] only."""
+    return ("gguf",) if any("gguf" in ref.lower() for ref in cfg.model) else ("finetune",)
+
+
+@command("parity", ParityConfig, extras=_parity_extras)
 def parity_command(cfg: ParityConfig, env: CommandEnv) -> Any:
     """Deploy-parity report of two model versions: rendered prompts, next-token agreement, exact match, max |Δlogit|."""
     from llmops_jupyter.stages.export import parity

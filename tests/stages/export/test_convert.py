@@ -114,7 +114,8 @@ def test_missing_extra_is_one_line(shell, home, monkeypatch):
 
     real = extras._importable
     monkeypatch.setattr(extras, "_importable", lambda m: m != "llama_cpp" and real(m))
-    for line in ("gguf --model x --quant q8_0", "export --to gguf --run x", "parity --model a --model b"):
+    for line in ("gguf --model x --quant q8_0", "export --to gguf --model x", "parity --model gguf@latest --model b",
+                 "parity --model a --model ./m.gguf"):
         with pytest.raises(MissingDependencyError) as info:
             shell.run_line_magic("llmops", line)
         text = str(info.value)

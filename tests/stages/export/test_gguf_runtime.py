@@ -174,9 +174,10 @@ def test_detached_deployment_serves_a_gguf_from_its_own_process(exported, traine
 
 @pytest.mark.slow
 def test_the_demo_exports_its_fine_tuned_smollm2_to_gguf_and_serves_it(tmp_path):
-    """`make demo` (scaled down) with the [gguf] extra: SmolLM2-135M-Instruct is fine-tuned (QLoRA), merged, gated,
-    then section 11 exports the merged model at q8_0, the parity gate passes, and llama.cpp serves the stored file
-    to the openai client behind the same API. About 10 minutes on 2 cores."""
+    """`make demo` with the [gguf] extra, at its own settings (100 QLoRA steps, its gates) but 2 openai requests:
+    SmolLM2-135M-Instruct is fine-tuned, merged and gated, then section 11 exports the merged model at q8_0, the
+    parity gate passes, and llama.cpp serves the stored file to the openai client behind the same API. About 8
+    minutes on 2 cores (measured 2026-11-30: parity next-token agreement 1.0, 8/8 answers identical)."""
     import os
     import subprocess
     import sys
@@ -186,24 +187,21 @@ def test_the_demo_exports_its_fine_tuned_smollm2_to_gguf_and_serves_it(tmp_path)
     from llmops_jupyter.registry import Registry
 
     home = tmp_path / ".llmops"
-    params = {"max_steps": 40, "eval_limit": 8, "calibration_samples": 16, "requests": 2,
-              "finetune_gate": "ppl<=-15%", "gptq_gate": "ppl<=+10%", "gguf_quant": "q8_0"}
-    argv = [sys.executable, "-m", "llmops_jupyter.demo", "--out", str(tmp_path / "out"), "--home", str(home)]
-    for k, v in params.items():
-        argv += ["-p", k, str(v)]
+    argv = [sys.executable, "-m", "llmops_jupyter.demo", "--out", str(tmp_path / "out"), "--home", str(home),
+            "-p", "requests", "2"]
     env = {k: v for k, v in os.environ.items() if k != "LLMOPS_HOME"}
-    proc = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     reg = Registry(home)
-    arts = reg.list_artifacts(kind="gguf")
-    assert len(arts) == 1
-    gguf = arts[0]
+    (gguf,) = reg.list_artifacts(kind="gguf")
     assert gguf.meta["quant"] == "q8_0" and gguf.meta["chat_template"] and gguf.meta["modelfile_family"] == "chatml"
-    assert gguf.meta["parity"]["parity_passed"] == 1.0 and gguf.meta["parity"]["parity_prompt_identity"] == 1.0
-    assert gguf.meta["parity"]["parity_next_token_agreement"] >= 0.9
-    up = [n["kind"] for n in reg.lineage(gguf, "up")["nodes"]]
-    assert "merged" in up and "adapter" in up  # fine-tuned → merged → gguf
+    parity = gguf.meta["parity"]
+    assert parity["parity_passed"] == 1.0 and parity["parity_prompt_identity"] == 1.0
+    assert parity["parity_next_token_agreement"] >= 0.9
+    up = {n["kind"] for n in reg.lineage(gguf, "up")["nodes"]}
+    assert {"merged", "adapter", "dataset"} <= up  # data → fine-tune → merged → gguf
+    assert f"GGUF               {gguf.path / gguf.meta['file']}  (q8_0, parity next-token agreement" in proc.stdout
 
     nb = nbformat.read(tmp_path / "out" / "02_qlora_merge_gptq_serve.ipynb", as_version=4)
     cell = next(c for c in nb.cells if c.cell_type == "code" and 'find_spec("llama_cpp")' in c.source)
@@ -212,7 +210,7 @@ def test_the_demo_exports_its_fine_tuned_smollm2_to_gguf_and_serves_it(tmp_path)
     answers = [line for line in text.splitlines() if line.strip().startswith("gguf (llama.cpp): ")]
     assert len(answers) == 2 and all(a.split(": ", 1)[1] not in ("''", '""') for a in answers)
     deps = [d for d in reg.deployments() if d["model"] == gguf.hash]
-    assert len(deps) == 1 and deps[0]["status"] == "stopped"
+    assert len(deps) == 1 and deps[0]["status"] == "stopped"  # the cell stopped its deployment
     assert len(reg.requests(deps[0]["id"])) == 2  # the two questions, in the request log
 
 

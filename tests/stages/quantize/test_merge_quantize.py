@@ -160,6 +160,35 @@ def test_gptq_4bit_loads_and_generates_on_cpu(gptq, chain):
     assert out.shape[1] > 6
 
 
+def test_parity_report_compares_adapter_merged_and_gptq_without_llama_cpp(chain, gptq, shell, monkeypatch):
+    """`parity` of two transformers versions needs no [gguf]: PEFT adapter vs its verified merge agree on every
+    next token (--check passes); merged vs GPTQ 4-bit is reported with its own numbers."""
+    from llmops_jupyter.core import extras
+    from llmops_jupyter.stages.export import parity
+    from llmops_jupyter.stages.export.stage import conversations, resolve_deployable
+
+    real = extras._importable
+    monkeypatch.setattr(extras, "_importable", lambda m: m != "llama_cpp" and real(m))  # as without the extra
+    reg = chain["registry"]
+    monkeypatch.setenv("LLMOPS_HOME", str(reg.home))
+    table = shell.run_line_magic("llmops", f"parity --model {chain['adapter_run']} --model {chain['merged'].run_id} "
+                                           "--samples 4 --tokens 8 --check")
+    text = str(table)
+    assert "rendered prompts identical" in text and "100% of 4" in text and "passed" in text
+
+    a, b = (resolve_deployable(r, reg) for r in (chain["merged"].run_id, gptq.run_id))
+    convs = conversations(reg, a, None, 4)
+    assert len(convs) == 4 and convs[0][-1]["role"] == "user"  # the eval split of the adapter's dataset
+    sa, sb = parity.open_side(a, reg), parity.open_side(b, reg)
+    try:
+        report = parity.compare(sa, sb, convs, n_tokens=8, min_agreement=0.0)
+    finally:
+        sa.close()
+        sb.close()
+    assert report.prompt_identity == 1.0 and 0.0 <= report.next_token_agreement <= 1.0
+    assert report.max_logit_diff > 0  # 4-bit weights: not the same numbers
+
+
 def test_bnb_4bit_export_loads(chain):
     from transformers import AutoModelForCausalLM
 
