@@ -265,7 +265,8 @@ class ParityConfig(StageConfig):
 def _parity_extras(cfg: ParityConfig) -> tuple[str, ...]:
     """[gguf] when a side names a gguf run or .gguf file (said before anything is touched); a gguf artifact given
     by hash is checked when its side opens (``parity.open_side``). Two transformers versions need [finetune] only."""
-    return ("gguf",) if any("gguf" in ref.lower() for ref in cfg.model) else ("finetune",)
+    refs = [cfg.model] if isinstance(cfg.model, str) else list(cfg.model or [])
+    return ("gguf",) if any("gguf" in str(ref).lower() for ref in refs) else ("finetune",)
 
 
 @command("parity", ParityConfig, extras=_parity_extras)
