@@ -365,6 +365,17 @@ class _Backend:
             self.client.close()
 
 
+def _workers(gpus: list[str] | None, parallel: int | None, cluster: Any, jobs: int) -> tuple[list[str], int, str | None]:
+    """(GPUs, parallel kernels, recorded cluster address) of a sweep or search: one kernel per GPU, else half the
+    cores (at most ``jobs``), unless ``parallel`` says otherwise."""
+    gpus = detect_gpus() if gpus is None else gpus
+    if parallel is None:
+        parallel = len(gpus) or max(1, min(jobs, (os.cpu_count() or 2) // 2))
+    address = None if cluster is None else (cluster if isinstance(cluster, str)
+                                            else getattr(cluster, "scheduler_address", type(cluster).__name__))
+    return gpus, parallel, address
+
+
 def run_sweep(
     notebook: str | os.PathLike,
     grid: dict[str, list[Any]] | list[str],
@@ -394,11 +405,7 @@ def run_sweep(
         typed.append(prepare(source, v, registry=registry)[2].record)
     typed_grid = {k: [prepare(source, {k: x}, registry=registry)[2].record[k] for x in vals]
                   for k, vals in grid.items()}
-    gpus = detect_gpus() if gpus is None else gpus
-    if parallel is None:
-        parallel = len(gpus) or max(1, min(len(variants), (os.cpu_count() or 2) // 2))
-    address = None if cluster is None else (cluster if isinstance(cluster, str)
-                                            else getattr(cluster, "scheduler_address", type(cluster).__name__))
+    gpus, parallel, address = _workers(gpus, parallel, cluster, len(variants))
     config = SweepRunConfig(notebook=str(source), grid=typed_grid, parameters=params.record, parallel=parallel,
                             cluster=address, cache=cache)
     stage = SweepStage(typed, cluster=cluster, gpus=gpus, kernel=kernel,
@@ -468,11 +475,7 @@ def run_search(
         probes = d["values"] if d["kind"] == "choice" else [d["low"], d["high"]]
         for v in probes:
             prepare(source, {**fixed, k: v}, registry=registry)
-    gpus = detect_gpus() if gpus is None else gpus
-    if parallel is None:
-        parallel = len(gpus) or max(1, min(trials, (os.cpu_count() or 2) // 2))
-    address = None if cluster is None else (cluster if isinstance(cluster, str)
-                                            else getattr(cluster, "scheduler_address", type(cluster).__name__))
+    gpus, parallel, address = _workers(gpus, parallel, cluster, trials)
     run_id = f"sweep-{os.urandom(4).hex()}"
     study = prev.get("study") or run_id
     storage = prev.get("storage") or str(search.storage_path(registry.home, study))

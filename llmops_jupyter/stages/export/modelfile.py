@@ -35,40 +35,31 @@ class Family:
     system_role: bool = True
 
 
-def _chatml(msgs: list[dict[str, str]], default_system: str | None) -> str:
-    out = ""
-    if default_system is not None and msgs[0]["role"] != "system":
-        out += f"<|im_start|>system\n{default_system}<|im_end|>\n"
-    for m in msgs:
-        out += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-    return out + "<|im_start|>assistant\n"
+def _turn_family(name: str, turn: str, end: str) -> Family:
+    """A family whose every turn is ``turn`` (with ``{role}``) + content + ``end``, ending in an open assistant turn,
+    and whose template inserts ``default_system`` as a first system turn when there is none (chatml, llama3). The
+    Python rendering and the Go template are made from the same two strings."""
 
+    def head(role: str) -> str:
+        return turn.replace("{role}", role)
 
-def _chatml_go(default_system: str | None) -> str:
-    default = ""
-    if default_system is not None:
-        default = (f'{{{{- if and (eq $i 0) (ne $m.Role "system") }}}}<|im_start|>system\n{default_system}'
-                   "<|im_end|>\n{{ end }}")
-    return ("{{- range $i, $m := .Messages }}" + default + "<|im_start|>{{ $m.Role }}\n{{ $m.Content }}<|im_end|>\n"
-            "{{ end }}<|im_start|>assistant\n")
+    def render(msgs: list[dict[str, str]], default_system: str | None) -> str:
+        out = ""
+        if default_system is not None and msgs[0]["role"] != "system":
+            out += head("system") + default_system + end
+        for m in msgs:
+            out += head(m["role"]) + m["content"] + end
+        return out + head("assistant")
 
+    def go_template(default_system: str | None) -> str:
+        default = ""
+        if default_system is not None:
+            default = '{{- if and (eq $i 0) (ne $m.Role "system") }}' + head("system") + default_system + end + \
+                "{{ end }}"
+        return ("{{- range $i, $m := .Messages }}" + default + head("{{ $m.Role }}") + "{{ $m.Content }}" + end +
+                "{{ end }}" + head("assistant"))
 
-def _llama3(msgs: list[dict[str, str]], default_system: str | None) -> str:
-    out = ""
-    if default_system is not None and msgs[0]["role"] != "system":
-        out += f"<|start_header_id|>system<|end_header_id|>\n\n{default_system}<|eot_id|>"
-    for m in msgs:
-        out += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
-    return out + "<|start_header_id|>assistant<|end_header_id|>\n\n"
-
-
-def _llama3_go(default_system: str | None) -> str:
-    default = ""
-    if default_system is not None:
-        default = (f'{{{{- if and (eq $i 0) (ne $m.Role "system") }}}}<|start_header_id|>system<|end_header_id|>'
-                   f"\n\n{default_system}<|eot_id|>{{{{ end }}}}")
-    return ("{{- range $i, $m := .Messages }}" + default + "<|start_header_id|>{{ $m.Role }}<|end_header_id|>\n\n"
-            "{{ $m.Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n")
+    return Family(name, render, go_template, (end.strip(),))
 
 
 def _zephyr(msgs: list[dict[str, str]], default_system: str | None) -> str:
@@ -96,8 +87,8 @@ def _gemma_go(default_system: str | None) -> str:
 
 
 FAMILIES = (
-    Family("chatml", _chatml, _chatml_go, ("<|im_end|>",)),
-    Family("llama3", _llama3, _llama3_go, ("<|eot_id|>",)),
+    _turn_family("chatml", "<|im_start|>{role}\n", "<|im_end|>\n"),
+    _turn_family("llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>"),
     Family("zephyr", _zephyr, _zephyr_go, ("</s>",)),
     Family("gemma", _gemma, _gemma_go, ("<end_of_turn>",), system_role=False),
 )
