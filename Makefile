@@ -19,7 +19,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv install test test-fast test-gguf smoke-extras demo bench lab lint clean labext labext-dev browser-deps
+.PHONY: venv install test test-fast test-gguf smoke-extras demo bench lab lint clean labext labext-dev browser-deps \
+        labext-lint labext-unit labext-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,16 @@ $(LABEXT_LINK): | $(STAMP) $(LABEXT_OUT)
 
 labext-dev: labext $(LABEXT_LINK)
 
+# The extension's own checks (node only, no venv): eslint + prettier + stylelint as in the JupyterLab extension
+# template, and its jest unit tests (src/__tests__: the request helper and the panel's state).
+labext-lint: $(LABEXT_DEPS)
+	cd $(LABEXT_DIR) && npm run lint
+
+labext-unit: $(LABEXT_DEPS)
+	cd $(LABEXT_DIR) && npm test
+
+labext-check: labext-lint labext-unit
+
 # Browser tests drive Debian's chromium (Playwright's own browser download does not work offline).
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) \
@@ -68,7 +79,7 @@ browser-deps:
 
 # The whole suite, then every README install line in a fresh venv (SMOKE=0 skips that step).
 SMOKE ?= 1
-test: labext $(STAMP) labext-dev browser-deps
+test: labext $(STAMP) labext-dev browser-deps labext-check
 	$(PY) -m pytest $(PYTEST_ARGS)
 	@if [ "$(SMOKE)" = "1" ]; then $(MAKE) --no-print-directory smoke-extras; fi
 
@@ -95,8 +106,11 @@ test-gguf: $(STAMP)
 smoke-extras: labext
 	$(PY) tools/smoke_extras.py
 
+# ruff, then the extension's lint when node is installed (`make test` always runs it).
 lint: $(STAMP)
 	$(PY) -m ruff check llmops_jupyter tests bench tools
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory labext-lint; \
+		else echo "npm not found: skipping the Lab extension's lint (make labext-lint)"; fi
 
 # DEMO_ARGS: notebook parameter overrides, e.g. make demo DEMO_ARGS="-p max_steps 300 -p eval_limit 60"
 demo: $(STAMP)
@@ -106,7 +120,8 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) .llmops demo-out build dist llmops_jupyter/labextension labextension/node_modules labextension/lib
+	rm -rf $(VENV) .llmops demo-out build dist llmops_jupyter/labextension labextension/node_modules labextension/lib \
+		labextension/coverage
 
 lab: labext-dev
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=$(CURDIR)

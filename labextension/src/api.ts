@@ -1,9 +1,10 @@
 /**
- * Typed client for the server routes under /llmops (see llmops_jupyter/server).
- * Requests go through ServerConnection, so Jupyter's own token/XSRF handling applies.
+ * Typed client for the server routes under /llmops (see llmops_jupyter/server): the replies' shapes and one
+ * function per route. The transport (URL, auth, error mapping) is request.ts.
  */
-import { URLExt } from '@jupyterlab/coreutils';
-import { ServerConnection } from '@jupyterlab/services';
+import { requestAPI } from './request';
+
+export { ApiError, requestAPI } from './request';
 
 export type Metrics = Record<string, number | null>;
 
@@ -118,52 +119,6 @@ export interface IParam {
   type: string;
   default: unknown;
   help: string;
-}
-
-/** An error reply from the server: `{error, field, fix}`. */
-export class ApiError extends Error {
-  constructor(
-    message: string,
-    readonly status: number,
-    readonly field: string | null = null,
-    readonly fix: string | null = null
-  ) {
-    super(message);
-  }
-
-  get full(): string {
-    return this.fix ? `${this.message} Fix: ${this.fix}` : this.message;
-  }
-}
-
-export async function requestAPI<T>(endPoint: string, init: RequestInit = {}): Promise<T> {
-  const settings = ServerConnection.makeSettings();
-  const url = URLExt.join(settings.baseUrl, 'llmops', endPoint);
-  const response = await ServerConnection.makeRequest(url, init, settings);
-  const text = await response.text();
-  let data: unknown = null;
-  if (text.length) {
-    try {
-      data = JSON.parse(text);
-    } catch {
-      data = text;
-    }
-  }
-  if (!response.ok) {
-    const body = (data && typeof data === 'object' ? data : {}) as {
-      error?: string;
-      message?: string;
-      field?: string;
-      fix?: string;
-    };
-    throw new ApiError(
-      body.error ?? body.message ?? response.statusText,
-      response.status,
-      body.field ?? null,
-      body.fix ?? null
-    );
-  }
-  return data as T;
 }
 
 export const api = {

@@ -10,8 +10,11 @@ import { LabIcon, runIcon } from '@jupyterlab/ui-components';
 import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
 import { Widget } from '@lumino/widgets';
 
+// The sidebar is added at activation and the pipeline module is small: both load with the plugin, not lazily.
+// eslint-disable-next-line jupyter/prefer-lazy-imports
 import { DEFAULT_SETTINGS, IPanelSettings, LlmopsPanel } from './panel';
 import { nextCellFactory } from './nextcell';
+// eslint-disable-next-line jupyter/prefer-lazy-imports
 import { notifyJob, runAsPipeline } from './pipeline';
 
 const PLUGIN_ID = 'llmops-jupyter:plugin';
@@ -53,7 +56,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     rendermime: IRenderMimeRegistry | null
   ) => {
     if (rendermime) {
-      rendermime.addFactory(nextCellFactory(app), 0);  // config forms: the equivalent line in a new cell
+      rendermime.addFactory(nextCellFactory(app), 0); // config forms: the equivalent line in a new cell
     }
     const openNotebook = (path: string) => void app.commands.execute('docmanager:open', { path });
     const panel = new LlmopsPanel({ openNotebook });
@@ -65,15 +68,25 @@ const plugin: JupyterFrontEndPlugin<void> = {
 
     app.commands.addCommand(CommandIDs.openSidebar, {
       label: 'LLMOps: Show Runs Sidebar',
+      describedBy: { args: { type: 'object', properties: {} } },
       execute: () => app.shell.activateById(panel.id)
     });
     app.commands.addCommand(CommandIDs.refresh, {
       label: 'LLMOps: Refresh Runs',
+      describedBy: { args: { type: 'object', properties: {} } },
       execute: () => panel.refresh()
     });
     app.commands.addCommand(CommandIDs.runAsPipeline, {
       label: 'Run as pipeline',
       caption: 'Execute this notebook with papermill as a recorded, parameterised pipeline run',
+      describedBy: {
+        args: {
+          type: 'object',
+          properties: {
+            path: { type: 'string', description: 'Notebook path (default: the current notebook)' }
+          }
+        }
+      },
       icon: runIcon,
       isEnabled: () => true,
       execute: async args => {

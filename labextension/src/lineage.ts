@@ -85,7 +85,10 @@ export function layoutDag(graph: IGraph): ILayout {
   return { nodes: placed, width, height: PAD * 2 + nLayers * NODE_H + (nLayers - 1) * GAP_Y };
 }
 
-function svg<K extends keyof SVGElementTagNameMap>(tag: K, attrs: Record<string, string | number>): SVGElementTagNameMap[K] {
+function svg<K extends keyof SVGElementTagNameMap>(
+  tag: K,
+  attrs: Record<string, string | number>
+): SVGElementTagNameMap[K] {
   const el = document.createElementNS(SVG_NS, tag);
   for (const [k, v] of Object.entries(attrs)) {
     el.setAttribute(k, String(v));

@@ -13,7 +13,10 @@ import { h } from './format';
 export class ParameterForm extends Widget {
   private readonly inputs = new Map<string, HTMLInputElement | HTMLTextAreaElement>();
 
-  constructor(readonly notebook: string, readonly params: IParam[]) {
+  constructor(
+    readonly notebook: string,
+    readonly params: IParam[]
+  ) {
     super();
     this.addClass('llmops-param-form');
     const table = h('table', {});
