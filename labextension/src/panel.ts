@@ -6,7 +6,7 @@
  */
 import { Widget } from '@lumino/widgets';
 
-import { api, ApiError, IJob } from './api';
+import { api, ApiError, IJob, IRunDetail } from './api';
 import { h } from './format';
 import { renderDetail, renderJobs, renderResources, renderRunList } from './render';
 import * as S from './state';
@@ -123,8 +123,9 @@ export class LlmopsPanel extends Widget {
       this.infoEl.textContent = `${res.runs.length} runs`;
       this.infoEl.title = `registry: ${res.home}`;
       this.renderRuns();
-      if (S.needsDetailReload(this.state) && this.state.selected) {
-        await this.select(this.state.selected, false);
+      const reload = S.detailToReload(this.state);
+      if (reload !== null) {
+        await this.select(reload, false);
       }
     } catch (err) {
       this.listEl.replaceChildren(errorBox((err as ApiError).full ?? String(err)));
@@ -157,7 +158,7 @@ export class LlmopsPanel extends Widget {
     this.listEl.querySelectorAll('.llmops-run-row').forEach(el => {
       el.classList.toggle('llmops-selected', (el as HTMLElement).dataset.runId === id);
     });
-    let detail;
+    let detail: IRunDetail;
     try {
       detail = await api.run(id);
     } catch (err) {

@@ -121,10 +121,10 @@ export function closeDetail(state: IPanelState): IPanelState {
   return { ...state, selected: null, detail: null };
 }
 
-/** After a list refresh, reload the selected run unless its detail is loaded and final. */
-export function needsDetailReload(state: IPanelState): boolean {
+/** After a list refresh, the selected run to reload: null when none is selected or its detail is loaded and final. */
+export function detailToReload(state: IPanelState): string | null {
   const { selected, detail } = state;
-  return selected !== null && (!detail || detail.status === 'running' || detail.id !== selected);
+  return selected !== null && (!detail || detail.status === 'running' || detail.id !== selected) ? selected : null;
 }
 
 /** The runs a pipeline run started (its summary's `stage_runs`). */

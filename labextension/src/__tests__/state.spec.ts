@@ -109,12 +109,12 @@ describe('selection', () => {
   });
 
   it('a refresh reloads the selected run unless its detail is loaded and final', () => {
-    expect(S.needsDetailReload(loaded)).toBe(false); // nothing selected
+    expect(S.detailToReload(loaded)).toBeNull(); // nothing selected
     const selected = S.select(loaded, 'r-a');
-    expect(S.needsDetailReload(selected)).toBe(true); // not loaded yet
-    expect(S.needsDetailReload(S.detailLoaded(selected, runDetail({ id: 'r-a', status: 'finished' })))).toBe(false);
-    expect(S.needsDetailReload(S.detailLoaded(selected, runDetail({ id: 'r-a', status: 'running' })))).toBe(true);
-    expect(S.needsDetailReload(S.detailLoaded(selected, runDetail({ id: 'r-other' })))).toBe(true);
+    expect(S.detailToReload(selected)).toBe('r-a'); // not loaded yet
+    expect(S.detailToReload(S.detailLoaded(selected, runDetail({ id: 'r-a', status: 'finished' })))).toBeNull();
+    expect(S.detailToReload(S.detailLoaded(selected, runDetail({ id: 'r-a', status: 'running' })))).toBe('r-a');
+    expect(S.detailToReload(S.detailLoaded(selected, runDetail({ id: 'r-other' })))).toBe('r-a');
   });
 
   it('stageRuns reads summary.stage_runs only when it is a list', () => {

@@ -1,0 +1,118 @@
+/**
+ * The widget's wiring: requests go out through the real api/requestAPI (only `fetch` is replaced by a fake server),
+ * and what the panel shows follows its state. The widget is not attached, so no refresh timer runs.
+ */
+import { PageConfig } from '@jupyterlab/coreutils';
+
+import { IRunDetail, IRunRow } from '../api';
+import { LlmopsPanel } from '../panel';
+import { runDetail, runRow } from './fixtures';
+
+interface IFakeServer {
+  runs: IRunRow[];
+  details: Record<string, IRunDetail>;
+  /** A reply that replaces the run list's: [status, body]. */
+  runsError?: [number, unknown];
+  requested: string[];
+}
+
+function serve(server: IFakeServer): void {
+  PageConfig.setOption('baseUrl', '/');
+  jest.spyOn(globalThis, 'fetch').mockImplementation(async input => {
+    const path = new URL((input as Request).url).pathname;
+    server.requested.push(path);
+    const json = (body: unknown, status = 200) => new Response(JSON.stringify(body), { status });
+    if (path === '/llmops/runs') {
+      return server.runsError
+        ? json(server.runsError[1], server.runsError[0])
+        : json({ runs: server.runs, home: '/h' });
+    }
+    const id = decodeURIComponent(path.replace('/llmops/runs/', ''));
+    return server.details[id] ? json(server.details[id]) : json({ error: `no run ${id}` }, 404);
+  });
+}
+
+function rows(panel: LlmopsPanel): string[] {
+  return Array.from(panel.node.querySelectorAll<HTMLElement>('.llmops-run-row')).map(r => r.dataset.runId!);
+}
+
+function makeServer(): IFakeServer {
+  return {
+    runs: [runRow({ id: 'r-a', stage: 'finetune', status: 'running' }), runRow({ id: 'r-b', stage: 'eval' })],
+    details: {
+      'r-a': runDetail({ id: 'r-a', status: 'running', params: { lr: 0.001 } }),
+      'r-b': runDetail({ id: 'r-b', stage: 'eval' })
+    },
+    requested: []
+  };
+}
+
+afterEach(() => jest.restoreAllMocks());
+
+describe('LlmopsPanel', () => {
+  it('lists the runs and filters them as the filter box changes', async () => {
+    serve(makeServer());
+    const panel = new LlmopsPanel({ openNotebook: jest.fn() });
+    await panel.refresh();
+    expect(rows(panel)).toEqual(['r-a', 'r-b']);
+    expect(panel.node.querySelector('.llmops-info')?.textContent).toBe('2 runs');
+    const filter = panel.node.querySelector<HTMLInputElement>('.llmops-filter')!;
+    filter.value = 'EVAL';
+    filter.dispatchEvent(new Event('input'));
+    expect(rows(panel)).toEqual(['r-b']);
+    panel.dispose();
+  });
+
+  it('asks for the configured number of runs', async () => {
+    const server = makeServer();
+    serve(server);
+    const panel = new LlmopsPanel({ openNotebook: jest.fn() });
+    panel.configure({ runLimit: 7 });
+    await panel.refresh();
+    const url = new URL(((globalThis.fetch as jest.Mock).mock.calls[0][0] as Request).url);
+    expect(url.searchParams.get('limit')).toBe('7');
+    panel.dispose();
+  });
+
+  it('shows the selected run, reloads it while it runs, and closes it', async () => {
+    const server = makeServer();
+    serve(server);
+    const panel = new LlmopsPanel({ openNotebook: jest.fn() });
+    await panel.refresh();
+    await panel.select('r-a', false);
+    expect(panel.node.querySelector('.llmops-detail-id')?.textContent).toBe('r-a');
+    expect(panel.node.querySelector('.llmops-run-row.llmops-selected')?.getAttribute('data-run-id')).toBe('r-a');
+
+    server.requested.length = 0;
+    await panel.refresh(); // r-a is running: its detail is fetched again
+    expect(server.requested).toEqual(['/llmops/runs', '/llmops/runs/r-a']);
+
+    await panel.select('r-b', false);
+    server.requested.length = 0;
+    await panel.refresh(); // r-b is finished: only the list
+    expect(server.requested).toEqual(['/llmops/runs']);
+    expect(panel.node.querySelector('.llmops-run-row.llmops-selected')?.getAttribute('data-run-id')).toBe('r-b');
+
+    panel.node.querySelector<HTMLElement>('.llmops-close-detail')!.click();
+    expect(panel.node.querySelector('.llmops-detail')?.childElementCount).toBe(0);
+    expect(panel.node.querySelector('.llmops-selected')).toBeNull();
+    server.requested.length = 0;
+    await panel.refresh();
+    expect(server.requested).toEqual(['/llmops/runs']);
+    panel.dispose();
+  });
+
+  it("shows the server's error and its fix", async () => {
+    const server = makeServer();
+    server.runsError = [500, { error: 'registry is locked', fix: 'close the other writer' }];
+    serve(server);
+    const panel = new LlmopsPanel({ openNotebook: jest.fn() });
+    await panel.refresh();
+    expect(panel.node.querySelector('.llmops-runs .llmops-error')?.textContent).toBe(
+      'registry is locked Fix: close the other writer'
+    );
+    await panel.select('r-missing', false);
+    expect(panel.node.querySelector('.llmops-detail .llmops-error')?.textContent).toBe('no run r-missing');
+    panel.dispose();
+  });
+});
