@@ -86,7 +86,8 @@ def test_run_detail_shows_lineage_graph(page, lab_server):
     # the chain, the eval of the adapter and one model card per adapter / merged / quantized / deployment version
     assert sorted(kinds) == sorted(["raw-data", "dataset", "base-model", "adapter", "merged", "quantized",
                                     "deployment", "eval-results"] + ["model-card"] * 4)
-    assert page.locator(".llmops-lineage svg .llmops-edge").count() >= 6
+    page.wait_for_function("() => document.querySelectorAll('.llmops-lineage svg .llmops-edge').length >= 6",
+                           timeout=30_000)
     # Layered top to bottom: raw data above dataset above adapter above merged above quantized above deployment.
     ys = {k: page.locator(f'.llmops-node[data-kind="{k}"]').bounding_box()["y"]
           for k in ("raw-data", "dataset", "adapter", "merged", "quantized", "deployment")}

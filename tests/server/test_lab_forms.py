@@ -61,7 +61,7 @@ def test_plan_form_in_lab(lab_server):
                 # Shift+Enter only once the notebook's kernel is idle and its first cell's editor has the focus:
                 # a keypress before that is lost (the reason to retry is a lost keypress, never a fixed pause)
                 page.wait_for_function(KERNEL_IDLE, arg="forms.ipynb", timeout=120_000)
-                if form.count():  # the previous attempt's run only took longer than its wait
+                if form.is_visible():  # the previous attempt's run only took longer than its wait
                     break
                 # the visible notebook: Lab may restore another one (an earlier test's) in a background tab
                 page.locator(".jp-NotebookPanel .jp-Cell .jp-InputArea-editor:visible").first.click()
