@@ -19,8 +19,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv install test test-fast test-gguf smoke-extras demo bench lab lint clean labext labext-dev browser-deps \
-        labext-lint labext-unit labext-check
+.PHONY: venv install test test-fast test-stress test-gguf smoke-extras demo bench lab lint clean labext labext-dev \
+        browser-deps labext-lint labext-unit labext-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,21 @@ test: labext $(STAMP) labext-dev browser-deps labext-check
 # The inner loop: everything not marked slow or browser (under 3 minutes on 2 cores).
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+
+# The browser, kernel (notebook), fault and serve tests with STRESS_BURNERS CPU-burning processes beside them
+# (tools/cpu_burn.py): a wait on the wrong condition, or a sleep standing in for one, fails here rather than once a
+# week in CI. The burners stop when pytest ends (pass, fail or Ctrl-C: the trap), when this recipe's shell is gone,
+# and by themselves after STRESS_MAX_S seconds whatever happens.
+STRESS_BURNERS ?= 2
+STRESS_MAX_S   ?= 5400
+STRESS_TESTS   ?= tests/server tests/faults tests/stages/serve tests/frontends/test_notebook.py \
+                  tests/pipelines/test_example_notebooks.py tests/pipelines/test_failure_line.py \
+                  tests/pipelines/test_pipelines.py tests/pipelines/test_papermill_compat.py
+test-stress: labext $(STAMP) labext-dev browser-deps
+	@$(PY) tools/cpu_burn.py --procs $(STRESS_BURNERS) --seconds $(STRESS_MAX_S) & burn=$$!; \
+	trap 'kill $$burn 2>/dev/null; wait $$burn 2>/dev/null' EXIT; \
+	trap 'exit 130' INT TERM HUP; \
+	$(PY) -m pytest $(STRESS_TESTS) $(PYTEST_ARGS)
 
 # The llama.cpp runtime tests (marked `gguf`; `make test` deselects them): installs the [gguf] extra, whose
 # llama-cpp-python builds llama.cpp from source once (~7 min on 2 cores). The built wheel is kept in build/wheels

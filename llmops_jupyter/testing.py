@@ -1,4 +1,5 @@
-"""Test helpers for tests, CI notebooks and quick tries: tiny records and datasets, out-of-process file reads.
+"""Test helpers for tests, CI notebooks and quick tries: tiny records and datasets, out-of-process file reads, and
+:func:`wait_until`, the one way the test suite waits for something to happen.
 
 The tiny model itself lives in :mod:`llmops_jupyter.models.tiny` (production code uses it as the ``tiny-llama``
 provider); it is re-exported here because notebooks and docs import it from this module.
@@ -7,12 +8,17 @@ provider); it is re-exported here because notebooks and docs import it from this
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from llmops_jupyter.models.tiny import CHAT_TEMPLATE, TINY_NAME, build_tiny_model, build_tokenizer
 
 __all__ = ["CHAT_TEMPLATE", "TINY_NAME", "build_tiny_model", "build_tokenizer", "read_bytes_elsewhere",
-           "tiny_model_path", "tiny_records", "write_tiny_dataset"]
+           "tiny_model_path", "tiny_records", "wait_until", "write_tiny_dataset"]
+
+T = TypeVar("T")
 
 
 def tiny_model_path(cache: str | os.PathLike | None = None) -> Path:
@@ -74,3 +80,34 @@ def read_bytes_elsewhere(paths: list[str | os.PathLike]) -> dict[str, bytes]:
             "sys.stdout.buffer.write(pickle.dumps({p: Path(p).read_bytes() for p in sys.argv[1:] if Path(p).is_file()}))")
     out = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, check=True)
     return pickle.loads(out.stdout)
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 120.0, *, what: str,
+               abort: Callable[[], Any] | None = None, details: Callable[[], str] | None = None,
+               interval: float = 0.05, max_interval: float = 1.0) -> T:
+    """Poll ``predicate`` until it returns something truthy and return that; fail after ``timeout`` seconds.
+
+    The test suite's only way to wait: on the condition the next line needs, never a fixed sleep (a sleep long
+    enough on a busy 2-core machine is slow everywhere else, and still races under more load). The pause between
+    polls starts at ``interval`` and grows to ``max_interval`` (backoff, so a slow wait costs few polls).
+
+    ``what`` names the condition for the failure message ("timed out after 120 s waiting for <what>"). ``abort``
+    is checked on each poll and ends the wait at once with its truthy result in the message (e.g. the process that
+    should produce the condition exited); ``details`` adds text to a failure (a log tail). The timeout is generous
+    on purpose: it bounds a hang, it is not a timing assertion.
+    """
+    deadline = time.monotonic() + timeout
+    pause = interval
+    while True:
+        value = predicate()
+        if value:
+            return value
+        reason = abort() if abort is not None else None
+        if reason:
+            extra = f"\n{details()}" if details is not None else ""
+            raise AssertionError(f"gave up waiting for {what}: {reason}{extra}")
+        if time.monotonic() >= deadline:
+            extra = f"\n{details()}" if details is not None else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{extra}")
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 1.5, max_interval)

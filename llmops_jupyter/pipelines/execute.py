@@ -17,6 +17,7 @@ import dataclasses
 import io
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -573,6 +574,8 @@ def run_pipeline(
     """
     registry = registry or Registry.open()
     source, nb, params, src_env = prepare(notebook, parameters, registry=registry, env=env)
+    if params.note:  # papermill runs such a cell; say once which lines gave no parameter
+        print(f"llmops: note: {params.note}", file=sys.stderr, flush=True)
     kernel_name = choose_kernel(nb, kernel)
     work = Path(cwd).resolve() if cwd else source.parent
     from llmops_jupyter.core.files import sha256_file

@@ -69,6 +69,7 @@ class ResolvedParams:
 
     values: dict[str, Any]
     declared: dict[str, NotebookParam]
+    note: str | None = None  # the parameters cell lines no parameter was read from (one line), if any
 
     @property
     def secrets(self) -> dict[str, SecretRef]:
@@ -113,17 +114,68 @@ def _type_of(value: Any) -> Any:
     return type(value) if type(value) in (bool, int, float, str, list, dict) else None
 
 
-def notebook_parameters(nb, path: str = "notebook") -> dict[str, NotebookParam]:
-    """Names, defaults and types declared in the ``parameters``-tagged cell (literal assignments)."""
+@dataclasses.dataclass(frozen=True)
+class SkippedLine:
+    """A line of the parameters cell no parameter is read from: IPython syntax (a magic, a shell command) that
+    the kernel runs but Python's parser does not read. papermill's inspection skips such lines too."""
+
+    line: int  # 1-based, within the cell
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.line} `{self.text}`"
+
+
+def skipped_note(path: str, cell: int, skipped: list[SkippedLine]) -> str:
+    """One line saying which lines of the parameters cell were skipped, and why."""
+    which = ", ".join(map(str, skipped))
+    return (f"{path}: parameters cell (cell {cell}) line{'s' if len(skipped) > 1 else ''} {which} skipped: IPython "
+            "syntax, not Python; the kernel runs it, but no parameter is read from it (as papermill does).")
+
+
+def _ipython_source(source: str) -> str | None:
+    """The cell as IPython runs it (magics and shell commands become calls), or None when IPython cannot run it
+    either. The transform keeps one line per line (line magics, ``!cmd``, ``name?``)."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    try:
+        text = TransformerManager().transform_cell(source)
+        ast.parse(text)
+    except (SyntaxError, ValueError):
+        return None
+    return text
+
+
+def parameters_cell(nb, path: str = "notebook") -> tuple[dict[str, NotebookParam], list[SkippedLine]]:
+    """Names, defaults and types declared in the ``parameters``-tagged cell (literal assignments), and the lines
+    no parameter is read from (see :class:`SkippedLine`).
+
+    papermill runs a parameters cell that holds IPython syntax (``%config ...``, ``!pip ...``): its inspection
+    skips what it cannot read. So is it here: the cell is read as IPython runs it and such lines are reported.
+    A cell that IPython cannot run either fails in the kernel, so it is refused before any kernel starts.
+    """
     idx = parameters_cell_index(nb)
     if idx < 0:
-        return {}
+        return {}, []
     source = nb.cells[idx].source
+    skipped: list[SkippedLine] = []
     try:
         tree = ast.parse(source)
     except SyntaxError as exc:
-        raise ConfigError(f"{path}: the parameters cell (cell {idx}) is not valid Python (line {exc.lineno}).",
-                          fix="write one `name = value` per line") from None
+        transformed = _ipython_source(source)
+        if transformed is None:
+            lines = source.splitlines()
+            text = lines[exc.lineno - 1].strip() if exc.lineno and exc.lineno <= len(lines) else ""
+            shown = f" `{text}`" if text else ""
+            raise ConfigError(f"{path}: the parameters cell (cell {idx}) is not valid Python (line {exc.lineno}"
+                              f"{shown}: {exc.msg}); the kernel could not run it either.",
+                              fix="write one `name = value` per line") from None
+        tree = ast.parse(transformed)
+        original, ran = source.splitlines(), transformed.splitlines()
+        skipped = [SkippedLine(i + 1, a.strip()) for i, (a, b) in enumerate(zip(original, ran)) if a != b]
+        if len(original) != len(ran) or not skipped:  # a cell magic (%%...): the whole cell is one call
+            skipped = [SkippedLine(i + 1, a.strip()) for i, a in enumerate(original) if a.lstrip()[:1] in "%!"
+                       and a.strip()]
     out: dict[str, NotebookParam] = {}
     for node in tree.body:
         target, value_node, annotation = None, None, None
@@ -142,7 +194,12 @@ def notebook_parameters(nb, path: str = "notebook") -> dict[str, NotebookParam]:
             tp = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}.get(
                 ast.unparse(annotation).split("[")[0].split("|")[0].strip(), tp)
         out[target] = NotebookParam(target, None if default is _UNSET else default, tp, node.lineno)
-    return out
+    return out, skipped
+
+
+def notebook_parameters(nb, path: str = "notebook") -> dict[str, NotebookParam]:
+    """Names, defaults and types declared in the ``parameters``-tagged cell (see :func:`parameters_cell`)."""
+    return parameters_cell(nb, path)[0]
 
 
 def _available_configs() -> dict[str, type[StageConfig]]:
@@ -317,7 +374,8 @@ def _check_config_field(name: str, value: Any, target: FieldTarget) -> Any:
 def resolve_parameters(nb, given: dict[str, Any] | None, *, path: str = "notebook",
                        env: typing.Mapping[str, str] | None = None) -> ResolvedParams:
     """Validate ``given`` against the notebook and the stage configs; raise one clear error for the first bad one."""
-    declared = notebook_parameters(nb, path)
+    declared, skipped = parameters_cell(nb, path)
+    note = skipped_note(path, parameters_cell_index(nb), skipped) if skipped else None
     targets, _used = stage_targets(nb)
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
@@ -363,7 +421,7 @@ def resolve_parameters(nb, given: dict[str, Any] | None, *, path: str = "noteboo
         # The notebook's own type wins for the injected value: `model = "x"` feeding a list field (eval --model)
         # and a str field (plan --model) must stay a str; the stage fields only validate it.
         values[name] = value if decl.type is not None else checked
-    return ResolvedParams(values=values, declared=declared)
+    return ResolvedParams(values=values, declared=declared, note=note)
 
 
 def load_params_file(path: str | os.PathLike) -> dict[str, Any]:

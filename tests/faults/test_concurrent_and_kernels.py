@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from llmops_jupyter.testing import wait_until
 
 pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
 
@@ -88,11 +89,8 @@ def test_pipeline_kernel_killed_mid_cell_is_recorded_failed(home, tmp_path):
     nb = notebook(tmp_path / "slow.ipynb", "seconds = 600",
                   f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(seconds)")
     proc = llmops(home, "run", str(nb))
-    deadline = time.monotonic() + 120
-    while not pid_file.exists() or not pid_file.read_text():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_until(lambda: pid_file.exists() and pid_file.read_text(), 120, what="the kernel to write its pid",
+               abort=lambda: proc.poll() is not None and f"`llmops run` exited early: {proc.stdout.read()[-3000:]}")
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from llmops_jupyter.core.errors import StageError
+from llmops_jupyter.testing import wait_until
 
 pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
 
@@ -74,10 +74,8 @@ def test_kill9_during_training_then_resume(registry, tiny_model, tiny_dataset, w
     from llmops_jupyter.stages.finetune.train import last_checkpoint
 
     handle = detached(registry, tiny_model, tiny_dataset, checkpoint_every=2)
-    deadline = time.monotonic() + 240
-    while not last_checkpoint(registry, handle.run_id):
-        assert time.monotonic() < deadline, handle.log.read_text()[-2000:]
-        time.sleep(0.3)
+    wait_until(lambda: last_checkpoint(registry, handle.run_id), 240, what="the worker's first checkpoint",
+               details=lambda: handle.log.read_text()[-2000:])
     os.kill(handle.pid, signal.SIGKILL)
     with pytest.raises(StageError, match="SIGKILL"):
         handle.wait(timeout=60)

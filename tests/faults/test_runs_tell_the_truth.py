@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from llmops_jupyter.core.errors import StageError
+from llmops_jupyter.testing import wait_until
 
 pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
 
@@ -27,23 +27,18 @@ def cli(home: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for(cond, proc: subprocess.Popen, timeout: float = 180.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stdout.read()[-3000:]}")
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.3)
+def wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 180.0):
+    """``cond`` becomes true while ``proc`` (the CLI doing the work) still runs."""
+    return wait_until(cond, timeout, what=what, abort=lambda: proc.poll() is not None and (
+        f"the process ended early ({proc.returncode}): {proc.stdout.read()[-3000:]}"))
 
 
 def start_long_finetune(registry, tiny_model, tiny_dataset, every: int = 2) -> tuple[subprocess.Popen, str]:
     proc = cli(registry.home, "finetune", "--model", str(tiny_model), "--data", tiny_dataset.hash,
                "--max-steps", "100000", "--checkpoint-every", str(every), "--batch-size", "4", "--seq-len", "64",
                "--log-every", "1", "--lr", "1e-2")
-    run_id = wait_for(lambda: next((r["id"] for r in registry.list_runs(stage="finetune")), None), proc)
+    run_id = wait_for(lambda: next((r["id"] for r in registry.list_runs(stage="finetune")), None), proc,
+                      "the finetune run to be recorded")
     return proc, run_id
 
 
@@ -53,7 +48,7 @@ def test_sigterm_records_interrupted_with_checkpoint_then_resume_honours_max_ste
     from llmops_jupyter.stages.finetune.train import last_checkpoint
 
     proc, run_id = start_long_finetune(registry, tiny_model, tiny_dataset)
-    wait_for(lambda: last_checkpoint(registry, run_id), proc)
+    wait_for(lambda: last_checkpoint(registry, run_id), proc, "the first checkpoint")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
@@ -88,7 +83,7 @@ def test_resume_refuses_a_changed_training_option_in_one_line(registry, tiny_mod
 
 def test_sigkill_is_reported_failed_by_the_next_reader(registry, tiny_model, tiny_dataset):
     proc, run_id = start_long_finetune(registry, tiny_model, tiny_dataset, every=0)
-    wait_for(lambda: "loss" in registry.metrics(run_id), proc)
+    wait_for(lambda: "loss" in registry.metrics(run_id), proc, "the first logged loss")
     assert registry.get_run(run_id)["status"] == "running"
     proc.kill()
     proc.wait(timeout=60)

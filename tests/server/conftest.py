@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 
 from llmops_jupyter.core.env import pid_alive
+from llmops_jupyter.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 LABEXT = ROOT / "llmops_jupyter" / "labextension"
@@ -137,17 +137,25 @@ def populate(home: Path, scratch: Path, tiny_model: Path) -> Populated:
                                            "detach": True}, name="still-training")
         worker = detached.outputs["run"]
         try:
-            deadline = time.time() + 120
-            while "loss" not in reg.metrics(worker.run_id):
-                if time.time() > deadline or not pid_alive(worker.pid):
-                    raise RuntimeError(f"detached finetune did not start:\n{worker.log.read_text()[-3000:]}")
-                time.sleep(0.3)
+            wait_until(lambda: "loss" in reg.metrics(worker.run_id), 120, what="the detached finetune's first loss",
+                       abort=lambda: not pid_alive(worker.pid) and "its worker process exited",
+                       details=lambda: worker.log.read_text()[-3000:])
             os.kill(worker.pid, signal.SIGSTOP)
         except BaseException:
             Populated(ids, worker).stop()
             raise
         ids["running"] = worker.run_id
     return Populated(ids, worker)
+
+
+def server_up(url: str, token: str) -> bool:
+    """Whether the Jupyter server at ``url`` answers its status route (False while it is still starting)."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/api/status", headers={"Authorization": f"token {token}"}, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def free_port() -> int:
@@ -186,8 +194,6 @@ def lab_server(tmp_path_factory, tiny_model) -> LabServer:
 
 
 def _serve_lab(base: Path, root: Path, home: Path, ids: dict[str, str]):
-    import httpx
-
     # Isolated Jupyter dirs: only our extension config + the worktree's built labextension.
     cfg, data, rt = base / "config", base / "data", base / "runtime"
     cfg.mkdir()
@@ -208,20 +214,17 @@ def _serve_lab(base: Path, root: Path, home: Path, ids: dict[str, str]):
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
          "--ServerApp.port_retries=0", "--ServerApp.allow_root=True", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         "--LabApp.expose_app_in_browser=True"],  # window.jupyterapp: tests wait on the kernel's real status
         cwd=str(root), env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/api/status", headers={"Authorization": f"token {token}"}, timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"JupyterLab did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
+    try:
+        wait_until(lambda: server_up(url, token), 90, what="JupyterLab to answer /api/status",
+                   abort=lambda: proc.poll() is not None and f"the server exited ({proc.returncode})",
+                   details=lambda: log.read_text()[-3000:])
+    except AssertionError as exc:
+        proc.kill()
+        pytest.fail(str(exc))
     yield LabServer(url=url, token=token, root=root, home=home, ids=ids, log=log)
     proc.terminate()
     try:

@@ -17,6 +17,13 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "lab"
 
 
+def expect(locator):
+    """Playwright's auto-retrying assertion (imported late: Playwright is optional, the page fixture skips)."""
+    from playwright.sync_api import expect as _expect
+
+    return _expect(locator)
+
+
 @pytest.fixture(scope="module")
 def page(lab_server):
     exe = shutil.which("chromium")
@@ -57,24 +64,30 @@ def test_sidebar_lists_runs_and_resources(page, lab_server):
     page.wait_for_selector("#llmops-sidebar .llmops-resources .llmops-bar", timeout=30_000)
     resources = page.locator("#llmops-sidebar .llmops-resources").inner_text()
     assert "RAM" in resources or "GPU" in resources
-    assert page.locator(f'#llmops-sidebar .llmops-running[data-run-id="{lab_server.ids["running"]}"]').count() == 1
+    expect(page.locator(f'#llmops-sidebar .llmops-running[data-run-id="{lab_server.ids["running"]}"]')) \
+        .to_have_count(1, timeout=30_000)
     row = page.locator(f'.llmops-run-row[data-run-id="{lab_server.ids["eval"]}"]')
-    assert "failed" in row.inner_text()
+    expect(row).to_contain_text("failed", timeout=30_000)
     page.fill("#llmops-sidebar .llmops-filter", "quantize")
-    assert rows.count() == 1
+    expect(rows).to_have_count(1, timeout=30_000)
+    expect(rows).to_have_attribute("data-stage", "quantize")
     page.fill("#llmops-sidebar .llmops-filter", "")
+    expect(rows).not_to_have_count(1, timeout=30_000)
     page.screenshot(path=str(SHOTS / "01-sidebar-runs.png"))
 
 
 def test_run_detail_shows_lineage_graph(page, lab_server):
     open_sidebar(page)
     page.click(f'.llmops-run-row[data-run-id="{lab_server.ids["finetune"]}"]')
-    page.wait_for_selector(".llmops-lineage svg .llmops-node", timeout=30_000)
-    kinds = page.locator(".llmops-lineage svg .llmops-node").evaluate_all("ns => ns.map(n => n.dataset.kind)")
+    page.wait_for_selector(f'.llmops-detail-id:text("{lab_server.ids["finetune"]}")', timeout=30_000)
+    nodes = page.locator(".llmops-lineage svg .llmops-node")
+    expect(nodes).to_have_count(12, timeout=30_000)  # the detail and its graph render together; wait for all
+    kinds = nodes.evaluate_all("ns => ns.map(n => n.dataset.kind)")
     # the chain, the eval of the adapter and one model card per adapter / merged / quantized / deployment version
     assert sorted(kinds) == sorted(["raw-data", "dataset", "base-model", "adapter", "merged", "quantized",
                                     "deployment", "eval-results"] + ["model-card"] * 4)
-    assert page.locator(".llmops-lineage svg .llmops-edge").count() >= 6
+    page.wait_for_function("() => document.querySelectorAll('.llmops-lineage svg .llmops-edge').length >= 6",
+                           timeout=30_000)
     # Layered top to bottom: raw data above dataset above adapter above merged above quantized above deployment.
     ys = {k: page.locator(f'.llmops-node[data-kind="{k}"]').bounding_box()["y"]
           for k in ("raw-data", "dataset", "adapter", "merged", "quantized", "deployment")}
@@ -102,6 +115,7 @@ def test_run_as_pipeline_from_notebook_toolbar(page, lab_server):
     page.locator(".jp-NotebookPanel:visible .llmops-run-pipeline-button").first.click()
     dialog = page.locator(".jp-Dialog")
     dialog.wait_for(timeout=30_000)
+    expect(dialog.locator("input, textarea")).to_have_count(5, timeout=30_000)
     types = dict(dialog.locator("input, textarea").evaluate_all("es => es.map(e => [e.name, e.dataset.type])"))
     assert types == {"lr": "float", "steps": "int", "use_lora": "bool", "run_name": "str", "layers": "list"}
     dialog.locator('input[name="steps"]').fill("4")
@@ -109,11 +123,14 @@ def test_run_as_pipeline_from_notebook_toolbar(page, lab_server):
     page.screenshot(path=str(SHOTS / "03-run-as-pipeline-dialog.png"))
     dialog.locator(".jp-mod-accept").click()
     page.wait_for_selector(".llmops-job-finished", timeout=180_000)
-    page.wait_for_selector('.llmops-run-row[data-stage="toy-train"]', timeout=30_000)
-    after = set(page.locator(".llmops-run-row").evaluate_all("rs => rs.map(r => r.dataset.runId)"))
-    new = after - before
-    stages = {page.locator(f'.llmops-run-row[data-run-id="{i}"]').get_attribute("data-stage") for i in new}
-    assert {"pipeline", "toy-train"} <= stages
+    # both new runs (the pipeline and the stage run its notebook made) listed, not only the first to appear
+    stages = page.wait_for_function(
+        """before => {
+          const s = [...document.querySelectorAll('.llmops-run-row')]
+            .filter(r => !before.includes(r.dataset.runId)).map(r => r.dataset.stage);
+          return s.includes('pipeline') && s.includes('toy-train') && s;
+        }""", arg=sorted(before), timeout=60_000).json_value()
+    assert {"pipeline", "toy-train"} <= set(stages)
     page.evaluate("document.querySelector('#llmops-sidebar').scrollTop = 0")
     page.screenshot(path=str(SHOTS / "04-pipeline-finished.png"))
     # The job links its run: selecting it shows the output notebook artifact.

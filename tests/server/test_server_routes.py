@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
+
+from llmops_jupyter.testing import wait_until
 
 pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
 
@@ -145,11 +145,9 @@ def test_path_traversal_is_refused(lab_server, tmp_path):
 def test_run_as_pipeline_records_runs(lab_server):
     r = post(lab_server, "pipeline", {"notebook": "template.ipynb", "parameters": {"steps": 2, "lr": 0.01}})
     assert r.status_code == 202, r.text
-    job = r.json()
-    deadline = time.time() + 180
-    while job["status"] == "running" and time.time() < deadline:
-        time.sleep(0.5)
-        job = get(lab_server, f"pipeline/{job['id']}").json()
+    job_id = r.json()["id"]
+    job = wait_until(lambda: (j := get(lab_server, f"pipeline/{job_id}").json())["status"] != "running" and j, 180,
+                     what=f"pipeline job {job_id} to end", details=lambda: lab_server.log.read_text()[-3000:])
     assert job["status"] == "finished", job
     assert job["total"] and job["done"] == job["total"]
     assert (lab_server.root / job["output"]).is_file()

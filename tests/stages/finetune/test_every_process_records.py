@@ -48,10 +48,11 @@ def test_detached_finetune_worker_records_audit_samples_and_card(registry, tiny_
 
 
 SAMPLED_TOY = '''
-import dataclasses, time
+import dataclasses
 from llmops_jupyter.core.config import StageConfig, option
 from llmops_jupyter.core.runner import Runner
 from llmops_jupyter.core.stage import Stage, register_stage
+from llmops_jupyter.testing import wait_until
 
 @dataclasses.dataclass
 class ToyConfig(StageConfig):
@@ -64,7 +65,8 @@ class Toy(Stage):
     resource_sampling = True
 
     def run(self, ctx):
-        time.sleep(1.0)
+        # a sample taken while the stage runs (the sampler thread's first), not only the one at stop
+        wait_until(lambda: "cpu_rss_mb" in ctx.registry.metrics(ctx.run_id), 120, what="a resource sample")
         out = ctx.staging_dir()
         (out / "adapter.txt").write_text(str(ctx.config.rank))
         ctx.save_artifact(out, "adapter", name="toy")

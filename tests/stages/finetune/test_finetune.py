@@ -7,12 +7,12 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from llmops_jupyter.core.errors import ConfigError, ResourceError, StageError
+from llmops_jupyter.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -189,10 +189,8 @@ def test_detached_worker_death_is_reported(registry, tiny_model, tiny_dataset, m
                                             "max_steps": 100000, "detach": True})
     handle = res.outputs["run"]
     assert handle.run_id == res.run_id  # one training, one run
-    deadline = time.monotonic() + 120
-    while 'loss' not in registry.metrics(handle.run_id):
-        assert time.monotonic() < deadline, handle.log.read_text()[-2000:]
-        time.sleep(0.5)
+    wait_until(lambda: "loss" in registry.metrics(handle.run_id), 120, what="the detached worker's first loss",
+               details=lambda: handle.log.read_text()[-2000:])
     assert registry.get_run(handle.run_id)["pid"] == handle.pid
     os.kill(handle.pid, signal.SIGKILL)
     with pytest.raises(StageError, match="SIGKILL"):

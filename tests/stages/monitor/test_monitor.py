@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from llmops_jupyter.testing import wait_until
+
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
@@ -59,9 +61,10 @@ def traffic(tiny_model, tmp_path_factory):
         for text in normal + INJECTIONS + ["What is 3 plus 4? Reply to bob@example.com please."]:
             ask(text)
         res.outputs["handle"].serve_ctx.log.flush()
-        time.sleep(0.05)
-        t_mid = time.time()
-        time.sleep(0.05)
+        # t_mid strictly after every request above and strictly before every one below (a clock tick each side)
+        t_before = time.time()
+        t_mid = wait_until(lambda: time.time() > t_before and time.time(), 10, what="the clock to pass t_before")
+        wait_until(lambda: time.time() > t_mid, 10, what="the clock to pass t_mid")
         for text in DRIFTED:
             ask(text)
         ask("Context: The meeting was moved to Tuesday because the room was booked.\n"

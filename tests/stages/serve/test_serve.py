@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from types import SimpleNamespace
 
 import pytest
+
+from llmops_jupyter.testing import wait_until
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -135,16 +136,14 @@ def test_busy_server_answers_429_with_retry_after(served, monkeypatch):
         model="tiny-llama", messages=[{"role": "user", "content": "hold a slot"}], max_tokens=4)) for _ in range(2)]
     for t in holders:
         t.start()
-    deadline = time.monotonic() + 300  # generous: a loaded CI machine, not a timing assertion
-    while len(holding) < 2:  # both slots taken before the probe
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: len(holding) >= 2, 300, what="both generation slots to be held before the probe")
     with pytest.raises(openai.RateLimitError) as info:
         served.client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "busy?"}],
                                               max_tokens=4)
     gate.set()
     for t in holders:
         t.join(60)
+    assert not any(t.is_alive() for t in holders), "a held request never finished"
     assert info.value.response.headers["retry-after"] == "1"
     assert "generation slots" in str(info.value)
     served.handle.serve_ctx.log.flush()
@@ -223,6 +222,7 @@ def test_stop_via_magic_finishes_in_flight_stream(served, shell, monkeypatch):
     assert first_chunk.wait(60), "the stream never started"  # stop only once the request is really in flight
     shell.run_line_magic("llmops", f"serve --stop {served.dep}")
     t.join(60)
+    assert not t.is_alive(), "the in-flight stream never ended"
     assert got.get("finish") in (["stop"], ["length"])  # completed, not cut off
     from llmops_jupyter.stages.serve.server import get_deployment
 
