@@ -351,7 +351,7 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
     if not train_ds:
         raise StageError("No training example has response tokens left after truncation.",
                          fix="raise --seq-len or check the dataset's prompt/completion fields")
-    from llmops_jupyter.stages.finetune.kernels import apply_liger, check_kernels_option
+    from llmops_jupyter.stages.finetune.kernels import TORCH_VARLEN, VARLEN_CALLS, apply_liger, check_kernels_option
 
     check_kernels_option(cfg.kernels)
     with oom_guard(cfg, model_ref or str(model_path)):
@@ -382,14 +382,18 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
                           data_collator=batcher, callbacks=[report, *(callbacks or [])])
         trainer.remove_callback(PrinterCallback)  # metrics go to the reporter, not stdout
         try:
+            calls_before = dict(VARLEN_CALLS)
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            # what the attention function itself counted while training (the chosen kernel is the one that ran)
+            ran = {k: n - calls_before.get(k, 0) for k, n in VARLEN_CALLS.items() if n > calls_before.get(k, 0)}
             metrics: dict[str, float] = {"train_loss": float(result.training_loss),
                                          "train_runtime_s": float(result.metrics.get("train_runtime", 0.0))}
             if eval_ds:
                 metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
             extra = {"attention_kernel": choice.kernel, "batching_reason": choice.reason, "kernels": cfg.kernels,
                      **({"batching_costs": choice.costs} if choice.costs else {}),
-                     **({"packing_probe": choice.probes} if choice.probes else {}), **liger}
+                     **({"packing_probe": choice.probes} if choice.probes else {}),
+                     **({"varlen_calls": ran} if choice.kernel == TORCH_VARLEN else {}), **liger}
             return finish_run(trainer, model, counter, metrics, dtype=dtype, batching=mode,
                               train_examples=len(train_ds), eval_examples=len(eval_ds), tokenizer=tokenizer,
                               adapter_dir=adapter_dir, efficiency=eff, **extra)

@@ -251,3 +251,38 @@ def test_dashboard_status_shows_efficiency_mode_and_kernel():
     text = view.status_text()
     assert "MFU 31.2% (4N FLOPs/token)" in text and "padding 12%" in text
     assert "batching packed · attention sdpa" in text
+
+
+def test_fused_varlen_kernel_is_found_in_a_fresh_interpreter():
+    """``torch.nn.attention`` does not import its ``varlen`` submodule: the kernel check must import it, not test an
+    attribute that exists only once someone else imported it (the fused kernel was never chosen on CUDA)."""
+    import subprocess
+    import sys
+
+    script = ("import sys\n"
+              "import torch\n"
+              "from llmops_jupyter.stages.finetune import kernels\n"
+              "print('PRELOADED', 'torch.nn.attention.varlen' in sys.modules)\n"
+              "print('ATTR', hasattr(torch.nn.attention, 'varlen'))\n"
+              "fn = kernels.fused_varlen()\n"
+              "print('FUSED', fn.__module__, fn.__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "PRELOADED False" in proc.stdout  # the situation of a real kernel: nothing imported it before
+    assert "ATTR False" in proc.stdout  # why the old attribute guard never chose the fused kernel
+    assert "FUSED torch.nn.attention.varlen varlen_attn" in proc.stdout, proc.stdout
+
+
+def test_run_records_which_varlen_path_ran(registry, tiny_model, tiny_dataset, monkeypatch):
+    """The attention function counts the path it ran and the run summary records it: on CPU the per-sequence
+    reference (tests/gpu asserts the fused kernel on CUDA). The kernel list is forced: CPU offers no varlen kernel."""
+    from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.stages.finetune import kernels
+
+    monkeypatch.setattr(kernels, "candidate_kernels", lambda model: [kernels.TORCH_VARLEN, "sdpa"])
+    res = Runner(registry).run("finetune", {"model": str(tiny_model), "data": tiny_dataset.hash, "max_steps": 2,
+                                            **FAST})
+    s = res.summary
+    assert s["attention_kernel"] == kernels.TORCH_VARLEN and s["batching"] == "flat"
+    # 2 steps × 2 layers at least (the probe's forwards happen before training and are not counted)
+    assert s["varlen_calls"].get("reference", 0) >= 4 and "fused" not in s["varlen_calls"], s["varlen_calls"]
