@@ -286,3 +286,53 @@ def test_run_records_which_varlen_path_ran(registry, tiny_model, tiny_dataset, m
     assert s["attention_kernel"] == kernels.TORCH_VARLEN and s["batching"] == "flat"
     # 2 steps × 2 layers at least (the probe's forwards happen before training and are not counted)
     assert s["varlen_calls"].get("reference", 0) >= 4 and "fused" not in s["varlen_calls"], s["varlen_calls"]
+
+
+def _register_raising_kernel(name, exc):
+    """An attention implementation registered through transformers' interface that raises ``exc`` when it runs."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def attention(*args, **kwargs):
+        raise exc
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def test_packing_probe_records_why_a_kernel_failed(model):
+    """A kernel that raises is recorded with its error, not as 'packed logits differ'."""
+    import copy
+
+    import torch
+
+    from llmops_jupyter.stages.finetune.sft import choose_batching
+
+    _register_raising_kernel("llmops_test_broken", RuntimeError("kernel exploded: no sm_90 image"))
+    m = copy.deepcopy(model)
+    feats = _feats([12, 9, 7, 5])
+    only = choose_batching(m, feats, True, torch.float32, kernels=["llmops_test_broken"])
+    assert only.mode == "grouped"
+    assert "RuntimeError: kernel exploded: no sm_90 image" in only.reason, only.reason
+    assert "differ" not in only.reason, only.reason
+    assert only.errors == {"llmops_test_broken": "RuntimeError: kernel exploded: no sm_90 image"}
+    assert m.config._attn_implementation == "sdpa"  # put back
+    # another kernel passes: the broken one is still named, in the line the run log gets
+    both = choose_batching(m, feats, True, torch.float32, kernels=["llmops_test_broken", "sdpa"])
+    assert both.kernel == "sdpa" and both.mode != "grouped"
+    assert "llmops_test_broken unusable: RuntimeError: kernel exploded" in both.describe(), both.describe()
+
+
+@pytest.mark.parametrize("exc", [MemoryError("cannot allocate"), "torch-oom"])
+def test_packing_probe_never_swallows_out_of_memory(model, exc):
+    import copy
+
+    import torch
+
+    from llmops_jupyter.stages.finetune.sft import choose_batching
+
+    exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if exc == "torch-oom" else exc
+    _register_raising_kernel("llmops_test_oom", exc)
+    with pytest.raises(type(exc)):
+        choose_batching(copy.deepcopy(model), _feats([12, 9, 7, 5]), True, torch.float32,
+                        kernels=["llmops_test_oom", "sdpa"])
