@@ -161,12 +161,24 @@ def set_kernel(model: Any, name: str) -> None:
 
 # -- Liger ---------------------------------------------------------------------------------------------------------
 def check_kernels_option(kernels: str) -> None:
-    """``--kernels liger`` needs CUDA (Triton kernels): refused with one line elsewhere."""
+    """``--kernels liger`` needs CUDA (Triton kernels) and liger-kernel (the ``[liger]`` extra): refused with one line
+    otherwise, before the model is loaded."""
     import torch
 
-    if kernels == "liger" and not torch.cuda.is_available():
+    if kernels != "liger":
+        return
+    if not torch.cuda.is_available():
         raise StageError("--kernels liger needs a CUDA GPU (Liger's kernels are Triton); this machine has none.",
                          fix="drop --kernels (or use --kernels none) on CPU")
+    _liger_apply()
+
+
+def _liger_apply() -> Callable[..., Any]:
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as exc:
+        raise MissingDependencyError("liger-kernel", "liger", feature="--kernels liger") from exc
+    return _apply_liger_kernel_to_instance
 
 
 def apply_liger(model: Any, batch: dict[str, Any], *, rtol: float = 2e-2) -> dict[str, float]:
@@ -174,10 +186,7 @@ def apply_liger(model: Any, batch: dict[str, Any], *, rtol: float = 2e-2) -> dic
     loss on ``batch`` against the plain model's; raises :class:`VerificationError` when they differ."""
     import torch
 
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError as exc:
-        raise MissingDependencyError("liger-kernel", "gpu", feature="--kernels liger") from exc
+    _apply_liger_kernel_to_instance = _liger_apply()
     was_training = model.training
     model.eval()
     with torch.no_grad():

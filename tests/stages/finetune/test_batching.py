@@ -175,6 +175,24 @@ def test_liger_is_refused_on_cpu_in_one_line(registry, tiny_model, tiny_dataset)
     assert "needs a CUDA GPU" in str(err.value) and "\n" not in str(err.value).split(" Fix")[0]
 
 
+def test_missing_liger_names_the_extra_that_installs_it(model, monkeypatch):
+    """The install line of the missing-dependency error must install liger-kernel (it named [gpu], which does not)."""
+    import sys
+
+    from llmops_jupyter.core import extras
+    from llmops_jupyter.core.errors import MissingDependencyError
+    from llmops_jupyter.stages.finetune.kernels import apply_liger
+
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed, even where it is
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    with pytest.raises(MissingDependencyError) as err:
+        apply_liger(model, {})
+    extra = err.value.extra
+    assert f"pip install 'llmops-jupyter[{extra}]'" in str(err.value)
+    assert extras.EXTRAS[extra].get("liger_kernel") == "liger-kernel", extra
+    assert "finetune" in extras.closure([extra])  # and what --kernels liger trains with
+
+
 def test_mfu_and_flops_rule():
     from llmops_jupyter.stages.finetune.kernels import peak_tflops
     from llmops_jupyter.stages.finetune.train import mfu_pct
