@@ -36,13 +36,14 @@ EXTRAS: dict[str, dict[str, str]] = {
               "distributed": "dask[distributed]", "optuna": "optuna"},
     "mlflow": {"mlflow": "mlflow-skinny"},
     "gpu": {"pynvml": "nvidia-ml-py"},
+    "liger": {"liger_kernel": "liger-kernel"},
     "lab": {"jupyterlab": "jupyterlab", "jupyter_server": "jupyter-server"},
 }
 
 #: extra → the extras it installs too (``pip install 'llmops-jupyter[eval]'`` brings ``[finetune]``).
 INCLUDES: dict[str, tuple[str, ...]] = {
     "eval": ("finetune",), "lmeval": ("eval",), "quantize": ("finetune",), "serve": ("finetune",), "gguf": ("finetune",), "monitor": ("serve",),
-    "lab": ("batch",),
+    "lab": ("batch",), "liger": ("finetune",),
 }
 
 

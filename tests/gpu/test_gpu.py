@@ -34,6 +34,9 @@ def test_lora_and_qlora_train_on_cuda_and_qlora_uses_less_memory(registry, wider
         assert hist[-1] < hist[0]
         assert res.summary.get("batching") in ("flat", "packed", "grouped")
         assert res.summary.get("attention_kernel") and "mfu_pct" in res.metrics and "4N" in res.summary["mfu_rule"]
+        if res.summary["attention_kernel"] == "torch_varlen":  # what ran while training: the fused kernel only
+            calls = res.summary["varlen_calls"]
+            assert calls.get("fused", 0) > 0 and "reference" not in calls, calls
     assert qlora.summary["optimizer"] == "paged_adamw_8bit"
     assert qlora.metrics["peak_memory_mb"] < lora.metrics["peak_memory_mb"]
 
@@ -70,7 +73,7 @@ def test_packing_check_picks_a_boundary_kernel_on_cuda(wider_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmops_jupyter.stages.finetune.kernels import VARLEN_KERNELS, candidate_kernels
+    from llmops_jupyter.stages.finetune.kernels import VARLEN_KERNELS, candidate_kernels, torch_varlen_available
     from llmops_jupyter.stages.finetune.sft import choose_batching
 
     model = AutoModelForCausalLM.from_pretrained(str(wider_model), dtype=torch.bfloat16, device_map={"": 0})
@@ -81,6 +84,8 @@ def test_packing_check_picks_a_boundary_kernel_on_cuda(wider_model):
         f["labels"] = list(f["input_ids"])
     choice = choose_batching(model, feats, True, torch.bfloat16, batch_size=6)
     assert choice.kernel in VARLEN_KERNELS and choice.mode == "flat", choice
+    if torch_varlen_available():  # the fused kernel ran in the probe (NaN: it raised; the reason says why)
+        assert choice.probes.get("torch_varlen") == choice.probes.get("torch_varlen"), choice
     assert choice.max_diff == choice.max_diff and choice.max_diff < 0.1
 
 
@@ -89,7 +94,7 @@ def test_boundary_kernels_give_per_example_logits_on_cuda(wider_model, kernel):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmops_jupyter.stages.finetune.kernels import set_kernel, torch_varlen_available
+    from llmops_jupyter.stages.finetune.kernels import VARLEN_CALLS, set_kernel, torch_varlen_available
     from llmops_jupyter.stages.finetune.sft import packed_batch
 
     if kernel == "torch_varlen" and not torch_varlen_available():
@@ -105,7 +110,11 @@ def test_boundary_kernels_give_per_example_logits_on_cuda(wider_model, kernel):
         alone = [model(input_ids=torch.tensor([f["input_ids"]], device="cuda"), use_cache=False).logits[0].float()
                  for f in feats]
         set_kernel(model, kernel)
+        before = dict(VARLEN_CALLS)
         packed = model(**batch).logits[0].float()
+    if kernel == "torch_varlen":  # the kernel that ran is the fused one, counted by the attention function itself
+        assert VARLEN_CALLS["fused"] > before.get("fused", 0), dict(VARLEN_CALLS)
+        assert VARLEN_CALLS["reference"] == before.get("reference", 0), dict(VARLEN_CALLS)
     at = 0
     for n, ref in zip(lengths, alone):
         assert (packed[at:at + n] - ref).abs().max().item() < 0.1 * max(1.0, ref.abs().max().item())
@@ -113,7 +122,10 @@ def test_boundary_kernels_give_per_example_logits_on_cuda(wider_model, kernel):
 
 
 def test_liger_kernels_match_the_plain_loss_and_train(registry, wider_model):
-    pytest.importorskip("liger_kernel")
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:  # on a GPU run this is a gap to fix, not a skip
+        pytest.fail("liger-kernel is not installed on this CUDA machine: pip install 'llmops-jupyter[liger]'")
     data = _dataset(registry, wider_model)
     res = Runner(registry).run("finetune", model=str(wider_model), data=data.hash, method="lora", dtype="bfloat16",
                                max_steps=5, batch_size=8, seq_len=64, kernels="liger", log_every=1)

@@ -65,8 +65,8 @@ class FinetuneConfig(StageConfig):
                                    "flat: one packed row per micro-batch; packed: rows no longer than the "
                                    "micro-batch's longest example; grouped: length-grouped padding",
                            choices=["auto", "flat", "packed", "grouped"])
-    kernels: str = option("none", "liger: Liger's fused linear cross-entropy, RMSNorm and SwiGLU kernels (CUDA only; "
-                                  "checked against the plain model's loss on the first batch)",
+    kernels: str = option("none", "liger: Liger's fused linear cross-entropy, RMSNorm and SwiGLU kernels (CUDA only, "
+                                  "the [liger] extra; checked against the plain model's loss on the first batch)",
                           choices=["none", "liger"])
     completion_only_loss: bool = option(True, "train on the response tokens only (prompt tokens are masked)")
     log_every: int = option(10, "log metrics (loss, lr, tokens/s, memory) every N optimizer steps", min=1)

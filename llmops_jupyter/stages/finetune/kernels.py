@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import collections
 import importlib.util
+from collections.abc import Callable
 from typing import Any
 
 from llmops_jupyter.core.errors import MissingDependencyError, StageError, VerificationError
@@ -28,6 +30,10 @@ TORCH_VARLEN = "torch_varlen"
 VARLEN_KERNELS = frozenset({"flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention",
                             TORCH_VARLEN})
 KERNEL_CHOICES = ("none", "liger")
+#: How often each path of :func:`varlen_attention` ran in this process (``fused``: PyTorch's varlen kernel,
+#: ``reference``: the per-sequence SDPA loop), counted by the attention function itself: the run summary records
+#: what ran (``varlen_calls``), so a chosen kernel that silently fell back would show.
+VARLEN_CALLS: collections.Counter[str] = collections.Counter()
 
 #: Dense bf16/fp16 tensor-core peak (TFLOP/s, no sparsity) by GPU name fragment, for MFU. Most specific first.
 PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0), ("B200", 2250.0),
@@ -64,11 +70,25 @@ def _reference_varlen(q: Any, k: Any, v: Any, cu: Any, scale: float | None) -> A
     return out
 
 
+def fused_varlen() -> Callable[..., Any] | None:
+    """PyTorch's fused ``varlen_attn``, imported, or None when this torch has none.
+
+    ``torch.nn.attention`` does not import its ``varlen`` submodule, so an attribute check on the package is False
+    until something else imported it: the submodule is found with ``find_spec`` and imported here."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return None
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
+
+
 def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
                      scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
     """transformers attention-interface function: (B, H, L, D) projections + ``position_ids`` → (B, L, H, D).
 
-    Boundaries come from ``position_ids`` (packed rows); without them every row is one causal sequence."""
+    Boundaries come from ``position_ids`` (packed rows); without them every row is one causal sequence. CUDA
+    tensors always go through the fused kernel (an error there makes the packing probe drop this kernel rather
+    than fall back to the slow loop unseen); CPU tensors through :func:`_reference_varlen`."""
     import torch
 
     b, hq, length, d = query.shape
@@ -79,13 +99,17 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
         pos = pos.expand(b, -1)
     cu, longest = cu_seqlens(pos)
     q, k, v = (t.transpose(1, 2).reshape(b * length, t.shape[1], d) for t in (query, key, value))
-    if query.is_cuda and hasattr(torch.nn.attention, "varlen"):
-        from torch.nn.attention.varlen import varlen_attn
-
+    if query.is_cuda:
+        varlen_attn = fused_varlen()
+        if varlen_attn is None:
+            raise RuntimeError(f"attention {TORCH_VARLEN} on CUDA needs torch.nn.attention.varlen (this torch "
+                               f"{torch.__version__} has none)")
         out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0),
                           enable_gqa=k.shape[1] != hq)
+        VARLEN_CALLS["fused"] += 1
     else:
         out = _reference_varlen(q, k, v, cu, scaling)
+        VARLEN_CALLS["reference"] += 1
     return out.reshape(b, length, hq, d), None
 
 
@@ -105,7 +129,7 @@ def register_varlen() -> bool:
 def torch_varlen_available() -> bool:
     import torch
 
-    return torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    return torch.cuda.is_available() and fused_varlen() is not None
 
 
 def candidate_kernels(model: Any) -> list[str]:
@@ -137,12 +161,24 @@ def set_kernel(model: Any, name: str) -> None:
 
 # -- Liger ---------------------------------------------------------------------------------------------------------
 def check_kernels_option(kernels: str) -> None:
-    """``--kernels liger`` needs CUDA (Triton kernels): refused with one line elsewhere."""
+    """``--kernels liger`` needs CUDA (Triton kernels) and liger-kernel (the ``[liger]`` extra): refused with one line
+    otherwise, before the model is loaded."""
     import torch
 
-    if kernels == "liger" and not torch.cuda.is_available():
+    if kernels != "liger":
+        return
+    if not torch.cuda.is_available():
         raise StageError("--kernels liger needs a CUDA GPU (Liger's kernels are Triton); this machine has none.",
                          fix="drop --kernels (or use --kernels none) on CPU")
+    _liger_apply()
+
+
+def _liger_apply() -> Callable[..., Any]:
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as exc:
+        raise MissingDependencyError("liger-kernel", "liger", feature="--kernels liger") from exc
+    return _apply_liger_kernel_to_instance
 
 
 def apply_liger(model: Any, batch: dict[str, Any], *, rtol: float = 2e-2) -> dict[str, float]:
@@ -150,10 +186,7 @@ def apply_liger(model: Any, batch: dict[str, Any], *, rtol: float = 2e-2) -> dic
     loss on ``batch`` against the plain model's; raises :class:`VerificationError` when they differ."""
     import torch
 
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError as exc:
-        raise MissingDependencyError("liger-kernel", "gpu", feature="--kernels liger") from exc
+    _apply_liger_kernel_to_instance = _liger_apply()
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -13,6 +13,7 @@ Entry points of the worker processes:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -66,7 +67,7 @@ def train_rank(spec_path: str) -> int:
     cfg = FinetuneConfig.from_dict({**spec["config"], "launcher": "none", "num_processes": 1, "detach": False,
                                     "resume": None})
     data = Dataset(Path(spec["data_path"]))
-    reporter = FileReporter(Path(spec["events"]))
+    reporter = FileReporter(Path(spec["events"]), stop_file=Path(spec["stop_file"]) if spec.get("stop_file") else None)
     out = train(cfg, Path(spec["model_path"]), data.train, data.eval, Path(spec["out_dir"]), reporter,
                 resume_from=Path(spec["resume_from"]) if spec.get("resume_from") else None,
                 adapter_dir=Path(spec["adapter_dir"]), model_ref=spec["config"].get("model", ""))
@@ -99,11 +100,38 @@ def _free_port() -> int:
 
 
 class FileReporter:
-    """Reporter for worker processes: appends JSON events to a file the parent relays (rank 0 only)."""
+    """Reporter for worker processes: appends JSON events to a file the parent relays (rank 0 only).
 
-    def __init__(self, path: Path):
+    A stop request (a search's pruner, :func:`llmops_jupyter.core.runner.request_stop`) reaches the parent's run
+    context; the parent then writes ``stop_file``. :meth:`poll_stop` (called by the training callback after every
+    step) looks for it, agreed across ranks, so every rank ends at the same step and none waits in a collective
+    for a rank that stopped."""
+
+    def __init__(self, path: Path, stop_file: Path | None = None):
         self.path = path
+        self.stop_file = stop_file
+        self.stop_reason: str | None = None
         self.rank0 = int(os.environ.get("RANK", 0)) == 0
+
+    def poll_stop(self) -> str | None:
+        if self.stop_reason is not None or self.stop_file is None:
+            return self.stop_reason
+        seen = self.stop_file.exists()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            import torch
+
+            device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([int(seen)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            seen = bool(flag.item())
+        if seen:
+            try:
+                self.stop_reason = self.stop_file.read_text(encoding="utf-8").strip() or "stop requested"
+            except OSError:
+                self.stop_reason = "stop requested"
+        return self.stop_reason
 
     def _write(self, **event: Any) -> None:
         if self.rank0:
@@ -150,10 +178,13 @@ def run_accelerate(ctx: RunContext, cfg: FinetuneConfig, model_path: Path, data_
 
     events = folder / "events.jsonl"
     events.unlink(missing_ok=True)
+    stop_file = folder / "stop-request"
+    stop_file.unlink(missing_ok=True)
     spec = folder / "accelerate-spec.json"
     atomic_write_json(spec, {"config": cfg.to_params(), "model_path": str(model_path), "data_path": str(data_path),
                              "out_dir": str(folder / "checkpoints"), "adapter_dir": str(adapter_dir),
-                             "resume_from": str(resume_ckpt) if resume_ckpt else None, "events": str(events)})
+                             "resume_from": str(resume_ckpt) if resume_ckpt else None, "events": str(events),
+                             "stop_file": str(stop_file)})
     cmd = accelerate_command(cfg.num_processes, spec, cpu=not torch.cuda.is_available())
     ctx.log("launch: " + " ".join(cmd))
     log = folder / "accelerate.log"
@@ -171,7 +202,11 @@ def run_accelerate(ctx: RunContext, cfg: FinetuneConfig, model_path: Path, data_
                 offset = new
             if rc is not None:
                 break
-            time.sleep(0.5)
+            if ctx.stop_reason and not stop_file.exists():  # a listener asked to stop: the ranks end at a step
+                ctx.log(f"stop requested: {ctx.stop_reason}; the workers end after their current step")
+                stop_file.write_text(ctx.stop_reason, encoding="utf-8")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.25)
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait()

@@ -198,13 +198,16 @@ class BatchingChoice(NamedTuple):
     reason: str = ""
     costs: dict | None = None  # mode → {"flops", "padding_pct"} (cost model), when modes were compared
     probes: dict | None = None  # kernel → max |Δlogit| (nan: failed to run), seconds per probe step on GPU
+    errors: dict | None = None  # kernel → "ExceptionType: message" of a kernel that raised in the probe or timing
 
     def describe(self) -> str:
         text = f"batching: {self.mode}" + (f", attention: {self.kernel}" if self.kernel else "")
         if self.max_diff == self.max_diff:
             text += (f" (packed vs unpacked max |Δlogit| {self.max_diff:.2e}; this model's kernel noise "
                      f"{self.noise:.2e})")
-        return text + (f" — {self.reason}" if self.reason else "")
+        text += f" — {self.reason}" if self.reason else ""
+        unsaid = {k: e for k, e in (self.errors or {}).items() if e not in self.reason}
+        return text + ("".join(f"; {k} unusable: {e}" for k, e in unsaid.items()))
 
 
 def probe_packing(model: Any, examples: list[dict[str, list]], dtype: Any) -> tuple[float, float, float]:
@@ -259,6 +262,32 @@ def _time_kernel(model: Any, lengths: list[int], steps: int = 3) -> float:
     return best
 
 
+def _attn(model: Any) -> str:
+    """The attention implementation the model runs with now ('' when it has no such setting)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+
+
+def _oom_types() -> tuple[type[BaseException], ...]:
+    import torch
+
+    return (torch.OutOfMemoryError, MemoryError)
+
+
+def _error_text(exc: BaseException) -> str:
+    """One line: the exception's type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def _no_kernel_reason(probes: dict[str, float], errors: dict[str, str]) -> str:
+    """Why no kernel may pack: each kernel's own outcome (logits that differ, or the error it raised)."""
+    parts = [f"{k} raised {errors[k]}" if k in errors else f"{k} packed logits differ from unpacked (max |Δlogit| "
+             f"{v:.2e})" for k, v in probes.items()]
+    if not errors:
+        return "packed logits differ from unpacked with every kernel: " + "; ".join(parts)
+    return "no attention kernel passed the packing probe: " + "; ".join(parts)
+
+
 def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, dtype: Any, *, batch_size: int = 8,
                     seed: int = 0, forced: str = "auto", kernels: list[str] | None = None) -> BatchingChoice:
     """Pick the attention kernel and batching mode to train with (see module doc) and say why.
@@ -272,37 +301,41 @@ def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, 
 
     from llmops_jupyter.stages.finetune.kernels import VARLEN_KERNELS, candidate_kernels, set_kernel
 
-    current = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    current = _attn(model)
     if not packing or forced == "grouped" or len(examples) < 2:
         why = "--no-packing" if not packing else "--batching grouped" if forced == "grouped" else "one example"
         return BatchingChoice("grouped", float("nan"), float("nan"), current, why)
     kernels = kernels or candidate_kernels(model)
+    _OOM = _oom_types()
     probes: dict[str, float] = {}
+    errors: dict[str, str] = {}
     passing: list[str] = []
     noise = worst = float("nan")
     for name in kernels:
         try:
-            if current and name != current:  # a model without an attention setting is probed as it is
+            if current and _attn(model) != name:  # a model without an attention setting is probed as it is
                 set_kernel(model, name)
             diff, noise, tol = probe_packing(model, examples, dtype)
-        except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is simply not a candidate
+        except _OOM:
+            raise  # out of memory is the run's problem, not the kernel's: oom_guard turns it into advice
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is not a candidate; say why
             probes[name] = float("nan")
-            print(f"attention kernel {name} unusable: {type(exc).__name__}: {exc}")
+            errors[name] = _error_text(exc)
             continue
         probes[name] = diff
         if tol == float("inf"):  # noise too large to tell a leak: no packing whatever the kernel
-            if current and name != current:
+            if current and _attn(model) != current:
                 set_kernel(model, current)
             return BatchingChoice("grouped", diff, noise, current,
-                                  "kernel noise too large to verify packing", probes=probes)
+                                  "kernel noise too large to verify packing", probes=probes, errors=errors or None)
         if diff <= tol:
             passing.append(name)
             worst = diff if worst != worst else worst
     if not passing:
-        if current and (getattr(getattr(model, "config", None), "_attn_implementation", None) or "") != current:
+        if current and _attn(model) != current:
             set_kernel(model, current)
         return BatchingChoice("grouped", min((v for v in probes.values() if v == v), default=float("nan")), noise,
-                              current, "packed logits differ from unpacked with every kernel", probes=probes)
+                              current, _no_kernel_reason(probes, errors), probes=probes, errors=errors or None)
     lengths = [len(e["input_ids"]) for e in examples]
     kernel = passing[0]
     timings: dict[str, float] = {}
@@ -313,26 +346,31 @@ def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, 
                 set_kernel(model, name)
             try:
                 timings[name] = _time_kernel(model, sample)
-            except Exception:  # noqa: BLE001 - fails in backward only (e.g. no grad kernel): not a candidate
+            except _OOM:
+                raise
+            except Exception as exc:  # noqa: BLE001 - fails in backward only (e.g. no grad kernel): not a candidate
                 timings[name] = float("inf")
+                errors[name] = _error_text(exc)
         kernel = min(passing, key=lambda n: timings[n])
-    if current and kernel != (getattr(getattr(model, "config", None), "_attn_implementation", None) or ""):
+    if current and kernel != _attn(model):
         set_kernel(model, kernel)
     probes.update({f"{k}_s": v for k, v in timings.items()})
     diff = probes[kernel]
     timed = f"fastest of {', '.join(passing)} on a timed micro-batch; " if timings else ""
     if forced in ("flat", "packed"):
-        return BatchingChoice(forced, diff, noise, kernel, f"{timed}--batching {forced}", probes=probes)
+        return BatchingChoice(forced, diff, noise, kernel, f"{timed}--batching {forced}", probes=probes,
+                              errors=errors or None)
     if kernel in VARLEN_KERNELS:
         costs = batching_costs(lengths, batch_size, ModelShape.of(model), dense=False, seed=seed)
         return BatchingChoice("flat", diff, noise, kernel, f"{timed}{kernel} reads example boundaries from "
-                              "position_ids: one packed row per micro-batch, cost ∝ tokens", costs, probes)
+                              "position_ids: one packed row per micro-batch, cost ∝ tokens", costs, probes,
+                              errors or None)
     costs = batching_costs(lengths, batch_size, ModelShape.of(model), dense=True, seed=seed)
     mode = min(costs, key=lambda m: (costs[m]["flops"], MODES.index(m)))
     best = costs[mode]["flops"]
     rel = ", ".join(f"{m} {c['flops'] / best:.2f}" for m, c in costs.items())
     return BatchingChoice(mode, diff, noise, kernel, f"{timed}dense-mask kernel {kernel}: cost model (epoch FLOPs "
-                          f"relative to the cheapest: {rel}) picks {mode}", costs, probes)
+                          f"relative to the cheapest: {rel}) picks {mode}", costs, probes, errors or None)
 
 
 def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_rows: list[dict], out_dir: Path,
@@ -351,7 +389,7 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
     if not train_ds:
         raise StageError("No training example has response tokens left after truncation.",
                          fix="raise --seq-len or check the dataset's prompt/completion fields")
-    from llmops_jupyter.stages.finetune.kernels import apply_liger, check_kernels_option
+    from llmops_jupyter.stages.finetune.kernels import TORCH_VARLEN, VARLEN_CALLS, apply_liger, check_kernels_option
 
     check_kernels_option(cfg.kernels)
     with oom_guard(cfg, model_ref or str(model_path)):
@@ -382,14 +420,19 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
                           data_collator=batcher, callbacks=[report, *(callbacks or [])])
         trainer.remove_callback(PrinterCallback)  # metrics go to the reporter, not stdout
         try:
+            calls_before = dict(VARLEN_CALLS)
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            # what the attention function itself counted while training (the chosen kernel is the one that ran)
+            ran = {k: n - calls_before.get(k, 0) for k, n in VARLEN_CALLS.items() if n > calls_before.get(k, 0)}
             metrics: dict[str, float] = {"train_loss": float(result.training_loss),
                                          "train_runtime_s": float(result.metrics.get("train_runtime", 0.0))}
             if eval_ds:
                 metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
             extra = {"attention_kernel": choice.kernel, "batching_reason": choice.reason, "kernels": cfg.kernels,
                      **({"batching_costs": choice.costs} if choice.costs else {}),
-                     **({"packing_probe": choice.probes} if choice.probes else {}), **liger}
+                     **({"packing_probe": choice.probes} if choice.probes else {}),
+                     **({"packing_probe_errors": choice.errors} if choice.errors else {}),
+                     **({"varlen_calls": ran} if choice.kernel == TORCH_VARLEN else {}), **liger}
             return finish_run(trainer, model, counter, metrics, dtype=dtype, batching=mode,
                               train_examples=len(train_ds), eval_examples=len(eval_ds), tokenizer=tokenizer,
                               adapter_dir=adapter_dir, efficiency=eff, **extra)

@@ -255,6 +255,9 @@ def _callback_cls():
 
         def on_step_end(self, args, state, control, **kw):
             self.reporter.progress(state.global_step, state.max_steps, desc="finetune", **self.tags)
+            poll = getattr(self.reporter, "poll_stop", None)  # a worker's reporter: look for the parent's request
+            if poll is not None:
+                poll()
             self._maybe_stop(control)
 
         def on_evaluate(self, args, state, control, **kw):

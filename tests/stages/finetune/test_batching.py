@@ -175,6 +175,24 @@ def test_liger_is_refused_on_cpu_in_one_line(registry, tiny_model, tiny_dataset)
     assert "needs a CUDA GPU" in str(err.value) and "\n" not in str(err.value).split(" Fix")[0]
 
 
+def test_missing_liger_names_the_extra_that_installs_it(model, monkeypatch):
+    """The install line of the missing-dependency error must install liger-kernel (it named [gpu], which does not)."""
+    import sys
+
+    from llmops_jupyter.core import extras
+    from llmops_jupyter.core.errors import MissingDependencyError
+    from llmops_jupyter.stages.finetune.kernels import apply_liger
+
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed, even where it is
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    with pytest.raises(MissingDependencyError) as err:
+        apply_liger(model, {})
+    extra = err.value.extra
+    assert f"pip install 'llmops-jupyter[{extra}]'" in str(err.value)
+    assert extras.EXTRAS[extra].get("liger_kernel") == "liger-kernel", extra
+    assert "finetune" in extras.closure([extra])  # and what --kernels liger trains with
+
+
 def test_mfu_and_flops_rule():
     from llmops_jupyter.stages.finetune.kernels import peak_tflops
     from llmops_jupyter.stages.finetune.train import mfu_pct
@@ -251,3 +269,88 @@ def test_dashboard_status_shows_efficiency_mode_and_kernel():
     text = view.status_text()
     assert "MFU 31.2% (4N FLOPs/token)" in text and "padding 12%" in text
     assert "batching packed · attention sdpa" in text
+
+
+def test_fused_varlen_kernel_is_found_in_a_fresh_interpreter():
+    """``torch.nn.attention`` does not import its ``varlen`` submodule: the kernel check must import it, not test an
+    attribute that exists only once someone else imported it (the fused kernel was never chosen on CUDA)."""
+    import subprocess
+    import sys
+
+    script = ("import sys\n"
+              "import torch\n"
+              "from llmops_jupyter.stages.finetune import kernels\n"
+              "print('PRELOADED', 'torch.nn.attention.varlen' in sys.modules)\n"
+              "print('ATTR', hasattr(torch.nn.attention, 'varlen'))\n"
+              "fn = kernels.fused_varlen()\n"
+              "print('FUSED', fn.__module__, fn.__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "PRELOADED False" in proc.stdout  # the situation of a real kernel: nothing imported it before
+    assert "ATTR False" in proc.stdout  # why the old attribute guard never chose the fused kernel
+    assert "FUSED torch.nn.attention.varlen varlen_attn" in proc.stdout, proc.stdout
+
+
+def test_run_records_which_varlen_path_ran(registry, tiny_model, tiny_dataset, monkeypatch):
+    """The attention function counts the path it ran and the run summary records it: on CPU the per-sequence
+    reference (tests/gpu asserts the fused kernel on CUDA). The kernel list is forced: CPU offers no varlen kernel."""
+    from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.stages.finetune import kernels
+
+    monkeypatch.setattr(kernels, "candidate_kernels", lambda model: [kernels.TORCH_VARLEN, "sdpa"])
+    res = Runner(registry).run("finetune", {"model": str(tiny_model), "data": tiny_dataset.hash, "max_steps": 2,
+                                            **FAST})
+    s = res.summary
+    assert s["attention_kernel"] == kernels.TORCH_VARLEN and s["batching"] == "flat"
+    # 2 steps × 2 layers at least (the probe's forwards happen before training and are not counted)
+    assert s["varlen_calls"].get("reference", 0) >= 4 and "fused" not in s["varlen_calls"], s["varlen_calls"]
+
+
+def _register_raising_kernel(name, exc):
+    """An attention implementation registered through transformers' interface that raises ``exc`` when it runs."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def attention(*args, **kwargs):
+        raise exc
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def test_packing_probe_records_why_a_kernel_failed(model):
+    """A kernel that raises is recorded with its error, not as 'packed logits differ'."""
+    import copy
+
+    import torch
+
+    from llmops_jupyter.stages.finetune.sft import choose_batching
+
+    _register_raising_kernel("llmops_test_broken", RuntimeError("kernel exploded: no sm_90 image"))
+    m = copy.deepcopy(model)
+    feats = _feats([12, 9, 7, 5])
+    only = choose_batching(m, feats, True, torch.float32, kernels=["llmops_test_broken"])
+    assert only.mode == "grouped"
+    assert "RuntimeError: kernel exploded: no sm_90 image" in only.reason, only.reason
+    assert "differ" not in only.reason, only.reason
+    assert only.errors == {"llmops_test_broken": "RuntimeError: kernel exploded: no sm_90 image"}
+    assert m.config._attn_implementation == "sdpa"  # put back
+    # another kernel passes: the broken one is still named, in the line the run log gets
+    both = choose_batching(m, feats, True, torch.float32, kernels=["llmops_test_broken", "sdpa"])
+    assert both.kernel == "sdpa" and both.mode != "grouped"
+    assert "llmops_test_broken unusable: RuntimeError: kernel exploded" in both.describe(), both.describe()
+
+
+@pytest.mark.parametrize("exc", [MemoryError("cannot allocate"), "torch-oom"])
+def test_packing_probe_never_swallows_out_of_memory(model, exc):
+    import copy
+
+    import torch
+
+    from llmops_jupyter.stages.finetune.sft import choose_batching
+
+    exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if exc == "torch-oom" else exc
+    _register_raising_kernel("llmops_test_oom", exc)
+    with pytest.raises(type(exc)):
+        choose_batching(copy.deepcopy(model), _feats([12, 9, 7, 5]), True, torch.float32,
+                        kernels=["llmops_test_oom", "sdpa"])
