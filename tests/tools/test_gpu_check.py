@@ -65,15 +65,16 @@ def test_the_carried_distributions_leave_torch_to_the_gpu_machine():
 def test_parts_fit_one_call_each_and_reassemble(tmp_path):
     staging, carry = tmp_path / "staging", tmp_path / "carry"
     staging.mkdir()
-    sizes = {"big.whl": 2500, "a.whl": 700, "b.whl": 400, "c.whl": 90}
+    sizes = {"a.whl": 700, "b.whl": 200, "c.whl": 90, "model.whl": 2500}
     for i, (name, n) in enumerate(sizes.items()):
         (staging / name).write_bytes(bytes((i * 7 + k) % 251 for k in range(n)))
-    manifest = gpu_check.write_parts(staging, list(sizes), carry, limit=1000)
+    manifest = gpu_check.write_parts(staging, [["a.whl", "b.whl", "c.whl"], ["model.whl"]], carry, limit=1000)
     parts = sorted(carry.glob("part-*"))
-    assert len(parts) == manifest["parts"] == 4  # 3700 bytes in parts of 1000
+    assert len(parts) == manifest["parts"] == 4  # the wheels in one part, the model cut in three
+    assert {f.name for f in (carry / "part-1").iterdir()} == {"a.whl", "b.whl", "c.whl", "manifest.json"}
     for part in parts:
         assert sum(f.stat().st_size for f in part.iterdir() if f.name != "manifest.json") <= 1000
-    assert len(manifest["files"]["big.whl"]["pieces"]) == 3  # cut, in order
+    assert len(manifest["files"]["model.whl"]["pieces"]) == 3  # cut, in order
 
     files, missing = gpu_check.assemble(carry, tmp_path / "out")
     assert missing == [] and sorted(f.name for f in files) == sorted(sizes)
@@ -83,10 +84,10 @@ def test_parts_fit_one_call_each_and_reassemble(tmp_path):
     # A part that did not arrive: the files it holds (pieces included) are missing, the others are rebuilt.
     import shutil
 
-    shutil.rmtree(carry / "part-2")
+    shutil.rmtree(carry / "part-3")
     files, missing = gpu_check.assemble(carry, tmp_path / "out2")
-    names_lost = {n for n, info in manifest["files"].items() if any(p["part"] == 2 for p in info["pieces"])}
-    assert set(missing) == names_lost and names_lost
+    names_lost = {n for n, info in manifest["files"].items() if any(p["part"] == 3 for p in info["pieces"])}
+    assert set(missing) == names_lost == {"model.whl"}
     assert {f.name for f in files} == set(sizes) - names_lost
     for f in files:
         assert hashlib.sha256(f.read_bytes()).hexdigest() == manifest["files"][f.name]["sha256"]
