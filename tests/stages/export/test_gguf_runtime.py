@@ -172,16 +172,18 @@ def test_detached_deployment_serves_a_gguf_from_its_own_process(exported, traine
     assert len(reg.requests(res.run_id)) == 1  # the child's request log reached the registry
 
 
-# The demo-export test's one time budget: the subprocess's limit, and pytest-timeout's from it plus a margin for
-# what the test reads afterwards, so the budget fires first and prints where the demo was. Set from a measurement
-# with two CPU-burning processes beside it on 2 cores (docs/export.md: DEMO_MEASURED_S), times 2.
-DEMO_MEASURED_S = 900
+# The demo-export test's one time budget: the subprocess's limit, and pytest-timeout's is the same plus a margin
+# for what the test reads afterwards, so the budget fires first and prints where the demo was. Set from a run with
+# two CPU-burning processes beside it on 2 shared cores (docs/export.md), times 2.
+DEMO_MEASURED_S = 1800
 DEMO_BUDGET_S = 2 * DEMO_MEASURED_S
-# What the test needs of the demo is section 11 on a fine-tuned, merged, gated SmolLM2, not the demo's scores:
-# 40 QLoRA steps (not 100) gated like CI's scaled-down demo on held-out perplexity (the exact-match gate needs
-# the full 100 steps), 16 evaluated examples (not 40), 16 GPTQ calibration prompts (not 64), 2 requests (not 6).
+# What the test needs of the demo is section 11 on a fine-tuned, merged, gated SmolLM2, not the demo's scores
+# (`make demo` reports those): 40 QLoRA steps (not 100) gated as CI's scaled-down demo is, on the held-out
+# perplexity of the references (the exact-match gate needs the full 100 steps), which a fine-tune that learns
+# nothing fails, and a GPTQ gate that scales written wrong fail; 16 evaluated examples (not 40), 16 calibration
+# prompts (not 64), 2 requests (not 6).
 DEMO_PARAMS = {"max_steps": "40", "eval_limit": "16", "calibration_samples": "16", "requests": "2",
-               "finetune_gate": "ppl<=-20%", "gptq_gate": "ppl<=+25%"}
+               "finetune_gate": "ppl<=-20%", "gptq_gate": "ppl<=+50%"}
 
 
 @pytest.mark.slow
