@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.gguf
+# pytest-timeout counts fixture set-up: the first test here also trains the tiny model (once per machine) and runs
+# the module's two exports, 755 s with four CPU-burning processes beside it on 2 cores (2026-12-02), close to the
+# suite's 900 s. The module's budget is twice that; the demo test has its own (below).
+MODULE_BUDGET_S = 1500
+pytestmark = [pytest.mark.gguf, pytest.mark.timeout(MODULE_BUDGET_S)]
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")
@@ -178,12 +182,11 @@ def test_detached_deployment_serves_a_gguf_from_its_own_process(exported, traine
 DEMO_MEASURED_S = 1800
 DEMO_BUDGET_S = 2 * DEMO_MEASURED_S
 # What the test needs of the demo is section 11 on a fine-tuned, merged, gated SmolLM2, not the demo's scores
-# (`make demo` reports those): 40 QLoRA steps (not 100) gated as CI's scaled-down demo is, on the held-out
-# perplexity of the references (the exact-match gate needs the full 100 steps), which a fine-tune that learns
-# nothing fails, and a GPTQ gate that scales written wrong fail; 16 evaluated examples (not 40), 16 calibration
-# prompts (not 64), 2 requests (not 6).
-DEMO_PARAMS = {"max_steps": "40", "eval_limit": "16", "calibration_samples": "16", "requests": "2",
-               "finetune_gate": "ppl<=-20%", "gptq_gate": "ppl<=+50%"}
+# (`make demo` reports those): its 100 QLoRA steps and its fine-tune gate (40 steps left the model merged on the
+# NF4-dequantized base worse than the base: held-out ppl 4.97 -> 7.28, measured 2026-12-02), but 16 evaluated
+# examples (not 40), 16 GPTQ calibration prompts (not 64) with the GPTQ gate on held-out perplexity (at 16 examples
+# one answer is 0.06 of exact match; scales written wrong still fail it) and 2 requests (not 6).
+DEMO_PARAMS = {"eval_limit": "16", "calibration_samples": "16", "requests": "2", "gptq_gate": "ppl<=+50%"}
 
 
 @pytest.mark.slow
