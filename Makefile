@@ -19,8 +19,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv install test test-fast test-stress test-gguf smoke-extras demo bench lab lint clean labext labext-dev \
-        browser-deps labext-lint labext-unit labext-check
+.PHONY: venv install test test-fast test-stress test-gguf smoke-extras demo bench gpu-wheels gpu-check lab lint clean \
+        labext labext-dev browser-deps labext-lint labext-unit labext-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -133,6 +133,18 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# The GPU check (docs/finetune.md, "GPU check"): `make gpu-wheels` here, where the package index is reachable, puts the wheels
+# a GPU machine may lack into build/gpu-carry/part-N (git-ignored, <= 60 MiB each: one part per call);
+# `make gpu-check` there runs tests/gpu, the GPU benchmarks and the demo within 8 minutes with that machine's own
+# Python (which must have torch with CUDA; without CUDA it refuses in one line). GPU_CHECK_ARGS=--dry-run: the plan.
+GPU_PY ?= python3
+GPU_CHECK_ARGS ?=
+gpu-wheels: $(STAMP)
+	$(PY) tools/gpu_check.py --prepare
+
+gpu-check:
+	$(GPU_PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .llmops demo-out build dist llmops_jupyter/labextension labextension/node_modules labextension/lib \

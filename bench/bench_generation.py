@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON (tools/gpu_check.py)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -83,6 +84,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in rows:
         print(f"{r[0]:<24}{r[1]:>10}{r[2]:>12}{r[3]:>10}")
     print(f"identical greedy outputs: {same}/{len(prompts)}")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
     return result
 
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--out", default=str(HERE / "results"))
-    a = p.parse_args(argv or [])
+    a = p.parse_args(argv)  # None: the command line (bench/run.py sets sys.argv to the script alone)
     sys.path.insert(0, str(HERE))
     import bench_finetune as bf
 

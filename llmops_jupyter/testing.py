@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from llmops_jupyter.models.tiny import CHAT_TEMPLATE, TINY_NAME, build_tiny_model, build_tokenizer
 
 __all__ = ["CHAT_TEMPLATE", "TINY_NAME", "build_tiny_model", "build_tokenizer", "read_bytes_elsewhere",
-           "tiny_model_path", "tiny_records", "wait_until", "write_tiny_dataset"]
+           "run_logged", "tiny_model_path", "tiny_records", "wait_until", "write_tiny_dataset"]
 
 T = TypeVar("T")
 
@@ -111,3 +111,43 @@ def wait_until(predicate: Callable[[], T], timeout: float = 120.0, *, what: str,
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{extra}")
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(pause * 1.5, max_interval)
+
+
+def run_logged(argv: list[str], budget_s: float, log: str | os.PathLike, tail_lines: int = 40,
+               **popen_kw) -> tuple[int, str]:
+    """Run ``argv`` with its stdout and stderr written to ``log`` as they come; return (exit status, output).
+
+    For slow tests that start a long child (the demo): within ``budget_s`` seconds, or the child's whole process
+    group (its kernel, its servers) is stopped and a ``TimeoutError`` says where it was, with the last
+    ``tail_lines`` lines of its progress, instead of only a thread dump from pytest-timeout. Set the test's
+    ``@pytest.mark.timeout`` from the same budget plus a margin, so this fires first.
+    """
+    import signal
+    import subprocess
+
+    log = Path(log)
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                **popen_kw)
+        try:
+            code = proc.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            raise TimeoutError(f"{Path(argv[0]).name} {' '.join(argv[1:3])} ... outlived its {budget_s:.0f} s budget; "
+                               f"its last output ({log}):\n{output_tail(log, tail_lines)}") from None
+    return code, log.read_text(errors="replace")
+
+
+def output_tail(log: str | os.PathLike, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file (what a failing or timed-out test prints)."""
+    text = Path(log).read_text(errors="replace") if Path(log).exists() else ""
+    return "\n".join(text.splitlines()[-lines:])

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.gguf
+# pytest-timeout counts fixture set-up: the first test here also trains the tiny model (once per machine) and runs
+# the module's two exports, 755 s with four CPU-burning processes beside it on 2 cores (2026-12-02), close to the
+# suite's 900 s. The module's budget is twice that; the demo test has its own (below).
+MODULE_BUDGET_S = 1500
+pytestmark = [pytest.mark.gguf, pytest.mark.timeout(MODULE_BUDGET_S)]
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")
@@ -172,26 +176,41 @@ def test_detached_deployment_serves_a_gguf_from_its_own_process(exported, traine
     assert len(reg.requests(res.run_id)) == 1  # the child's request log reached the registry
 
 
+# The demo-export test's one time budget: the subprocess's limit, and pytest-timeout's is the same plus a margin
+# for what the test reads afterwards, so the budget fires first and prints where the demo was. Set from a run with
+# two CPU-burning processes beside it on 2 shared cores (docs/export.md), times 2.
+DEMO_MEASURED_S = 1800
+DEMO_BUDGET_S = 2 * DEMO_MEASURED_S
+# What the test needs of the demo is section 11 on a fine-tuned, merged, gated SmolLM2, not the demo's scores
+# (`make demo` reports those): its 100 QLoRA steps and its fine-tune gate (40 steps left the model merged on the
+# NF4-dequantized base worse than the base: held-out ppl 4.97 -> 7.28, measured 2026-12-02), but 16 evaluated
+# examples (not 40), 16 GPTQ calibration prompts (not 64) with the GPTQ gate on held-out perplexity (at 16 examples
+# one answer is 0.06 of exact match; scales written wrong still fail it) and 2 requests (not 6).
+DEMO_PARAMS = {"eval_limit": "16", "calibration_samples": "16", "requests": "2", "gptq_gate": "ppl<=+50%"}
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(DEMO_BUDGET_S + 120)
 def test_the_demo_exports_its_fine_tuned_smollm2_to_gguf_and_serves_it(tmp_path):
-    """`make demo` with the [gguf] extra, at its own settings (100 QLoRA steps, its gates) but 2 openai requests:
-    SmolLM2-135M-Instruct is fine-tuned, merged and gated, then section 11 exports the merged model at q8_0, the
-    parity gate passes, and llama.cpp serves the stored file to the openai client behind the same API. About 8
-    minutes on 2 cores (measured 2026-11-30: parity next-token agreement 1.0, 8/8 answers identical)."""
+    """`make demo` with the [gguf] extra, scaled down (DEMO_PARAMS): SmolLM2-135M-Instruct is fine-tuned with
+    QLoRA, merged and gated, then section 11 exports the merged model at q8_0, the parity gate passes, and
+    llama.cpp serves the stored file to the openai client behind the same API. On a timeout or a failure the test
+    prints the demo's last progress lines (which stage, which step)."""
     import os
-    import subprocess
     import sys
 
     import nbformat
 
     from llmops_jupyter.registry import Registry
+    from llmops_jupyter.testing import output_tail, run_logged
 
     home = tmp_path / ".llmops"
     argv = [sys.executable, "-m", "llmops_jupyter.demo", "--out", str(tmp_path / "out"), "--home", str(home),
-            "-p", "requests", "2"]
+            *(x for k, v in DEMO_PARAMS.items() for x in ("-p", k, v))]
     env = {k: v for k, v in os.environ.items() if k != "LLMOPS_HOME"}
-    proc = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=2400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = tmp_path / "demo.log"
+    code, output = run_logged(argv, DEMO_BUDGET_S, log, env=env, cwd=tmp_path)
+    assert code == 0, f"the demo exited with {code}; its last output:\n{output_tail(log, 60)}"
 
     reg = Registry(home)
     (gguf,) = reg.list_artifacts(kind="gguf")
@@ -201,7 +220,7 @@ def test_the_demo_exports_its_fine_tuned_smollm2_to_gguf_and_serves_it(tmp_path)
     assert parity["parity_next_token_agreement"] >= 0.9
     up = {n["kind"] for n in reg.lineage(gguf, "up")["nodes"]}
     assert {"merged", "adapter", "dataset"} <= up  # data → fine-tune → merged → gguf
-    assert f"GGUF               {gguf.path / gguf.meta['file']}  (q8_0, parity next-token agreement" in proc.stdout
+    assert f"GGUF               {gguf.path / gguf.meta['file']}  (q8_0, parity next-token agreement" in output
 
     nb = nbformat.read(tmp_path / "out" / "02_qlora_merge_gptq_serve.ipynb", as_version=4)
     cell = next(c for c in nb.cells if c.cell_type == "code" and 'find_spec("llama_cpp")' in c.source)
