@@ -32,6 +32,13 @@ ALLOWED = {
         "the kernel's cell: it must outlast --timeout 3s (the test asserts the timeout line)",
     ("tests/pipelines/test_failure_line.py", "time.sleep(0.5)"):
         "a stage in the kernel whose 8 steps take wall time, so progress lines are throttled while it runs",
+    ("tests/test_smoke_fixtures.py", '"g = subprocess.Popen([sys.executable, \'-c\', \'import time; time.sleep(600)\'])\\n"'):
+        "a grandchild workload that must outlive run_logged's 3 s budget (the test asserts its group is stopped)",
+    ("tests/test_smoke_fixtures.py", '"time.sleep(600)\\n")'):
+        "the child's workload that must outlive run_logged's 3 s budget (the test asserts the timeout message)",
+    ("tests/tools/test_gpu_check.py",
+     'gpu_check.Step("demo", 2, "stand-in", ["demo finishes"], [py, "-c", "import time; time.sleep(600)"]),'):
+        "a stand-in step that must outlast its 2 s budget (the test asserts it is stopped and marked unmeasured)",
 }
 
 
