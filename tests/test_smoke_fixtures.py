@@ -14,7 +14,6 @@ def test_run_logged_stops_a_child_past_its_budget_and_says_where_it_was(tmp_path
     """The slow tests' budget helper: output reaches the log as it comes, and past the budget the child's whole
     process group (here a grandchild too) is stopped and the error shows its last lines."""
     import sys
-    import time
     from pathlib import Path
 
     import pytest
