@@ -31,7 +31,7 @@ class Limits:
     max_tokens: int = 512
     default_max_tokens: int = 128
     max_prompt_tokens: int | None = None
-    max_concurrency: int = 4
+    max_concurrency: int = 16
     queue_timeout: float = 10.0
 
     def to_dict(self) -> dict[str, Any]:
