@@ -16,6 +16,7 @@ import hmac
 import json
 import time
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 from llmops_jupyter.stages.serve.constrained import GrammarError
@@ -279,9 +280,9 @@ def create_app(ctx: ServeContext):
             if on and name not in supports:
                 raise FieldError(f"'{name}' is not supported by this deployment's {engine.kind} engine; serve the "
                                  "transformers model version for it, or leave it out.", name)
-        if raw.get("stream") and (plan.logprobs is not None or plan.echo):
-            raise FieldError("'logprobs'/'echo' with stream=true is not supported by this server; send "
-                             "stream=false.", "logprobs" if plan.logprobs is not None else "echo")
+        if raw.get("stream") and not chat and (plan.logprobs is not None or plan.echo):
+            raise FieldError("'logprobs'/'echo' with stream=true is not supported on completions by this server; "
+                             "send stream=false.", "logprobs" if plan.logprobs is not None else "echo")
         if chat:
             tool_list, choice = check_tools(raw.get("tools"), raw.get("tool_choice"))
             if tool_list and "tools" not in supports:
@@ -436,8 +437,14 @@ def create_app(ctx: ServeContext):
         obj = "chat.completion.chunk" if chat else "text_completion"
         parser = StreamParser(plan.tool_format, plan.names) if chat and plan.tools else None
 
+        pending: list[Any] = []  # log-probabilities of tokens whose text has not gone out yet
+
         def chunk(delta_text: str | None, finish: str | None = None, *, first: bool = False,
                   tool_call: dict[str, Any] | None = None) -> str:
+            logprobs = None
+            if plan.logprobs is not None and not first and (delta_text or finish):
+                logprobs = chat_logprobs(ctx.engine, SimpleNamespace(logprobs=list(pending)))
+                pending.clear()
             if chat:
                 delta: dict[str, Any] = {}
                 if first:
@@ -447,7 +454,7 @@ def create_app(ctx: ServeContext):
                     delta["content"] = delta_text
                 if tool_call is not None:
                     delta["tool_calls"] = [tool_call]
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             else:
                 choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
             data = {"id": rid, "object": obj, "created": created, "model": ctx.model_name, "choices": [choice]}
@@ -480,7 +487,9 @@ def create_app(ctx: ServeContext):
                     yield chunk(None, first=True)
                 while True:
                     kind, value = await out.get()
-                    if kind == "text":
+                    if kind == "logprob":
+                        pending.append(value)
+                    elif kind == "text":
                         cut, stopped = apply_stop(text + value, gen.stop)
                         piece = cut[len(text):]
                         text = cut

@@ -218,7 +218,8 @@ class Engine(_Worker):
             out.append((t, chosen[i], alts))
         return out
 
-    def _generate(self, batch: list[GenRequest], *, streamer: Any = None, stopping: Any = None) -> list[GenResult]:
+    def _generate(self, batch: list[GenRequest], *, streamer: Any = None, stopping: Any = None,
+                  hooks: dict[str, Any] | None = None) -> list[GenResult]:
         """One left-padded ``generate`` call for the batch, with a logits recorder (logprobs) and a grammar
         processor (constrained rows) when a request asks for them."""
         import torch
@@ -240,6 +241,8 @@ class Engine(_Worker):
         if any(r.logprobs is not None for r in batch):
             recorder = _Recorder(max(r.logprobs or 0 for r in batch))
             procs.append(recorder)  # first: it sees the model's own distribution, before any constraint
+            if hooks is not None:
+                hooks["recorder"] = recorder
         grammar = None
         if any(r.grammar for r in batch):
             from llmops_jupyter.stages.serve.constrained import GrammarProcessor
@@ -301,11 +304,21 @@ class Engine(_Worker):
 
         loop, out = req.stream  # type: ignore[misc]
         state = {"text": ""}
+        hooks: dict[str, Any] = {}
+        eos = self.tokenizer.eos_token_id
 
         def push(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(out.put_nowait, (kind, value))
 
         class _Streamer(TextStreamer):
+            def put(self, value):  # a generated token: its log-probability goes out before its text
+                recorder = hooks.get("recorder")
+                if recorder is not None and not self.next_tokens_are_prompt:
+                    for t in value.reshape(-1).tolist():
+                        if t != eos:
+                            push("logprob", recorder.last(t, req.logprobs or 0))
+                super().put(value)
+
             def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
                 if text:
                     state["text"] += text
@@ -317,7 +330,7 @@ class Engine(_Worker):
 
         try:
             streamer = _Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            result = self._generate([req], streamer=streamer, stopping=[_Cancel()])[0]
+            result = self._generate([req], streamer=streamer, stopping=[_Cancel()], hooks=hooks)[0]
             if apply_stop(state["text"], req.stop)[1]:
                 result.finish_reason = "stop"
             self.stats["requests"] += 1
@@ -349,6 +362,11 @@ class _Recorder:
         self.steps.append((top.values.tolist(), top.indices.tolist()) if top is not None else ([], []))
         self._last = logp
         return scores
+
+    def last(self, token: int, k: int) -> TokenLogprob:
+        """The entry of the token just chosen at the latest step (batch of one: streaming)."""
+        values, indices = self.steps[-1]
+        return token, float(self._last[0, token]), list(zip(indices[0], values[0]))[:k] if values else []
 
     def row(self, row: int, tokens: list[int]) -> list[TokenLogprob]:
         out = []

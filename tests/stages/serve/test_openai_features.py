@@ -152,7 +152,6 @@ def test_defaults_of_unhonoured_fields_and_unknown_fields(agent):
                                                                  "schema": {"properties": {"a": {"minimum": "x"}}}}}},
      "response_format.json_schema.schema", "not a valid JSON Schema"),
     ({"response_format": {"type": "yaml"}}, "response_format.type", "json_schema"),
-    ({"logprobs": True, "stream": True}, "logprobs", "stream"),
 ])
 def test_bad_input_is_a_400_naming_the_field(agent, body, param, words):
     r = _post(agent.url, "/chat/completions", {"messages": ASK, "max_tokens": 2, **body})
@@ -160,10 +159,13 @@ def test_bad_input_is_a_400_naming_the_field(agent, body, param, words):
     assert r.status_code == 400 and err["param"] == param and words in err["message"], err
 
 
-def test_completion_logprobs_range(agent):
+def test_completion_logprobs_range_and_streaming(agent):
     with pytest.raises(openai.BadRequestError) as err:
         agent.client.completions.create(model="tiny-llama", prompt="x", max_tokens=1, logprobs=6)
     assert err.value.body["param"] == "logprobs"
+    with pytest.raises(openai.BadRequestError) as err:  # not implemented: refused, never silently dropped
+        agent.client.completions.create(model="tiny-llama", prompt="x", max_tokens=1, echo=True, stream=True)
+    assert err.value.body["param"] == "echo"
 
 
 # -- 2. logprobs ---------------------------------------------------------------------------------------------------
@@ -202,6 +204,17 @@ def test_chat_top_logprobs_equal_the_models_log_softmax(agent, reference):
         assert max(abs(t.logprob - float(v)) for t, v in zip(entry.top_logprobs, top.values)) < 1e-5
         ids.append(chosen)
     assert out.choices[0].message.content == reference.tok.decode(ids[-6:], skip_special_tokens=True)
+
+
+def test_streamed_chat_logprobs_are_the_same_as_whole(agent):
+    kw = {"model": "tiny-llama", "messages": ASK, "max_tokens": 8, "temperature": 0, "logprobs": True,
+          "top_logprobs": 3}
+    whole = agent.client.chat.completions.create(**kw).choices[0].logprobs.content
+    chunks = list(agent.client.chat.completions.create(**kw, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in whole] and len(whole) == 8
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole], abs=1e-5)
+    assert [[t.token for t in e.top_logprobs] for e in streamed] == [[t.token for t in e.top_logprobs] for e in whole]
 
 
 def test_completion_echo_logprobs_as_lm_eval_sends_them(agent, reference):
