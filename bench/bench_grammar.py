@@ -33,20 +33,19 @@ def main(lib: str) -> dict:
     if lib == "llguidance":
         import llguidance
         import llguidance.hf
-        import llguidance.torch as lt
-        t_import = time.perf_counter() - t0
+        t_import = time.perf_counter() - t0  # not llguidance.torch: it imports torch._dynamo (3-5 s)
         t0 = time.perf_counter()
         lltok = llguidance.hf.from_tokenizer(tok, n_vocab=vocab)
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
             SCHEMA, defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
         m = llguidance.LLMatcher(lltok, grammar)
         t_compile = time.perf_counter() - t0
-        mask = lt.allocate_token_bitmask(1, vocab)
+        from llmops_jupyter.stages.serve.constrained import allocate_bitmask, apply_bitmask, fill_bitmask
 
-        from llmops_jupyter.stages.serve.constrained import apply_bitmask
+        mask = allocate_bitmask(1, vocab)
 
         def step(logits, t):  # llguidance.torch's apply is torch.compile'd: seconds of compile on CPU; ours is not
-            lt.fill_next_token_bitmask(m, mask, 0)
+            fill_bitmask(m, mask, 0)
             apply_bitmask(logits, mask)
             assert m.consume_token(t), m.get_error()
     elif lib == "xgrammar":

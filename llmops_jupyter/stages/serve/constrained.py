@@ -4,7 +4,8 @@ Why llguidance (``bench/bench_grammar.py``, measured on CPU): no dependencies of
 apache-tvm-ffi into a CPU install), a mask in tens of microseconds per token with no per-vocabulary index to build
 (outlines-core builds one per schema), JSON Schema and Lark grammars in one engine, and the same grammars are what
 llama.cpp (``LLAMA_LLGUIDANCE``) and vLLM accept. Its own ``apply_token_bitmask_inplace`` is ``torch.compile``'d
-(seconds of compilation on a CPU); :func:`apply_bitmask` does the same in plain torch.
+(seconds of compilation on a CPU), and importing ``llguidance.torch`` at all imports ``torch._dynamo`` (3-5 s on
+2 cores): :func:`allocate_bitmask`, :func:`fill_bitmask` and :func:`apply_bitmask` do the same in plain torch.
 
 A grammar is a string (llguidance's serialized form); :class:`GrammarProcessor` is a transformers
 ``LogitsProcessor`` holding one matcher per batch row (``None`` = unconstrained row).
@@ -105,6 +106,19 @@ class TokenizerInfo:
         return m
 
 
+def allocate_bitmask(batch: int, n_vocab: int) -> Any:
+    """A packed allowed-token mask: int32, one bit per token, 32 tokens per word (llguidance's layout)."""
+    import torch
+
+    return torch.full((batch, (n_vocab + 31) // 32), -1, dtype=torch.int32)
+
+
+def fill_bitmask(matcher: Any, mask: Any, row: int) -> None:
+    """Write ``matcher``'s allowed next tokens into ``mask[row]`` (what ``llguidance.torch`` does, without it)."""
+    v = mask[row]
+    matcher.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
+
+
 def apply_bitmask(logits: Any, mask: Any) -> None:
     """Set the logits of tokens not allowed by the packed int32 ``mask`` (batch, ceil(vocab/32)) to -inf."""
     import torch
@@ -126,15 +140,12 @@ class GrammarProcessor:
     """
 
     def __init__(self, matchers: list[Any], n_vocab: int, eos: int | None):
-        import llguidance.torch as lt
-
         self.matchers = matchers
         self.eos = eos
         self.errors: list[str | None] = [None] * len(matchers)
         self._done = [m is None for m in matchers]
         self._first = True
-        self._mask = lt.allocate_token_bitmask(len(matchers), n_vocab)
-        self._fill = lt.fill_next_token_bitmask
+        self._mask = allocate_bitmask(len(matchers), n_vocab)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
@@ -156,7 +167,7 @@ class GrammarProcessor:
             return scores
         self._mask.fill_(-1)
         for i in rows:
-            self._fill(self.matchers[i], self._mask, i)
+            fill_bitmask(self.matchers[i], self._mask, i)
         index = torch.tensor(rows, device=scores.device)
         sub = scores.index_select(0, index)
         apply_bitmask(sub, self._mask[rows])
