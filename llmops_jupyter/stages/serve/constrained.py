@@ -1,8 +1,8 @@
 """Constrained decoding with llguidance: JSON mode, JSON Schema (``response_format``) and forced tool calls.
 
 Why llguidance (``bench/bench_grammar.py``, measured on CPU): no dependencies of its own (xgrammar pulls triton and
-apache-tvm-ffi into a CPU install), a mask in tens of microseconds per token with no per-vocabulary index to build
-(outlines-core builds one per schema), JSON Schema and Lark grammars in one engine, and the same grammars are what
+apache-tvm-ffi into a CPU install), a mask in well under a millisecond per token with no per-schema regex index
+(outlines-core builds one), JSON Schema and Lark grammars in one engine, and the same grammars are what
 llama.cpp (``LLAMA_LLGUIDANCE``) and vLLM accept. Its own ``apply_token_bitmask_inplace`` is ``torch.compile``'d
 (seconds of compilation on a CPU), and importing ``llguidance.torch`` at all imports ``torch._dynamo`` (3-5 s on
 2 cores): :func:`allocate_bitmask`, :func:`fill_bitmask` and :func:`apply_bitmask` do the same in plain torch.
