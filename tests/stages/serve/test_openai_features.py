@@ -438,3 +438,30 @@ def test_monitoring_metrics_see_tool_calls_and_structured_output(agent):
     assert 0 < m["tool_call_rate"] < 1 and m["tool_parse_failure_rate"] == 0
     assert flagged({"structured": {"checked": True, "valid": False}, "tools": {"problems": ["x"]}}) == \
         ["schema_violation", "tool_parse"]
+
+
+# -- the llama.cpp engine: what it does not implement is refused, never dropped ------------------------------------
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {"messages": ASK, "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": ASK, "tools": [WEATHER]}, "tools"),
+    ("/v1/chat/completions", {"messages": ASK, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
+])
+def test_an_engine_without_these_features_refuses_them(agent, path, body, param):
+    """llama-cpp-python is not installed here (it builds llama.cpp from source), so the app is given the served
+    transformers engine declaring what LlamaCppEngine declares (``supports``, ``kind``): the refusal is the app's."""
+    from fastapi.testclient import TestClient
+
+    from llmops_jupyter.stages.serve.app import create_app
+    from llmops_jupyter.stages.serve.engine import LlamaCppEngine
+
+    engine = agent.ctx.engine
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "supports", LlamaCppEngine.supports, raising=False)
+        mp.setattr(engine, "kind", LlamaCppEngine.kind, raising=False)
+        ctx = SimpleNamespace(**{**vars(agent.ctx), "log": None})
+        r = TestClient(create_app(ctx)).post(path, json={"max_tokens": 2, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.json()
+    assert "llama.cpp" in r.json()["error"]["message"]
