@@ -370,6 +370,9 @@ def create_app(ctx: ServeContext):
                     rec["messages"] = [{"role": m["role"], "content": m.get("content")} for m in full]
                 plan.prompts = [ctx.engine.chat_prompt(full, tools=plan.tools or None)]
             rec["checks"] = {**adapted, **plan.checks()}
+            end_user = raw.get("safety_identifier") or raw.get("user")
+            if end_user:  # the client's end-user id, kept hashed (it may be an email): per-user monitoring
+                rec["checks"]["end_user"] = "u-" + hash_key(str(end_user))[:10]
             counts = [len(x) if isinstance(x, list) else ctx.engine.count_tokens(x) for x in plan.prompts]
             rec["tokens_in"] = sum(counts)
             max_tokens = check_common(body, counts)

@@ -129,6 +129,7 @@ def test_defaults_of_unhonoured_fields_and_unknown_fields(agent):
                                               frequency_penalty=0, presence_penalty=0, store=False,
                                               logit_bias={}, modalities=["text"], user="u-1")
     assert ok.choices[0].finish_reason in ("stop", "length")
+    assert _logged(agent, ok.id)["checks"]["end_user"].startswith("u-")  # `user` is kept, hashed
     r = _post(agent.url, "/chat/completions", {"messages": ASK, "max_tokens": 2, "mirostat": 2})
     assert r.status_code == 400 and r.json()["error"] == {
         "message": "Unrecognized request argument supplied: mirostat", "type": "invalid_request_error",
