@@ -15,10 +15,37 @@ from typing import Any, TypeVar
 
 from llmops_jupyter.models.tiny import CHAT_TEMPLATE, TINY_NAME, build_tiny_model, build_tokenizer
 
-__all__ = ["CHAT_TEMPLATE", "TINY_NAME", "build_tiny_model", "build_tokenizer", "read_bytes_elsewhere",
-           "run_logged", "tiny_model_path", "tiny_records", "wait_until", "write_tiny_dataset"]
+__all__ = ["CHAT_TEMPLATE", "TINY_NAME", "TOOL_CHAT_TEMPLATE", "build_tiny_model", "build_tokenizer",
+           "read_bytes_elsewhere", "run_logged", "tiny_model_path", "tiny_records", "tiny_tool_model", "wait_until",
+           "write_tiny_dataset"]
 
 T = TypeVar("T")
+
+#: a chatml template with tool support, in the shape of Qwen2.5's (tools listed in the system turn, calls written
+#: as ``<tool_call>`` JSON blocks, tool results given back as ``<tool_response>`` in a user turn)
+TOOL_CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}You are a helpful assistant."
+    "{% endif %}\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call><|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' and message.get('tool_calls') %}<|im_start|>assistant\n"
+    "{% if message['content'] %}{{ message['content'] }}\n{% endif %}"
+    "{% for tc in message['tool_calls'] %}<tool_call>\n{\"name\": \"{{ tc['function']['name'] }}\", "
+    "\"arguments\": {{ tc['function']['arguments'] | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif message['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n"
+    "</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def tiny_model_path(cache: str | os.PathLike | None = None) -> Path:
@@ -29,6 +56,31 @@ def tiny_model_path(cache: str | os.PathLike | None = None) -> Path:
     if not (target / "config.json").exists():
         build_tiny_model(target)
     return target
+
+
+def tiny_tool_model(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """A copy of the tiny model at ``src`` whose chat template supports tools (:data:`TOOL_CHAT_TEMPLATE`): the
+    same weights, so what differs in serving is only how the template renders tools and calls. Tool definitions
+    take many tokens of the tiny 512-token vocabulary, so its context is 2048 (RoPE: nothing to learn)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from llmops_jupyter.core.files import atomic_dir
+
+    src, dst = Path(src), Path(dst)
+    if (dst / "config.json").exists():
+        return dst
+    with atomic_dir(dst) as tmp:
+        for f in src.iterdir():
+            if f.is_file() and f.name != "chat_template.jinja":
+                (tmp / f.name).write_bytes(f.read_bytes())
+        config = json.loads((tmp / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}, indent=2))
+        tok = AutoTokenizer.from_pretrained(str(src))
+        tok.chat_template = TOOL_CHAT_TEMPLATE
+        tok.save_pretrained(tmp)
+    return dst
 
 
 def tiny_records(n: int = 48, seed: int = 0) -> list[dict[str, str]]:

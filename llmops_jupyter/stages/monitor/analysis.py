@@ -159,6 +159,13 @@ def compute_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
         "truncated_rate": _rate(ok, lambda r: r["checks"].get("truncated")),
         "flagged_rate": _rate(rows, lambda r: bool(flagged(r["checks"]))),
     }
+    tooled = [r for r in ok if r["checks"].get("tools")]
+    if tooled:  # requests that offered tools: how often a call came back, how often the model's text did not parse
+        m["tool_call_rate"] = _rate(tooled, lambda r: r["checks"]["tools"].get("called"))
+        m["tool_parse_failure_rate"] = _rate(tooled, lambda r: r["checks"]["tools"].get("problems"))
+    structured = [r for r in ok if (r["checks"].get("structured") or {}).get("checked")]
+    if structured:  # response_format json_object/json_schema answers that did not parse or validate
+        m["schema_violation_rate"] = _rate(structured, lambda r: not r["checks"]["structured"].get("valid"))
     for key, name in (("toxic", "toxicity_rate"), ("unsupported", "unsupported_rate"),
                       ("inconsistent", "inconsistency_rate")):
         judged = [r for r in ok if key in r["checks"]]

@@ -127,4 +127,9 @@ def flagged(checks: dict[str, Any]) -> list[str]:
     for key in ("refusal", "empty", "toxic", "unsupported", "inconsistent"):
         if checks.get(key):
             out.append(key)
+    structured = checks.get("structured") or {}
+    if structured.get("checked") and not structured.get("valid"):
+        out.append("schema_violation")
+    if (checks.get("tools") or {}).get("problems"):
+        out.append("tool_parse")
     return out

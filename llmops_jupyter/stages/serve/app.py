@@ -16,9 +16,14 @@ import hmac
 import json
 import time
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
+from llmops_jupyter.stages.serve.constrained import GrammarError
 from llmops_jupyter.stages.serve.engine import Engine, GenRequest, GenResult, apply_stop
+from llmops_jupyter.stages.serve.fields import FieldError, check_fields
+from llmops_jupyter.stages.serve.request import Plan, chat_logprobs, check_response_format, completion_logprobs
+from llmops_jupyter.stages.serve.tools import StreamParser, check_tools, forced_grammar, template_messages
 
 
 @dataclasses.dataclass
@@ -27,7 +32,7 @@ class Limits:
     max_tokens: int = 512
     default_max_tokens: int = 128
     max_prompt_tokens: int | None = None
-    max_concurrency: int = 4
+    max_concurrency: int = 16
     queue_timeout: float = 10.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,10 +156,10 @@ def create_app(ctx: ServeContext):
         model_config = ConfigDict(extra="allow")
         model: str = "default"
         max_tokens: int | None = Field(None, ge=1)
-        temperature: float = Field(1.0, ge=0, le=2)
-        top_p: float = Field(1.0, gt=0, le=1)
-        n: int = 1
-        stream: bool = False
+        temperature: float | None = Field(1.0, ge=0, le=2)
+        top_p: float | None = Field(1.0, gt=0, le=1)
+        n: int | None = 1
+        stream: bool | None = False
         stop: str | list[str] | None = None
         seed: int | None = None
         stream_options: dict[str, Any] | None = None
@@ -164,7 +169,7 @@ def create_app(ctx: ServeContext):
         max_completion_tokens: int | None = Field(None, ge=1)
 
     class CompletionRequest(_Common):
-        prompt: str | list[str]
+        prompt: str | list[str] | list[int] | list[list[int]]
 
     app = FastAPI(title=f"llmops-jupyter: {ctx.model_name}", docs_url=None, redoc_url=None)
     app.state.ctx = ctx
@@ -214,11 +219,11 @@ def create_app(ctx: ServeContext):
         return {"object": "list", "data": [{"id": ctx.model_name, "object": "model", "created": int(ctx.started),
                                             "owned_by": "llmops-jupyter", "artifact": ctx.model_hash}]}
 
-    def check_common(body: _Common, prompt: str) -> tuple[int, int]:
+    def check_common(body: _Common, prompts: list[int]) -> int:
         if body.model not in ctx.served_names():
             raise APIError(404, f"The model '{body.model}' is not served here; this deployment serves "
                                 f"'{ctx.model_name}'.", code="model_not_found", param="model")
-        if body.n != 1:
+        if body.n not in (None, 1):
             raise APIError(400, "Only n=1 is supported.", param="n")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         if max_tokens is None:
@@ -227,16 +232,16 @@ def create_app(ctx: ServeContext):
             raise APIError(400, f"max_tokens={max_tokens} exceeds this deployment's limit of "
                                 f"{ctx.limits.max_tokens} (--max-tokens).", param="max_tokens",
                            code="max_tokens_exceeded")
-        n_prompt = ctx.engine.count_tokens(prompt)
         budget = ctx.engine.context_length - max_tokens
         if ctx.limits.max_prompt_tokens is not None:
             budget = min(budget, ctx.limits.max_prompt_tokens)
-        if n_prompt > budget:
-            raise APIError(400, f"The prompt has {n_prompt} tokens; this deployment accepts at most {budget} "
-                                f"with max_tokens={max_tokens} (context {ctx.engine.context_length}). "
-                                "Shorten the prompt or lower max_tokens.", param="messages",
-                           code="context_length_exceeded")
-        return max_tokens, n_prompt
+        for n_prompt in prompts:
+            if n_prompt > budget:
+                raise APIError(400, f"The prompt has {n_prompt} tokens; this deployment accepts at most {budget} "
+                                    f"with max_tokens={max_tokens} (context {ctx.engine.context_length}). "
+                                    "Shorten the prompt or lower max_tokens.", param="messages",
+                               code="context_length_exceeded")
+        return max_tokens
 
     async def acquire() -> None:
         try:
@@ -247,45 +252,149 @@ def create_app(ctx: ServeContext):
                            type="rate_limit_error", code="server_busy",
                            headers={"Retry-After": str(max(1, round(ctx.limits.queue_timeout)))}) from None
 
+    def prepare(raw: dict[str, Any], *, chat: bool) -> Plan:
+        """Check every field and turn the request into prompts and generation options (raises FieldError)."""
+        check_fields(raw, chat=chat)
+        engine = ctx.engine
+        supports = getattr(engine, "supports", frozenset())
+        plan = Plan()
+        lp = raw.get("logprobs")
+        if chat:
+            top = raw.get("top_logprobs")
+            if lp not in (None, False, True):
+                raise FieldError("'logprobs' must be a boolean on chat completions.", "logprobs")
+            if top is not None:
+                if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
+                    raise FieldError(f"Invalid 'top_logprobs': {top!r}; it must be an integer from 0 to 20.",
+                                     "top_logprobs")
+                if not lp:
+                    raise FieldError("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
+            plan.logprobs = (top or 0) if lp else None
+        else:
+            if lp is not None and (not isinstance(lp, int) or isinstance(lp, bool) or not 0 <= lp <= 5):
+                raise FieldError(f"Invalid 'logprobs': {lp!r}; on completions it is an integer from 0 to 5.",
+                                 "logprobs")
+            plan.logprobs = lp
+            plan.echo = bool(raw.get("echo"))
+        for name, on in (("logprobs", plan.logprobs is not None), ("echo", plan.echo)):
+            if on and name not in supports:
+                raise FieldError(f"'{name}' is not supported by this deployment's {engine.kind} engine; serve the "
+                                 "transformers model version for it, or leave it out.", name)
+        if raw.get("stream") and not chat and (plan.logprobs is not None or plan.echo):
+            raise FieldError("'logprobs'/'echo' with stream=true is not supported on completions by this server; "
+                             "send stream=false.", "logprobs" if plan.logprobs is not None else "echo")
+        if chat:
+            tool_list, choice = check_tools(raw.get("tools"), raw.get("tool_choice"))
+            if tool_list and "tools" not in supports:
+                raise FieldError(f"'tools' is not supported by this deployment's {engine.kind} engine; serve the "
+                                 "transformers model version for tool calls.", "tools")
+            plan.choice = choice
+            if tool_list and choice != "none":
+                plan.tool_format = engine.tool_format
+                if plan.tool_format is None:
+                    raise FieldError(
+                        f"The model '{ctx.model_name}' cannot be offered tools: its chat template has no tool "
+                        "support (it never reads 'tools'). Serve a model whose template supports tools (Qwen2.5, "
+                        "Llama 3.1, SmolLM3, ...), or give this one such a chat_template in its "
+                        "tokenizer_config.json, or leave 'tools' out.", "tools")
+                plan.tools = tool_list
+                plan.names = {t["function"]["name"] for t in tool_list}
+                plan.parallel = raw.get("parallel_tool_calls") is not False
+                try:
+                    plan.grammar = forced_grammar(tool_list, choice, plan.tool_format)
+                except GrammarError as exc:
+                    raise FieldError(f"tools cannot be forced: {exc}.", "tools") from None
+            rf = raw.get("response_format")
+            if rf is not None:
+                plan.response_format = check_response_format(rf)
+                if plan.response_format["type"] != "text":
+                    if "response_format" not in supports:
+                        raise FieldError(f"'response_format' is not supported by this deployment's {engine.kind} "
+                                         "engine; serve the transformers model version for it.", "response_format")
+                    if plan.tools and plan.grammar is None:
+                        raise FieldError("response_format with tools and tool_choice 'auto' is not supported: "
+                                         "use tool_choice 'none' for structured content or 'required' for a "
+                                         "call.", "response_format")
+                    if plan.grammar is None:
+                        plan.grammar = plan.response_format["grammar"]
+        else:
+            p = raw["prompt"]
+            if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
+                p = [p]
+            if not p:
+                raise FieldError("'prompt' is empty.", "prompt")
+            if raw.get("stream") and len(p) != 1:
+                raise FieldError("Send one prompt per streaming request.", "prompt")
+            for item in p:
+                if isinstance(item, list):
+                    if "token_prompts" not in supports:
+                        raise FieldError(f"token-id prompts are not supported by the {engine.kind} engine.",
+                                         "prompt")
+                    if not item or not all(isinstance(t, int) and 0 <= t < engine.vocab_size() for t in item):
+                        raise FieldError("a token-id prompt must be a non-empty list of ids of this model's "
+                                         "vocabulary.", "prompt")
+            plan.prompts = p
+        if plan.grammar is not None:
+            try:
+                engine.check_grammar(plan.grammar)
+            except GrammarError as exc:
+                raise FieldError(f"the output grammar cannot be compiled: {exc}", "response_format") from None
+        return plan
+
     async def handle(request: Request, body: _Common, *, chat: bool):
         t0 = time.perf_counter()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         endpoint = request.url.path
+        raw = body.model_dump(exclude_unset=True)
+        adapted: dict[str, Any] = {}
         if chat:
             messages = [{"role": m.role, "content": _content(m.content)} for m in body.messages]  # type: ignore[attr-defined]
-            adapted: dict[str, Any] = {}
-            if ctx.adapter is not None:  # the stored prompt / retrieved context, logged as the model saw it
-                messages, adapted = await asyncio.to_thread(ctx.adapter, messages)
             shown = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-            prompt_text = ctx.engine.chat_prompt(messages)
         else:
-            messages, adapted = None, {}
+            messages = None
             p = body.prompt  # type: ignore[attr-defined]
-            if isinstance(p, list):
-                if len(p) != 1:
-                    raise APIError(400, "Send one prompt per request.", param="prompt")
-                p = p[0]
-            shown = prompt_text = p
+            shown = p if isinstance(p, str) else json.dumps(p)[:2000]
         rec: dict[str, Any] = {"request_id": rid, "endpoint": endpoint, "prompt": shown, "messages": messages,
-                               "stream": body.stream}
-        if adapted:
-            rec["checks"] = adapted  # prompt ref, index, retrieved chunk ids: kept with the record's checks
+                               "stream": bool(body.stream)}
         try:
             rec["key_id"] = authenticate(request)
-            max_tokens, rec["tokens_in"] = check_common(body, prompt_text)
+            try:
+                plan = prepare(raw, chat=chat)
+            except FieldError as exc:
+                raise APIError(400, str(exc), param=exc.param) from None
+            if chat:
+                full = template_messages([{**mm.model_dump(exclude_none=True), "content": _content(mm.content)}
+                                          for mm in body.messages])  # type: ignore[attr-defined]
+                if ctx.adapter is not None:  # the stored prompt / retrieved context, logged as the model saw it
+                    full, adapted = await asyncio.to_thread(ctx.adapter, full)
+                    rec["messages"] = [{"role": m["role"], "content": m.get("content")} for m in full]
+                plan.prompts = [ctx.engine.chat_prompt(full, tools=plan.tools or None)]
+            rec["checks"] = {**adapted, **plan.checks()}
+            end_user = raw.get("safety_identifier") or raw.get("user")
+            if end_user:  # the client's end-user id, kept hashed (it may be an email): per-user monitoring
+                rec["checks"]["end_user"] = "u-" + hash_key(str(end_user))[:10]
+            counts = [len(x) if isinstance(x, list) else ctx.engine.count_tokens(x) for x in plan.prompts]
+            rec["tokens_in"] = sum(counts)
+            max_tokens = check_common(body, counts)
             await acquire()
         except APIError as exc:
             if exc.status != 401:  # 401 is logged (without the body) by authenticate
                 _log(ctx, {**rec, "status": exc.status, "error": exc.message,
                            "latency_s": time.perf_counter() - t0})
             raise
-        gen = GenRequest(prompt_text, max_tokens, temperature=body.temperature, top_p=body.top_p,
-                         seed=body.seed or 0, stop=_stop_list(body.stop))
+        temperature = 1.0 if body.temperature is None else body.temperature
+        top_p = 1.0 if body.top_p is None else body.top_p
+        gens = [GenRequest(x if isinstance(x, str) else "", max_tokens, temperature=temperature, top_p=top_p,
+                           seed=body.seed or 0, stop=_stop_list(body.stop),
+                           prompt_ids=x if isinstance(x, list) else None, logprobs=plan.logprobs, echo=plan.echo,
+                           grammar=plan.grammar) for x in plan.prompts]
         if body.stream:
-            return _stream(request, ctx, gen, rec, t0, chat=chat, release=sem().release, rid=rid, body=body)
+            return _stream(request, ctx, gens[0], rec, t0, chat=chat, release=sem().release, rid=rid, body=body,
+                           plan=plan)
         try:
-            ctx.engine.submit(gen)
-            result: GenResult = await asyncio.wrap_future(gen.future)
+            for g in gens:
+                ctx.engine.submit(g)
+            results: list[GenResult] = [await asyncio.wrap_future(g.future) for g in gens]
         except Exception as exc:
             _log(ctx, {**rec, "status": 500, "error": f"{type(exc).__name__}: {exc}",
                        "latency_s": time.perf_counter() - t0})
@@ -293,61 +402,116 @@ def create_app(ctx: ServeContext):
         finally:
             sem().release()
         latency = time.perf_counter() - t0
-        _log(ctx, {**rec, "response": result.text, "status": 200, "latency_s": latency,
-                   "tokens_out": result.completion_tokens, "finish_reason": result.finish_reason})
-        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                 "total_tokens": result.prompt_tokens + result.completion_tokens}
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                      "finish_reason": result.finish_reason, "logprobs": None}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": ctx.model_name,
-                "choices": [choice], "usage": usage, "system_fingerprint": ctx.model_hash[:12] if ctx.model_hash else None}
+        choices = []
+        for i, result in enumerate(results):
+            if chat:
+                message, finish = plan.message(result.text, result.finish_reason)
+                choices.append({"index": i, "message": message, "finish_reason": finish,
+                                "logprobs": chat_logprobs(ctx.engine, result) if plan.logprobs is not None
+                                else None})
+            else:
+                text = result.text
+                if plan.echo:
+                    prompt_text = plan.prompts[i]
+                    shown_prompt = prompt_text if isinstance(prompt_text, str) else ctx.engine.decode(prompt_text)
+                    text = shown_prompt + text
+                choices.append({"index": i, "text": text, "finish_reason": result.finish_reason,
+                                "logprobs": completion_logprobs(ctx.engine, result, plan.logprobs)
+                                if plan.logprobs is not None else None})
+        rec["checks"] = {**rec.get("checks", {}), **plan.checks(results[0].grammar_error)}
+        _log(ctx, {**rec, "response": results[0].text if len(results) == 1 else json.dumps([r.text for r in results]),
+                   "status": 200, "latency_s": latency, "tokens_out": sum(r.completion_tokens for r in results),
+                   "finish_reason": choices[0]["finish_reason"]})
+        prompt_tokens = sum(r.prompt_tokens for r in results)
+        completion_tokens = sum(r.completion_tokens for r in results)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": ctx.model_name, "choices": choices, "usage": usage,
+                "system_fingerprint": ctx.model_hash[:12] if ctx.model_hash else None}
 
-    def _stream(request, ctx, gen: GenRequest, rec, t0, *, chat: bool, release, rid: str, body: _Common):
+    def _stream(request, ctx, gen: GenRequest, rec, t0, *, chat: bool, release, rid: str, body: _Common,
+                plan: Plan):
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
         gen.stream = (loop, out)
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
+        parser = StreamParser(plan.tool_format, plan.names) if chat and plan.tools else None
 
-        def chunk(delta_text: str | None, finish: str | None = None, *, first: bool = False) -> str:
+        pending: list[Any] = []  # log-probabilities of tokens whose text has not gone out yet
+
+        def chunk(delta_text: str | None, finish: str | None = None, *, first: bool = False,
+                  tool_call: dict[str, Any] | None = None) -> str:
+            logprobs = None
+            if plan.logprobs is not None and not first and (delta_text or finish):
+                logprobs = chat_logprobs(ctx.engine, SimpleNamespace(logprobs=list(pending)))
+                pending.clear()
             if chat:
                 delta: dict[str, Any] = {}
                 if first:
                     delta["role"] = "assistant"
+                    delta["content"] = ""
                 if delta_text:
                     delta["content"] = delta_text
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                if tool_call is not None:
+                    delta["tool_calls"] = [tool_call]
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             else:
                 choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
             data = {"id": rid, "object": obj, "created": created, "model": ctx.model_name, "choices": [choice]}
             return f"data: {json.dumps(data)}\n\n"
 
+        def emit(events: list[tuple[str, Any]]) -> list[str]:
+            lines = []
+            for kind, value in events:
+                if kind == "content":
+                    lines.append(chunk(value))
+                    continue
+                if not plan.parallel and plan.n_calls:
+                    continue
+                index = plan.n_calls
+                plan.n_calls += 1
+                lines.append(chunk(None, tool_call={"index": index, "id": value["id"], "type": "function",
+                                                    "function": {"name": value["function"]["name"],
+                                                                 "arguments": ""}}))
+                lines.append(chunk(None, tool_call={"index": index,
+                                                    "function": {"arguments": value["function"]["arguments"]}}))
+            return lines
+
         async def events():
             text = ""
             status, error, result = 200, None, None
+            finish = None
             try:
                 ctx.engine.submit(gen)
                 if chat:
                     yield chunk(None, first=True)
                 while True:
                     kind, value = await out.get()
-                    if kind == "text":
+                    if kind == "logprob":
+                        pending.append(value)
+                    elif kind == "text":
                         cut, stopped = apply_stop(text + value, gen.stop)
                         piece = cut[len(text):]
                         text = cut
                         if piece:
-                            yield chunk(piece)
+                            if parser is not None:
+                                for line in emit(parser.feed(piece)):
+                                    yield line
+                            else:
+                                yield chunk(piece)
                         if stopped:
                             gen.cancelled.set()
                     elif kind == "end":
                         result = value
                         finish = "stop" if apply_stop(result.text, gen.stop)[1] else result.finish_reason
+                        if parser is not None:
+                            for line in emit(parser.close()):
+                                yield line
+                            if plan.n_calls:
+                                finish = "tool_calls"
                         yield chunk(None, finish)
                         if include_usage:
                             usage = {"prompt_tokens": result.prompt_tokens,
@@ -367,11 +531,14 @@ def create_app(ctx: ServeContext):
                 raise
             finally:
                 release()
-                _log(ctx, {**rec, "response": text, "status": status, "error": error,
+                if parser is not None:
+                    plan.stream_calls, plan.stream_problems = parser.calls, parser.problems
+                checks = {**rec.get("checks", {}),
+                          **plan.checks(result.grammar_error if result else None, text=text if result else None)}
+                _log(ctx, {**rec, "checks": checks, "response": text, "status": status, "error": error,
                            "latency_s": time.perf_counter() - t0,
                            "tokens_out": result.completion_tokens if result else None,
-                           "finish_reason": (("stop" if apply_stop(result.text, gen.stop)[1] else result.finish_reason)
-                                             if result else None)})
+                           "finish_reason": finish})
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

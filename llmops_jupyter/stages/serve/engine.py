@@ -31,6 +31,14 @@ class GenRequest:
     top_p: float = 1.0
     seed: int = 0
     stop: list[str] = dataclasses.field(default_factory=list)
+    #: the prompt as token ids (``/v1/completions`` accepts them); when set, ``prompt`` is only for the log
+    prompt_ids: list[int] | None = None
+    #: log-probabilities of the generated tokens with this many alternatives each (None: none)
+    logprobs: int | None = None
+    #: also the log-probabilities of the prompt's tokens (``echo`` on ``/v1/completions``)
+    echo: bool = False
+    #: llguidance grammar (see :mod:`.constrained`) the output must follow
+    grammar: str | None = None
     #: for streaming: (loop, asyncio.Queue) receiving ("text", str) items then ("end", info)
     stream: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
@@ -41,6 +49,10 @@ class GenRequest:
         return (self.max_tokens, self.temperature > 0, round(self.temperature, 4), round(self.top_p, 4))
 
 
+#: one scored token: (token id, log-probability, [(alternative id, log-probability), ...] best first)
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
+
+
 @dataclasses.dataclass
 class GenResult:
     text: str
@@ -48,6 +60,12 @@ class GenResult:
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
     batch_size: int = 1
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    #: with ``echo``: the prompt's tokens, the first one with no log-probability (None)
+    prompt_ids: list[int] | None = None
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] | None = None
+    grammar_error: str | None = None
 
 
 def apply_stop(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -103,13 +121,45 @@ class Engine(_Worker):
         self._start_worker("llmops-serve-engine")
 
     # -- API used by the app ----------------------------------------------------------------------------------
+    supports = frozenset({"logprobs", "echo", "tools", "response_format", "token_prompts"})
+
     def count_tokens(self, text: str) -> int:
         return len(self.count_tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+    @property
+    def tool_format(self) -> str | None:
+        """How the model's chat template writes tool calls (None: it has no tool support)."""
+        from llmops_jupyter.stages.serve.tools import template_tools
+
+        return template_tools(getattr(self.count_tokenizer, "chat_template", None))
+
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         from llmops_jupyter.models.inference import apply_chat
 
+        if tools:
+            return self.count_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                            add_generation_prompt=True)
         return apply_chat(self.count_tokenizer, messages)
+
+    def token_text(self, token_id: int) -> str:
+        return self.count_tokenizer.decode([token_id])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.count_tokenizer.decode(ids)
+
+    def vocab_size(self) -> int:
+        return int(self.net.get_output_embeddings().weight.shape[0])
+
+    def check_grammar(self, grammar: str) -> None:
+        """Build a matcher once (in the caller's thread) so a grammar the engine cannot run is a 400, not a 500."""
+        self._grammar_info().matcher(grammar)
+
+    def _grammar_info(self):
+        if getattr(self, "_llg", None) is None:
+            from llmops_jupyter.stages.serve.constrained import TokenizerInfo
+
+            self._llg = TokenizerInfo(self.count_tokenizer, self.vocab_size())
+        return self._llg
 
     # -- worker -------------------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -146,14 +196,98 @@ class Engine(_Worker):
         else:
             self._run_batch([req])
 
-    def _run_batch(self, batch: list[GenRequest]) -> None:
-        from llmops_jupyter.models.inference import generate
+    def _prompt_ids(self, req: GenRequest) -> list[int]:
+        if req.prompt_ids is not None:
+            return list(req.prompt_ids)
+        return self.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
 
+    def _prompt_logprobs(self, ids: list[int], k: int) -> list[tuple[int, float | None, list | None]]:
+        """Teacher-forced log-probabilities of a prompt's tokens (the first has no context: None)."""
+        import torch
+
+        device = next(self.net.parameters()).device
+        with torch.inference_mode():
+            logits = self.net(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        out: list[tuple[int, float | None, list | None]] = [(ids[0], None, None)]
+        target = torch.tensor(ids[1:], device=device)
+        chosen = logp.gather(-1, target[:, None]).squeeze(-1).tolist()
+        top = torch.topk(logp, k) if k else None
+        for i, t in enumerate(ids[1:]):
+            alts = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else []
+            out.append((t, chosen[i], alts))
+        return out
+
+    def _generate(self, batch: list[GenRequest], *, streamer: Any = None, stopping: Any = None,
+                  hooks: dict[str, Any] | None = None) -> list[GenResult]:
+        """One left-padded ``generate`` call for the batch, with a logits recorder (logprobs) and a grammar
+        processor (constrained rows) when a request asks for them."""
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        tok = self.tokenizer
         first = batch[0]
+        device = next(self.net.parameters()).device
+        prompts = [self._prompt_ids(r) for r in batch]
+        width = max(len(p) for p in prompts)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            attn[i, width - len(p):] = 1
+        procs = LogitsProcessorList()
+        recorder = None
+        if any(r.logprobs is not None for r in batch):
+            recorder = _Recorder(max(r.logprobs or 0 for r in batch))
+            procs.append(recorder)  # first: it sees the model's own distribution, before any constraint
+            if hooks is not None:
+                hooks["recorder"] = recorder
+        grammar = None
+        if any(r.grammar for r in batch):
+            from llmops_jupyter.stages.serve.constrained import GrammarProcessor
+
+            info = self._grammar_info()
+            grammar = GrammarProcessor([info.matcher(r.grammar) if r.grammar else None for r in batch],
+                                       info.n_vocab, tok.eos_token_id)
+            procs.append(grammar)
+        eos = tok.eos_token_id
+        kwargs: dict[str, Any] = {"max_new_tokens": first.max_tokens, "do_sample": first.temperature > 0,
+                                  "use_cache": True, "pad_token_id": pad, "eos_token_id": eos,
+                                  "logits_processor": procs, "attention_mask": attn.to(device)}
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        if stopping is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(stopping)
+        if first.temperature > 0:
+            torch.manual_seed(first.seed)
+            kwargs.update(temperature=first.temperature, top_p=first.top_p)
+        echoes = [self._prompt_logprobs(p, r.logprobs or 0) if r.echo else None for r, p in zip(batch, prompts)]
+        with torch.inference_mode():
+            out = self.net.generate(input_ids=ids.to(device), **kwargs)
+        results = []
+        for row, r in enumerate(batch):
+            new = out[row, width:].tolist()
+            finish = "length"
+            if eos is not None and eos in new:
+                new = new[: new.index(eos)]
+                finish = "stop"
+            elif pad != eos:
+                while new and new[-1] == pad:
+                    new.pop()
+            lps = recorder.row(row, new) if recorder is not None and r.logprobs is not None else None
+            if lps is not None:
+                lps = [(t, lp, alts[: r.logprobs]) for t, lp, alts in lps]
+            text, stopped = apply_stop(tok.decode(new, skip_special_tokens=True), r.stop)
+            results.append(GenResult(text, len(prompts[row]), len(new), "stop" if stopped else finish, len(batch),
+                                     token_ids=new, logprobs=lps, prompt_ids=prompts[row] if r.echo else None,
+                                     prompt_logprobs=echoes[row],
+                                     grammar_error=grammar.errors[row] if grammar is not None else None))
+        return results
+
+    def _run_batch(self, batch: list[GenRequest]) -> None:
         try:
-            gens = generate(self.net, self.tokenizer, [r.prompt for r in batch], max_new_tokens=first.max_tokens,
-                            batch_size=len(batch), do_sample=first.temperature > 0,
-                            temperature=max(first.temperature, 1e-5), top_p=first.top_p, seed=first.seed)
+            results = self._generate(batch)
         except BaseException as exc:  # noqa: BLE001 - every waiting request learns about the failure
             for r in batch:
                 if not r.future.done():
@@ -162,28 +296,27 @@ class Engine(_Worker):
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch)
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
-        for r, g in zip(batch, gens, strict=True):
-            text, stopped = apply_stop(g.text, r.stop)
-            r.future.set_result(GenResult(text, g.prompt_tokens, g.new_tokens,
-                                          "stop" if stopped else g.finish_reason, len(batch)))
+        for r, res in zip(batch, results, strict=True):
+            r.future.set_result(res)
 
     def _run_stream(self, req: GenRequest) -> None:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+        from transformers import StoppingCriteria, TextStreamer
 
         loop, out = req.stream  # type: ignore[misc]
+        state = {"text": ""}
+        hooks: dict[str, Any] = {}
         eos = self.tokenizer.eos_token_id
-        state = {"tokens": 0, "last": None, "text": ""}
 
         def push(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(out.put_nowait, (kind, value))
 
         class _Streamer(TextStreamer):
-            def put(self, value):  # noqa: D401 - counts generated tokens as they arrive
-                if not self.next_tokens_are_prompt:
-                    ids = value.reshape(-1).tolist()
-                    state["tokens"] += len(ids)
-                    state["last"] = ids[-1] if ids else state["last"]
+            def put(self, value):  # a generated token: its log-probability goes out before its text
+                recorder = hooks.get("recorder")
+                if recorder is not None and not self.next_tokens_are_prompt:
+                    for t in value.reshape(-1).tolist():
+                        if t != eos:
+                            push("logprob", recorder.last(t, req.logprobs or 0))
                 super().put(value)
 
             def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
@@ -196,30 +329,56 @@ class Engine(_Worker):
                 return req.cancelled.is_set() or (bool(req.stop) and apply_stop(state["text"], req.stop)[1])
 
         try:
-            enc = self.tokenizer([req.prompt], return_tensors="pt", add_special_tokens=False)
-            device = next(self.net.parameters()).device
-            enc = {k: v.to(device) for k, v in enc.items()}
-            kwargs: dict[str, Any] = {"max_new_tokens": req.max_tokens, "do_sample": req.temperature > 0,
-                                      "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": eos,
-                                      "streamer": _Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True),
-                                      "stopping_criteria": StoppingCriteriaList([_Cancel()])}
-            if req.temperature > 0:
-                torch.manual_seed(req.seed)
-                kwargs.update(temperature=req.temperature, top_p=req.top_p)
-            with torch.inference_mode():
-                self.net.generate(**enc, **kwargs)
-            tokens = state["tokens"]
-            finish = "stop" if (state["last"] == eos or apply_stop(state["text"], req.stop)[1]) else "length"
-            if state["last"] == eos:
-                tokens -= 1
+            streamer = _Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            result = self._generate([req], streamer=streamer, stopping=[_Cancel()], hooks=hooks)[0]
+            if apply_stop(state["text"], req.stop)[1]:
+                result.finish_reason = "stop"
             self.stats["requests"] += 1
-            result = GenResult(state["text"], int(enc["input_ids"].shape[1]), tokens, finish)
             req.future.set_result(result)
             push("end", result)
         except BaseException as exc:  # noqa: BLE001
             if not req.future.done():
                 req.future.set_exception(exc)
             push("error", exc)
+
+
+class _Recorder:
+    """A logits processor that changes nothing: it keeps, per step, each row's log-softmax top-k and the whole
+    distribution until the next step reveals which token was chosen."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.steps: list[tuple[Any, Any]] = []  # (top values, top indices) per step
+        self.chosen: list[list[float]] = []  # log-probability of the chosen token, per step per row
+        self._last = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self._last is not None:
+            self.chosen.append(self._last.gather(-1, input_ids[:, -1:]).squeeze(-1).tolist())
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        top = torch.topk(logp, self.k) if self.k else None
+        self.steps.append((top.values.tolist(), top.indices.tolist()) if top is not None else ([], []))
+        self._last = logp
+        return scores
+
+    def last(self, token: int, k: int) -> TokenLogprob:
+        """The entry of the token just chosen at the latest step (batch of one: streaming)."""
+        values, indices = self.steps[-1]
+        return token, float(self._last[0, token]), list(zip(indices[0], values[0]))[:k] if values else []
+
+    def row(self, row: int, tokens: list[int]) -> list[TokenLogprob]:
+        out = []
+        for step, t in enumerate(tokens):
+            if step < len(self.chosen):
+                lp = self.chosen[step][row]
+            else:  # the last step: its choice is only in the output
+                lp = float(self._last[row, t])
+            values, indices = self.steps[step]
+            alts = list(zip(indices[row], values[row])) if values else []
+            out.append((t, lp, alts))
+        return out
 
 
 class LlamaCppEngine(_Worker):
@@ -259,7 +418,11 @@ class LlamaCppEngine(_Worker):
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+    #: logprobs, echo, tools, response_format and token-id prompts are refused with a 400 naming the field
+    supports: frozenset[str] = frozenset()
+    tool_format = None
+
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         if self.template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 

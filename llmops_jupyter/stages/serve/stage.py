@@ -58,7 +58,8 @@ class ServeConfig(StageConfig):
     default_max_tokens: int = option(128, "max_tokens when a request does not say (capped at --max-tokens)", min=1)
     max_prompt_tokens: int | None = option(None, "longest accepted prompt in tokens (default: context length "
                                                  "minus max_tokens)", min=1)
-    max_concurrency: int = option(4, "requests generating or streaming at once", min=1, max=1024)
+    max_concurrency: int = option(16, "requests generating or streaming at once (at least --max-batch, or batches "
+                                      "never fill)", min=1, max=1024)
     queue_timeout: float = option(10.0, "seconds a request waits for a free slot before a 429", min=0)
     max_batch: int = option(8, "micro-batch size: concurrent requests generated together", min=1, max=256)
     grace: float = option(30.0, "seconds in-flight requests get to finish on stop", min=0)
@@ -205,7 +206,7 @@ class ServeStage(Stage):
                     "started": time.time(), "limits": limits.to_dict(), "key_ids": [key_id(h) for h in key_hashes],
                     "auth": cfg.auth, "api_key_file": str(key_file) if key_file else None,
                     "model": {"hash": model_hash, "kind": m.kind, "name": m.name, "path": str(m.path)},
-                    "openai_base_url": url, "batching": _batching(m, cfg.max_batch),
+                    "openai_base_url": url, "batching": _batching(m, cfg.max_batch, cfg.max_concurrency),
                     "prompt": adapter.template.ref if adapter and adapter.template else None,
                     "rag": {"index": adapter.index_hash, "k": cfg.rag_k} if adapter and adapter.index else None}
         server.record(reg, dep_id, run_id=ctx.run_id, model=model_hash, model_name=m.name, url=url, mode=mode,
@@ -261,12 +262,17 @@ class ServeStage(Stage):
         return {"deployment": info}
 
 
-def _batching(model: Any, max_batch: int) -> dict[str, Any]:
-    """What the deployment really does with concurrent requests (llama.cpp's engine generates one at a time)."""
+def _batching(model: Any, max_batch: int, max_concurrency: int) -> dict[str, Any]:
+    """What the deployment really does with concurrent requests (llama.cpp's engine generates one at a time; a
+    batch never holds more requests than may run at once)."""
     if getattr(model, "kind", None) == "gguf":
         return {"max_batch": 1, "engine": "llama.cpp", "note": "one request at a time; --max-batch applies to "
                                                                 "transformers models"}
-    return {"max_batch": max_batch, "engine": "transformers"}
+    out: dict[str, Any] = {"max_batch": max_batch, "engine": "transformers",
+                           "effective_max_batch": min(max_batch, max_concurrency)}
+    if max_concurrency < max_batch:
+        out["note"] = f"--max-concurrency {max_concurrency} caps batches below --max-batch {max_batch}"
+    return out
 
 
 def _in_kernel() -> bool:
