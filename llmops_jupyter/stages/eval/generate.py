@@ -163,7 +163,7 @@ def summarize(result: VersionResult, metrics: Sequence[str]) -> dict[str, float]
         corpus = corpus_scores([r["output"] for r in result.rows], [r["reference"] for r in result.rows])
         out.update({k: v for k, v in corpus.items() if k.split("_")[0] in names})
     if "latency" in names and result.gen_seconds > 0:
-        out["tokens_per_s"] = sum(r["generation"].get("new_tokens", 0) for r in result.rows) / result.gen_seconds
+        out["tokens_per_s"] = sum(r["generation"].get("new_tokens") or 0 for r in result.rows) / result.gen_seconds
     out["n_examples"] = float(len(result.rows))
     return out
 

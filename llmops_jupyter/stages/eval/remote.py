@@ -80,7 +80,8 @@ class Costs:
         if client is not None:
             costs = [g.get("cost_usd") for g in ok]
             out["cost_usd"] = math.nan if (not ok or any(c is None for c in costs)) else float(sum(costs))
-            out["spent_usd"] = float(sum(g.get("spent_usd") or 0.0 for g in gens))
+            priced = client.price is not None and client.price.known
+            out["spent_usd"] = float(sum(g.get("spent_usd") or 0.0 for g in gens)) if priced else math.nan
             out["requests"] = float(sum(g.get("attempts") or 0 for g in gens))
             out["retries"] = float(sum(max((g.get("attempts") or 0) - 1, 0) for g in gens))
             out["cache_hits"] = float(sum(1 for g in gens if g.get("cached")))

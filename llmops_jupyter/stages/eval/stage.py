@@ -491,6 +491,8 @@ class EvalStage(Stage):
         keys = [k for k in dict.fromkeys(k for v in versions for k in v.summary) if k != "n_examples"]
 
         def cell(key: str, value: Any) -> Any:
+            if value is None:  # not measured for this version (e.g. requests of a local model)
+                return ""
             return fmt_usd(value) if key.endswith("cost_usd") or key == "spent_usd" else value
 
         table = Table(["metric", *[v.label for v in versions]],
