@@ -202,3 +202,176 @@ class PriceTable:
     def warnings(self) -> list[str]:
         return [f"price of {p.model}" + (f" at {p.endpoint}" if p.endpoint else "") + f" is unknown ({p.note}); "
                 "its cost shows as 'unknown', not $0" for p in self.used.values() if not p.known]
+
+
+# -- cost of your own models: fine-tuning --------------------------------------------------------------------------
+#: assumed model FLOPs utilisation when the registry has no measured one for the hardware (labelled "assumed MFU")
+DEFAULT_MFU = 0.35
+
+
+def training_flops(params: float, tokens: float, method: str, gradient_checkpointing: bool = False) -> float:
+    """FLOPs ≈ 4·N·D for LoRA/QLoRA (frozen base: forward + activation gradients), 6·N·D for full fine-tuning (plus
+    the weight gradients), +2·N·D when gradient checkpointing recomputes the forward pass."""
+    k = 6.0 if method == "full" else 4.0
+    return (k + (2.0 if gradient_checkpointing else 0.0)) * params * tokens
+
+
+def peak_tflops_for(gpu: str | None) -> float | None:
+    """Dense bf16 peak of a GPU by name fragment (the fine-tune's own MFU table), ``None`` when unknown."""
+    if not gpu:
+        return None
+    from llmops_jupyter.stages.finetune.kernels import PEAK_TFLOPS  # a table only: no torch import
+
+    for frag, tflops in PEAK_TFLOPS:
+        if frag.lower() in gpu.lower():
+            return tflops
+    return None
+
+
+@dataclasses.dataclass
+class TrainingCost:
+    flops: float
+    peak_tflops: float
+    mfu: float
+    mfu_label: str  # "assumed MFU" | "measured (N runs on GPU)"
+    usd_per_hour: float | None
+    gpus: int = 1
+
+    @property
+    def gpu_hours(self) -> float:
+        """FLOPs ÷ (peak × MFU), in GPU-hours."""
+        return self.flops / (self.peak_tflops * 1e12 * self.mfu) / 3600
+
+    @property
+    def wall_hours(self) -> float:
+        return self.gpu_hours / self.gpus
+
+    @property
+    def usd(self) -> float | None:
+        return None if self.usd_per_hour is None else self.gpu_hours * self.usd_per_hour
+
+
+def measured_mfu(registry: Any, gpu: str) -> tuple[float, int] | None:
+    """Mean MFU of the registry's finished fine-tunes on this GPU (by the name the run's environment recorded)."""
+    vals = []
+    for run in registry.list_runs(stage="finetune", limit=200):
+        if run.get("status") != "finished":
+            continue
+        gpus = (run.get("env") or {}).get("gpus") or []
+        mfu = registry.metrics(run["id"]).get("mfu_pct")
+        if mfu and any(gpu.lower() in str(g).lower() or str(g).lower() in gpu.lower() for g in gpus):
+            vals.append(mfu / 100)
+    return (sum(vals) / len(vals), len(vals)) if vals else None
+
+
+@dataclasses.dataclass
+class Calibration:
+    """A running or finished fine-tune's runtime, estimated from its first logged steps."""
+
+    run_id: str
+    steps_seen: int
+    seconds_per_step: float
+    total_steps: int
+    done_steps: int
+    measured_runtime_s: float | None
+
+    @property
+    def estimated_runtime_s(self) -> float:
+        return self.total_steps * self.seconds_per_step
+
+    @property
+    def remaining_s(self) -> float:
+        return max(self.total_steps - self.done_steps, 0) * self.seconds_per_step
+
+
+def calibrate(registry: Any, run: str, first_steps: int = 20) -> Calibration:
+    """Seconds per optimizer step from the timestamps of the run's first ``first_steps`` logged steps (the first
+    log, which carries start-up work, is the origin, not a sample), scaled to the run's total steps."""
+    from llmops_jupyter.core.errors import StageError
+
+    run_id = registry.resolve_run(run)
+    info = registry.get_run(run_id)
+    if info["stage"] != "finetune":
+        raise StageError(f"--run {run} is a {info['stage']} run, not a fine-tune.",
+                         fix="pass a fine-tuning run (`%llmops runs --stage finetune`)")
+    logs = [(r["step"], r["ts"]) for r in registry.metric_history(run_id, "loss") if r["step"] is not None]
+    logs = logs[: first_steps + 1]
+    if len(logs) < 3 or logs[-1][0] <= logs[0][0]:
+        raise StageError(f"Run {run_id} has logged {len(logs)} steps: too few to calibrate on.",
+                         fix="wait for a few more steps (log with --log-every 1 for short runs)")
+    rate = (logs[-1][1] - logs[0][1]) / (logs[-1][0] - logs[0][0])
+    params, summary, metrics = info.get("params") or {}, info.get("summary") or {}, registry.metrics(run_id)
+    every = [r["step"] for r in registry.metric_history(run_id, "loss") if r["step"] is not None]
+    done = int(summary.get("steps") or every[-1])
+    total = int(params.get("max_steps") or summary.get("steps") or 0) or done
+    return Calibration(run_id, len(logs) - 1, rate, total, done, metrics.get("train_runtime_s"))
+
+
+# -- cost of your own models: a deployment -------------------------------------------------------------------------
+@dataclasses.dataclass
+class ServingCost:
+    """A deployment's cost per token at a given $/h and utilisation, from its request log's measured throughput."""
+
+    deployment: str
+    requests: int
+    tokens_in: int
+    tokens_out: int
+    busy_s: float
+    usd_per_hour: float
+    utilisation: float
+    hosted: Price | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens (prompt + completion) processed per second of serving (the union of request intervals)."""
+        return (self.tokens_in + self.tokens_out) / self.busy_s if self.busy_s > 0 else math.nan
+
+    @property
+    def usd_per_mtok(self) -> float:
+        """$ per 1M tokens (prompt + completion) = $/h ÷ (tokens/s × 3600 × utilisation) × 1e6."""
+        return self.usd_per_hour / (self.tokens_per_s * 3600 * self.utilisation) * MTOK
+
+    @property
+    def usd_per_request(self) -> float:
+        return self.usd_per_hour / (self.requests / self.busy_s * 3600 * self.utilisation)
+
+    @property
+    def hosted_usd_per_request(self) -> float | None:
+        """The same traffic mix at the hosted price (its input and output prices applied to the logged tokens)."""
+        if self.hosted is None or not self.hosted.known or not self.requests:
+            return None
+        return self.hosted.cost(self.tokens_in, self.tokens_out) / self.requests
+
+    @property
+    def break_even_requests_per_hour(self) -> float | None:
+        """Traffic above which the deployment (a fixed $/h) is cheaper than paying the hosted price per request."""
+        h = self.hosted_usd_per_request
+        return None if not h else self.usd_per_hour / h
+
+    @property
+    def capacity_requests_per_hour(self) -> float:
+        return self.requests / self.busy_s * 3600 if self.busy_s > 0 else math.nan
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals (overlapping requests count once)."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def serving_cost(registry: Any, deployment: str, usd_per_hour: float, utilisation: float = 1.0,
+                 hosted: Price | None = None) -> ServingCost:
+    from llmops_jupyter.core.errors import StageError
+
+    rows = [r for r in registry.requests(deployment) if r["status"] == 200 and r["tokens_out"] is not None]
+    if not rows:
+        raise StageError(f"Deployment {deployment} has no successful requests logged: nothing to measure.",
+                         fix="send it some traffic (or an eval with --model deployment:ID) first")
+    busy = busy_seconds([(r["ts"] - (r["latency_s"] or 0.0), r["ts"]) for r in rows])
+    return ServingCost(deployment, len(rows), sum(int(r["tokens_in"] or 0) for r in rows),
+                       sum(int(r["tokens_out"] or 0) for r in rows), busy, usd_per_hour, utilisation, hosted)
