@@ -8,6 +8,7 @@ import { Widget } from '@lumino/widgets';
 import { api, ApiError, IJob, IResources, IRunDetail, IRunRow } from './api';
 import { fmtAgo, fmtBytes, fmtDuration, fmtMiB, fmtNum, h } from './format';
 import { renderLineage } from './lineage';
+import { SelectionSection } from './selection';
 
 export interface IPanelOptions {
   openNotebook: (path: string) => void;
@@ -74,6 +75,7 @@ export class LlmopsPanel extends Widget {
   private readonly infoEl = h('span', { class: 'llmops-info' });
   private readonly listEl = h('div', { class: 'llmops-runs' });
   private readonly detailEl = h('div', { class: 'llmops-detail' });
+  private readonly selection = new SelectionSection();
 
   constructor(private readonly options: IPanelOptions) {
     super();
@@ -102,7 +104,9 @@ export class LlmopsPanel extends Widget {
         this.infoEl
       ),
       this.listEl,
-      this.detailEl
+      this.detailEl,
+      h('div', { class: 'llmops-section-title' }, 'Model selection'),
+      this.selection.node
     );
   }
 
@@ -160,6 +164,7 @@ export class LlmopsPanel extends Widget {
       this.infoEl.textContent = `${res.runs.length} runs`;
       this.infoEl.title = `registry: ${res.home}`;
       this.renderRuns();
+      void this.selection.refresh();
       if (this.selected && (!this.detail || this.detail.status === 'running' || this.detail.id !== this.selected)) {
         await this.select(this.selected, false);
       }
