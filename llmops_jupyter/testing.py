@@ -203,3 +203,121 @@ def output_tail(log: str | os.PathLike, lines: int = 40) -> str:
     """The last ``lines`` lines of a log file (what a failing or timed-out test prints)."""
     text = Path(log).read_text(errors="replace") if Path(log).exists() else ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+class FakeOpenAI:
+    """A tiny OpenAI-compatible chat server on 127.0.0.1 for tests: answers from the prompt, reports usage, and can
+    be told to answer 429 (``throttle`` requests, ``Retry-After: 0``) or to hang on a prompt (``hang_on``, until
+    :meth:`close`). It counts every request and records the usage of each answer and the most requests it had in
+    flight at once. Standard library only. Use as a context manager."""
+
+    def __init__(self, model: str = "fake-mini"):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.model = model
+        self.requests = 0
+        self.statuses: list[int] = []
+        self.usage: list[dict[str, int]] = []
+        self.auth: list[str | None] = []
+        self.throttle = 0
+        self.hang_on: str | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server API
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake._lock:
+                    fake.requests += 1
+                    fake.auth.append(self.headers.get("Authorization"))
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                    throttled = fake.throttle > 0
+                    fake.throttle -= 1 if throttled else 0
+                try:
+                    fake._answer(self, body, throttled)
+                finally:
+                    with fake._lock:
+                        fake.in_flight -= 1
+
+            def log_message(self, *args):
+                pass
+
+        import json
+
+        self._json = json
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def reply_for(messages: list[dict]) -> str:
+        words = str(messages[-1].get("content") or "").split()
+        return " ".join(["the", "answer", "is", *words[:2]])
+
+    def _send(self, handler, status: int, payload: dict, headers: dict | None = None) -> None:
+        data = self._json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def _answer(self, handler, body: dict, throttled: bool) -> None:
+        msgs = body.get("messages") or []
+        if throttled:
+            self.statuses.append(429)
+            self._send(handler, 429, {"error": {"message": "rate limited", "type": "rate_limit"}}, {"Retry-After": "0"})
+            return
+        if self.hang_on and any(self.hang_on in str(m.get("content")) for m in msgs):
+            self.release.wait(60)
+            return
+        text = self.reply_for(msgs)
+        words = text.split()[: int(body.get("max_tokens") or 16)]
+        usage = {"prompt_tokens": sum(len(str(m.get("content") or "").split()) + 3 for m in msgs),
+                 "completion_tokens": len(words)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        with self._lock:
+            self.statuses.append(200)
+            self.usage.append(usage)
+        if not body.get("stream"):
+            self._send(handler, 200, {"id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
+                                      "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant", "content": " ".join(words)}}],
+                                      "usage": usage})
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.end_headers()
+
+        def event(obj: dict | str) -> None:
+            data = obj if isinstance(obj, str) else self._json.dumps(obj)
+            handler.wfile.write(f"data: {data}\n\n".encode())
+            handler.wfile.flush()
+
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": body.get("model")}
+        event(base | {"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+        for i, w in enumerate(words):
+            event(base | {"choices": [{"index": 0, "delta": {"content": (" " if i else "") + w}}]})
+        event(base | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        event(base | {"choices": [], "usage": usage})
+        event("[DONE]")
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> FakeOpenAI:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -9,6 +9,7 @@ import { Widget } from '@lumino/widgets';
 import { api, ApiError, IJob, IRunDetail } from './api';
 import { h } from './format';
 import { renderDetail, renderJobs, renderResources, renderRunList } from './render';
+import { SelectionSection } from './selection';
 import * as S from './state';
 
 export { DEFAULT_SETTINGS } from './state';
@@ -40,6 +41,7 @@ export class LlmopsPanel extends Widget {
   private readonly infoEl = h('span', { class: 'llmops-info' });
   private readonly listEl = h('div', { class: 'llmops-runs' });
   private readonly detailEl = h('div', { class: 'llmops-detail' });
+  private readonly selection = new SelectionSection();
 
   constructor(private readonly options: IPanelOptions) {
     super();
@@ -68,7 +70,9 @@ export class LlmopsPanel extends Widget {
         this.infoEl
       ),
       this.listEl,
-      this.detailEl
+      this.detailEl,
+      h('div', { class: 'llmops-section-title' }, 'Model selection'),
+      this.selection.node
     );
   }
 
@@ -123,6 +127,7 @@ export class LlmopsPanel extends Widget {
       this.infoEl.textContent = `${res.runs.length} runs`;
       this.infoEl.title = `registry: ${res.home}`;
       this.renderRuns();
+      void this.selection.refresh();
       const reload = S.detailToReload(this.state);
       if (reload !== null) {
         await this.select(reload, false);

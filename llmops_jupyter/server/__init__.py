@@ -35,6 +35,7 @@ def setup_handlers(web_app: Any, root_dir: str | os.PathLike) -> None:
         ResourcesHandler,
         RunHandler,
         RunsHandler,
+        SelectionHandler,
     )
     from llmops_jupyter.server.pipeline import PipelineJobs
 
@@ -48,6 +49,7 @@ def setup_handlers(web_app: Any, root_dir: str | os.PathLike) -> None:
         (url_path_join(base, "lineage", r"(?P<ref>[^/]+)"), LineageHandler),
         (url_path_join(base, "resources"), ResourcesHandler),
         (url_path_join(base, "parameters"), ParametersHandler),
+        (url_path_join(base, "selection"), SelectionHandler),
         (url_path_join(base, "pipeline"), PipelineHandler),
         (url_path_join(base, "pipeline", r"(?P<job_id>[0-9a-f]+)"), PipelineJobHandler),
     ])

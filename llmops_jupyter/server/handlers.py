@@ -228,6 +228,26 @@ class ResourcesHandler(LlmopsHandler):
             self.fail(exc)
 
 
+class SelectionHandler(LlmopsHandler):
+    """``GET /llmops/selection?runs=A,B&quality=f1``: the model-selection rows (quality, cost, latency, Pareto
+    front) of ``%llmops select``; without ``runs``, the newest 5 eval runs."""
+
+    @tornado.web.authenticated
+    @authorized("read")
+    def get(self) -> None:
+        from llmops_jupyter.views.select import COLUMNS, selection_rows
+
+        try:
+            runs = [r for r in (self.get_query_argument("runs", "") or "").split(",") if r.strip()]
+            quality = self.get_query_argument("quality", "f1") or "f1"
+            if not runs:
+                runs = [r["id"] for r in self.registry.list_runs(stage="eval", limit=5)]
+            self.reply({"quality": quality, "columns": COLUMNS,
+                        "rows": selection_rows(self.registry, runs, quality) if runs else []})
+        except (RequestError, LlmopsError) as exc:
+            self.fail(exc)
+
+
 class ParametersHandler(LlmopsHandler):
     @tornado.web.authenticated
     @authorized("read")

@@ -83,7 +83,8 @@ def models(cfg: ModelsConfig, env: CommandEnv) -> Table:
 
 @dataclasses.dataclass
 class PlanConfig(StageConfig):
-    model: str = option(help="model: a catalog name (e.g. Llama-3.1-8B), local checkpoint, registry ref or provider")
+    model: str | None = option(None, "model: a catalog name (e.g. Llama-3.1-8B), local checkpoint, registry ref or "
+                                     "provider (not needed for --cost --deployment)")
     method: str = option("lora", "fine-tuning method", choices=["lora", "qlora", "full"])
     seq_len: int = option(1024, "tokens per sequence", min=1, max=1_048_576)
     batch: int = option(4, "sequences per device step (micro-batch)", min=1, max=4096)
@@ -93,6 +94,38 @@ class PlanConfig(StageConfig):
     optimizer: str = option("adamw", "optimizer state size", choices=["adamw", "adamw8bit", "sgd"])
     gpu_memory: float | None = option(None, "plan for a GPU with this many GB instead of the detected device",
                                       min=0.1, min_exclusive=False)
+    cost: bool = option(False, "also estimate cost: fine-tuning FLOPs (4ND LoRA/QLoRA, 6ND full, +2ND with gradient "
+                               "checkpointing), GPU-hours = FLOPs / (peak x MFU) and USD at --usd-per-hour; with "
+                               "--run calibrated on a fine-tune's first steps; with --deployment $ per 1M tokens")
+    tokens: int | None = option(None, "training tokens D for --cost (examples x tokens per example x epochs)", min=1)
+    usd_per_hour: float | None = option(None, "USD per GPU-hour (or per hour of the deployment's machine) for --cost",
+                                        min=0.0)
+    gpu: str | None = option(None, "GPU to cost the fine-tune on (H100, A100, L4, ...; default: the detected one)")
+    gpus: int = option(1, "GPUs training together (wall-clock = GPU-hours / gpus)", min=1, max=100000)
+    peak_tflops: float | None = option(None, "dense bf16 peak TFLOP/s of that GPU (default: from the GPU's name)",
+                                       min=0.0, min_exclusive=True)
+    mfu: float | None = option(None, "model FLOPs utilisation to assume (0-1) when the registry has no measured one "
+                                     "on that GPU; default 0.35", min=0.0, max=1.0, min_exclusive=True)
+    run: str | None = option(None, "a running or finished fine-tune: estimate its runtime from its first steps")
+    calibrate_steps: int = option(20, "logged steps --run calibrates on", min=2, max=100000)
+    deployment: str | None = option(None, "a deployment (id): $ per 1M tokens from its request log's throughput")
+    utilisation: float = option(1.0, "share of the hour the deployment is busy (0-1], for --deployment",
+                                min=0.0, max=1.0, min_exclusive=True)
+    hosted: str | None = option(None, "hosted model to compare the deployment with, openai:BASE_URL#MODEL (priced "
+                                      "from --prices or genai-prices): break-even volume")
+    prices: str | None = option(None, "price file (JSON) for --hosted; see `%llmops eval --help`")
+
+    def validate(self) -> None:
+        if not self.model and not (self.cost and (self.deployment or self.run)):
+            raise self.invalid("model", "is required", fix="pass --model NAME (or --cost --deployment ID / --run ID)")
+        if (self.deployment or self.run or self.tokens) and not self.cost:
+            raise self.invalid("cost", "is needed for --tokens / --run / --deployment", fix="add --cost")
+        if self.deployment and self.usd_per_hour is None:
+            raise self.invalid("usd_per_hour", "is required with --deployment",
+                               fix="pass the machine's price, e.g. --usd-per-hour 2.5")
+        if self.hosted and not self.hosted.startswith("openai:"):
+            raise self.invalid("hosted", "must be openai:BASE_URL#MODEL",
+                               fix="e.g. --hosted openai:https://api.openai.com/v1#gpt-4o-mini")
 
 
 def _human(n: float) -> str:
@@ -152,6 +185,8 @@ def plan(cfg: PlanConfig, env: CommandEnv) -> Plan:
     say whether it fits and what to change."""
     from llmops_jupyter.models.planning import advise, detect_device, estimate, load_arch
 
+    if cfg.cost and not cfg.model:
+        return cost_plan(cfg, env.registry, None, None)
     arch = load_arch(cfg.model, env.registry)
     device = detect_device(cfg.gpu_memory)
     dtype_bytes = 4 if cfg.dtype == "fp32" else 2
@@ -161,4 +196,85 @@ def plan(cfg: PlanConfig, env: CommandEnv) -> Plan:
     result = Plan(arch, est, device, [])
     if not result.fits:
         result.tips = advise(arch, est, device, cfg.rank)
+    if cfg.cost:
+        from llmops_jupyter.core.display import Bundle
+
+        return Bundle(result, cost_plan(cfg, env.registry, arch, device))
     return result
+
+
+class CostPlan(Table):
+    """``plan --cost``: one row per figure, each with the basis it rests on ("assumed MFU", "measured ...")."""
+
+    def __init__(self, rows: list[list[Any]], values: dict[str, Any], note: str = ""):
+        super().__init__(["figure", "value", "basis"], rows, title="Cost estimate", note=note)
+        self.values = values
+
+
+def cost_plan(cfg: PlanConfig, registry: Any, arch: Any, device: Any) -> CostPlan:
+    from llmops_jupyter.models import cost
+
+    rows: list[list[Any]] = []
+    values: dict[str, Any] = {}
+    if arch is not None and cfg.tokens:
+        gpu = cfg.gpu or (device.name if device is not None and device.kind == "gpu" else None)
+        peak = cfg.peak_tflops or cost.peak_tflops_for(gpu)
+        if peak is None:
+            from llmops_jupyter.core.errors import ConfigError
+
+            raise ConfigError(f"plan: no known peak TFLOP/s for {gpu or 'this machine (no GPU)'}.", field="gpu",
+                              value=gpu, fix="pass --gpu H100 (A100, L4, ...) or --peak-tflops N")
+        flops = cost.training_flops(arch.params, cfg.tokens, cfg.method, cfg.gradient_checkpointing)
+        measured = cost.measured_mfu(registry, gpu) if gpu else None
+        if measured:
+            mfu, label = measured[0], f"measured (mean of {measured[1]} fine-tune(s) on {gpu} in the registry)"
+        else:
+            mfu, label = cfg.mfu or cost.DEFAULT_MFU, "assumed MFU"
+        tc = cost.TrainingCost(flops, peak, mfu, label, cfg.usd_per_hour, cfg.gpus)
+        rule = ("6" if cfg.method == "full" else "4") + ("+2" if cfg.gradient_checkpointing else "") + "·N·D"
+        rows += [["training FLOPs", f"{flops:.3e}", f"{rule}, N={_human(arch.params)}, D={_human(cfg.tokens)}"],
+                 ["MFU", f"{mfu:.0%}", label],
+                 ["GPU-hours", f"{tc.gpu_hours:.3g}", f"FLOPs / ({peak:g} TFLOP/s x MFU), {label}"],
+                 ["wall-clock hours", f"{tc.wall_hours:.3g}", f"on {cfg.gpus} GPU(s), {label}"],
+                 ["cost", cost.fmt_usd(tc.usd), f"GPU-hours x ${cfg.usd_per_hour:g}/h, {label}"
+                  if cfg.usd_per_hour is not None else "unknown: pass --usd-per-hour"]]
+        values["training"] = tc
+    if cfg.run:
+        cal = cost.calibrate(registry, cfg.run, cfg.calibrate_steps)
+        basis = f"measured: {cal.seconds_per_step:.3g} s/step over its first {cal.steps_seen} logged steps"
+        rows += [["runtime (calibrated)", f"{cal.estimated_runtime_s:.3g} s", f"{cal.total_steps} steps, {basis}"],
+                 ["remaining", f"{cal.remaining_s:.3g} s", f"{cal.done_steps}/{cal.total_steps} steps done"]]
+        if cal.measured_runtime_s:
+            rows.append(["runtime (measured)", f"{cal.measured_runtime_s:.3g} s", "the finished run's own timer"])
+        if cfg.usd_per_hour is not None:
+            rows.append(["cost (calibrated)", cost.fmt_usd(cal.estimated_runtime_s / 3600 * cfg.usd_per_hour * cfg.gpus),
+                         f"{basis}, x ${cfg.usd_per_hour:g}/h x {cfg.gpus} GPU(s)"])
+        values["calibration"] = cal
+    if cfg.deployment:
+        from llmops_jupyter.stages.serve.server import get_deployment
+
+        dep = get_deployment(registry, cfg.deployment)
+        hosted = None
+        if cfg.hosted:
+            from llmops_jupyter.models.endpoints import parse_endpoint
+
+            ep = parse_endpoint(cfg.hosted)
+            hosted = cost.PriceTable(cfg.prices).lookup(ep.model, ep.base_url)
+        sc = cost.serving_cost(registry, dep["id"], cfg.usd_per_hour, cfg.utilisation, hosted)
+        basis = f"measured: {sc.requests} requests, {sc.tokens_in + sc.tokens_out} tokens in {sc.busy_s:.3g} s busy"
+        rows += [["throughput", f"{sc.tokens_per_s:.4g} tokens/s", basis],
+                 ["$ per 1M tokens", cost.fmt_usd(sc.usd_per_mtok),
+                  f"${cfg.usd_per_hour:g}/h at {cfg.utilisation:.0%} utilisation, {basis}"],
+                 ["$ per request", cost.fmt_usd(sc.usd_per_request), "the logged traffic mix"]]
+        if hosted is not None:
+            h = sc.hosted_usd_per_request
+            rows.append([f"hosted $ per request ({hosted.model})", cost.fmt_usd(h),
+                         f"{hosted.source}, {hosted.date}" if hosted.known else f"unknown: {hosted.note}"])
+            be = sc.break_even_requests_per_hour
+            rows.append(["break-even volume", f"{be:.4g} requests/h" if be else "unknown",
+                         f"above it the deployment is cheaper (capacity {sc.capacity_requests_per_hour:.4g} "
+                         "requests/h measured)" if be else "needs a known hosted price"])
+        values["serving"] = sc
+    if not rows:
+        rows.append(["(nothing to cost)", "", "pass --tokens (fine-tune), --run (calibrate) or --deployment"])
+    return CostPlan(rows, values, note="Every figure says what it rests on: an assumed MFU or measured runs.")

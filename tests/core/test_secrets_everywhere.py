@@ -30,3 +30,25 @@ def test_a_failed_run_error_is_scrubbed(registry):
     (run,) = registry.list_runs(stage="leaky")
     assert run["status"] == "failed" and KEY not in run["error"] and "hunter2pass" not in run["error"]
     assert "[SECRET]" in run["error"]
+
+
+def test_an_endpoint_key_reaches_the_endpoint_and_nothing_else(registry, tmp_path, monkeypatch):
+    """eval --api-key-env: the key goes in the Authorization header and nowhere on disk (registry, artifacts, the
+    response cache, the run log) nor into the cell's outputs."""
+    import json
+
+    from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.testing import FakeOpenAI, read_bytes_elsewhere
+
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question": f"what is {i}?", "answer": f"{i}"}) + "\n" for i in range(3)))
+    monkeypatch.setenv("ENDPOINT_TEST_KEY", KEY)
+    with FakeOpenAI() as fake:
+        res = Runner(registry).run("eval", model=[f"openai:{fake.url}#fake-mini"], data=str(questions),
+                                   metrics=["f1"], api_key_env=["ENDPOINT_TEST_KEY"])
+    assert res.status == "finished" and fake.auth == [f"Bearer {KEY}"] * 3
+    files = [p for p in registry.home.rglob("*") if p.is_file()]
+    assert any("cache" in p.parts for p in files)  # the response cache was written ...
+    blobs = read_bytes_elsewhere(files)
+    assert blobs and not [name for name, data in blobs.items() if KEY.encode() in data]  # ... without the key
+    assert KEY not in repr(res.outputs) + str(res.outputs["summary"]) + json.dumps(res.summary, default=str)

@@ -140,3 +140,18 @@ def test_run_as_pipeline_from_notebook_toolbar(page, lab_server):
     page.wait_for_selector('.lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current:has-text("template-")',
                            timeout=30_000)
     page.screenshot(path=str(SHOTS / "05-output-notebook.png"))
+
+
+def test_sidebar_shows_the_model_selection_table(page, lab_server):
+    """The sidebar's Model selection section shows the same rows as GET /llmops/selection (= `%llmops select`)."""
+    from llmops_jupyter.registry import Registry
+    from llmops_jupyter.views.select import selection_rows
+
+    open_sidebar(page)
+    page.wait_for_selector("#llmops-sidebar .llmops-selection-table tr td", timeout=30_000)
+    shown = page.locator("#llmops-sidebar .llmops-selection-table tr").evaluate_all(
+        "rs => rs.slice(1).map(r => [...r.children].map(c => c.textContent))")
+    reg = Registry(lab_server.home)
+    expected = selection_rows(reg, [r["id"] for r in reg.list_runs(stage="eval", limit=5)], "f1")
+    assert [row[0] for row in shown] == [r["label"] for r in expected]
+    assert all(row[2] == "unknown" for row in shown)  # no price known for these local versions: never $0

@@ -172,3 +172,24 @@ def test_parse_nvidia_smi_real_output():
     assert gpus[0] == {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_used_mb": 0.0,
                        "memory_total_mb": 81559.0, "utilization_pct": 0.0, "source": "nvidia-smi"}
     assert gpus[1]["utilization_pct"] is None and gpus[1]["memory_used_mb"] == 1200.0
+
+
+def test_selection_route_gives_the_select_views_rows(lab_server):
+    from llmops_jupyter.registry import Registry
+    from llmops_jupyter.views.select import selection_rows
+
+    ev = lab_server.ids["eval"]
+    r = get(lab_server, f"selection?runs={ev}&quality=f1")
+    assert r.status_code == 200
+    body = r.json()
+    expected = selection_rows(Registry(lab_server.home), [ev], "f1")
+    assert body["rows"] == json_round(expected) and body["columns"][0] == "version" and body["rows"]
+    # the fixture's local versions have no price: cost unknown (null, never 0) and so never on the front
+    assert all(x["cost_usd"] is None and not x["pareto"] and x["why"] == "cost unknown" for x in body["rows"])
+    assert get(lab_server, "selection?runs=no-such-run").status_code == 404
+
+
+def json_round(rows):
+    import json
+
+    return json.loads(json.dumps(rows))

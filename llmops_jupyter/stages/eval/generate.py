@@ -163,7 +163,7 @@ def summarize(result: VersionResult, metrics: Sequence[str]) -> dict[str, float]
         corpus = corpus_scores([r["output"] for r in result.rows], [r["reference"] for r in result.rows])
         out.update({k: v for k, v in corpus.items() if k.split("_")[0] in names})
     if "latency" in names and result.gen_seconds > 0:
-        out["tokens_per_s"] = sum(r["generation"].get("new_tokens", 0) for r in result.rows) / result.gen_seconds
+        out["tokens_per_s"] = sum(r["generation"].get("new_tokens") or 0 for r in result.rows) / result.gen_seconds
     out["n_examples"] = float(len(result.rows))
     return out
 
@@ -174,8 +174,53 @@ def judge_versions(judge: Any, versions: Sequence[VersionResult], items: Sequenc
     by_id = {it["id"]: it for it in items}
     for v in versions:
         triples = [(by_id[r["id"]]["user"] or r["prompt"], r["reference"], r["output"]) for r in v.rows]
-        for row, verdict in zip(v.rows, judge.grade(triples, rubric)):
+        verdicts = judge.grade(triples, rubric)
+        calls = getattr(judge, "calls", None) or [None] * len(verdicts)  # an endpoint judge's usage and cost
+        for row, verdict, call in zip(v.rows, verdicts, calls):
             row["metrics"]["judge"] = verdict.score
             row["judge_prompt"] = verdict.prompt
             row["judge_raw"] = verdict.raw
+            if call is not None:
+                row.setdefault("generation", {})["judge_call"] = call.to_dict()
         v.summary["judge"] = aggregate("judge", [r["metrics"] for r in v.rows])
+
+
+def transcript(messages: Sequence[dict[str, Any]]) -> str:
+    """How an endpoint's prompt is stored and shown (it has no local chat template): one ``role: text`` per turn."""
+    return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in messages)
+
+
+def evaluate_endpoint(client: Any, items: list[dict[str, Any]], metrics: Sequence[str], *, ref: str, label: str,
+                      messages_builder: Callable[[dict[str, Any]], list[dict[str, Any]]], max_new_tokens: int = 64,
+                      do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                      progress: Callable[[str], None] | None = None) -> VersionResult:
+    """Ask an OpenAI-compatible endpoint (:class:`~llmops_jupyter.models.endpoints.EndpointClient`) and score its
+    answers like a local version's. A failed request (error, timeout, budget) is a failed example: empty output,
+    the error in ``generation``, scored as such; log-likelihood metrics (ppl, loss) are not available remotely."""
+    say = progress or (lambda _msg: None)
+    convs = [messages_builder(it) for it in items]
+    params: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature if do_sample else 0.0,
+                              "seed": seed}
+    if do_sample:
+        params["top_p"] = top_p
+    t0 = time.perf_counter()
+    calls = client.chat_many(convs, params, progress=lambda d, n: say(f"{d}/{n} requests"))
+    wall = time.perf_counter() - t0
+    rows: list[dict[str, Any]] = []
+    for it, msgs, call in zip(items, convs, calls):
+        row = {"id": it["id"], "prompt": transcript(msgs), "reference": it["reference"], "output": call.text.strip(),
+               "metrics": {}, "generation": call.to_dict()}
+        if "latency" in metrics and call.ok and call.latency_s:
+            row["metrics"]["latency_s"] = call.latency_s
+            if call.completion_tokens is not None:
+                row["metrics"]["tokens_per_s"] = call.completion_tokens / call.latency_s
+        rows.append(row)
+    score_text(rows, metrics, items)
+    art = getattr(client.endpoint, "artifact", None)
+    result = VersionResult(ref=ref, label=label, model_hash=art.hash if art is not None else None, kind="endpoint",
+                           rows=rows, gen_seconds=wall)
+    result.summary = summarize(result, [m for m in metrics if get_metric(m).kind != "model"])
+    if "latency" in {get_metric(m).name for m in metrics}:
+        done = [r["generation"].get("completion_tokens") or 0 for r in rows if not r["generation"].get("cached")]
+        result.summary["tokens_per_s"] = sum(done) / wall if wall > 0 and any(done) else math.nan
+    return result

@@ -2,7 +2,7 @@
 
 The judge is either any model reference the eval stage accepts (loaded with :mod:`llmops_jupyter.models.inference`, so
 a local base, adapter, merged or quantized model works) or the URL of an OpenAI-compatible endpoint (our own
-``%llmops serve``, vLLM, a hosted API), called with the official ``openai`` client. The API key is read from an
+``%llmops serve``, vLLM, a hosted API), called through :mod:`llmops_jupyter.models.endpoints`. The API key is read from an
 environment variable whose *name* is configured, never from the key itself, so no secret lands in the registry.
 
 The rubric is a Jinja template (``{{ prompt }}``, ``{{ reference }}``, ``{{ output }}``) or a ``str.format``
@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llmops_jupyter.core.errors import ConfigError, StageError, require
+from llmops_jupyter.core.errors import ConfigError
 
 DEFAULT_RUBRIC = """You are a strict grader. Compare the answer with the reference answer for the request below.
 
@@ -125,38 +125,39 @@ class LocalJudge(Judge):
 
 
 class EndpointJudge(Judge):
-    """An OpenAI-compatible chat-completions endpoint (official ``openai`` client, temperature 0)."""
+    """An OpenAI-compatible chat-completions endpoint, temperature 0, through the same client as endpoint
+    candidates (:mod:`llmops_jupyter.models.endpoints`: retries, timeout, cache, budget, usage and cost per call).
+    A failed call is a verdict with no score (its error kept as the raw verdict), not a failed run."""
 
     def __init__(self, base_url: str, *, model: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                 max_tokens: int = 48, timeout: float = 60.0):
-        openai = require("openai", "eval", feature="an OpenAI-compatible judge endpoint")
-        key = os.environ.get(api_key_env) if api_key_env else None
-        self.client = openai.OpenAI(base_url=base_url, api_key=key or "not-needed", timeout=timeout, max_retries=1)
+                 max_tokens: int = 48, timeout: float = 60.0, client: Any = None):
+        from llmops_jupyter.models.endpoints import Endpoint, EndpointClient
+
         self.model = model or "default"
         self.max_tokens = max_tokens
         self.name = f"{base_url}#{self.model}"
+        if client is None:
+            key = os.environ.get(api_key_env) if api_key_env else None
+            client = EndpointClient(Endpoint(f"openai:{self.name}", base_url.rstrip("/"), self.model), key=key,
+                                    timeout=timeout, retries=1)
+        self.client = client
+        self.calls: list[Any] = []
 
     def complete(self, prompts: list[str]) -> list[str]:
-        openai = require("openai", "eval")
-        out = []
-        for p in prompts:
-            try:
-                resp = self.client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": p}], temperature=0.0,
-                    max_tokens=self.max_tokens)
-            except openai.APIError as exc:
-                raise StageError(f"Judge endpoint {self.name} failed: {exc}.",
-                                 fix="check --judge URL, --judge-model and the API key variable "
-                                     "(--judge-api-key-env)") from None
-            out.append(resp.choices[0].message.content or "")
-        return out
+        calls = self.client.chat_many([[{"role": "user", "content": p}] for p in prompts],
+                                      {"max_tokens": self.max_tokens, "temperature": 0.0})
+        self.calls = calls
+        return [c.text if c.ok else f"[judge call failed: {c.error}]" for c in calls]
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def make_judge(ref: str, *, registry: Any = None, model: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-               max_new_tokens: int = 48, batch_size: int = 8) -> Judge:
+               max_new_tokens: int = 48, batch_size: int = 8, client: Any = None) -> Judge:
     """A judge from ``--judge``: an http(s) URL → :class:`EndpointJudge`, anything else → :class:`LocalJudge`."""
     if is_endpoint(ref):
-        return EndpointJudge(ref, model=model, api_key_env=api_key_env, max_tokens=max_new_tokens)
+        return EndpointJudge(ref, model=model, api_key_env=api_key_env, max_tokens=max_new_tokens, client=client)
     from llmops_jupyter.models.refs import resolve_model
     from llmops_jupyter.registry import Registry
 

@@ -11,7 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 #: metrics drawn in the summary by default (descriptive keys such as n_examples are left out)
-SKIP = {"n_examples", "nll", "n_tokens"}
+SKIP = {"n_examples", "nll", "n_tokens",
+        # usage and cost: shown by the selection view (quality vs cost vs latency), not as metric bars
+        "prompt_tokens", "completion_tokens", "latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s", "errors",
+        "requests", "retries", "cache_hits", "cost_usd", "spent_usd", "judge_cost_usd"}
 
 
 def summary_figure(summary: dict[str, dict[str, float]], metrics: Sequence[str] | None = None,

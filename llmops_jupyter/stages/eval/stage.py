@@ -36,7 +36,9 @@ from llmops_jupyter.stages.eval.metrics import DEFAULT_METRICS, get_metric
 @dataclasses.dataclass
 class EvalConfig(StageConfig):
     model: list[str] = option([], "model version(s) to evaluate: checkpoint folder, registry run or artifact "
-                                  "(finetune@latest, merge@latest) or provider name; repeat --model to compare")
+                                  "(finetune@latest, merge@latest), provider name, an OpenAI-compatible endpoint "
+                                  "openai:BASE_URL#MODEL, or a deployment of this project deployment:ID; repeat "
+                                  "--model to compare")
     data: str = option("data@latest", "dataset: data run, dataset hash or dataset folder; or a JSONL file of "
                                       "{question, answer[, doc]} rows (e.g. a RAG question set)")
     prompt: list[str] = option([], "versioned prompt(s) name@version applied to every example (system part "
@@ -71,6 +73,23 @@ class EvalConfig(StageConfig):
     device: str | None = option(None, "device (cpu, cuda, cuda:1); default: cuda if available")
     lm_eval_task: str | None = option(None, "also run an lm-evaluation-harness task from a local YAML file "
                                             "(needs the lm-eval package)")
+    api_key_env: list[str] = option([], "environment variable(s) holding the API key of the endpoint models: one "
+                                        "name for all, or one per endpoint in --model order (the key itself is "
+                                        "never stored or printed; a deployment without it uses its key file)")
+    concurrency: int = option(4, "requests in flight at once per endpoint model", min=1, max=256)
+    request_timeout: float = option(60.0, "seconds before an endpoint request counts as hung: the example is "
+                                          "recorded as failed (not retried)", min=0.01)
+    retries: int = option(3, "retries (exponential backoff, Retry-After honoured) on 429, 5xx and connection "
+                             "errors", min=0, max=20)
+    stream: bool = option(False, "stream endpoint answers, which also measures time to first token (ttft)")
+    cache: bool = option(True, "reuse cached endpoint answers (same endpoint, model, messages and parameters): a "
+                               "rerun sends no request")
+    budget_usd: float | None = option(None, "stop sending endpoint requests (the judge's too) before this run would "
+                                            "spend more than this many USD", min=0.0, min_exclusive=True)
+    prices: str | None = option(None, "price file (JSON: source, date, prices[model, endpoint, input_per_mtok, "
+                                      "output_per_mtok]); hosted providers' URLs are priced from genai-prices")
+    usd_per_hour: float | None = option(None, "USD per hour of the machine local models run on: their cost = "
+                                              "generation time x this (else their cost is 'unknown')", min=0.0)
 
     def validate(self) -> None:
         if not self.model:
@@ -116,6 +135,23 @@ class EvalConfig(StageConfig):
             if key in ("bleu_corpus", "chrf_corpus", "tokens_per_s"):
                 raise self.invalid("gate", f"cannot gate on the corpus-level '{key}' (no per-example values)",
                                    fix="gate on bleu / chrf / latency_s instead")
+        from llmops_jupyter.models.endpoints import is_endpoint_ref, parse_endpoint
+
+        remote = [str(m) for m in self.model if is_endpoint_ref(str(m))]
+        for ref in remote:
+            if ref.startswith("openai:"):
+                parse_endpoint(ref)  # syntax only; deployments resolve when the run starts
+        if isinstance(self.api_key_env, str):
+            self.api_key_env = [p.strip() for p in self.api_key_env.split(",") if p.strip()]
+        if len(self.api_key_env) > 1 and len(self.api_key_env) != len(remote):
+            raise self.invalid("api_key_env", f"names {len(self.api_key_env)} variables for {len(remote)} endpoint "
+                               "model(s)", fix="give one name for all endpoints, or one per endpoint in --model order")
+        if remote:
+            for rule in rules:
+                if rule.metric in ("ppl", "loss"):
+                    raise self.invalid("gate", f"gates on '{rule.metric}', which an endpoint model cannot give "
+                                       "(no log-likelihoods over the API)",
+                                       fix="gate on a text metric (f1, rougeL, exact_match, judge) or latency_s")
         if rules and not self.baseline and len(self.model) * max(1, len(self.prompt)) < 2:
             raise self.invalid("gate", "needs something to compare with",
                                fix="pass --baseline <eval run>, or a second --model / --prompt (the first is the "
@@ -157,8 +193,6 @@ class EvalStage(Stage):
     def run(self, ctx) -> dict[str, Any]:
         from llmops_jupyter.models.refs import use_model
         from llmops_jupyter.stages.data.format import load_dataset
-        from llmops_jupyter.stages.eval.gates import check, enforce
-        from llmops_jupyter.stages.eval.generate import evaluate_model
 
         cfg: EvalConfig = ctx.config
         reg = ctx.registry
@@ -182,9 +216,26 @@ class EvalStage(Stage):
         baseline_rows = self._baseline(reg, cfg, ids) if cfg.baseline else None
         templates = self._templates(ctx, items)
 
+        from llmops_jupyter.models.endpoints import is_endpoint_ref, use_endpoint
+        from llmops_jupyter.stages.eval.remote import Costs
+
         refs = _unique([str(m) for m in cfg.model])
-        resolved = [use_model(ctx, str(m)) for m in cfg.model]
+        resolved = [use_endpoint(ctx, str(m)) if is_endpoint_ref(str(m)) else use_model(ctx, str(m))
+                    for m in cfg.model]
         labels = _labels(refs, [m.name for m in resolved])
+        costs = Costs(ctx, cfg, [m for m in resolved if m.kind == "endpoint"])
+        try:
+            return self._run_versions(ctx, cfg, ds, items, ids, baseline_rows, templates, refs, resolved, labels,
+                                      rules, costs)
+        finally:
+            costs.close()
+
+    def _run_versions(self, ctx, cfg, ds, items, ids, baseline_rows, templates, refs, resolved, labels, rules,
+                      costs) -> dict[str, Any]:
+        from llmops_jupyter.stages.eval.gates import check, enforce
+        from llmops_jupyter.stages.eval.generate import evaluate_endpoint, evaluate_model
+
+        reg = ctx.registry
         # one version per (model, prompt): prompt versions of one model are compared like model versions
         combos = [(ref, m, label, t) for ref, m, label in zip(refs, resolved, labels) for t in (templates or [None])]
         versions = []
@@ -197,6 +248,23 @@ class EvalStage(Stage):
             def say(msg: str, i: int = i, label: str = label) -> None:
                 ctx.progress(i, len(combos), desc="eval", model=label, step=msg)
 
+            if m.kind == "endpoint":
+                v = evaluate_endpoint(costs.client(m), items, cfg.metrics, ref=ref, label=label,
+                                      messages_builder=self.messages_builder(ctx, tmpl),
+                                      max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                                      temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, progress=say)
+                v.summary.update(costs.usage_summary(v, costs.client(m)))
+                failed = int(v.summary["errors"])
+                if failed:
+                    ctx.log(f"{label}: {failed} of {len(items)} requests failed (recorded per example): "
+                            + "; ".join(sorted({r['generation']['error'] for r in v.rows
+                                                if r['generation'].get('error')}))[:300])
+                if cfg.rag:
+                    for row, it in zip(v.rows, items):
+                        row["retrieved"] = [h["id"] for h in it.get("hits", [])]
+                versions.append(v)
+                ctx.progress(i + 1, len(combos), desc="eval", model=label)
+                continue
             shared = len(templates) > 1  # several prompts on one model: load it once
             target: Any = m
             if shared:
@@ -218,12 +286,15 @@ class EvalStage(Stage):
             if cfg.rag:
                 for row, it in zip(v.rows, items):
                     row["retrieved"] = [h["id"] for h in it.get("hits", [])]
+            v.summary.update(costs.usage_summary(v))
             versions.append(v)
             ctx.progress(i + 1, len(combos), desc="eval", model=label)
         if cfg.judge:
-            self._judge(ctx, cfg, versions, items)
+            self._judge(ctx, cfg, versions, items, costs)
         if cfg.lm_eval_task:
             for v, m in zip(versions, resolved):
+                if m.kind == "endpoint":
+                    continue
                 v.summary.update(run_lm_eval(m, cfg.lm_eval_task, limit=cfg.limit, batch_size=cfg.batch_size,
                                              device=cfg.device))
 
@@ -252,8 +323,12 @@ class EvalStage(Stage):
                 prefix = "" if single else f"{v.label}/"
                 ctx.log_metrics({f"{prefix}delta.{r.rule.metric}": r.delta for r in res if not math.isnan(r.delta)})
 
+        prices = costs.record()  # the price snapshot: an input of the results (lineage)
+        for warning in costs.warnings():
+            ctx.log(f"warning: {warning}")
         outputs = self._outputs(cfg, versions, compare_pairs, gate_results, ids)
         self._artifact(ctx, cfg, versions, gate_results, outputs, len(items), ds)
+        ctx.set_summary(prices=prices, warnings=costs.warnings())
         ctx.set_summary(models=[v.ref for v in versions], labels=[v.label for v in versions], n_examples=len(items),
                         dataset=ds.version, baseline=cfg.baseline,
                         gate=[{"candidate": c, "results": [r.to_dict() | {"worse": r.worse[:20]} for r in res]}
@@ -317,6 +392,20 @@ class EvalStage(Stage):
 
         return build
 
+    def messages_builder(self, ctx, template: Any = None) -> Any:
+        """``item -> messages`` for an endpoint version: the same messages a local version's chat template renders
+        (prompt version and retrieved context applied), sent as chat messages."""
+        if template is None and not ctx.config.rag:
+            return lambda item: list(item["messages"][:-1])
+
+        def build(item: dict[str, Any]) -> list[dict[str, Any]]:
+            from llmops_jupyter.stages.adapt.augment import build_messages, item_fields
+
+            return build_messages(item["messages"][:-1], template=template, hits=item.get("hits"),
+                                  fields=item_fields(item))
+
+        return build
+
     def _templates(self, ctx, items: list[dict[str, Any]]) -> list[Any]:
         """The --prompt versions, loaded (lineage: prompt → eval-results) and checked on the first example."""
         from llmops_jupyter.stages.adapt.augment import build_messages, item_fields
@@ -360,30 +449,56 @@ class EvalStage(Stage):
         return ordered
 
     @staticmethod
-    def _judge(ctx, cfg: EvalConfig, versions: list, items: list) -> None:
+    def _judge(ctx, cfg: EvalConfig, versions: list, items: list, costs: Any = None) -> None:
+        import os
+
+        from llmops_jupyter.models.endpoints import Endpoint, EndpointClient
         from llmops_jupyter.models.refs import use_model
         from llmops_jupyter.stages.eval.generate import judge_versions
         from llmops_jupyter.stages.eval.judge import is_endpoint, make_judge
 
+        client = None
         if not is_endpoint(cfg.judge):
             use_model(ctx, cfg.judge)  # lineage: the judge is an input of the results
+        elif costs is not None:  # judge calls are priced, cached and count against --budget-usd like candidates
+            model = cfg.judge_model or "default"
+            ep = Endpoint(f"openai:{cfg.judge}#{model}", cfg.judge.rstrip("/"), model)
+            client = EndpointClient(ep, key=os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None,
+                                    concurrency=cfg.concurrency, timeout=cfg.request_timeout, retries=cfg.retries,
+                                    cache=costs.cache, price=costs.prices.lookup(model, ep.base_url),
+                                    budget=costs.budget)
         ctx.log(f"judging with {cfg.judge}")
         judge = make_judge(cfg.judge, registry=ctx.registry, model=cfg.judge_model, api_key_env=cfg.judge_api_key_env,
-                           max_new_tokens=cfg.judge_max_new_tokens, batch_size=cfg.batch_size)
+                           max_new_tokens=cfg.judge_max_new_tokens, batch_size=cfg.batch_size, client=client)
         try:
             judge_versions(judge, versions, items, cfg.judge_rubric)
         finally:
             judge.close()
+        for v in versions:
+            calls = [r.get("generation", {}).get("judge_call") for r in v.rows]
+            if client is None or any(c is None for c in calls):
+                v.summary["judge_cost_usd"] = math.nan  # a local judge has no list price
+                continue
+            paid = [c.get("cost_usd") for c in calls if not c.get("error")]
+            v.summary["judge_cost_usd"] = math.nan if any(c is None for c in paid) else float(sum(paid))
 
     @staticmethod
     def _outputs(cfg: EvalConfig, versions: list, compare_pairs: list, gate_results: list, ids: list[str]
                  ) -> dict[str, Any]:
+        from llmops_jupyter.models.cost import fmt_usd
         from llmops_jupyter.stages.eval.plots import delta_figure, summary_figure
 
         keys = [k for k in dict.fromkeys(k for v in versions for k in v.summary) if k != "n_examples"]
+
+        def cell(key: str, value: Any) -> Any:
+            if value is None:  # not measured for this version (e.g. requests of a local model)
+                return ""
+            return fmt_usd(value) if key.endswith("cost_usd") or key == "spent_usd" else value
+
         table = Table(["metric", *[v.label for v in versions]],
-                      [[k, *[v.summary.get(k) for v in versions]] for k in keys],
-                      title=f"Eval summary ({len(ids)} examples)")
+                      [[k, *[cell(k, v.summary.get(k)) for v in versions]] for k in keys],
+                      title=f"Eval summary ({len(ids)} examples)",
+                      note="cost 'unknown' = no price known (never counted as $0); see the run's price-table input")
         out: dict[str, Any] = {"summary": table}
         if gate_results:
             rows = []

@@ -79,6 +79,15 @@ class ReportStage(Stage):
         if gates:
             sections.append(("Quality gates", reporting._table_html(
                 ["version", "rule", "baseline", "candidate", "delta", "95% CI", "result"], gates)))
+        eval_runs = list(dict.fromkeys(v["run_id"] for v in versions))
+        if any("latency_p50_s" in v["summary"] for v in versions):  # runs that recorded usage: the selection view
+            from llmops_jupyter.views.select import Selection, selection_rows
+
+            quality = next((k for k in ("f1", "rougeL", "judge", "exact_match") if k in keys), keys[0] if keys else "f1")
+            sel = Selection(selection_rows(reg, eval_runs, quality), quality, "latency_p50_s")
+            sections.append(("Model selection (quality vs cost vs latency)", reporting._table_html(
+                sel.table.columns, sel.table.rows) + f"<p class='note'>{sel.table.note}</p>"))
+            figures.append(("Model selection: Pareto front", sel.figure))
         if cfg.examples:
             examples = reporting.example_rows(reg, versions, cfg.examples)
             sections.append((f"Held-out examples (first {len(examples)})", reporting._table_html(
