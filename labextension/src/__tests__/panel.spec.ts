@@ -22,6 +22,9 @@ function serve(server: IFakeServer): void {
     const path = new URL((input as Request).url).pathname;
     server.requested.push(path);
     const json = (body: unknown, status = 200) => new Response(JSON.stringify(body), { status });
+    if (path === '/llmops/selection') {
+      return json({ rows: [], quality: 'exact_match' });
+    }
     if (path === '/llmops/runs') {
       return server.runsError
         ? json(server.runsError[1], server.runsError[0])
@@ -30,6 +33,11 @@ function serve(server: IFakeServer): void {
     const id = decodeURIComponent(path.replace('/llmops/runs/', ''));
     return server.details[id] ? json(server.details[id]) : json({ error: `no run ${id}` }, 404);
   });
+}
+
+/** The run requests a refresh made (the model-selection section refreshes beside them, on its own). */
+function runRequests(server: IFakeServer): string[] {
+  return server.requested.filter(p => p.startsWith('/llmops/runs'));
 }
 
 function rows(panel: LlmopsPanel): string[] {
@@ -85,12 +93,13 @@ describe('LlmopsPanel', () => {
 
     server.requested.length = 0;
     await panel.refresh(); // r-a is running: its detail is fetched again
-    expect(server.requested).toEqual(['/llmops/runs', '/llmops/runs/r-a']);
+    expect(runRequests(server)).toEqual(['/llmops/runs', '/llmops/runs/r-a']);
+    expect(server.requested).toContain('/llmops/selection');
 
     await panel.select('r-b', false);
     server.requested.length = 0;
     await panel.refresh(); // r-b is finished: only the list
-    expect(server.requested).toEqual(['/llmops/runs']);
+    expect(runRequests(server)).toEqual(['/llmops/runs']);
     expect(panel.node.querySelector('.llmops-run-row.llmops-selected')?.getAttribute('data-run-id')).toBe('r-b');
 
     panel.node.querySelector<HTMLElement>('.llmops-close-detail')!.click();
@@ -98,7 +107,7 @@ describe('LlmopsPanel', () => {
     expect(panel.node.querySelector('.llmops-selected')).toBeNull();
     server.requested.length = 0;
     await panel.refresh();
-    expect(server.requested).toEqual(['/llmops/runs']);
+    expect(runRequests(server)).toEqual(['/llmops/runs']);
     panel.dispose();
   });
 
