@@ -41,7 +41,9 @@ def page(lab_server):
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(f"{lab_server.url}/lab/tree/template.ipynb?token={lab_server.token}")
-        page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
+        # a cell of the *visible* notebook: Lab restores the notebooks an earlier page left open (hidden tabs),
+        # and the first cell in the DOM may be one of theirs (it never becomes visible)
+        page.locator(".jp-NotebookPanel .jp-Cell:visible").first.wait_for(timeout=180_000)
         yield page
         page.screenshot(path=str(SHOTS / "99-final.png"))
         browser.close()

@@ -55,12 +55,14 @@ def test_plan_form_in_lab(lab_server):
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 950})
             page.goto(f"{lab_server.url}/lab/tree/forms.ipynb?token={lab_server.token}")
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
+            # a cell of the *visible* notebook: Lab restores the notebooks an earlier page left open (hidden tabs),
+            # and the first cell in the DOM may be one of theirs (it never becomes visible)
+            page.locator(".jp-NotebookPanel .jp-Cell:visible").first.wait_for(timeout=180_000)
             form = page.locator(".llmops-form")
             for attempt in range(3):
                 # Shift+Enter only once the notebook's kernel is idle and its first cell's editor has the focus:
                 # a keypress before that is lost (the reason to retry is a lost keypress, never a fixed pause)
-                page.wait_for_function(KERNEL_IDLE, arg="forms.ipynb", timeout=120_000)
+                page.wait_for_function(KERNEL_IDLE, arg="forms.ipynb", timeout=180_000)
                 if form.is_visible():  # the previous attempt's run only took longer than its wait
                     break
                 # the visible notebook: Lab may restore another one (an earlier test's) in a background tab
