@@ -298,22 +298,29 @@ def _parity_extras(cfg: ParityConfig) -> tuple[str, ...]:
     return ("gguf",) if any("gguf" in str(ref).lower() for ref in refs) else ("finetune",)
 
 
+#: where ``parity`` (a command, not a run) writes other libraries' output, under ``<registry home>/logs``
+PARITY_LOG = "parity.log"
+
+
 @command("parity", ParityConfig, extras=_parity_extras)
 def parity_command(cfg: ParityConfig, env: CommandEnv) -> Any:
     """Deploy-parity report of two model versions: rendered prompts, next-token agreement, exact match, max |Δlogit|."""
+    from llmops_jupyter.core.capture import capture_output
     from llmops_jupyter.stages.export import parity
 
-    a_ref, b_ref = (resolve_deployable(r, env.registry) for r in cfg.model)
-    convs = conversations(env.registry, a_ref, cfg.data, cfg.samples)
-    a = parity.open_side(a_ref, env.registry)
-    try:
-        b = parity.open_side(b_ref, env.registry)
+    # not a run: other libraries' output (weight-loading bars, warnings) goes to the registry's parity log
+    with capture_output(Path(env.registry.home) / "logs" / PARITY_LOG):
+        a_ref, b_ref = (resolve_deployable(r, env.registry) for r in cfg.model)
+        convs = conversations(env.registry, a_ref, cfg.data, cfg.samples)
+        a = parity.open_side(a_ref, env.registry)
         try:
-            report = parity.compare(a, b, convs, n_tokens=cfg.tokens, min_agreement=cfg.min_agreement)
+            b = parity.open_side(b_ref, env.registry)
+            try:
+                report = parity.compare(a, b, convs, n_tokens=cfg.tokens, min_agreement=cfg.min_agreement)
+            finally:
+                b.close()
         finally:
-            b.close()
-    finally:
-        a.close()
+            a.close()
     if cfg.check and not report.passed:
         raise GateError(f"parity: {report.reason}", failures=[report.reason])
     return report.table(title=f"Deploy parity: {cfg.model[0]} vs {cfg.model[1]}")

@@ -71,3 +71,19 @@ def test_parity_prompts_come_from_the_held_out_split_only(registry, tiny_model):
     with pytest.raises(ConfigError) as err:
         conversations(registry, model, no_eval.hash, 8)
     assert "no held-out (eval) split" in str(err.value) and err.value.field == "data"
+
+
+def test_parity_cell_shows_no_library_progress_bars(shell, home, tiny_model, capfd):
+    """`parity` of two transformers versions: transformers' `Loading weights` bars go to the log, not the cell."""
+    from pathlib import Path
+
+    capfd.readouterr()
+    report = shell.run_line_magic("llmops", f"parity --model {tiny_model} --model {tiny_model} --samples 2 "
+                                            "--tokens 2")
+    out = capfd.readouterr()
+    assert "agreement" in str(report).lower()
+    assert "Loading weights" not in out.out + out.err, out.err[-2000:]
+    from llmops_jupyter.stages.export.stage import PARITY_LOG
+
+    log = Path(home) / "logs" / PARITY_LOG
+    assert "progress bar (not shown): Loading weights" in log.read_text()
