@@ -12,7 +12,10 @@ load …so", transformers' FutureWarnings, bitsandbytes' autograd warning: all l
 (``--verbose`` on any ``%llmops``/``llmops`` command, or ``LLMOPS_VERBOSE=1``) shows them as well; they are
 still written to the log.
 
-Not captured, on purpose: plain ``print`` and tqdm output (the stage's own progress and results use those) and
+Other libraries' tqdm bars (transformers' ``Loading weights``, datasets' ``Map``) are not drawn while a stage runs;
+a line naming each goes to the log (verbose mode draws them).
+
+Not captured, on purpose: plain ``print`` and the project's own tqdm bars (the stage's progress and results) and
 output that C code writes to file descriptors 1/2 directly. Redirecting the descriptors would also swallow what
 matters most when a native library dies (CUDA aborts, segfault reports) and would fight ipykernel's own fd capture;
 such lines are rare once the Python-level noise is gone.
@@ -192,6 +195,31 @@ def _showwarning(message: Warning | str, category: type[Warning], filename: str,
     return None
 
 
+def _bar_owner() -> str:
+    """File of the code that made a tqdm bar: the first frame outside tqdm itself (its notebook/auto subclasses
+    call the base class's ``__init__``)."""
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None and f"{os.sep}tqdm{os.sep}" in frame.f_code.co_filename:
+        frame = frame.f_back
+    return frame.f_code.co_filename if frame is not None else ""
+
+
+def _tqdm_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    """Other libraries' progress bars (transformers' ``Loading weights``, datasets' ``Map``) while a stage runs:
+    not drawn in the cell; one line naming the bar goes to the run's log (verbose mode draws them)."""
+    cap = _current()
+    if cap is not None and not cap.verbose and not kwargs.get("disable") and not _is_own_file(_bar_owner()):
+        desc = kwargs.get("desc") or (args[1] if len(args) > 1 and isinstance(args[1], str) else "")
+        total = kwargs.get("total")
+        if total is None and args and hasattr(args[0], "__len__"):
+            total = len(args[0])
+        cap.write(f"progress bar (not shown): {desc or 'unnamed'}" + (f", {total} steps" if total else ""))
+        kwargs["disable"] = True
+    _saved["tqdm_init"](self, *args, **kwargs)
+
+
 def _install(cap: _Capture) -> None:
     with _lock:
         if not _active:
@@ -199,6 +227,13 @@ def _install(cap: _Capture) -> None:
             _saved["showwarning"] = warnings.showwarning
             logging.Logger.callHandlers = _call_handlers  # type: ignore[method-assign]
             warnings.showwarning = _showwarning
+            try:  # tqdm is a dependency of the libraries that draw bars; core does not import it otherwise
+                import tqdm.std
+
+                _saved["tqdm_init"] = tqdm.std.tqdm.__init__
+                tqdm.std.tqdm.__init__ = _tqdm_init  # type: ignore[method-assign]
+            except ImportError:
+                pass
         _active.append(cap)
 
 
@@ -211,6 +246,11 @@ def _uninstall(cap: _Capture) -> None:
                 logging.Logger.callHandlers = _saved["callHandlers"]  # type: ignore[method-assign]
             if warnings.showwarning is _showwarning:  # else someone replaced it after us: leave theirs
                 warnings.showwarning = _saved["showwarning"]
+            if "tqdm_init" in _saved:
+                import tqdm.std
+
+                if tqdm.std.tqdm.__init__ is _tqdm_init:
+                    tqdm.std.tqdm.__init__ = _saved["tqdm_init"]  # type: ignore[method-assign]
             _saved.clear()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import getpass
 import os
 import platform
 import subprocess
@@ -10,6 +11,22 @@ import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+
+def os_user() -> str:
+    """The operating-system account (``getpass``), or the numeric uid where it has no name (containers without a
+    passwd entry), else ``unknown``."""
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - getpass raises OSError/KeyError without a passwd entry
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+
+
+def who() -> str:
+    """The person a run, a rating or an audit entry is recorded for: the JupyterHub user when the kernel runs under
+    a hub, else ``LLMOPS_USER``, else the OS account (:func:`os_user`). The one definition every record uses."""
+    return os.environ.get("JUPYTERHUB_USER") or os.environ.get("LLMOPS_USER") or os_user()
+
 
 TRACKED = (
     "llmops-jupyter", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes",

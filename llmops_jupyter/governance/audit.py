@@ -15,7 +15,6 @@ Every Runner notifies :func:`listener` (one of :data:`~llmops_jupyter.core.runne
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import re
@@ -25,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmops_jupyter.core.env import current_notebook
+from llmops_jupyter.core.env import current_notebook, os_user, who
 from llmops_jupyter.core.pii import scrub_secrets
 from llmops_jupyter.core.runner import END_EVENTS, Event, EventType
 from llmops_jupyter.core.timeparse import parse_when
@@ -53,18 +52,6 @@ def _scrub_value(value: Any) -> Any:
 
 
 # -- who / where ------------------------------------------------------------------------------------------------
-def os_user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - containers without a passwd entry
-        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
-
-
-def who() -> str:
-    """The person: the JupyterHub user when the kernel runs under a hub, else LLMOPS_USER or the OS user."""
-    return os.environ.get("JUPYTERHUB_USER") or os.environ.get("LLMOPS_USER") or os_user()
-
-
 def kernel_cell() -> tuple[int | None, str | None, str | None]:
     """(execution count, Jupyter cell id, raw cell text) of the cell running now, when inside IPython."""
     ipython = sys.modules.get("IPython")

@@ -139,9 +139,32 @@ def make_pruner(spec: dict[str, Any] | None) -> Any:
     if name == "none":
         return optuna.pruners.NopPruner()
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, int(spec.get("min_resource") or 1)))
+        return _startup_hyperband(int(spec.get("startup_trials", 5)),
+                                  min_resource=max(1, int(spec.get("min_resource") or 1)))
     return optuna.pruners.MedianPruner(n_startup_trials=int(spec.get("startup_trials", 5)),
                                        n_warmup_steps=int(spec.get("warmup_steps", 0)))
+
+
+def _startup_hyperband(startup_trials: int, **kwargs: Any) -> Any:
+    """Optuna's HyperbandPruner has no startup count: it prunes against whatever trials its bracket holds, from the
+    second trial on. This one prunes nothing until ``startup_trials`` trials are complete (what ``--startup-trials``
+    means for the median pruner too), then defers to Hyperband; a subclass, so TPE still sees a Hyperband pruner
+    and samples per bracket."""
+    import optuna
+    from optuna.trial import TrialState
+
+    class StartupHyperbandPruner(optuna.pruners.HyperbandPruner):
+        def __init__(self, n_startup_trials: int, **kw: Any):
+            super().__init__(**kw)
+            self.n_startup_trials = n_startup_trials
+
+        def prune(self, study: Any, trial: Any) -> bool:
+            complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if len(complete) < self.n_startup_trials:
+                return False
+            return super().prune(study, trial)
+
+    return StartupHyperbandPruner(startup_trials, **kwargs)
 
 
 def load_study(storage: str | os.PathLike, name: str, pruner: dict[str, Any] | None = None) -> Any:

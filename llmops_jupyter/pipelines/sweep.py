@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +98,48 @@ def run_variant(home: str, notebook: str, params: dict[str, Any], *, parent_id: 
             registry.update_run(res.run_id, status=RunStatus.PRUNED, error=pruned[0]["error"])
         return {"index": index, "run_id": res.run_id, "status": status, "metrics": res.metrics,
                 "error": None, "gpu": gpu}
-    except LlmopsError as exc:
-        failed = [r["id"] for r in registry.child_runs(parent_id, "pipeline", newest_first=True)
-                  if r["params"].get("variant") == index]
-        return {"index": index, "run_id": failed[0] if failed else None, "status": "failed", "metrics": {},
-                "error": str(exc), "gpu": gpu}
+    except Exception as exc:  # noqa: BLE001 - any failure is this variant's result, with its index and run id
+        error = str(exc) if isinstance(exc, LlmopsError) else f"{type(exc).__name__}: {exc}"
+        return {"index": index, "run_id": variant_run_id(registry, parent_id, index), "status": "failed",
+                "metrics": {}, "error": error, "gpu": gpu}
+
+
+def variant_run_id(registry: Registry, parent_id: str, index: int) -> str | None:
+    """The newest pipeline run of variant ``index`` under the sweep ``parent_id`` (None if it never started)."""
+    found = [r["id"] for r in registry.child_runs(parent_id, "pipeline", newest_first=True)
+             if r["params"].get("variant") == index]
+    return found[0] if found else None
+
+
+def hand_out(backend: Any, gpus: list[str], parallel: int,
+             start: Callable[[str | None], tuple[Any, Any] | None]) -> Iterator[tuple[Any, str | None, dict]]:
+    """The scheduling loop of grids and searches: at most ``parallel`` jobs at once, each holding one GPU slot of
+    ``gpus`` while it runs (no two running jobs share one), the slot handed back when it ends.
+
+    ``start(gpu)`` submits the next job on ``gpu`` (None: no GPU) and returns ``(future, tag)``, or None when there
+    is nothing left to start; it is called only when a slot is free, so a search asks for its next trial after
+    hearing the last results. Yields ``(tag, gpu, result)`` as jobs end."""
+    free = list(gpus)
+    pending: dict[Any, tuple[str | None, Any]] = {}
+    more = True
+    while True:
+        while more and len(pending) < parallel:
+            gpu = free.pop(0) if free else None
+            started = start(gpu)
+            if started is None:
+                more = False
+                if gpu is not None:
+                    free.insert(0, gpu)
+                break
+            fut, tag = started
+            pending[fut] = (gpu, tag)
+        if not pending:
+            return
+        for fut in backend.wait_any(list(pending)):
+            gpu, tag = pending.pop(fut)
+            if gpu is not None:
+                free.append(gpu)
+            yield tag, gpu, backend.result(fut)
 
 
 @dataclasses.dataclass
@@ -161,23 +199,19 @@ class SweepStage(Stage):
         ctx.log(f"sweep of {total} variants on {where}" + (f", GPUs {','.join(self.gpus)}" if self.gpus else ""))
         ctx.progress(0, total, desc="variants")
         results: list[dict[str, Any]] = []
+        queue = list(enumerate(self.variants))
         with _Backend(self.cluster, parallel) as backend:
-            free = list(self.gpus)
-            pending: dict[Any, str | None] = {}
-            queue = list(enumerate(self.variants))
-            while queue or pending:
-                while queue and len(pending) < parallel:
-                    i, params = queue.pop(0)
-                    gpu = free.pop(0) if free else None
-                    fut = backend.submit(run_variant, home, cfg.notebook, params, index=i, gpu=gpu, **common)
-                    pending[fut] = gpu
-                done = backend.wait_any(list(pending))
-                for fut in done:
-                    gpu = pending.pop(fut)
-                    if gpu is not None:
-                        free.append(gpu)
-                    results.append(backend.result(fut))
-                    ctx.progress(len(results), total, desc="variants")
+            def start(gpu: str | None) -> tuple[Any, int] | None:
+                if not queue:
+                    return None
+                i, params = queue.pop(0)
+                return backend.submit(run_variant, home, cfg.notebook, params, index=i, gpu=gpu, **common), i
+
+            for i, gpu, res in hand_out(backend, self.gpus, parallel, start):
+                if res.get("index") != i:  # the worker died before reporting: still this variant's result
+                    res.update(index=i, gpu=gpu, run_id=variant_run_id(ctx.registry, ctx.run_id, i))
+                results.append(res)
+                ctx.progress(len(results), total, desc="variants")
         results.sort(key=lambda r: r["index"])
         failed = [r for r in results if r["status"] == "failed"]
         ctx.set_summary(variants=[{k: r[k] for k in ("index", "run_id", "status", "gpu", "error")} for r in results],
@@ -224,46 +258,44 @@ class SweepStage(Stage):
         ctx.progress(0, todo, desc="trials")
         results: list[dict[str, Any]] = []
         fixed = dict(cfg.parameters)
+        asked = 0
         with _Backend(self.cluster, parallel) as backend:
-            free = list(self.gpus)
-            pending: dict[Any, tuple[str | None, Any]] = {}
-            asked = 0
-            while asked < todo or pending:
-                while asked < todo and len(pending) < parallel:
-                    trial = study.ask(dists)
-                    asked += 1
-                    gpu = free.pop(0) if free else None
-                    env = search.trial_env(cfg.storage, cfg.study, trial._trial_id, cfg.metric, pruner)
-                    fut = backend.submit(run_variant, home, cfg.notebook, {**fixed, **trial.params},
-                                         parent_id=ctx.run_id, sweep=ctx.run_id, index=trial.number,
-                                         cache=cfg.cache, gpu=gpu, kernel=self.kernel, cwd=self.cwd,
-                                         timeout=self.timeout, extra_env=env)
-                    pending[fut] = (gpu, trial)
-                for fut in backend.wait_any(list(pending)):
-                    gpu, trial = pending.pop(fut)
-                    if gpu is not None:
-                        free.append(gpu)
-                    res = backend.result(fut)
-                    res["index"] = trial.number
-                    res["params"] = dict(trial.params)
-                    value = res["metrics"].get(cfg.metric)
-                    if res["run_id"]:
-                        trial.set_user_attr("run_id", res["run_id"])
-                    if res["status"] == RunStatus.PRUNED.value:
-                        study.tell(trial, state=TrialState.PRUNED)
-                    elif res["status"] == "failed" or value is None or math.isnan(value):
-                        if res["status"] != "failed":
-                            res["error"] = f"the notebook recorded no metric '{cfg.metric}'"
-                            res["status"] = "failed"
-                        study.tell(trial, state=TrialState.FAIL)
-                    else:
-                        study.tell(trial, float(value))
-                    res["value"] = value
-                    results.append(res)
-                    ctx.progress(len(results), todo, desc="trials")
-                    ctx.log(f"trial {trial.number} {res['status']}"
-                            + (f": {cfg.metric}={value:.4g}" if value is not None else "")
-                            + f" ({_params_text(trial.params)})")
+            def start(gpu: str | None) -> tuple[Any, Any] | None:
+                nonlocal asked
+                if asked >= todo:
+                    return None
+                trial = study.ask(dists)
+                asked += 1
+                env = search.trial_env(cfg.storage, cfg.study, trial._trial_id, cfg.metric, pruner)
+                fut = backend.submit(run_variant, home, cfg.notebook, {**fixed, **trial.params},
+                                     parent_id=ctx.run_id, sweep=ctx.run_id, index=trial.number,
+                                     cache=cfg.cache, gpu=gpu, kernel=self.kernel, cwd=self.cwd,
+                                     timeout=self.timeout, extra_env=env)
+                return fut, trial
+
+            for trial, gpu, res in hand_out(backend, self.gpus, parallel, start):
+                if res.get("index") != trial.number:  # the worker died before reporting
+                    res.update(gpu=gpu, run_id=variant_run_id(ctx.registry, ctx.run_id, trial.number))
+                res["index"] = trial.number
+                res["params"] = dict(trial.params)
+                value = res["metrics"].get(cfg.metric)
+                if res["run_id"]:
+                    trial.set_user_attr("run_id", res["run_id"])
+                if res["status"] == RunStatus.PRUNED.value:
+                    study.tell(trial, state=TrialState.PRUNED)
+                elif res["status"] == "failed" or value is None or math.isnan(value):
+                    if res["status"] != "failed":
+                        res["error"] = f"the notebook recorded no metric '{cfg.metric}'"
+                        res["status"] = "failed"
+                    study.tell(trial, state=TrialState.FAIL)
+                else:
+                    study.tell(trial, float(value))
+                res["value"] = value
+                results.append(res)
+                ctx.progress(len(results), todo, desc="trials")
+                ctx.log(f"trial {trial.number} {res['status']}"
+                        + (f": {cfg.metric}={value:.4g}" if value is not None else "")
+                        + f" ({_params_text(trial.params)})")
         results.sort(key=lambda r: r["index"])
         best = search.best_trial(study)
         counts = {s: sum(r["status"] == s for r in results) for s in ("finished", "cached", "pruned", "failed")}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import getpass
 import json
 import os
 import secrets
@@ -18,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from llmops_jupyter.core.env import process_gone, process_start
+from llmops_jupyter.core.env import process_gone, process_start, who
 from llmops_jupyter.core.errors import NotFoundError, RegistryError
 from llmops_jupyter.core.files import hash_tree, tree_size
 from llmops_jupyter.registry.audit import SCHEMA as AUDIT_SCHEMA
@@ -730,11 +729,4 @@ def _num(v: Any) -> float | None:
         return None
 
 
-def _user() -> str:
-    for var in ("JUPYTERHUB_USER", "LLMOPS_USER"):
-        if os.environ.get(var):
-            return os.environ[var]
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in some containers
-        return "unknown"
+_user = who  # the one "who is the user" rule (core.env.who), also used by the audit log and ratings

@@ -3,7 +3,7 @@
 One table, the differences first: data version and how many examples changed, config values, chat template,
 package versions, git commit, batching/attention kernel, hardware; then the metric deltas, with 95 % paired
 bootstrap intervals (eval's :func:`~llmops_jupyter.stages.eval.gates.compare`) when both runs stored per-example
-results on shared examples. Fine-tune runs also get an overlay of their training curves (plotly, imported on use).
+results on shared examples (runs of several model versions: per version with the same label). Fine-tune runs also get an overlay of their training curves (plotly, imported on use).
 Works for any two runs of a stage and for two pipeline or sweep runs (their parameters and copied metrics).
 """
 
@@ -225,9 +225,39 @@ def _metric_deltas(registry: Any, a: dict[str, Any], b: dict[str, Any]) -> list[
     return out
 
 
+def _versions(registry: Any, run: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(label, model_ref)`` of each model version with stored results in an eval run, in evaluation order.
+
+    Per-example rows are keyed by model reference, run metrics by label (``<label>/<metric>`` when the run
+    evaluated several versions); the run summary's ``models``/``labels`` lists join the two."""
+    versions = [v["model_ref"] for v in registry.eval_versions(run["id"])]
+    refs, labels = run["summary"].get("models") or [], run["summary"].get("labels") or []
+    if list(refs) == versions and len(labels) == len(refs):
+        return list(zip(labels, versions))
+    by_ref = dict(zip(refs, labels))
+    return [(by_ref.get(ref, ref), ref) for ref in versions]
+
+
 def _bootstrap(registry: Any, a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per-metric paired bootstrap over the examples both runs scored (first model version of each)."""
-    ra, rb = registry.eval_examples(a["id"]), registry.eval_examples(b["id"])
+    """Paired bootstrap intervals keyed like the runs' metrics: two single-model runs compare their versions
+    (``<metric>``); runs of several versions compare the versions with the same label (``<label>/<metric>``)."""
+    va, vb = _versions(registry, a), _versions(registry, b)
+    if not va or not vb:
+        return {}
+    if len(va) == 1 and len(vb) == 1:
+        pairs = [("", va[0][1], vb[0][1])]
+    else:
+        refs_b = dict(vb)
+        pairs = [(f"{label}/", ref, refs_b[label]) for label, ref in va if label in refs_b]
+    out: dict[str, dict[str, Any]] = {}
+    for prefix, ref_a, ref_b in pairs:
+        paired = _paired_intervals(registry.eval_examples(a["id"], ref_a), registry.eval_examples(b["id"], ref_b))
+        out.update({f"{prefix}{key}": entry for key, entry in paired.items()})
+    return out
+
+
+def _paired_intervals(ra: list[dict[str, Any]], rb: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-metric paired bootstrap of one version against another over the examples both scored."""
     if not ra or not rb:
         return {}
     from llmops_jupyter.stages.eval.gates import compare
@@ -243,15 +273,12 @@ def _bootstrap(registry: Any, a: dict[str, Any], b: dict[str, Any]) -> dict[str,
     if all("nll" in m and "n_tokens" in m for m in base + cand):
         keys.append("ppl")
     out = {}
-    label = registry.eval_versions(a["id"])[0]["model_ref"]
     for key in keys:
         try:
             bv, cv, d, lo, hi, _per = compare(key, base, cand)
         except Exception:  # noqa: BLE001 - a non-numeric per-example value
             continue
-        entry = {"a": bv, "b": cv, "delta": d, "ci_low": lo, "ci_high": hi, "n": len(shared)}
-        out[key] = entry
-        out[f"{label}/{key}"] = entry  # eval stores metrics as <model>/<metric>
+        out[key] = {"a": bv, "b": cv, "delta": d, "ci_low": lo, "ci_high": hi, "n": len(shared)}
     return out
 
 

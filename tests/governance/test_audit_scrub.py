@@ -98,3 +98,28 @@ def test_scrub_secrets(text, scrubbed):
     from llmops_jupyter.governance.audit import scrub_secrets
 
     assert scrub_secrets(text) == (text if scrubbed is None else scrubbed)
+
+
+def test_run_record_and_audit_log_name_the_same_user_when_getpass_fails(registry, monkeypatch):
+    """One 'who is the user' rule for the run record and the audit log: JupyterHub user, else LLMOPS_USER, else the
+    OS account, whose fallback (no passwd entry: getpass raises) is the same for both."""
+    import getpass
+    import os
+
+    from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.testing import tiny_records
+
+    def no_passwd_entry():
+        raise OSError("No username set in the environment")
+
+    for var in ("JUPYTERHUB_USER", "LLMOPS_USER"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(getpass, "getuser", no_passwd_entry)
+    res = Runner(registry).run("data", {"source": tiny_records(8), "eval_size": 2, "name": "who"})
+    run_user = registry.get_run(res.run_id)["user"]
+    audit_users = {r["user"] for r in registry.audit_rows(run_id=res.run_id)}
+    assert audit_users == {run_user} and run_user == str(os.getuid())
+    monkeypatch.setenv("JUPYTERHUB_USER", "ada")
+    res = Runner(registry).run("data", {"source": tiny_records(8), "eval_size": 2, "name": "who2"})
+    assert registry.get_run(res.run_id)["user"] == "ada"
+    assert {r["user"] for r in registry.audit_rows(run_id=res.run_id)} == {"ada"}

@@ -322,3 +322,64 @@ def test_lab_server_contract(toy_nb, home, tmp_path):
     bad = make_notebook(tmp_path / "bad.ipynb", ["1/0"])
     res = run_pipeline(str(bad), {}, output=str(tmp_path / "bad.out.ipynb"), registry_home=str(home))
     assert res["status"] == "failed" and "ZeroDivisionError" in res["error"] and res["run_id"]
+
+
+def test_sweep_variant_failing_outside_llmops_keeps_its_index_and_run(toy_nb, home):
+    """A variant whose pipeline fails with another library's error (here jupyter_client: no such kernel) is
+    reported as that variant, with its pipeline run and the error's type, not as variant -1 without a run."""
+    from llmops_jupyter.core.errors import StageError
+    from llmops_jupyter.pipelines import run_sweep
+
+    with pytest.raises(StageError, match="2 of 2 sweep variants failed"):
+        run_sweep(toy_nb, ["rank=2", "4"], {"lr": 1e-3}, parallel=1, gpus=[], kernel="llmops-no-such-kernel")
+    reg = Registry(home)
+    sweep = reg.list_runs(stage="sweep", limit=1)[0]
+    variants = sweep["summary"]["variants"]
+    assert [v["index"] for v in variants] == [0, 1], variants
+    runs = {r["params"].get("variant"): r["id"] for r in pipeline_runs(reg) if r["parent_id"] == sweep["id"]}
+    for v in variants:
+        assert v["status"] == "failed" and "NoSuchKernel" in v["error"], v
+        assert v["run_id"] == runs[v["index"]], (v, runs)
+
+
+def test_grid_and_search_share_one_gpu_hand_out():
+    """One scheduling loop (sweep.hand_out) for grids and searches: at most `parallel` jobs, each on a GPU no other
+    running job holds, the slot back when the job ends, the next job started only when a slot is free."""
+    import concurrent.futures as cf
+    import inspect
+
+    from llmops_jupyter.pipelines import sweep
+
+    class Threads:  # the backend's submit / wait_any / result interface over threads
+        def __init__(self):
+            self.pool = cf.ThreadPoolExecutor(max_workers=4)
+
+        def submit(self, fn, *a):
+            return self.pool.submit(fn, *a)
+
+        def wait_any(self, futures):
+            return list(cf.wait(futures, return_when=cf.FIRST_COMPLETED)[0])
+
+        def result(self, fut):
+            return fut.result()
+
+    held, seen, todo = set(), [], list(range(7))
+
+    def start(gpu):
+        if not todo:
+            return None
+        assert gpu is not None and gpu not in held, (gpu, held)
+        assert len(held) < 2
+        held.add(gpu)
+        i = todo.pop(0)
+        return Threads.pool.submit(lambda: {"index": i, "gpu": gpu}), i
+
+    backend = Threads()
+    Threads.pool = backend.pool
+    for tag, gpu, res in sweep.hand_out(backend, ["0", "1"], 2, start):
+        assert res == {"index": tag, "gpu": gpu}
+        held.discard(gpu)
+        seen.append(tag)
+    assert sorted(seen) == list(range(7)) and not held
+    source = inspect.getsource(sweep.SweepStage)
+    assert source.count("hand_out(") == 2 and "free.pop(" not in source  # no copy of the loop left

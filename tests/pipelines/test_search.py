@@ -66,6 +66,35 @@ def test_search_flags_need_search_optuna(shell, home):
         shell.run_line_magic("llmops", "sweep nb.ipynb --grid lr=1e-4 --trials 3")
 
 
+@pytest.mark.parametrize("startup", [3, 5])
+def test_hyperband_prunes_nothing_before_startup_trials_complete(startup):
+    """--startup-trials holds for --pruner hyperband too (Optuna's HyperbandPruner has no such count and pruned
+    the 4th trial after 3 completed, with --startup-trials 5)."""
+    import optuna
+
+    from llmops_jupyter.pipelines.search import make_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(pruner=make_pruner({"name": "hyperband", "startup_trials": startup}),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)  # TPE samples per bracket
+    pruned = []
+    for n in range(startup + 6):
+        trial = study.ask()
+        value = 1.0 if n == 0 else 10.0 + n  # every later trial is worse than the first at every step
+        for step in range(1, 10):
+            trial.report(value, step)
+            if trial.should_prune():
+                complete = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+                pruned.append((n, complete))
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, value)
+    assert all(complete >= startup for _n, complete in pruned), pruned
+    assert pruned, "hyperband never pruned after the startup trials"  # it still prunes afterwards
+
+
 def test_listener_is_a_no_op_outside_a_trial(monkeypatch):
     import sys
 

@@ -76,3 +76,37 @@ def test_diff_of_eval_runs_has_paired_bootstrap_intervals(registry, tiny_model, 
     m = with_ci[0]
     assert m["ci_low"] <= m["delta"] <= m["ci_high"] and m["n"] == 6
     assert "n=6" in str(d.table)
+
+
+def test_diff_of_multi_model_eval_runs_has_intervals_per_version(registry, tiny_model, tiny_dataset):
+    """Eval runs of two model versions store metrics as <label>/<metric> and per-example rows by model reference:
+    each version's metrics get the interval of that version in A vs the version with the same label in B."""
+    from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.governance.cards import is_resource_metric
+    from llmops_jupyter.views.diff import diff_runs
+
+    runner = Runner(registry, defaults=False)
+    ft = runner.run("finetune", {"model": str(tiny_model), "data": tiny_dataset.hash, "max_steps": 3,
+                                 "batch_size": 4, "checkpoint_every": 0})
+    common = {"data": tiny_dataset.hash, "limit": 6, "model": [str(tiny_model), ft.run_id]}
+    e1 = runner.run("eval", {**common, "max_new_tokens": 4})
+    e2 = runner.run("eval", {**common, "max_new_tokens": 2})
+    labels = e1.summary["labels"]
+    assert len(labels) == 2 and labels == e2.summary["labels"]
+    d = diff_runs(registry, e1.run_id, e2.run_id)
+    checked = set()
+    for label in labels:
+        rows = [m for m in d.metrics if m["metric"].startswith(f"{label}/")]
+        with_ci = [m for m in rows if m.get("ci_low") is not None]
+        assert with_ci, (label, rows)
+        for m in with_ci:
+            assert m["n"] == 6 and m["ci_low"] <= m["delta"] <= m["ci_high"], m
+            name = m["metric"].rsplit("/", 1)[-1]
+            if is_resource_metric(name) or "per_s" in name or "latency" in name:
+                continue  # speed: the run metric is total tokens / total time, not the mean of the examples
+            checked.add(name)
+            # the interval is of this version's metric: the paired values are the run metrics of that label
+            assert m["a"] == pytest.approx(registry.metrics(e1.run_id)[m["metric"]], rel=1e-6, abs=1e-9), m
+            assert m["b"] == pytest.approx(registry.metrics(e2.run_id)[m["metric"]], rel=1e-6, abs=1e-9), m
+    assert checked, d.metrics  # quality metrics (exact match, F1, perplexity, ...) were checked
+    assert str(d.table).count("n=6") >= 2

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 #: --parity-min default per quant: the next-token agreement (teacher-forced, see above) a conversion must keep.
-#: Measured here with llama-cpp-python 0.3.36: SmolLM2-135M-Instruct fine-tuned on the demo set (16 held-out
-#: prompts) f16 1.0, q8_0 0.988, q4_k_m 0.975; the base model on the 8 built-in probes (16 tokens each) q8_0 0.982,
-#: q4_0 0.711. A lost template fails on prompt identity first; a numerically broken file scores near 0.
+#: No benchmark in this repository measures these on a real model (the gguf tests check the tiny model against
+#: them); measure yours with ``%llmops gguf`` (parity.json) and set ``--parity-min``. A lost template fails on prompt
+#: identity first; a numerically broken file scores near 0.
 DEFAULT_MIN = {"f32": 0.98, "f16": 0.98, "bf16": 0.95, "q8_0": 0.9, "q6_k": 0.85, "q5_k_m": 0.8, "q4_k_m": 0.7,
                "q4_0": 0.6, "q4_1": 0.6}
 

@@ -44,16 +44,29 @@ class GGUFConfig(StageConfig):
                                       min=0, max=1)
     parity_tokens: int = option(16, "generated tokens compared per prompt", min=1, max=512)
     parity_samples: int = option(8, "held-out prompts the gate uses", min=1, max=1000)
-    data: str | None = option(None, "dataset whose eval split gives the parity prompts (default: the model's "
-                                    "upstream dataset, else built-in probes)")
-    chat_template: str | None = option(None, "chat template to write into the GGUF instead of the model's own (a "
-                                             "Jinja string or a .jinja file); the gate checks it against the "
-                                             "model's")
+    data: str | None = option(None, "dataset whose held-out (eval) split gives the parity prompts (default: the "
+                                    "model's upstream dataset's eval split; without one, the built-in probes, "
+                                    "said in the run log); a --data without an eval split is refused")
+    chat_template: str | None = option(None, "chat template to write into the GGUF instead of the model's own: a "
+                                             "value containing '{{' or '{%' is the Jinja text itself, anything "
+                                             "else a path to a template file (which must exist); the gate checks "
+                                             "it against the model's")
     name: str | None = option(None, "artifact name (default: <model name>-<quant>)")
 
     def validate(self) -> None:
         if self.quant not in QUANTS:  # pragma: no cover - choices already checked
             raise self.invalid("quant", f"must be one of {', '.join(QUANTS)}")
+        if self.chat_template and not is_inline_template(self.chat_template):
+            path = Path(self.chat_template).expanduser()
+            if not path.is_file():
+                raise self.invalid("chat_template", f"is neither Jinja text (no '{{{{' or '{{%') nor an existing "
+                                   f"file: {path} not found",
+                                   fix="give the path of a template file, or the template text itself")
+
+
+def is_inline_template(value: str) -> bool:
+    """``--chat-template`` is Jinja text when it contains a Jinja tag (every chat template does), else a path."""
+    return "{{" in value or "{%" in value
 
 
 @register_stage
@@ -154,8 +167,7 @@ def _source_dir(path: Path, work: Path, chat_template: str | None) -> Path:
     """The checkpoint to convert: the model folder, or a linked copy with ``--chat-template`` written into it."""
     if not chat_template:
         return path
-    text = Path(chat_template).read_text() if chat_template.endswith(".jinja") and Path(chat_template).exists() \
-        else chat_template
+    text = chat_template if is_inline_template(chat_template) else Path(chat_template).expanduser().read_text()
     src = work / "source"
     src.mkdir()
     for f in path.iterdir():
@@ -197,15 +209,32 @@ def _special_tokens(out: Path, meta: dict[str, Any]) -> str:
 def conversations(registry: Any, model: ModelRef, data: str | None, n: int, *, ctx: Any = None
                   ) -> list[list[dict[str, str]]]:
     """Held-out conversations for the gate: the eval split of ``--data`` or of the model's upstream dataset (every
-    turn but the last assistant one), else the built-in probes as single user messages."""
+    turn but the last assistant one), else the built-in probes as single user messages. Training rows are never
+    used: a ``--data`` without an eval split is refused; an upstream dataset without one falls back to the probes,
+    said in the run log (``ctx``) or as a warning."""
     from llmops_jupyter.models import tools as mt
 
     dataset = mt.load_data(data, registry, mt.upstream_dataset(registry, model.artifact))
     convs: list[list[dict[str, str]]] = []
     if dataset is not None:
-        if ctx is not None and dataset.artifact is not None:
+        rows = list(dataset.split("eval"))
+        if not rows and data:
+            raise ConfigError(f"--data '{data}' has no held-out (eval) split for the parity prompts.", field="data",
+                              value=data, fix="make the dataset with an eval split (`%llmops data ... --eval-size "
+                                              "N`), or leave --data out to use the built-in probes")
+        if not rows:
+            msg = (f"parity: the model's upstream dataset {dataset.version} has no held-out (eval) split; using "
+                   "the built-in probes")
+            if ctx is not None:
+                ctx.log(msg)
+            else:
+                import warnings
+
+                from llmops_jupyter.core.capture import LlmopsWarning
+
+                warnings.warn(msg, LlmopsWarning, stacklevel=2)
+        elif ctx is not None and dataset.artifact is not None:
             ctx.use(dataset.artifact)
-        rows = list(dataset.split("eval")) + list(dataset.split("train"))
         for r in rows:
             msgs = r.get("messages") or []
             if msgs and msgs[-1].get("role") == "assistant":
@@ -249,8 +278,8 @@ def resolve_gguf(ref: str, registry: Any) -> ModelRef | None:
 class ParityConfig(StageConfig):
     model: list[str] = option([], "the two model versions to compare (give --model twice): adapter, merged, GPTQ "
                                   "or gguf runs, artifact hashes, folders or .gguf files")
-    data: str | None = option(None, "dataset whose eval split gives the prompts (default: A's upstream dataset, "
-                                    "else built-in probes)")
+    data: str | None = option(None, "dataset whose held-out (eval) split gives the prompts (default: A's upstream "
+                                    "dataset's eval split, else built-in probes); a --data without one is refused")
     samples: int = option(8, "prompts compared", min=1, max=1000)
     tokens: int = option(16, "generated tokens compared per prompt", min=1, max=512)
     min_agreement: float = option(0.9, "next-token agreement below which the report says the gate fails", min=0,
@@ -269,22 +298,29 @@ def _parity_extras(cfg: ParityConfig) -> tuple[str, ...]:
     return ("gguf",) if any("gguf" in str(ref).lower() for ref in refs) else ("finetune",)
 
 
+#: where ``parity`` (a command, not a run) writes other libraries' output, under ``<registry home>/logs``
+PARITY_LOG = "parity.log"
+
+
 @command("parity", ParityConfig, extras=_parity_extras)
 def parity_command(cfg: ParityConfig, env: CommandEnv) -> Any:
     """Deploy-parity report of two model versions: rendered prompts, next-token agreement, exact match, max |Δlogit|."""
+    from llmops_jupyter.core.capture import capture_output
     from llmops_jupyter.stages.export import parity
 
-    a_ref, b_ref = (resolve_deployable(r, env.registry) for r in cfg.model)
-    convs = conversations(env.registry, a_ref, cfg.data, cfg.samples)
-    a = parity.open_side(a_ref, env.registry)
-    try:
-        b = parity.open_side(b_ref, env.registry)
+    # not a run: other libraries' output (weight-loading bars, warnings) goes to the registry's parity log
+    with capture_output(Path(env.registry.home) / "logs" / PARITY_LOG):
+        a_ref, b_ref = (resolve_deployable(r, env.registry) for r in cfg.model)
+        convs = conversations(env.registry, a_ref, cfg.data, cfg.samples)
+        a = parity.open_side(a_ref, env.registry)
         try:
-            report = parity.compare(a, b, convs, n_tokens=cfg.tokens, min_agreement=cfg.min_agreement)
+            b = parity.open_side(b_ref, env.registry)
+            try:
+                report = parity.compare(a, b, convs, n_tokens=cfg.tokens, min_agreement=cfg.min_agreement)
+            finally:
+                b.close()
         finally:
-            b.close()
-    finally:
-        a.close()
+            a.close()
     if cfg.check and not report.passed:
         raise GateError(f"parity: {report.reason}", failures=[report.reason])
     return report.table(title=f"Deploy parity: {cfg.model[0]} vs {cfg.model[1]}")
