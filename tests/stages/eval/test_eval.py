@@ -224,13 +224,8 @@ def test_bad_gate_and_config_errors(registry):
         EvalConfig()
 
 
-def test_lm_eval_task_needs_the_package(registry, tiny_dataset, tiny_model, tmp_path):
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("lm-eval is installed")
+def test_lm_eval_task_needs_the_package(registry, tiny_dataset, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if [lmeval] were not installed ([dev] installs it)
     task = tmp_path / "task.yaml"
     task.write_text("task: tiny\n")
     with pytest.raises(MissingDependencyError, match=r"lm-eval.*pip install 'llmops-jupyter\[lmeval\]'"):
