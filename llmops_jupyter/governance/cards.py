@@ -25,7 +25,7 @@ from llmops_jupyter.core.errors import NotFoundError
 if TYPE_CHECKING:
     from llmops_jupyter.registry import Artifact, Registry
 
-MODEL_KINDS = ("deployment", "quantized", "merged", "adapter", "base-model")
+MODEL_KINDS = ("deployment", "quantized", "distilled", "pruned", "merged", "adapter", "base-model")
 CARD_KIND = "model-card"
 TRAIN_STAGES = ("finetune", "train", "sft", "dpo", "orpo")
 EVAL_STAGES = ("eval", "evaluate", "judge", "benchmark", "compare")
@@ -617,7 +617,7 @@ def latest_card(registry: Registry, model: Artifact) -> Artifact | None:
 
 
 # -- automatic cards ----------------------------------------------------------------------------------------------
-AUTO_KINDS = ("adapter", "merged", "quantized", "deployment")
+AUTO_KINDS = ("adapter", "merged", "pruned", "distilled", "quantized", "deployment")
 _PENDING: dict[str, list[str]] = {}
 
 

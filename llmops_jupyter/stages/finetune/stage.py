@@ -121,7 +121,7 @@ def run_stage(ctx: RunContext) -> dict[str, Any]:
 
     cfg, resumed, resume_ckpt = effective_config(ctx)
     model = use_model(ctx, resumed.get("base_model_path") or cfg.model)
-    if model.kind != "base-model":
+    if model.kind not in ("base-model", "pruned", "distilled"):
         raise StageError(f"--model '{cfg.model}' is a {model.kind}; LoRA needs a base model.",
                          fix="pass the base model (for an adapter: its merged model from `%llmops merge`)")
     data = load_dataset(resumed.get("dataset") or cfg.data, ctx.registry)
