@@ -205,3 +205,23 @@ def test_prune_module_imports_light():
             "sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.slow  # GPTQ (first run on a machine compiles GPTQModel's C++ helper, ~40 s on 2 cores)
+def test_depth_pruned_model_quantizes_with_gptq_and_is_no_prune_input(chain, depth):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmops_jupyter.stages.quantize.stage import import_gptqmodel
+
+    q = chain["runner"].run("quantize", model=depth.run_id, method="gptq", bits=4, group_size=32,
+                            calibration_samples=8, eval_samples=4, generate_tokens=4, compare_eval=False)
+    assert q.status == RunStatus.FINISHED
+    import_gptqmodel()
+    model = AutoModelForCausalLM.from_pretrained(str(q.artifact.path), device_map="cpu")
+    assert len(model.model.layers) == 3
+    tok = AutoTokenizer.from_pretrained(str(q.artifact.path))
+    assert len(greedy(model, tok, "What is 2 plus 3?", 4, use_cache=True)) == 4
+    before = len(chain["registry"].list_artifacts("pruned"))
+    with pytest.raises(ConfigError, match="is quantized \\(gptq 4-bit\\)"):
+        chain["runner"].run("prune", model=q.run_id, layers=1, **FAST)
+    assert len(chain["registry"].list_artifacts("pruned")) == before
