@@ -167,8 +167,8 @@ class DistillStage(Stage):
             quant = mt.checkpoint_quantization(m.path)
             if m.kind not in FULL_WEIGHT_KINDS or quant:
                 what = quant or m.kind
-                raise ConfigError(f"distill: --{role} '{getattr(cfg, role)}' is a {what} model; distillation needs "
-                                  "full-precision weights.", field=role, value=getattr(cfg, role),
+                raise ConfigError(f"distill: --{role} '{getattr(cfg, role)}' is not a full-precision model ({what}); "
+                                  "distillation needs full-precision weights.", field=role, value=getattr(cfg, role),
                                   fix=("merge it first (`%llmops merge --adapter ...`)" if m.kind == "adapter"
                                        else "pass the full-precision model it came from (see `%llmops lineage`)"))
             refs[role] = m

@@ -79,6 +79,10 @@ def test_depth_prune_is_a_normal_checkpoint_in_the_registry(chain, depth):
     assert mx["tokens_per_s"] > 0 and mx["source_tokens_per_s"] > 0 and mx["tokens_per_s_ratio"] > 0
     kinds = [a.kind for a in reg.lineage_chain(depth.artifact)]
     assert kinds.index("dataset") < kinds.index("merged") < kinds.index("pruned")
+    from llmops_jupyter.governance.cards import build_model_card
+
+    card = build_model_card(reg, depth.artifact.hash).markdown()
+    assert "## Compression" in card and "removed_layers" in card and "block influence" in card
 
 
 def test_angular_distance_removes_a_contiguous_block_and_target_params_picks_the_count(chain):
