@@ -21,6 +21,7 @@ the off-policy path here is this small trainer subclass.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -196,9 +197,10 @@ def load_teacher(path: Path, dtype: Any) -> Any:
 
 def train_distill(cfg: DistillConfig, student_path: Path, teacher_path: Path, train_rows: list[dict],
                   eval_rows: list[dict], out_dir: Path, reporter: Reporter, *, resume_from: Path | None = None,
-                  model_ref: str = "", save_dir: Path) -> TrainOutput:
+                  model_ref: str = "", save_dir: Callable[[], Path]) -> TrainOutput:
     """Distil the teacher into the student on the dataset's texts; writes the full student checkpoint (LoRA/QLoRA
-    merged into full-precision weights) to ``save_dir``."""
+    merged into full-precision weights) to the folder ``save_dir()`` makes after training (a process killed while
+    training leaves no staging folder behind); returned as ``adapter_dir`` of the output."""
     import datasets
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, TrainingArguments
 
@@ -257,7 +259,8 @@ def train_distill(cfg: DistillConfig, student_path: Path, teacher_path: Path, tr
                              train_examples=len(train_ds), eval_examples=len(eval_tok), tokenizer=tokenizer,
                              adapter_dir=None, loss=cfg.loss, temperature=cfg.temperature,
                              chunk_size=cfg.chunk_size, student_method=cfg.method)
-            final = _save_student(cfg, model, student_path, save_dir, dtype, tokenizer)
+            out.adapter_dir = save_dir()
+            final = _save_student(cfg, model, student_path, out.adapter_dir, dtype, tokenizer)
             end = agreement(final, teacher, eval_tok, cfg.batch_size, pad) if eval_tok else {}
             del final
             for key in ("kl_to_teacher", "top1_agreement", "perplexity", "teacher_perplexity"):

@@ -182,10 +182,11 @@ class DistillStage(Stage):
                            "student": student.name, "student_path": str(student.path),
                            "dataset": data.artifact.hash if data.artifact else str(data.path),
                            "data_version": data.version, "checkpoints": str(folder / "checkpoints")})
-        staging = ctx.staging_dir("distill")
         t0 = time.perf_counter()
         out = train_distill(cfg, student.path, teacher.path, data.train, data.eval, folder / "checkpoints", ctx,
-                            resume_from=resume_ckpt, model_ref=cfg.student, save_dir=staging)
+                            resume_from=resume_ckpt, model_ref=cfg.student or "",
+                            save_dir=lambda: ctx.staging_dir("distill"))
+        staging = out.adapter_dir
         gate_rows = out.info.pop("gate_rows", {})
         ctx.set_summary(**out.info)
         prompt = (mt.split_texts(data, 1, split="eval", fill=True, field="prompt") or [mt.FIXED_PROBES[1]])[0]

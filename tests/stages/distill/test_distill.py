@@ -103,11 +103,13 @@ def test_unhealed_student_fails_the_distill_gate_after_storing(pair):
     reg, runner = pair["registry"], pair["runner"]
     with pytest.raises(GateError, match="violates 'perplexity<=\\+5%'"):
         runner.run("distill", teacher=pair["teacher"].run_id, student=pair["student"].run_id,
-                   data=pair["data"].hash, max_steps=1, lr=1e-7, gate="perplexity<=+5%", **TRAIN)
+                   data=pair["data"].hash, max_steps=1, lr=1e-7, gate="perplexity<=+5%", completion_only_loss=True,
+                   **TRAIN)
     run = reg.list_runs(stage="distill")[0]
     assert run["status"] == "failed" and "Regression gate failed" in run["error"]
 
 
+@pytest.mark.slow  # one more distillation run (~15 s on 2 cores)
 def test_lora_student_is_merged_into_a_full_checkpoint(pair):
     res = pair["runner"].run("distill", teacher=pair["teacher"].run_id, student=pair["student"].run_id,
                              data=pair["data"].hash, method="lora", rank=4, alpha=8, max_steps=2, lr=1e-3,
