@@ -81,7 +81,7 @@ def test_depth_prune_is_a_normal_checkpoint_in_the_registry(chain, depth):
     assert kinds.index("dataset") < kinds.index("merged") < kinds.index("pruned")
     from llmops_jupyter.governance.cards import build_model_card
 
-    card = build_model_card(reg, depth.artifact.hash).markdown()
+    card = build_model_card(reg, depth.artifact.hash).markdown
     assert "## Compression" in card and "removed_layers" in card and "block influence" in card
 
 
