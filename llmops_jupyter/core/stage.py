@@ -121,6 +121,8 @@ CATALOG: tuple[str, ...] = (
     "llmops_jupyter.stages.eval.stage",
     "llmops_jupyter.stages.merge.stage",
     "llmops_jupyter.stages.quantize.stage",
+    "llmops_jupyter.stages.prune.stage",
+    "llmops_jupyter.stages.distill.stage",
     "llmops_jupyter.stages.serve.stage",
     "llmops_jupyter.stages.export.stage",
     "llmops_jupyter.stages.monitor.stage",

@@ -35,8 +35,8 @@ from llmops_jupyter.frontends.argparsing import (
 )
 
 #: field names that hold a model reference (providers and model-producing runs are offered)
-MODEL_FIELDS = ("model", "base", "tokenizer", "judge", "adapter")
-MODEL_STAGES = ("finetune", "merge", "quantize")
+MODEL_FIELDS = ("model", "base", "tokenizer", "judge", "adapter", "teacher", "student")
+MODEL_STAGES = ("finetune", "merge", "quantize", "prune", "distill")
 #: field names that hold a dataset reference
 DATA_FIELDS = ("data", "reference")
 RECENT_RUNS = 8

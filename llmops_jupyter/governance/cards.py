@@ -25,7 +25,7 @@ from llmops_jupyter.core.errors import NotFoundError
 if TYPE_CHECKING:
     from llmops_jupyter.registry import Artifact, Registry
 
-MODEL_KINDS = ("deployment", "quantized", "merged", "adapter", "base-model")
+MODEL_KINDS = ("deployment", "quantized", "distilled", "pruned", "merged", "adapter", "base-model")
 CARD_KIND = "model-card"
 TRAIN_STAGES = ("finetune", "train", "sft", "dpo", "orpo")
 EVAL_STAGES = ("eval", "evaluate", "judge", "benchmark", "compare")
@@ -554,6 +554,24 @@ def build_model_card(
                     caption="quantization_config (from config.json)")
         sections.append(s)
 
+    # Compression (prune / distill) ---------------------------------------------------------------------------------
+    comp_runs = [r for r in runs.values() if r["stage"] in ("prune", "distill")]
+    data["compression"] = []
+    if comp_runs:
+        s = Section("Compression")
+        keys = {"prune": ("method", "removed_layers", "why", "source_layers", "layers", "params_ratio", "size_ratio",
+                          "source_perplexity", "perplexity", "tokens_per_s_ratio", "sparsity"),
+                "distill": ("teacher", "student", "loss", "temperature", "student_method", "steps", "kl_to_teacher",
+                            "top1_agreement", "teacher_perplexity", "perplexity", "size_ratio", "tokens_per_s_ratio")}
+        for run in comp_runs:
+            values = {**(run.get("params") or {}), **_metrics(registry, run["id"]), **(run.get("summary") or {})}
+            rows = [[k, values[k]] for k in keys[run["stage"]] if values.get(k) is not None]
+            data["compression"].append({"run_id": run["id"], "stage": run["stage"], **dict(rows)})
+            s.table(["measure", "value"], rows, caption=f"{run['stage']} run `{run['id']}` ({run['status']})")
+            if run["stage"] == "prune" and values.get("method") == "wanda":
+                s.paragraphs.append("Sparse weights are stored dense: no speed-up on CPU or in GGUF/GPTQ files.")
+        sections.append(s)
+
     # Pipeline steps + lineage -------------------------------------------------------------------------------------
     s = Section("Lineage")
     step_rows = []
@@ -617,7 +635,7 @@ def latest_card(registry: Registry, model: Artifact) -> Artifact | None:
 
 
 # -- automatic cards ----------------------------------------------------------------------------------------------
-AUTO_KINDS = ("adapter", "merged", "quantized", "deployment")
+AUTO_KINDS = ("adapter", "merged", "pruned", "distilled", "quantized", "deployment")
 _PENDING: dict[str, list[str]] = {}
 
 

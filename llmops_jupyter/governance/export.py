@@ -24,7 +24,7 @@ from llmops_jupyter.core.files import atomic_dir
 if TYPE_CHECKING:
     from llmops_jupyter.registry import Artifact, Registry
 
-MODEL_ARTIFACT_KINDS = {"base-model", "adapter", "merged", "quantized", "deployment"}
+MODEL_ARTIFACT_KINDS = {"base-model", "adapter", "merged", "pruned", "distilled", "quantized", "deployment"}
 SMALL_BYTES = 20 * 2**20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from llmops_jupyter.core.runner import RunContext
     from llmops_jupyter.registry import Artifact, Registry
 
-MODEL_KINDS = ("base-model", "adapter", "merged", "quantized")
+MODEL_KINDS = ("base-model", "adapter", "merged", "quantized", "pruned", "distilled")
+#: full/half-precision checkpoints (not adapters, not quantized): what merge, prune, distill and GGUF export read
+FULL_WEIGHT_KINDS = ("base-model", "merged", "pruned", "distilled")
 
 #: name → function(cache_dir) -> Path. Providers must not touch the network.
 PROVIDERS: dict[str, Callable[[Path], Path]] = {}
@@ -149,7 +151,7 @@ def resolve_model(ref: str | os.PathLike, registry: Registry, *, register: bool 
     if art is not None:
         if art.kind not in MODEL_KINDS:
             # a run reference: prefer its model output over e.g. a report
-            for kind in ("merged", "quantized", "adapter", "base-model"):
+            for kind in ("merged", "distilled", "pruned", "quantized", "adapter", "base-model"):
                 try:
                     art = registry.get_artifact(f"{ref_s}:{kind}")
                     break

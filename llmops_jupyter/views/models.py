@@ -17,7 +17,7 @@ from llmops_jupyter.core.stage import CommandEnv, command
 class ModelsConfig(StageConfig):
     path: list[str] = option([], "extra folders to scan for checkpoints (besides the model cache, the HF cache and "
                                  "the registry)")
-    kind: str | None = option(None, "only this kind", choices=["base-model", "adapter", "merged", "quantized",
+    kind: str | None = option(None, "only this kind", choices=["base-model", "adapter", "merged", "pruned", "distilled", "quantized",
                                                               "provider"])
 
 
@@ -61,7 +61,7 @@ def models(cfg: ModelsConfig, env: CommandEnv) -> Table:
                      str(path) if path else "(built on first use)"])
 
     for art in env.registry.list_artifacts():
-        if art.kind in ("base-model", "adapter", "merged", "quantized"):
+        if art.kind in ("base-model", "adapter", "merged", "pruned", "distilled", "quantized"):
             add(art.name or art.short, art.kind, f"registry {art.short}", art.path)
     cache = model_cache_dir()
     for p in _scan(cache):

@@ -79,12 +79,12 @@ class GGUFStage(Stage):
     key_metrics = ("parity_next_token_agreement", "parity_exact_match", "parity_max_logit_diff")
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        from llmops_jupyter.models.refs import use_model
+        from llmops_jupyter.models.refs import FULL_WEIGHT_KINDS, use_model
         from llmops_jupyter.stages.export import convert, modelfile, parity
 
         cfg: GGUFConfig = ctx.config
         m = use_model(ctx, cfg.model)
-        if m.kind not in ("merged", "base-model"):
+        if m.kind not in FULL_WEIGHT_KINDS:
             fix = (f"%llmops merge --adapter {cfg.model}" if m.kind == "adapter"
                    else "export the merged model the quantized one was made from")
             raise ConfigError(f"gguf: '{cfg.model}' is a {m.kind} model; GGUF export needs a full-precision merged "

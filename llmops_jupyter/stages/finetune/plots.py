@@ -12,7 +12,7 @@ from typing import Any
 #: (panel title, metric keys drawn in it) of the training figure, in grid order. The loss panel is retitled by
 #: :func:`loss_panel_title` once a preference (DPO) run logs its reward margin.
 TRAINING_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("loss", ("loss", "eval_loss", "rewards/margins")),
+    ("loss", ("loss", "eval_loss", "rewards/margins", "eval_kl_to_teacher")),
     ("learning rate", ("lr",)),
     ("tokens / s", ("tokens_per_s",)),
     ("peak memory (MB)", ("memory_mb",)),

@@ -15,7 +15,6 @@ training:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,49 +67,10 @@ def attach(cfg: AttachConfig, env: CommandEnv) -> Any:
 
 def effective_config(ctx: RunContext) -> tuple[FinetuneConfig, dict[str, Any], Path | None]:
     """The config to train with: for ``--resume``, the interrupted run's training options and resolved inputs."""
-    from llmops_jupyter.stages.finetune.train import clear_incomplete_checkpoints, last_checkpoint, run_dir
+    from llmops_jupyter.stages.finetune.train import resume_config
 
-    cfg: FinetuneConfig = ctx.config
-    if not cfg.resume:
-        return cfg, {}, None
-    src = ctx.registry.get_run(cfg.resume)
-    if src["stage"] != "finetune":
-        raise StageError(f"Run '{src['id']}' is a {src['stage']} run, not a finetune run.",
-                         fix="pass the id of an interrupted finetune run (`%llmops runs --stage finetune`)")
-    if src["status"] == "running":
-        raise StageError(f"Run '{src['id']}' is still running (pid {src['pid']} on {src['host']}).",
-                         fix=f"stop it first (`%llmops attach {src['id']} --stop`), then resume it")
-    clear_incomplete_checkpoints(run_dir(ctx.registry, src["id"]) / "checkpoints")
-    ckpt = last_checkpoint(ctx.registry, src["id"])
-    if ckpt is None:
-        raise StageError(f"Run '{src['id']}' has no complete checkpoint to resume from.",
-                         fix="start it again without --resume (use --checkpoint-every to save progress)")
-    src_cfg = FinetuneConfig.from_dict({k: v for k, v in src["params"].items() if k in FinetuneConfig.field_names()})
-    defaults = FinetuneConfig()
-    changes: dict[str, list[Any]] = {}
-    for name in FinetuneConfig.field_names():
-        if name in RESUME_FREE:
-            continue
-        given, before = getattr(cfg, name), getattr(src_cfg, name)
-        if given == getattr(defaults, name) or given == before:
-            continue  # not given on the command line (a default), or the same value
-        if name in RESUME_EXTEND:
-            changes[name] = [before, given]
-            continue
-        flag = "--" + name.replace("_", "-")
-        raise StageError(f"{flag} {given} differs from run {src['id']}'s {before}; a resumed run keeps its training "
-                         "options.", fix=f"drop {flag} (the run used {before}), or start a new run without --resume")
-    eff = dataclasses.replace(src_cfg, **{k: getattr(cfg, k) for k in RESUME_FREE},
-                              **{k: new for k, (_old, new) in changes.items()})
-    if eff.max_steps and eff.max_steps <= ckpt[0]:
-        raise StageError(f"--max-steps {eff.max_steps} is not past run {src['id']}'s last checkpoint (step {ckpt[0]}).",
-                         fix=f"give --max-steps above {ckpt[0]} to train longer")
-    pinned = {k: src["summary"].get(k) for k in ("dataset", "base_model_path") if src["summary"].get(k)}
-    recorded = {"resumed_from": src["id"], "resumed_at_step": ckpt[0], **pinned}
-    if changes:
-        recorded["resume_changes"] = changes
-        ctx.log("resume changes " + ", ".join(f"{k}: {a} → {b}" for k, (a, b) in changes.items()))
-    return eff, recorded, ckpt[1]
+    return resume_config(ctx, FinetuneConfig, "finetune", free=RESUME_FREE, extend=RESUME_EXTEND,
+                         pinned=("dataset", "base_model_path"))
 
 
 def run_stage(ctx: RunContext) -> dict[str, Any]:
@@ -121,7 +81,7 @@ def run_stage(ctx: RunContext) -> dict[str, Any]:
 
     cfg, resumed, resume_ckpt = effective_config(ctx)
     model = use_model(ctx, resumed.get("base_model_path") or cfg.model)
-    if model.kind != "base-model":
+    if model.kind not in ("base-model", "pruned", "distilled"):
         raise StageError(f"--model '{cfg.model}' is a {model.kind}; LoRA needs a base model.",
                          fix="pass the base model (for an adapter: its merged model from `%llmops merge`)")
     data = load_dataset(resumed.get("dataset") or cfg.data, ctx.registry)

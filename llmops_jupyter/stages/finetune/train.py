@@ -84,6 +84,57 @@ def last_checkpoint(registry: Registry, run_id: str) -> tuple[int, Path] | None:
     return None
 
 
+def resume_config(ctx: Any, cls: type, stage: str, *, free: tuple[str, ...], extend: tuple[str, ...],
+                  pinned: tuple[str, ...]) -> tuple[Any, dict[str, Any], Path | None]:
+    """``--resume`` for any training stage built on this template (finetune, distill): the interrupted run's
+    training options (``free`` ones may change, ``extend`` ones may change to train longer, any other difference is
+    refused), the summary keys in ``pinned`` (resolved inputs) and its newest complete checkpoint."""
+    cfg = ctx.config
+    if not cfg.resume:
+        return cfg, {}, None
+    src = ctx.registry.get_run(cfg.resume)
+    if src["stage"] != stage:
+        raise StageError(f"Run '{src['id']}' is a {src['stage']} run, not a {stage} run.",
+                         fix=f"pass the id of an interrupted {stage} run (`%llmops runs --stage {stage}`)")
+    if src["status"] == "running":
+        raise StageError(f"Run '{src['id']}' is still running (pid {src['pid']} on {src['host']}).",
+                         fix=f"stop it first (`%llmops attach {src['id']} --stop`), then resume it")
+    clear_incomplete_checkpoints(run_dir(ctx.registry, src["id"]) / "checkpoints")
+    ckpt = last_checkpoint(ctx.registry, src["id"])
+    if ckpt is None:
+        raise StageError(f"Run '{src['id']}' has no complete checkpoint to resume from.",
+                         fix="start it again without --resume (use --checkpoint-every to save progress)")
+    names = cls.field_names()
+    src_cfg = cls.from_dict({k: v for k, v in src["params"].items() if k in names})
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else
+                         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+                for f in dataclasses.fields(cls)}
+    changes: dict[str, list[Any]] = {}
+    for name in names:
+        if name in free:
+            continue
+        given, before = getattr(cfg, name), getattr(src_cfg, name)
+        if given == defaults[name] or given == before:
+            continue  # not given on the command line (a default), or the same value
+        if name in extend:
+            changes[name] = [before, given]
+            continue
+        flag = "--" + name.replace("_", "-")
+        raise StageError(f"{flag} {given} differs from run {src['id']}'s {before}; a resumed run keeps its training "
+                         "options.", fix=f"drop {flag} (the run used {before}), or start a new run without --resume")
+    eff = dataclasses.replace(src_cfg, **{k: getattr(cfg, k) for k in free},
+                              **{k: new for k, (_old, new) in changes.items()})
+    if eff.max_steps and eff.max_steps <= ckpt[0]:
+        raise StageError(f"--max-steps {eff.max_steps} is not past run {src['id']}'s last checkpoint (step {ckpt[0]}).",
+                         fix=f"give --max-steps above {ckpt[0]} to train longer")
+    kept = {k: src["summary"].get(k) for k in pinned if src["summary"].get(k)}
+    recorded = {"resumed_from": src["id"], "resumed_at_step": ckpt[0], **kept}
+    if changes:
+        recorded["resume_changes"] = changes
+        ctx.log("resume changes " + ", ".join(f"{k}: {a} → {b}" for k, (a, b) in changes.items()))
+    return eff, recorded, ckpt[1]
+
+
 def compute_dtype(name: str) -> Any:
     """The dtype to train in: ``auto`` = bfloat16 on GPUs that support it, else float32 (a checkpoint's saved dtype
     is :func:`llmops_jupyter.models.tools.checkpoint_dtype`)."""
@@ -116,8 +167,9 @@ def uses_4bit(cfg: FinetuneConfig) -> bool:
     return cfg.method == "qlora" or (cfg.method == "dpo" and getattr(cfg, "dpo_base", "lora") == "qlora")
 
 
-def load_model(cfg: FinetuneConfig, model_path: Path, dtype: Any) -> Any:
-    """Base model (4-bit NF4 + double quantization for QLoRA) with LoRA adapters attached."""
+def load_model(cfg: FinetuneConfig, model_path: Path, dtype: Any, *, lora: bool = True) -> Any:
+    """Base model (4-bit NF4 + double quantization for QLoRA) with LoRA adapters attached; ``lora=False``: the
+    model itself, every weight trainable (full fine-tuning, e.g. a distillation student)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
@@ -138,6 +190,9 @@ def load_model(cfg: FinetuneConfig, model_path: Path, dtype: Any) -> Any:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     set_seed(cfg.seed)  # LoRA A matrices are initialised here: same seed, same adapter
+    if not lora:
+        model.requires_grad_(True)
+        return model
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
                       target_modules=resolve_target_modules(list(cfg.target_modules), model.config.model_type))
     from llmops_jupyter.models.inference import without_gptqmodel  # GPTQModel only for a GPTQ base
@@ -297,6 +352,8 @@ def _callback_cls():
             # preference tuning (DPO): rewards and log-probs per logging step and per evaluation
             values.update({k: v for k, v in logs.items()
                            if k.startswith(("rewards/", "logps/", "eval_rewards/", "eval_logps/"))})
+            # distillation: agreement with the teacher per evaluation
+            values.update({k: v for k, v in logs.items() if k.startswith(("eval_kl_", "eval_top1_", "eval_ppl"))})
             if "train_loss" in logs:
                 self.train_loss = logs["train_loss"]
             values = {k: float(v) for k, v in values.items() if v is not None}
@@ -363,7 +420,8 @@ def finish_run(trainer: Any, model: Any, counter: TokenCounter, metrics: dict[st
             **extra,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total_params": sum(p.numel() for p in model.parameters()),
-            "target_modules": sorted(model.peft_config["default"].target_modules),
+            "target_modules": (sorted(model.peft_config["default"].target_modules)
+                               if getattr(model, "peft_config", None) else "all (full fine-tuning)"),
             "train_examples": train_examples, "eval_examples": eval_examples}
     if adapter_dir is not None and trainer.is_world_process_zero():
         model.save_pretrained(str(adapter_dir), **(save_kwargs or {}))

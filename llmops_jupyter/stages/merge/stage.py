@@ -163,7 +163,7 @@ class MergeStage(Stage):
         return {"report": report, "artifact": art, "verification": verification}
 
     def _resolve(self, ctx: RunContext, cfg: MergeConfig) -> tuple[ModelRef, ModelRef]:
-        from llmops_jupyter.models.refs import resolve_model, use_model
+        from llmops_jupyter.models.refs import FULL_WEIGHT_KINDS, resolve_model, use_model
 
         adapter = resolve_model(cfg.adapter, ctx.registry)
         if adapter.kind != "adapter":
@@ -181,7 +181,7 @@ class MergeStage(Stage):
                                   field="base", fix="pass --base with the base model folder or registry reference")
             adapter = use_model(ctx, cfg.adapter)
             base = adapter.base
-        if base.kind not in ("base-model", "merged"):
+        if base.kind not in FULL_WEIGHT_KINDS:
             raise ConfigError(f"merge: the base '{base.ref}' is a {base.kind} model; merge needs the full-precision "
                               "base checkpoint.", field="base", value=cfg.base,
                               fix="pass --base with the original base model")
