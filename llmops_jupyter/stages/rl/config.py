@@ -120,7 +120,7 @@ class RLConfig(StageConfig):
         for r in self.reward:
             flat.extend(x.strip() for x in r.split(",") if x.strip()) if isinstance(r, str) else flat.append(r)
         self.reward = flat
-        if not self.reward:
+        if not self.reward and not self.resume:  # a resumed run takes its rewards' names from that run
             raise self.invalid("reward", "needs at least one reward function",
                                fix="pass --reward NAME (a notebook function, or a built-in such as format)")
         for r in self.reward:
