@@ -37,7 +37,7 @@ class RLStage(Stage):
     @classmethod
     def extras_for(cls, config) -> tuple[str, ...]:
         judge = getattr(config, "judge", None) or ""
-        return ("finetune", "eval") if judge.startswith(("http://", "https://")) else ("finetune",)
+        return ("eval",) if judge.startswith(("http://", "https://")) else ("finetune",)  # [eval] has openai
 
     def run(self, ctx) -> dict[str, Any]:
         return run_rl(ctx)
