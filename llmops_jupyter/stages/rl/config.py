@@ -39,7 +39,7 @@ class RLConfig(StageConfig):
     reward_weights: list[float] = option([], "one weight per --reward (default: all 1.0); the total reward is the "
                                              "weighted sum")
     format_pattern: str = option(r"<answer>.*?</answer>", "regular expression the built-in `format` reward looks for "
-                                                          "in a completion (1.0 when found)"),
+                                                          "in a completion (1.0 when found)")
     method: str = option("grpo", "grpo: group-relative advantages (TRL GRPOTrainer); rloo: leave-one-out baseline "
                                  "(TRL RLOOTrainer)", choices=METHODS)
     peft: str = option("lora", "lora: adapters on a full-precision base; qlora: on a 4-bit NF4 base",

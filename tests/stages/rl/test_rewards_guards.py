@@ -37,6 +37,7 @@ def test_names_resolve_from_the_notebook_namespace_then_builtins():
     ns = {"fmt": fmt, "limit": 3}
     assert R.resolve("fmt", cfg(), namespace=ns) == ("fmt", fmt)
     assert R.resolve(fmt, cfg(), namespace={})[0] == "fmt"  # $fn / rl(rewards=[fn])
+    assert R.resolve("format", cfg(), namespace={})[1](["<answer>3</answer>", "3"]) == [1.0, 0.0]  # the default
     name, fn = R.resolve("format", cfg(format_pattern="x"), namespace=ns)
     assert name == "format" and fn(["axb", "b"]) == [1.0, 0.0]
     with pytest.raises(ConfigError, match="--reward limit names a int, not a function"):
