@@ -150,3 +150,26 @@ def test_guards():
     assert g.observe_check(0, 0.2) == [] and g.observe_check(5, 0.2) == []
     (gamed,) = g.observe_check(10, 0.21)
     assert gamed.guard == "reward-vs-check" and "exact" in gamed.message
+
+
+def test_dashboard_draws_components_samples_and_alerts_from_events():
+    from llmops_jupyter.core.runner import Event, EventType
+    from llmops_jupyter.stages.rl.dashboard import RLDashboard
+
+    shown = []
+    dash = RLDashboard(cfg(reward=["fmt"]), front_end="magic", display=shown.append)
+    dash(Event(EventType.STARTED, "r", "rl", {}))
+    dash(Event(EventType.METRIC, "r", "rl", {"step": 1, "values": {"reward": 0.5, "rewards/fmt/mean": 0.5,
+                                                                     "rewards/extra/mean": 0.1, "kl": 0.01}}))
+    sample = {"step": 1, "group": 0, "prompt": "p", "completion": "c", "rewards": {"fmt": 1.0}, "total": 1.0,
+              "advantage": 0.7}
+    dash(Event(EventType.LOG, "r", "rl", {"message": "s", "samples": [sample]}))
+    dash(Event(EventType.LOG, "r", "rl", {"message": "rl guard 'kl' at step 1: drift", "alert": {"guard": "kl"}}))
+    dash(Event(EventType.PROGRESS, "r", "rl", {"done": 1, "total": 4, "desc": "rl"}))
+    dash(Event(EventType.INTERRUPTED, "r", "rl", {}))
+    names = {t.name for t in dash._fig.data}
+    assert {"reward", "rewards/fmt/mean", "rewards/extra/mean", "kl", "frac_reward_zero_std"} <= names
+    assert dict(zip([t.name for t in dash._fig.data], [list(t.y) for t in dash._fig.data]))["reward"] == [0.5]
+    assert "0.7" in dash._table.value and "guard &#x27;kl&#x27;" in dash._alerts.value
+    assert "1 alert(s)" in dash.status_text() and "interrupted" in dash.status_text()
+    assert shown[-1].layout.title.text == "rl (interrupted)"  # a static figure stays in the saved notebook
