@@ -63,7 +63,6 @@ class JudgeReward:
         refs = answer if isinstance(answer, list) else [answer or ""] * len(completions)
         keys = [pair_key(str(p), str(c)) for p, c in zip(prompts, completions)]
         todo = [i for i, k in enumerate(keys) if k not in self.cache]
-        todo = list(dict.fromkeys(todo))
         seen: dict[str, int] = {}
         unique = []
         for i in todo:
