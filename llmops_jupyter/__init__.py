@@ -35,3 +35,15 @@ def form(command: str, /, **values):
     from llmops_jupyter.frontends.forms import build_form
 
     return build_form(command, **values)
+
+
+def rl(rewards=None, **options):
+    """Run ``%llmops rl`` from Python with reward functions passed as objects:
+    ``llmops_jupyter.rl(rewards=[correct, fmt], model="tiny-llama", data="data@latest", max_steps=20)``. ``rewards`` may
+    mix callables and names (notebook functions or built-ins); other keywords are the stage's options. Returns the
+    run result (its ``outputs`` hold the adapter, the reward figure and the completions table)."""
+    from llmops_jupyter.frontends.frontdoor import execute
+
+    if rewards is not None:
+        options["reward"] = list(rewards) if isinstance(rewards, (list, tuple)) else [rewards]
+    return execute("rl", options)

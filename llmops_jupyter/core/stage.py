@@ -118,6 +118,7 @@ def command(name: str, config_cls: type[StageConfig], *, cli: bool = True,
 CATALOG: tuple[str, ...] = (
     "llmops_jupyter.stages.data.stage",
     "llmops_jupyter.stages.finetune.stage",
+    "llmops_jupyter.stages.rl.stage",
     "llmops_jupyter.stages.eval.stage",
     "llmops_jupyter.stages.merge.stage",
     "llmops_jupyter.stages.quantize.stage",

@@ -184,8 +184,9 @@ def build_parser(cfg_cls: type[StageConfig], prog: str, description: str, values
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin in (list, tuple):
             (elem,) = typing.get_args(tp)[:1] or (str,)
-            kwargs.update(nargs="+", type=_converter(elem, values, f.name), metavar=f.name.upper(),
-                          action="extend")  # `--model a --model b` → [a, b]
+            # numbers are converted after splitting on commas (parse_config): `--weights 1,0.5` → [1.0, 0.5]
+            kwargs.update(nargs="+", type=_converter(str if elem in (int, float) else elem, values, f.name),
+                          metavar=f.name.upper(), action="extend")  # `--model a --model b` → [a, b]
         elif origin is dict:
             kwargs.update(nargs="+", metavar="KEY=VALUE")
         else:
@@ -238,7 +239,11 @@ def parse_config(
         if typing.get_origin(tp) in (list, tuple):
             (elem,) = typing.get_args(tp)[:1] or (str,)
             conv = _converter(elem, values, f.name)
-            value = [conv(v) if isinstance(v, str) else v for v in _split_list(value)]
+            try:
+                value = [conv(v) if isinstance(v, str) else v for v in _split_list(value)]
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"{prog}: argument {flag_name(f)}: {exc}.", field=f.name,
+                                 fix=f"see `{prog} --help`") from None
         elif typing.get_origin(tp) is dict:
             value = _parse_mapping(value, f.name, values)
         given[f.name] = value

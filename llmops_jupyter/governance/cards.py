@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 MODEL_KINDS = ("deployment", "quantized", "distilled", "pruned", "merged", "adapter", "base-model")
 CARD_KIND = "model-card"
-TRAIN_STAGES = ("finetune", "train", "sft", "dpo", "orpo")
+TRAIN_STAGES = ("finetune", "train", "sft", "dpo", "orpo", "rl", "reward-model")
 EVAL_STAGES = ("eval", "evaluate", "judge", "benchmark", "compare")
 # words marking quantization-quality metrics (one string: the architecture test reads a bare "drop" literal as SQL)
 _QUALITY_WORDS = tuple("delta ppl perplexity loss agree kl drop ratio".split())

@@ -55,8 +55,9 @@ def build_tokenizer(vocab_size: int = 512):
 
 
 def build_tiny_model(path: str | os.PathLike, *, seed: int = 0, hidden: int = 64, layers: int = 2,
-                     vocab_size: int = 512) -> Path:
-    """Write a tiny Llama checkpoint + tokenizer to ``path`` (atomically) and return it."""
+                     vocab_size: int = 512, initializer_range: float = 0.02) -> Path:
+    """Write a tiny Llama checkpoint + tokenizer to ``path`` (atomically) and return it. A larger
+    ``initializer_range`` gives a less uniform random model whose output a LoRA adapter can move (the RL tests)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,7 +67,7 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0, hidden: int = 64
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

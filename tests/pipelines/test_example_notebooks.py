@@ -59,7 +59,7 @@ def test_every_example_notebook_is_parameterised_and_explained():
 
     names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
     assert names == ["01_quickstart.ipynb", "02_qlora_merge_gptq_serve.ipynb", "03_sweep_and_compare.ipynb",
-                     "04_human_evaluation.ipynb", "05_search_and_diff.ipynb", "06_compress.ipynb"]
+                     "04_human_evaluation.ipynb", "05_search_and_diff.ipynb", "06_compress.ipynb", "07_rl_grpo.ipynb"]
     for name in names:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         assert parameters_cell_index(nb) >= 0, name
@@ -103,6 +103,15 @@ def test_sweep_notebook_compares_variants(home, tmp_path, tiny_model):
     assert "Sweep sweep-" in text and "2 variants" in text and "best eval_loss" in text
     assert "best variant" in text and "Eval summary (8 examples)" in text
     assert len(figures) >= 2  # parallel coordinates + metric vs parameter, and the eval summary
+
+
+def test_rl_notebook_trains_on_its_own_reward_functions(home, tmp_path, tiny_model):
+    nb = run_notebook("07_rl_grpo.ipynb", {"model": "tiny-llama", "n_problems": 24, "eval_size": 4, "max_steps": 2,
+                                           "num_generations": 2, "max_completion_length": 8, "check_every": 1},
+                      tmp_path)
+    text, figures = outputs(nb)
+    assert "held-out numeric match:" in text and "Sampled completions" in text
+    assert any(t.startswith("rl ") for t in titles(figures))  # the static reward figure is saved
 
 
 def test_human_evaluation_notebook_stores_ratings(home, tmp_path, tiny_model):

@@ -163,8 +163,10 @@ def resolve_target_modules(names: list[str], model_type: str) -> Any:
 
 
 def uses_4bit(cfg: FinetuneConfig) -> bool:
-    """QLoRA, or DPO on a QLoRA base (``--method dpo --dpo-base qlora``): the frozen base is 4-bit NF4."""
-    return cfg.method == "qlora" or (cfg.method == "dpo" and getattr(cfg, "dpo_base", "lora") == "qlora")
+    """QLoRA, DPO on a QLoRA base (``--method dpo --dpo-base qlora``) or RL with ``--peft qlora``: the frozen base
+    is 4-bit NF4."""
+    return (cfg.method == "qlora" or (cfg.method == "dpo" and getattr(cfg, "dpo_base", "lora") == "qlora")
+            or getattr(cfg, "peft", None) == "qlora")
 
 
 def load_model(cfg: FinetuneConfig, model_path: Path, dtype: Any, *, lora: bool = True) -> Any:
@@ -288,8 +290,9 @@ def _callback_cls():
 
         def __init__(self, reporter: Reporter, counter: TokenCounter, *, batching: str | None = None,
                      kernel: str | None = None, flops_per_token: float = 0.0, flops_rule: str = "",
-                     peak_tflops: float | None = None):
+                     peak_tflops: float | None = None, desc: str = "finetune"):
             self.reporter, self.counter = reporter, counter
+            self.desc = desc
             self.last_t = time.perf_counter()
             self.last_tokens = self.last_positions = 0
             self.train_loss: float | None = None
@@ -300,7 +303,7 @@ def _callback_cls():
 
         def on_train_begin(self, args, state, control, **kw):
             self.last_t, self.last_tokens = time.perf_counter(), self.counter.tokens
-            self.reporter.progress(state.global_step, state.max_steps, desc="finetune", **self.tags)
+            self.reporter.progress(state.global_step, state.max_steps, desc=self.desc, **self.tags)
 
         def on_step_begin(self, args, state, control, **kw):
             if getattr(self, "_first", True):  # after a resume, skipped batches were counted: start fresh
@@ -309,7 +312,7 @@ def _callback_cls():
                 self.last_positions = self.counter.positions
 
         def on_step_end(self, args, state, control, **kw):
-            self.reporter.progress(state.global_step, state.max_steps, desc="finetune", **self.tags)
+            self.reporter.progress(state.global_step, state.max_steps, desc=self.desc, **self.tags)
             poll = getattr(self.reporter, "poll_stop", None)  # a worker's reporter: look for the parent's request
             if poll is not None:
                 poll()
@@ -455,7 +458,8 @@ def trainer_kwargs(cfg: FinetuneConfig, out_dir: Path, dtype: Any, *, has_eval: 
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, optim=choose_optimizer(cfg),
         logging_steps=cfg.log_every, save_strategy="steps" if cfg.checkpoint_every else "no",
         save_steps=cfg.checkpoint_every or 500, save_total_limit=cfg.keep_checkpoints,
-        eval_strategy="steps" if cfg.eval_every and has_eval else "no", eval_steps=cfg.eval_every or None,
+        eval_strategy="steps" if getattr(cfg, "eval_every", 0) and has_eval else "no",
+        eval_steps=getattr(cfg, "eval_every", 0) or None,
         seed=cfg.seed, data_seed=cfg.seed, report_to=[], disable_tqdm=True,
         gradient_checkpointing=False,  # enabled on the model by load_model when asked (peft/kbit-aware)
         bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16, use_cpu=not cuda,
