@@ -181,9 +181,7 @@ def run_logged(argv: list[str], budget_s: float, log: str | os.PathLike, tail_li
     with log.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                 **popen_kw)
-        try:
-            code = proc.wait(timeout=budget_s)
-        except subprocess.TimeoutExpired:
+        def stop() -> None:
             for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
                 try:
                     os.killpg(proc.pid, sig)
@@ -194,6 +192,13 @@ def run_logged(argv: list[str], budget_s: float, log: str | os.PathLike, tail_li
                     break
                 except subprocess.TimeoutExpired:
                     continue
+
+        try:
+            code = proc.wait(timeout=budget_s)
+        except BaseException as exc:  # past the budget, or interrupted (Ctrl-C, pytest-timeout): stop the group
+            stop()
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                raise
             raise TimeoutError(f"{Path(argv[0]).name} {' '.join(argv[1:3])} ... outlived its {budget_s:.0f} s budget; "
                                f"its last output ({log}):\n{output_tail(log, tail_lines)}") from None
     return code, log.read_text(errors="replace")

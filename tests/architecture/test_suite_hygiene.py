@@ -36,6 +36,8 @@ ALLOWED = {
         "a grandchild workload that must outlive run_logged's 3 s budget (the test asserts its group is stopped)",
     ("tests/test_smoke_fixtures.py", '"time.sleep(600)\\n")'):
         "the child's workload that must outlive run_logged's 3 s budget (the test asserts the timeout message)",
+    ("tests/stages/rl/test_rewards_guards.py", "time.sleep(0.3)  # a slow reward, not synchronisation"):
+        "a reward function that is slow on purpose: the contract check must name it (timeout 0.1 s)",
     ("tests/tools/test_gpu_check.py",
      'gpu_check.Step("demo", 2, "stand-in", ["demo finishes"], [py, "-c", "import time; time.sleep(600)"]),'):
         "a stand-in step that must outlast its 2 s budget (the test asserts it is stopped and marked unmeasured)",

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ def test_kill9_during_distill_then_resume(registry, tiny_model, tiny_dataset, tm
     from llmops_jupyter.core.runner import Runner
     from llmops_jupyter.models.tiny import build_tiny_model
     from llmops_jupyter.stages.finetune.train import last_checkpoint
+    from llmops_jupyter.testing import wait_until
 
     student = build_tiny_model(tmp_path / "student", seed=1)  # same tokenizer, other weights
     env = {**os.environ, "LLMOPS_HOME": str(registry.home), "OMP_NUM_THREADS": "1",
@@ -32,14 +32,13 @@ def test_kill9_during_distill_then_resume(registry, tiny_model, tiny_dataset, tm
     log = tmp_path / "cli.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-    deadline = time.monotonic() + 240
-    run_id = None
-    while run_id is None or not last_checkpoint(registry, run_id):
-        assert proc.poll() is None, log.read_text()[-2000:]
-        assert time.monotonic() < deadline, log.read_text()[-2000:]
+    def checkpointed() -> str | None:
         runs = registry.list_runs(stage="distill")
-        run_id = runs[0]["id"] if runs else None
-        time.sleep(0.3)
+        return runs[0]["id"] if runs and last_checkpoint(registry, runs[0]["id"]) else None
+
+    run_id = wait_until(checkpointed, 240, what="the distill run's first checkpoint",
+                        abort=lambda: proc.poll() is not None and f"the CLI exited ({proc.returncode})",
+                        details=lambda: log.read_text()[-2000:])
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     run = registry.get_run(run_id)
