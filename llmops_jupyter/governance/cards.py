@@ -568,7 +568,7 @@ def build_model_card(
             rows = [[k, values[k]] for k in keys[run["stage"]] if values.get(k) is not None]
             data["compression"].append({"run_id": run["id"], "stage": run["stage"], **dict(rows)})
             s.table(["measure", "value"], rows, caption=f"{run['stage']} run `{run['id']}` ({run['status']})")
-            if run["stage"] == "prune" and values.get("method") == "wanda":
+            if run["stage"] == "prune" and values.get("method") in ("wanda", "sparsegpt"):
                 s.paragraphs.append("Sparse weights are stored dense: no speed-up on CPU or in GGUF/GPTQ files.")
         sections.append(s)
 

@@ -16,6 +16,11 @@ fits as a dependency (llm-compressor pins an older transformers, NVIDIA ModelOpt
 * **wanda** (Sun et al. 2023): score ``|W_ij| · ‖X_j‖₂`` from the calibration inputs of each linear layer; per output
   row the lowest-scoring 50 % (``--sparsity``) are zeroed, or 2 of every 4 consecutive weights (``2:4``). Zeros in a
   dense matrix save nothing on CPU, in GGUF or GPTQ files; only GPU 2:4 kernels turn them into speed.
+* **sparsegpt** (Frantar & Alistarh 2023, following the IST-DASLab reference ``fasterprune``): per linear layer the
+  Hessian ``H = 2·X·Xᵀ`` of its calibration inputs, dampened by 1 % of its mean diagonal; the upper Cholesky factor of
+  ``H⁻¹``; then blocks of 128 columns in order: the mask by ``w² / [H⁻¹]_jj²`` (50 % of the block, or 2 of every 4),
+  the pruned weights zeroed and their error spread over the later columns, so the kept weights compensate. Decoder
+  layers are pruned one after another, each calibrated on the outputs of the already-pruned previous layer.
 """
 
 from __future__ import annotations
@@ -333,3 +338,160 @@ def cache_consistent(model: Any, tokenizer: Any, prompt: str, new_tokens: int = 
         a = model.generate(**enc, use_cache=True, **kw)[0, enc["input_ids"].shape[1]:].tolist()
         b = model.generate(**enc, use_cache=False, **kw)[0, enc["input_ids"].shape[1]:].tolist()
     return a == b, a, b
+
+
+# -- sparsegpt ---------------------------------------------------------------------------------------------------------
+#: SparseGPT's column block and Hessian dampening (Frantar & Alistarh 2023; the IST-DASLab reference defaults)
+SPARSEGPT_BLOCKSIZE = 128
+SPARSEGPT_PERCDAMP = 0.01
+
+
+class HessianAccumulator:
+    """``H = 2/N · Σ x xᵀ`` over the N calibration tokens that reach one linear layer (fp32, running mean as in the
+    reference implementation, so large calibration sets do not overflow)."""
+
+    def __init__(self, columns: int, device: Any = "cpu") -> None:
+        import torch
+
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: Any) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, self.H.dtype)
+        t = x.shape[0]
+        if not t:
+            return
+        self.H *= self.tokens / (self.tokens + t)
+        self.tokens += t
+        x = x * math.sqrt(2.0 / self.tokens)
+        self.H += x.t() @ x
+
+
+def sparsegpt_prune(weight: Any, hessian: Any, *, sparsity: float, pattern: str,
+                    blocksize: int = SPARSEGPT_BLOCKSIZE, percdamp: float = SPARSEGPT_PERCDAMP) -> tuple[Any, float]:
+    """SparseGPT's ``fasterprune`` on one ``[rows, columns]`` weight: returns ``(pruned fp32 weight, error)``.
+
+    Steps (as in the IST-DASLab reference): input columns that never fire (``H_jj = 0``) are zeroed; ``H`` is
+    dampened by ``percdamp · mean(diag H)``; ``U`` = the upper Cholesky factor of ``H⁻¹``. Columns are then visited in
+    blocks of ``blocksize``: the mask of a block is chosen once from ``w² / U_jj²`` — the lowest ``sparsity`` share of
+    the whole block (unstructured), or, at every 4th column, the 2 lowest of each row's next 4 weights (``2:4``, after
+    the earlier columns' updates) — and column by column the pruned weights are zeroed and their error
+    ``(w − q) / U_jj`` is spread over the later columns of the block with row ``U_j,j:``; at the end of the block the
+    accumulated errors update every later column at once. ``error`` is the reference's layer loss
+    ``½ Σ (w − q)² / U_jj²`` (the increase of ``‖WX − ŴX‖²`` the method estimates, in units of ``H``).
+    """
+    import torch
+
+    W = weight.detach().clone().float()
+    H = hessian.detach().clone().float().to(W.device)
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+    L = torch.linalg.cholesky(H)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    two_four = pattern == "2:4"
+    loss = torch.zeros(rows, dtype=torch.float32, device=W.device)
+    for b0 in range(0, cols, blocksize):
+        b1 = min(b0 + blocksize, cols)
+        n = b1 - b0
+        Wb = W[:, b0:b1].clone()
+        Qb = torch.zeros_like(Wb)
+        Eb = torch.zeros_like(Wb)
+        Ub = U[b0:b1, b0:b1]
+        d = torch.diag(Ub)
+        if two_four:
+            mask = torch.zeros_like(Wb, dtype=torch.bool)
+        else:
+            score = Wb ** 2 / d[None, :] ** 2
+            thresh = torch.sort(score.flatten())[0][int(score.numel() * sparsity)]
+            mask = score <= thresh
+        for j in range(n):
+            if two_four and j % 4 == 0:
+                score = Wb[:, j:j + 4] ** 2 / d[None, j:j + 4] ** 2
+                mask.scatter_(1, j + torch.topk(score, 2, dim=1, largest=False).indices, True)
+            w = Wb[:, j]
+            q = w.clone()
+            q[mask[:, j]] = 0
+            Qb[:, j] = q
+            err = (w - q) / d[j]
+            loss += err ** 2 / 2
+            Wb[:, j:] -= err[:, None] @ Ub[j, j:][None, :]
+            Eb[:, j] = err
+        W[:, b0:b1] = Qb
+        W[:, b1:] -= Eb @ U[b0:b1, b1:]
+    return W, float(loss.sum())
+
+
+class _Captured(Exception):
+    """Raised by the hook on decoder layer 0 once its inputs are recorded (the rest of the model is not run)."""
+
+
+def _layer_inputs(model: Any, batches: list[Any]) -> list[tuple[Any, tuple, dict]]:
+    """(hidden states, other positional args, keyword args) that decoder layer 0 receives for every batch."""
+    import torch
+
+    layers = decoder_layers(model)
+    recorded: list[tuple[Any, tuple, dict]] = []
+
+    def catch(mod, args, kwargs):
+        if args:
+            hs, rest = args[0], tuple(args[1:])
+        else:
+            hs, rest = kwargs["hidden_states"], ()
+        recorded.append((hs.detach(), rest, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Captured
+
+    hook = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                try:
+                    model(input_ids=ids.to(device), use_cache=False)
+                except _Captured:
+                    pass
+    finally:
+        hook.remove()
+    return recorded
+
+
+def apply_sparsegpt(model: Any, batches: list[Any], *, sparsity: float, pattern: str,
+                    blocksize: int = SPARSEGPT_BLOCKSIZE, percdamp: float = SPARSEGPT_PERCDAMP,
+                    log: Any = None) -> tuple[dict[str, float], dict[str, float]]:
+    """SparseGPT layer by layer, in place: the calibration inputs of decoder layer ``i + 1`` are the outputs of the
+    already-pruned layer ``i`` (the reference's sequential pass); inside a layer every projection's Hessian comes from
+    the same pass over that layer's inputs. Returns (measured sparsity, reconstruction error) per pruned matrix."""
+    import torch
+
+    inputs = _layer_inputs(model, batches)
+    sparsities: dict[str, float] = {}
+    errors: dict[str, float] = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        mods = [(name, mod) for name, mod in layer.named_modules()
+                if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in LINEAR_NAMES
+                and not (pattern == "2:4" and mod.in_features % 4)]
+        acc = {name: HessianAccumulator(mod.in_features, mod.weight.device) for name, mod in mods}
+        hooks = [mod.register_forward_pre_hook(lambda m, args, a=acc[name]: a.add(args[0])) for name, mod in mods]
+        try:
+            with torch.no_grad():
+                for hs, rest, kw in inputs:
+                    layer(hs, *rest, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+        with torch.no_grad():
+            for name, mod in mods:
+                new, err = sparsegpt_prune(mod.weight, acc[name].H, sparsity=sparsity, pattern=pattern,
+                                           blocksize=blocksize, percdamp=percdamp)
+                mod.weight.copy_(new.to(mod.weight.dtype))
+                key = f"layers.{i}.{name}"
+                sparsities[key] = float((mod.weight == 0).sum()) / mod.weight.numel()
+                errors[key] = err
+            del acc
+            inputs = [(_hidden(layer(hs, *rest, **kw)), rest, kw) for hs, rest, kw in inputs]
+        if log is not None:
+            log(f"sparsegpt: layer {i} pruned ({len(mods)} projections, error "
+                f"{sum(errors[f'layers.{i}.{n}'] for n, _ in mods):.4g})")
+    return sparsities, errors

@@ -10,7 +10,9 @@ Methods (details and references in :mod:`llmops_jupyter.stages.prune.engine`):
 * ``wanda`` — zero 50 % of each projection's weights (``--sparsity``) or 2 of every 4 (``--pattern 2:4``) by
   |weight| × input-activation norm. The files keep their size and **no runtime here gets faster** from the zeros: not
   on CPU, not in GGUF or GPTQ files; only GPU 2:4 sparse kernels do. The report says so.
-* ``sparsegpt`` — not built yet; refused in one line.
+* ``sparsegpt`` — the same targets as wanda (``--sparsity``, ``--pattern 2:4``), but per projection the kept weights
+  are updated to compensate for the pruned ones (the inverse Hessian of the layer's calibration inputs, Frantar &
+  Alistarh 2023), decoder layer by decoder layer on the outputs of the already-pruned layers. Same note on speed.
 
 The saved folder is a normal transformers checkpoint (``num_hidden_layers`` and every ``layer_idx`` renumbered after
 depth pruning), reloaded and checked before it is stored: greedy generation with the KV cache must equal generation
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from llmops_jupyter.models.refs import ModelRef
 
 METHODS = ("depth", "width", "wanda", "sparsegpt")
+SPARSE_METHODS = ("wanda", "sparsegpt")
 SPARSITY_NOTE = ("Sparse weights are stored dense: the files keep their size, and zeros give no speed-up on CPU or in "
                  "GGUF/GPTQ files (only GPU 2:4 sparse kernels run them faster).")
 
@@ -45,8 +48,9 @@ class PruneConfig(StageConfig):
     model: str = option(help="full-precision model to prune: a merge/distill/prune run, a merged or base artifact, a "
                              "checkpoint folder or a provider name")
     method: str = option("depth", "depth: remove decoder layers; width: uniform MLP width; wanda: 50% unstructured "
-                                  "or 2:4 sparsity (no speed-up on CPU/GGUF/GPTQ); sparsegpt: not built yet",
-                         choices=METHODS)
+                                  "or 2:4 sparsity by |W|·‖X‖; sparsegpt: the same targets with the kept weights "
+                                  "updated by the inverse Hessian of the calibration inputs (sparsity: no speed-up "
+                                  "on CPU/GGUF/GPTQ)", choices=METHODS)
     criterion: str = option("bi", "depth: bi = per-layer block influence (1 − cos of a layer's input and output, "
                                   "ShortGPT); angular = the contiguous block with the smallest angular distance "
                                   "(Gromov et al.)", choices=("bi", "angular"))
@@ -55,10 +59,11 @@ class PruneConfig(StageConfig):
                                                "(a count such as 1e8, or a fraction of the original such as 0.8)",
                                          min=0, min_exclusive=True)
     intermediate_size: int | None = option(None, "width: MLP channels to keep in every layer", min=1)
-    sparsity: float | None = option(None, "wanda: share of each projection's weights set to zero, strictly between "
-                                          "0 and 1 (default 0.5; 2:4 is always 0.5)")
-    pattern: str = option("unstructured", "wanda: unstructured (per output row) or 2:4 (2 zeros in every 4 "
-                                          "consecutive weights; GPU sparse kernels only)",
+    sparsity: float | None = option(None, "wanda/sparsegpt: share of each projection's weights set to zero, "
+                                          "strictly between 0 and 1 (default 0.5; 2:4 is always 0.5)")
+    pattern: str = option("unstructured", "wanda/sparsegpt: unstructured (wanda: per output row; sparsegpt: per "
+                                          "block of 128 columns) or 2:4 (2 zeros in every 4 consecutive weights; "
+                                          "GPU sparse kernels only)",
                           choices=("unstructured", "2:4"))
     data: str | None = option(None, "dataset for calibration and perplexity (default: the dataset upstream of "
                                     "--model in the lineage)")
@@ -71,14 +76,11 @@ class PruneConfig(StageConfig):
     name: str | None = option(None, "name of the pruned artifact (default: <model name>-<method>-<what>)")
 
     def validate(self) -> None:
-        if self.method == "sparsegpt":
-            raise self.invalid("method", "sparsegpt is not built yet",
-                               fix="use --method wanda (same 50%/2:4 targets, no weight update)")
         if self.sparsity is not None and not 0 < self.sparsity < 1:
             raise self.invalid("sparsity", "must be strictly between 0 and 1", fix="use e.g. --sparsity 0.5")
         given = {k for k in ("layers", "target_params", "intermediate_size", "sparsity") if getattr(self, k) is not None}
         allowed = {"depth": {"layers", "target_params"}, "width": {"intermediate_size", "target_params"},
-                   "wanda": {"sparsity"}}[self.method]
+                   "wanda": {"sparsity"}, "sparsegpt": {"sparsity"}}[self.method]
         for extra in sorted(given - allowed):
             raise self.invalid(extra, f"does not apply to --method {self.method}",
                                fix=f"drop it (--method {self.method} takes "
@@ -89,7 +91,7 @@ class PruneConfig(StageConfig):
         if self.method == "width" and len(given) != 1:
             raise self.invalid("intermediate_size", "width pruning needs exactly one of --intermediate-size or "
                                "--target-params", fix="pass --intermediate-size N or --target-params (e.g. 0.8)")
-        if self.method != "wanda" and self.pattern != "unstructured":
+        if self.method not in SPARSE_METHODS and self.pattern != "unstructured":
             raise self.invalid("pattern", f"does not apply to --method {self.method}", fix="drop --pattern")
         if self.pattern == "2:4" and self.sparsity not in (None, 0.5):
             raise self.invalid("sparsity", "must be 0.5 with --pattern 2:4", fix="drop --sparsity")
@@ -129,7 +131,7 @@ def check_prunable(ref: str, registry: Any) -> ModelRef:
 
 @register_stage
 class PruneStage(Stage):
-    """Prune a full-precision model (depth, width or wanda sparsity) on calibration data; report size, speed,
+    """Prune a full-precision model (depth, width, wanda or sparsegpt sparsity) on calibration data; report size, speed,
     perplexity before/after."""
 
     name = "prune"
@@ -250,7 +252,7 @@ class PruneStage(Stage):
         if details.get("sparsity") is not None:
             rows.append(["measured sparsity", "", f"{100 * details['sparsity']:.2f}% ({details['pattern']})", ""])
         note = f"{details['why']}. Artifact pruned {art.short}. KV-cache check: cached = uncached greedy tokens ✓."
-        if cfg.method == "wanda":
+        if cfg.method in SPARSE_METHODS:
             note += " " + SPARSITY_NOTE
         note += " Heal the quality gap with `%llmops distill --teacher <the unpruned model>`."
         table = Table(["measure", "source", "pruned", "change"], rows,
@@ -317,21 +319,39 @@ class PruneStage(Stage):
             ctx.log(f"width pruning: {why}")
             return {"intermediate_size": keep, "source_intermediate_size": inter, "importance": per_layer_removed,
                     "why": why, "tag": f"width{keep}"}
-        # wanda
         sparsity = cfg.effective_sparsity
+        if cfg.method == "sparsegpt":
+            per, errors = engine.apply_sparsegpt(model, batches, sparsity=sparsity, pattern=cfg.pattern, log=ctx.log)
+            measured = engine.measured_sparsity(model)
+            why = (f"SparseGPT: zeroed the weights with the lowest w²/[H⁻¹]_jj² "
+                   f"({'2 of every 4' if cfg.pattern == '2:4' else 'per block of 128 columns'}) in {len(per)} "
+                   f"projections, layer by layer, updating the kept weights with the inverse Hessian of the "
+                   f"calibration inputs; measured sparsity {100 * measured:.2f}%")
+            ctx.log(f"{why}. {SPARSITY_NOTE}")
+            return {"sparsity": measured, "pattern": cfg.pattern, "target_sparsity": sparsity, "matrices": per,
+                    "reconstruction_error": errors, "blocksize": engine.SPARSEGPT_BLOCKSIZE,
+                    "percdamp": engine.SPARSEGPT_PERCDAMP, "importance": _per_layer(per), "why": why,
+                    "tag": f"sparsegpt{'2of4' if cfg.pattern == '2:4' else int(round(sparsity * 100))}",
+                    "note": SPARSITY_NOTE}
+        # wanda
         norms = engine.input_norms(model, batches)
         per = engine.apply_wanda(model, norms, sparsity=sparsity, pattern=cfg.pattern)
         measured = engine.measured_sparsity(model)
         why = (f"zeroed the weights with the lowest |W|·‖X‖ ({'2 of every 4' if cfg.pattern == '2:4' else 'per row'}) "
                f"in {len(per)} projections; measured sparsity {100 * measured:.2f}%")
         ctx.log(f"wanda: {why}. {SPARSITY_NOTE}")
-        layer_sp: dict[int, list[float]] = {}
-        for k, v in per.items():
-            layer_sp.setdefault(int(k.split(".")[1]), []).append(v)
         return {"sparsity": measured, "pattern": cfg.pattern, "target_sparsity": sparsity, "matrices": per,
-                "importance": [sum(v) / len(v) for _, v in sorted(layer_sp.items())], "why": why,
+                "importance": _per_layer(per), "why": why,
                 "tag": f"wanda{'2of4' if cfg.pattern == '2:4' else int(round(sparsity * 100))}",
                 "note": SPARSITY_NOTE}
+
+
+def _per_layer(per: dict[str, float]) -> list[float]:
+    """Mean measured sparsity per decoder layer from ``{"layers.<i>.<module>": sparsity}``."""
+    layer_sp: dict[int, list[float]] = {}
+    for k, v in per.items():
+        layer_sp.setdefault(int(k.split(".")[1]), []).append(v)
+    return [sum(v) / len(v) for _, v in sorted(layer_sp.items())]
 
 
 def _target(value: float, params: int) -> float:

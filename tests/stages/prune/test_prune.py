@@ -1,5 +1,5 @@
-"""``prune`` on a 4-layer tiny Llama: depth (block influence, angular distance, --target-params), width and wanda
-(50 % unstructured, 2:4). The source is a real merged model (finetune → merge), so lineage reads merged → pruned;
+"""``prune`` on a 4-layer tiny Llama: depth (block influence, angular distance, --target-params), width, wanda and
+sparsegpt (50 % unstructured, 2:4; SparseGPT's reconstruction on one random layer against magnitude pruning). The source is a real merged model (finetune → merge), so lineage reads merged → pruned;
 pruned models go on through finetune → merge and bitsandbytes quantization; bad input is one line, nothing stored.
 """
 
@@ -139,30 +139,125 @@ def test_pruned_model_fine_tunes_merges_and_quantizes(chain, depth):
     assert info.value.field == "model" and len(chain["registry"].list_artifacts("pruned")) == before
 
 
-def test_wanda_50_percent_and_2_4(chain):
+def check_sparse(res, pattern):
+    """50.0 % ± 0.1 measured zeros over the pruned projections, ±0.1 % in each one, 2:4 in every matrix; returns
+    the saved pruned matrices."""
     import torch
     from safetensors.torch import load_file
 
     from llmops_jupyter.stages.prune.engine import LINEAR_NAMES, holds_2_4
 
-    runner = chain["runner"]
+    weights = load_file(str(res.artifact.path / "model.safetensors"))
+    pruned = {k: w for k, w in weights.items() if k.split(".")[-2] in LINEAR_NAMES}
+    assert len(pruned) == 4 * len(LINEAR_NAMES)
+    zeros = sum(int((w == 0).sum()) for w in pruned.values())
+    total = sum(w.numel() for w in pruned.values())
+    assert abs(100 * zeros / total - 50.0) <= 0.1
+    assert abs(res.metrics["sparsity"] - zeros / total) < 1e-9
+    for name, w in pruned.items():
+        assert abs(float((w == 0).float().mean()) - 0.5) <= 0.001, name
+        if pattern == "2:4":
+            assert holds_2_4(w), name
+    # the embeddings and the output head are untouched
+    assert not (weights["lm_head.weight"] == 0).any() and torch.isfinite(torch.tensor(res.metrics["perplexity"]))
+    assert "no speed-up on CPU or in GGUF/GPTQ" in str(res.outputs["report"])
+    assert res.metrics["size_ratio"] == pytest.approx(1.0, abs=0.01)
+    return pruned
+
+
+def test_wanda_50_percent_and_2_4(chain):
     for pattern in ("unstructured", "2:4"):
-        res = runner.run("prune", model=chain["merged"].run_id, method="wanda", pattern=pattern, **FAST)
-        weights = load_file(str(res.artifact.path / "model.safetensors"))
-        pruned = {k: w for k, w in weights.items() if k.split(".")[-2] in LINEAR_NAMES}
-        assert len(pruned) == 4 * len(LINEAR_NAMES)
-        zeros = sum(int((w == 0).sum()) for w in pruned.values())
-        total = sum(w.numel() for w in pruned.values())
-        assert abs(100 * zeros / total - 50.0) <= 0.1
-        assert abs(res.metrics["sparsity"] - zeros / total) < 1e-9
+        res = chain["runner"].run("prune", model=chain["merged"].run_id, method="wanda", pattern=pattern, **FAST)
+        check_sparse(res, pattern)
+
+
+def test_sparsegpt_50_percent_and_2_4_updates_the_kept_weights(chain):
+    from safetensors.torch import load_file
+
+    source = load_file(str(chain["merged"].artifact.path / "model.safetensors"))
+    for pattern in ("unstructured", "2:4"):
+        res = chain["runner"].run("prune", model=chain["merged"].run_id, method="sparsegpt", pattern=pattern, **FAST)
+        assert res.status == RunStatus.FINISHED
+        pruned = check_sparse(res, pattern)
+        # unlike wanda the surviving weights moved (the error of the pruned ones was spread over them)
         for name, w in pruned.items():
-            assert abs(float((w == 0).float().mean()) - 0.5) <= 0.001, name
-            if pattern == "2:4":
-                assert holds_2_4(w), name
-        # the embeddings and the output head are untouched
-        assert not (weights["lm_head.weight"] == 0).any() and torch.isfinite(torch.tensor(res.metrics["perplexity"]))
-        assert "no speed-up on CPU or in GGUF/GPTQ" in str(res.outputs["report"])
-        assert res.metrics["size_ratio"] == pytest.approx(1.0, abs=0.01)
+            kept = w != 0
+            assert not (w[kept] == source[name].to(w.dtype)[kept]).all(), name
+        # the pruned model's perplexity and the per-matrix reconstruction error are recorded in the run
+        assert math.isfinite(res.metrics["perplexity"]) and math.isfinite(res.metrics["source_perplexity"])
+        details = res.outputs["measurements"]["details"]
+        assert set(details["reconstruction_error"]) == set(details["matrices"]) and len(details["matrices"]) == 28
+        assert all(e > 0 for e in details["reconstruction_error"].values())
+        assert res.summary["method"] == "sparsegpt" and "SparseGPT" in res.summary["why"]
+
+
+def test_sparsegpt_beats_magnitude_pruning_on_a_layer_with_correlated_inputs():
+    """‖XWᵀ − XŴᵀ‖ on the calibration inputs: SparseGPT's updated weights against magnitude pruning at the same
+    density (and against SparseGPT's own mask without the update), unstructured and 2:4, over two column blocks."""
+    import torch
+
+    from llmops_jupyter.stages.prune.engine import HessianAccumulator, holds_2_4, sparsegpt_prune, wanda_mask
+
+    gen = torch.Generator().manual_seed(0)
+    rows, cols, n = 48, 256, 2048
+    x = torch.randn(n, 32, generator=gen) @ torch.randn(32, cols, generator=gen) \
+        + 0.3 * torch.randn(n, cols, generator=gen)  # correlated features, as in a transformer's activations
+    w = torch.randn(rows, cols, generator=gen)
+    acc = HessianAccumulator(cols)
+    acc.add(x[:700])
+    acc.add(x[700:].reshape(2, -1, cols))  # the running mean over batches is H = 2/N · XᵀX
+    torch.testing.assert_close(acc.H, 2 * x.t() @ x / n, rtol=1e-4, atol=1e-3)
+
+    def err(w_hat):
+        return float(torch.linalg.norm(x @ w.t() - x @ w_hat.t()))
+
+    for pattern in ("unstructured", "2:4"):
+        new, loss = sparsegpt_prune(w, acc.H, sparsity=0.5, pattern=pattern)
+        mask = new == 0
+        magnitude = wanda_mask(w, torch.ones(cols), sparsity=0.5, pattern=pattern)  # |W| alone
+        assert float(mask.float().mean()) >= float(magnitude.float().mean()) == 0.5
+        assert float(mask.float().mean()) <= 0.5 + 2 / (rows * 128)  # one threshold tie per 128-column block
+        assert err(new) < 0.5 * err(w.masked_fill(magnitude, 0)), pattern
+        assert err(new) < 0.9 * err(w.masked_fill(mask, 0)), pattern  # the update, not only the mask
+        # the reported loss estimates ½ tr(ΔW H ΔWᵀ) = ‖XΔWᵀ‖² / N (up to the 1 % dampening)
+        assert 0.7 < loss / (err(new) ** 2 / n) < 1.5
+        if pattern == "2:4":
+            assert holds_2_4(new)
+
+
+def test_sparsegpt_calibrates_each_layer_on_the_pruned_previous_layers(tiny_model, monkeypatch):
+    """The Hessian of layer 1's q_proj is computed from the outputs of the already-pruned layer 0."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmops_jupyter.stages.prune import engine
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    batches = engine.encode(tok, ["What is 2 plus 3? It is 5.", "The cat sat on the mat and looked around."], 32)
+
+    def q_proj_hessian(m):
+        acc = engine.HessianAccumulator(m.model.layers[1].self_attn.q_proj.in_features)
+        hook = m.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda mod, args: acc.add(args[0]))
+        with torch.no_grad():
+            for ids in batches:
+                m(input_ids=ids, use_cache=False)
+        hook.remove()
+        return acc.H
+
+    dense = q_proj_hessian(model)
+    seen = []
+    real = engine.sparsegpt_prune
+
+    def recording(weight, hessian, **kw):
+        seen.append(hessian.clone())
+        return real(weight, hessian, **kw)
+
+    monkeypatch.setattr(engine, "sparsegpt_prune", recording)
+    sp, _ = engine.apply_sparsegpt(model, batches, sparsity=0.5, pattern="unstructured")
+    q1 = list(sp).index("layers.1.self_attn.q_proj")
+    torch.testing.assert_close(seen[q1], q_proj_hessian(model), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(seen[q1], dense, rtol=1e-3, atol=1e-4)
 
 
 def test_width_prunes_every_layer_to_the_same_mlp_size(chain):
@@ -188,8 +283,12 @@ def test_bad_inputs_one_line_nothing_stored(chain, shell, tmp_path, monkeypatch)
     for bad in ("0", "1", "1.5"):
         with pytest.raises(UsageError, match=f"--sparsity must be strictly between 0 and 1 \\(got {bad}"):
             shell.run_line_magic("llmops", f"prune --model {merged} --method wanda --sparsity {bad}")
-    with pytest.raises(UsageError, match="sparsegpt is not built yet"):
-        shell.run_line_magic("llmops", f"prune --model {merged} --method sparsegpt")
+    with pytest.raises(UsageError, match="--sparsity must be strictly between 0 and 1 \\(got 1"):
+        shell.run_line_magic("llmops", f"prune --model {merged} --method sparsegpt --sparsity 1")
+    with pytest.raises(UsageError, match="--method must be one of"):
+        shell.run_line_magic("llmops", f"prune --model {merged} --method obs")
+    with pytest.raises(ConfigError, match="--pattern does not apply to --method width"):
+        runner.run("prune", model=merged, method="width", intermediate_size=96, pattern="2:4")
     with pytest.raises(ConfigError, match="needs exactly one of --layers or --target-params"):
         runner.run("prune", model=merged)
     with pytest.raises(ConfigError, match="--sparsity does not apply to --method depth"):
