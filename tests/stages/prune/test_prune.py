@@ -189,6 +189,10 @@ def test_sparsegpt_50_percent_and_2_4_updates_the_kept_weights(chain):
         assert set(details["reconstruction_error"]) == set(details["matrices"]) and len(details["matrices"]) == 28
         assert all(e > 0 for e in details["reconstruction_error"].values())
         assert res.summary["method"] == "sparsegpt" and "SparseGPT" in res.summary["why"]
+    from llmops_jupyter.governance.cards import build_model_card
+
+    card = build_model_card(chain["registry"], res.artifact.hash).markdown
+    assert "## Compression" in card and "no speed-up on CPU or in GGUF/GPTQ files" in card
 
 
 def test_sparsegpt_beats_magnitude_pruning_on_a_layer_with_correlated_inputs():
