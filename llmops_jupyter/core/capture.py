@@ -206,11 +206,20 @@ def _bar_owner() -> str:
     return frame.f_code.co_filename if frame is not None else ""
 
 
+def _draws_in_the_cell(file: Any) -> bool:
+    """A bar drawn to the default stream (tqdm's default is stderr) or to stdout lands in the cell; a bar given its
+    own file (papermill's per-cell bar, which the pipeline runner turns into progress events) does not."""
+    import sys
+
+    return file is None or file in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+
+
 def _tqdm_init(self: Any, *args: Any, **kwargs: Any) -> None:
     """Other libraries' progress bars (transformers' ``Loading weights``, datasets' ``Map``) while a stage runs:
     not drawn in the cell; one line naming the bar goes to the run's log (verbose mode draws them)."""
     cap = _current()
-    if cap is not None and not cap.verbose and not kwargs.get("disable") and not _is_own_file(_bar_owner()):
+    if (cap is not None and not cap.verbose and not kwargs.get("disable") and _draws_in_the_cell(kwargs.get("file"))
+            and not _is_own_file(_bar_owner())):
         desc = kwargs.get("desc") or (args[1] if len(args) > 1 and isinstance(args[1], str) else "")
         total = kwargs.get("total")
         if total is None and args and hasattr(args[0], "__len__"):

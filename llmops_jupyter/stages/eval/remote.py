@@ -104,6 +104,8 @@ class Costs:
     def record(self) -> Any:
         """The prices used (and the budget outcome) as a ``price-table`` artifact, declared as a run input."""
         snap = self.prices.snapshot() | {"budget": self.budget.to_dict()}
+        if not self.clients and not any(p.known for p in self.prices.used.values()):  # local only, nothing priced
+            return snap
         folder = self.ctx.staging_dir("prices")
         (folder / "prices.json").write_text(json.dumps(snap, indent=1, sort_keys=True, default=str))
         sources = sorted({p["source"] for p in snap["prices"]})
