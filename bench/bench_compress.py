@@ -21,6 +21,9 @@ Goals: size_ratio ≤ 0.86, tokens/s ratio ≥ 1.12 (median), distill closes ≥
 One thread (``torch.set_num_threads(1)``): the CPU figures are for a shared 2-core machine.
 
     PYTHONPATH=. python bench/bench_compress.py [--repeats 3] [--heal] [--heal-tokens 50000]
+
+``make bench`` runs it without ``--heal`` (prune and speed, ≈ 3 min on one core); healing adds ≈ 16 min on one core.
+``--model`` also takes a checkpoint folder (e.g. a merged fine-tune as the teacher, the chain's real setting).
 """
 
 from __future__ import annotations
