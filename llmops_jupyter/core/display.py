@@ -16,6 +16,23 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def fmt_num(value: float | None) -> str:
+    """A report figure: 4 significant digits, blank when missing or NaN."""
+    return "" if value is None or value != value else f"{value:.4g}"
+
+
+def fmt_delta(before: float | None, after: float | None) -> str:
+    """The change from ``before`` to ``after``, absolute and relative ("+0.12 (+3.4%)"); blank when either is missing."""
+    if before is None or after is None or before != before or after != after:
+        return ""
+    return f"{after - before:+.4g} ({(after / before - 1) * 100:+.1f}%)"
+
+
+def fmt_tps(value: float | None) -> str:
+    """Throughput in tokens per second; blank when missing or NaN."""
+    return "" if value is None or value != value else f"{value:.1f} tok/s"
+
+
 def fmt_time(ts: float | None) -> str:
     if not ts:
         return ""

@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from llmops_jupyter.core.config import StageConfig, option
-from llmops_jupyter.core.display import Table
+from llmops_jupyter.core.display import Table, fmt_num, fmt_tps
 from llmops_jupyter.core.errors import ConfigError, require
 from llmops_jupyter.core.stage import Stage, register_stage
 from llmops_jupyter.models import tools as mt
@@ -222,14 +222,14 @@ class DistillStage(Stage):
 
         fig = training_figure(ctx.registry.metric_history(ctx.run_id), title=f"distill {ctx.run_id}")
         table = Table(["measure", "teacher", "student before", "student after"], [
-            ["perplexity (eval split)", _f(metrics.get("teacher_perplexity")), _f(metrics.get("perplexity_start")),
-             _f(metrics.get("perplexity"))],
-            ["KL to teacher (T = 1, per token)", "0", _f(metrics.get("kl_to_teacher_start")),
-             _f(metrics.get("kl_to_teacher"))],
+            ["perplexity (eval split)", fmt_num(metrics.get("teacher_perplexity")), fmt_num(metrics.get("perplexity_start")),
+             fmt_num(metrics.get("perplexity"))],
+            ["KL to teacher (T = 1, per token)", "0", fmt_num(metrics.get("kl_to_teacher_start")),
+             fmt_num(metrics.get("kl_to_teacher"))],
             ["top-1 agreement with teacher", "100%", _pct(metrics.get("top1_agreement_start")),
              _pct(metrics.get("top1_agreement"))],
             ["weights on disk", f"{t_size / 1e6:.2f} MB", "", f"{s_size / 1e6:.2f} MB"],
-            ["greedy generation", _tps(t_m.get("tokens_per_s")), "", _tps(s_m.get("tokens_per_s"))],
+            ["greedy generation", fmt_tps(t_m.get("tokens_per_s")), "", fmt_tps(s_m.get("tokens_per_s"))],
             *[[f"gate {r.rule.text}", "", "", ("passed" if r.passed else "FAILED") + f" ({r.delta * 100:+.1f}%)"
                if r.rule.relative else ("passed" if r.passed else "FAILED") + f" ({r.delta:+.4g})"]
               for r in gate_results],
@@ -268,14 +268,5 @@ class DistillStage(Stage):
         return f"Last checkpoint: step {ckpt[0]}. Continue with: %llmops distill --resume {ctx.run_id} ..."
 
 
-def _f(v: float | None) -> str:
-    return "" if v is None or v != v else f"{v:.4g}"
-
-
 def _pct(v: float | None) -> str:
     return "" if v is None or v != v else f"{100 * v:.1f}%"
-
-
-def _tps(v: float | None) -> str:
-    return "" if v is None or v != v else f"{v:.1f} tok/s"
-

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmops_jupyter.core.config import StageConfig, option
-from llmops_jupyter.core.display import Table
+from llmops_jupyter.core.display import Table, fmt_delta, fmt_num, fmt_tps
 from llmops_jupyter.core.errors import ConfigError, VerificationError, require
 from llmops_jupyter.core.stage import Stage, register_stage
 from llmops_jupyter.models import tools as mt
@@ -244,9 +244,9 @@ class PruneStage(Stage):
             ["weights on disk", f"{src_size / 1e6:.2f} MB", f"{new_size / 1e6:.2f} MB",
              f"×{new_size / src_size:.3f}" if src_size else ""],
             ["decoder layers", n_layers, n_saved, ""],
-            ["perplexity (eval split)", _f(src_m.get("perplexity")), _f(new_m.get("perplexity")),
-             _delta(src_m.get("perplexity"), new_m.get("perplexity"))],
-            ["greedy generation", _tps(src_m.get("tokens_per_s")), _tps(new_m.get("tokens_per_s")),
+            ["perplexity (eval split)", fmt_num(src_m.get("perplexity")), fmt_num(new_m.get("perplexity")),
+             fmt_delta(src_m.get("perplexity"), new_m.get("perplexity"))],
+            ["greedy generation", fmt_tps(src_m.get("tokens_per_s")), fmt_tps(new_m.get("tokens_per_s")),
              f"×{metrics['tokens_per_s_ratio']:.2f}" if "tokens_per_s_ratio" in metrics else ""],
         ]
         if details.get("sparsity") is not None:
@@ -386,18 +386,3 @@ def importance_figure(details: dict[str, Any], method: str) -> Any:
     fig.update_layout(title=title, xaxis_title="decoder layer", yaxis_title=ytitle, height=320,
                       margin={"l": 40, "r": 10, "t": 40, "b": 40})
     return fig
-
-
-def _f(v: float | None) -> str:
-    return "" if v is None or v != v else f"{v:.4g}"
-
-
-def _delta(a: float | None, b: float | None) -> str:
-    if a is None or b is None or a != a or b != b:
-        return ""
-    return f"{b - a:+.4g} ({(b / a - 1) * 100:+.1f}%)"
-
-
-def _tps(v: float | None) -> str:
-    return "" if v is None or v != v else f"{v:.1f} tok/s"
-

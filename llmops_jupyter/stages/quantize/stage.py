@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmops_jupyter.core.config import StageConfig, field_type, option, unwrap_optional
-from llmops_jupyter.core.display import Table
+from llmops_jupyter.core.display import Table, fmt_delta, fmt_num, fmt_tps
 from llmops_jupyter.core.errors import ConfigError, LlmopsError, MissingDependencyError, ResourceError, require
 from llmops_jupyter.core.stage import Stage, register_stage
 from llmops_jupyter.models import tools as mt
@@ -213,10 +213,10 @@ class QuantizeStage(Stage):
             k: v for k, v in metrics.items() if v is not None})
         table = Table(["measure", "source", "quantized", "change"], [
             ["weights on disk", _mb(src_size), _mb(q_size), _ratio(report["size_ratio"])],
-            ["perplexity (eval split)", _f(src_m.get("perplexity")), _f(q_m.get("perplexity")),
-             _delta(src_m.get("perplexity"), q_m.get("perplexity"))],
+            ["perplexity (eval split)", fmt_num(src_m.get("perplexity")), fmt_num(q_m.get("perplexity")),
+             fmt_delta(src_m.get("perplexity"), q_m.get("perplexity"))],
             ["load time", f"{src_m['load_s']:.2f} s", f"{q_m['load_s']:.2f} s", ""],
-            ["generation", _tps(src_m.get("tokens_per_s")), _tps(q_m.get("tokens_per_s")), ""],
+            ["generation", fmt_tps(src_m.get("tokens_per_s")), fmt_tps(q_m.get("tokens_per_s")), ""],
             *eval_rows,
         ], title=f"Quantized {source.name} → {cfg.method} {bits}-bit with {backend_line} ({device})",
             note=f"artifact quantized {art.short}; quantization took {quantize_s:.1f} s")
@@ -289,7 +289,7 @@ class QuantizeStage(Stage):
             if a is None or b is None:
                 continue
             deltas[f"eval_delta/{key}"] = b - a
-            rows.append([f"eval: {key}", _f(a), _f(b), f"{b - a:+.4g}"])
+            rows.append([f"eval: {key}", fmt_num(a), fmt_num(b), f"{b - a:+.4g}"])
         if deltas:
             ctx.log_metrics(deltas)
         return rows
@@ -416,17 +416,3 @@ def _mb(n: int) -> str:
 
 def _ratio(r: float | None) -> str:
     return f"×{r:.3f}" if r else ""
-
-
-def _f(v: float | None) -> str:
-    return "" if v is None or v != v else f"{v:.4g}"
-
-
-def _delta(a: float | None, b: float | None) -> str:
-    if a is None or b is None or a != a or b != b:
-        return ""
-    return f"{b - a:+.4g} ({(b / a - 1) * 100:+.1f}%)"
-
-
-def _tps(v: float | None) -> str:
-    return "" if v is None or v != v else f"{v:.1f} tok/s"
