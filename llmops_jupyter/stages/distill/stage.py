@@ -128,9 +128,9 @@ class DistillConfig(StageConfig):
 #: Options that may differ between an interrupted run and its --resume without changing the result.
 RESUME_FREE = ("resume", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "name", "gate",
                "generate_tokens")
+RESUME_EXTEND = ("max_steps", "epochs")
 #: The summary key of the teacher-answers dataset of a ``--mode sequence`` run (a resumed run trains on the same).
 ANSWERS_KEY = "teacher_answers"
-RESUME_EXTEND = ("max_steps", "epochs")
 
 
 def check_vocabularies(teacher: ModelRef, student: ModelRef) -> None:
@@ -232,14 +232,14 @@ class DistillStage(Stage):
         report = {"teacher": {"ref": teacher.ref, "hash": teacher.artifact.hash if teacher.artifact else None},
                   "student": {"ref": student.ref, "hash": student.artifact.hash if student.artifact else None},
                   "mode": "on-policy" if cfg.on_policy else cfg.mode,
-                  "loss": cfg.loss, "temperature": cfg.temperature, "method": cfg.method, "metrics": metrics,
+                  "loss": "cross_entropy (teacher answers)" if answers else cfg.loss, "temperature": cfg.temperature, "method": cfg.method, "metrics": metrics,
                   "dataset": data.version, "gate": [r.to_dict() for r in gate_results]}
         mt.write_model_card(staging, {"name": name, "kind": "distilled", "licence": mt.licence_of(student.path),
                                       "created_by": "llmops-jupyter distill", "created_at": time.time(),
                                       "run_id": ctx.run_id, **report})
         parents = {a.hash: a for a in [*ctx.inputs, *([answers] if answers else [])]}  # teacher answers → student
         art = ctx.save_artifact(staging, "distilled", name=name, inputs=list(parents.values()), meta={
-            "teacher": report["teacher"]["hash"], "student": report["student"]["hash"], "loss": cfg.loss,
+            "teacher": report["teacher"]["hash"], "student": report["student"]["hash"], "loss": report["loss"],
             "temperature": cfg.temperature, "method": cfg.method, "dataset": report["dataset"],
             "mode": report["mode"], "teacher_answers": answers.hash if answers else None,
             "config": cfg.to_params(), **{k: metrics.get(k) for k in ("kl_to_teacher", "top1_agreement",
