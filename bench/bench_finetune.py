@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, spread, versions, write_result  # noqa: E402
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "liger-kernel", "flash-attn")
 LORA = {"rank": 16, "alpha": 32.0, "dropout": 0.05, "lr": 2e-4, "seed": 0}
 SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
                 "num_hidden_layers": 30, "vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 100000.0,
@@ -177,30 +179,7 @@ def _child(kind: str, spec: dict, repeats: int) -> list[dict]:
 
 
 def summarize(runs: list[dict]) -> dict:
-    tps = [r["tokens_per_s"] for r in runs]
-    return {"median": statistics.median(tps), "min": min(tps), "max": max(tps), "runs": runs}
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "liger-kernel", "flash-attn"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def machine() -> dict:
-    import torch
-
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
-            "load_avg_1_5_15min_at_end": os.getloadavg()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+    return {**spread([r["tokens_per_s"] for r in runs]), "runs": runs}
 
 
 def goals(result: dict) -> list[tuple[str, float, float, bool]]:
@@ -234,17 +213,13 @@ def main(argv: list[str] | None = None) -> dict:
                 runs.setdefault(name, []).extend(_child(kind, {**spec, **extra}, 1))
                 print(f"  repeat {rep + 1} {name:<20} {runs[name][-1]['tokens_per_s']:>9,.0f} tok/s", flush=True)
         variants = {name: summarize(r) for name, r in runs.items()}
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "versions": versions(),
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "versions": versions(PACKAGES),
               "model": {"shape": "SmolLM2-135M", **SMOLLM2_135M, "num_hidden_layers": a.layers, "init": "random"},
               "settings": {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
                            "examples": a.steps * a.batch_size, "repeats": a.repeats, **LORA},
               "variants": variants, "wall_s": time.time() - t0}
     result["goals"] = [{"goal": g, "ratio": r, "threshold": t, "holds": h} for g, r, t, h in goals(result)]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    kind = "gpu" if "gpu" in result["machine"] else "cpu"
-    path = out / f"finetune-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
+    path = write_result(result, a.out, "finetune")
     auto = variants["stage_auto"]["runs"][0]
     print(f"bench_finetune: SmolLM2-135M shape with {a.layers} layers, {a.steps} steps × {a.batch_size}, seq-len "
           f"{a.seq_len}, {a.repeats} repeats; default chose {auto['batching']} / {auto['attention_kernel']}")

@@ -561,7 +561,7 @@ def build_model_card(
         s = Section("Compression")
         keys = {"prune": ("method", "removed_layers", "why", "source_layers", "layers", "params_ratio", "size_ratio",
                           "source_perplexity", "perplexity", "tokens_per_s_ratio", "sparsity"),
-                "distill": ("teacher", "student", "loss", "temperature", "student_method", "steps", "kl_to_teacher",
+                "distill": ("teacher", "student", "distill_mode", "teacher_answers", "loss", "temperature", "student_method", "steps", "kl_to_teacher",
                             "top1_agreement", "teacher_perplexity", "perplexity", "size_ratio", "tokens_per_s_ratio")}
         for run in comp_runs:
             values = {**(run.get("params") or {}), **_metrics(registry, run["id"]), **(run.get("summary") or {})}

@@ -7,6 +7,13 @@ steps, ``--resume <run>`` that continues exactly, Ctrl-C that keeps the last che
 (:mod:`llmops_jupyter.stages.distill.engine`) computes forward KL, reverse KL or JSD at ``--temperature`` chunked
 over the sequence, with the teacher frozen, in eval mode and without gradients.
 
+Three ways to learn from the teacher: ``--mode logits`` (default) matches its next-token distributions on the
+dataset's texts; ``--mode sequence`` has the teacher answer the train prompts (greedy, the batched generation of
+:mod:`llmops_jupyter.models.inference`), stores the answers as a dataset artifact (lineage teacher → answers →
+distilled) and trains the student with cross-entropy on them; ``--on-policy`` runs TRL's ``DistillationTrainer``
+(the student samples answers, the teacher scores every token of them). All three keep the dashboard, checkpoints
+and ``--resume``.
+
 The student is trained fully (``--method full``) or with LoRA / QLoRA adapters that are merged at the end, so the
 result is always a full checkpoint (``distilled``) that quantize and GGUF export read directly.
 
@@ -52,10 +59,15 @@ class DistillConfig(StageConfig):
     chunk_size: int = option(128, "positions per loss chunk: teacher and student logits exist for this many "
                                   "positions at a time (memory), recomputed in the backward pass", min=1,
                              max=1_048_576)
-    mode: str = option("logits", "logits: match the teacher's next-token distributions; sequence (teacher "
-                                 "generations as SFT targets): not built yet", choices=("logits", "sequence"))
-    on_policy: bool = option(False, "on-policy distillation on student generations (TRL DistillationTrainer): not "
-                                    "built yet")
+    mode: str = option("logits", "logits: match the teacher's next-token distributions on the dataset's texts; "
+                                 "sequence: the teacher answers the train prompts (greedy, batched generation; stored "
+                                 "as a dataset artifact) and the student is trained with cross-entropy on those "
+                                 "answers", choices=("logits", "sequence"))
+    on_policy: bool = option(False, "on-policy distillation through TRL's DistillationTrainer: the student samples "
+                                    "answers to the train prompts and learns the teacher's distributions on them "
+                                    "(--loss sets TRL's beta: forward_kl 0, jsd 0.5, reverse_kl 1)")
+    max_new_tokens: int = option(64, "tokens generated per train prompt: the teacher's answers (--mode sequence) or "
+                                     "the student's samples (--on-policy)", min=1, max=32768)
     method: str = option("full", "train the student fully, or with LoRA / QLoRA (4-bit NF4 base) adapters merged "
                                  "into full-precision weights at the end", choices=("full", "lora", "qlora"))
     dtype: str = option("auto", "compute dtype (auto: bfloat16 on GPUs that support it, else float32)",
@@ -94,12 +106,14 @@ class DistillConfig(StageConfig):
         for role in ("teacher", "student"):
             if not getattr(self, role) and not self.resume:
                 raise self.invalid(role, "is required", fix=f"pass --{role} (a run id, model artifact or folder)")
-        if self.mode == "sequence":
-            raise self.invalid("mode", "sequence-level distillation is not built yet",
-                               fix="use --mode logits (the default)")
-        if self.on_policy:
-            raise self.invalid("on_policy", "on-policy distillation is not built yet",
-                               fix="drop --on-policy (logit distillation on the dataset's texts)")
+        if self.on_policy and self.mode == "sequence":
+            raise self.invalid("on_policy", "cannot be combined with --mode sequence (the student learns from its own "
+                                            "answers or from the teacher's, not both)",
+                               fix="drop one of --on-policy and --mode sequence")
+        if self.ce_weight and (self.on_policy or self.mode == "sequence"):
+            what = ("TRL's DistillationTrainer has no cross-entropy term" if self.on_policy
+                    else "--mode sequence is cross-entropy on the teacher's answers already")
+            raise self.invalid("ce_weight", what, fix="drop --ce-weight (it applies to --mode logits)")
         if not self.target_modules:
             raise self.invalid("target_modules", "must name at least one module", fix="use --target-modules auto")
         if self.gate:
@@ -115,6 +129,8 @@ class DistillConfig(StageConfig):
 RESUME_FREE = ("resume", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "name", "gate",
                "generate_tokens")
 RESUME_EXTEND = ("max_steps", "epochs")
+#: The summary key of the teacher-answers dataset of a ``--mode sequence`` run (a resumed run trains on the same).
+ANSWERS_KEY = "teacher_answers"
 
 
 def check_vocabularies(teacher: ModelRef, student: ModelRef) -> None:
@@ -159,7 +175,7 @@ class DistillStage(Stage):
 
         cfg, resumed, resume_ckpt = resume_config(ctx, DistillConfig, "distill", free=RESUME_FREE,
                                                   extend=RESUME_EXTEND,
-                                                  pinned=("dataset", "teacher_path", "student_path"))
+                                                  pinned=("dataset", "teacher_path", "student_path", ANSWERS_KEY))
         refs = {}
         for role in ("teacher", "student"):
             ref = resumed.get(f"{role}_path") or getattr(cfg, role)
@@ -175,6 +191,11 @@ class DistillStage(Stage):
         check_vocabularies(refs["teacher"], refs["student"])
         teacher, student = (use_model(ctx, resumed.get(f"{r}_path") or getattr(cfg, r)) for r in ("teacher", "student"))
         data = load_dataset(resumed.get("dataset") or cfg.data, ctx.registry)
+        if (cfg.mode == "sequence" or cfg.on_policy) and not any(r.get("prompt") for r in data.train):
+            flag = "--on-policy" if cfg.on_policy else "--mode sequence"
+            raise ConfigError(f"distill: {flag} needs prompts, and dataset {data.version} has plain texts only.",
+                              field="data", value=cfg.data, fix="pass a chat/instruction dataset (`%llmops data` of "
+                                                                "prompt/response or messages records)")
         if data.artifact is not None:
             ctx.use(data.artifact)
         folder = run_dir(ctx.registry, ctx.run_id)
@@ -183,7 +204,11 @@ class DistillStage(Stage):
                            "dataset": data.artifact.hash if data.artifact else str(data.path),
                            "data_version": data.version, "checkpoints": str(folder / "checkpoints")})
         t0 = time.perf_counter()
-        out = train_distill(cfg, student.path, teacher.path, data.train, data.eval, folder / "checkpoints", ctx,
+        train_rows, answers = data.train, None
+        if cfg.mode == "sequence":
+            answers = self._teacher_answers(ctx, cfg, teacher, data, resumed.get(ANSWERS_KEY))
+            train_rows = load_dataset(answers.hash, ctx.registry).train
+        out = train_distill(cfg, student.path, teacher.path, train_rows, data.eval, folder / "checkpoints", ctx,
                             resume_from=resume_ckpt, model_ref=cfg.student or "",
                             save_dir=lambda: ctx.staging_dir("distill"))
         staging = out.adapter_dir
@@ -206,14 +231,17 @@ class DistillStage(Stage):
         name = cfg.name or f"{student.name}-distilled"
         report = {"teacher": {"ref": teacher.ref, "hash": teacher.artifact.hash if teacher.artifact else None},
                   "student": {"ref": student.ref, "hash": student.artifact.hash if student.artifact else None},
-                  "loss": cfg.loss, "temperature": cfg.temperature, "method": cfg.method, "metrics": metrics,
+                  "mode": "on-policy" if cfg.on_policy else cfg.mode,
+                  "loss": "cross_entropy (teacher answers)" if answers else cfg.loss, "temperature": cfg.temperature, "method": cfg.method, "metrics": metrics,
                   "dataset": data.version, "gate": [r.to_dict() for r in gate_results]}
         mt.write_model_card(staging, {"name": name, "kind": "distilled", "licence": mt.licence_of(student.path),
                                       "created_by": "llmops-jupyter distill", "created_at": time.time(),
                                       "run_id": ctx.run_id, **report})
-        art = ctx.save_artifact(staging, "distilled", name=name, meta={
-            "teacher": report["teacher"]["hash"], "student": report["student"]["hash"], "loss": cfg.loss,
+        parents = {a.hash: a for a in [*ctx.inputs, *([answers] if answers else [])]}  # teacher answers → student
+        art = ctx.save_artifact(staging, "distilled", name=name, inputs=list(parents.values()), meta={
+            "teacher": report["teacher"]["hash"], "student": report["student"]["hash"], "loss": report["loss"],
             "temperature": cfg.temperature, "method": cfg.method, "dataset": report["dataset"],
+            "mode": report["mode"], "teacher_answers": answers.hash if answers else None,
             "config": cfg.to_params(), **{k: metrics.get(k) for k in ("kl_to_teacher", "top1_agreement",
                                                                      "perplexity", "teacher_perplexity")}})
         ctx.set_summary(distilled=art.hash, seconds=time.perf_counter() - t0,
@@ -233,10 +261,68 @@ class DistillStage(Stage):
             *[[f"gate {r.rule.text}", "", "", ("passed" if r.passed else "FAILED") + f" ({r.delta * 100:+.1f}%)"
                if r.rule.relative else ("passed" if r.passed else "FAILED") + f" ({r.delta:+.4g})"]
               for r in gate_results],
-        ], title=f"Distilled {teacher.name} → {student.name} ({cfg.loss}, T={cfg.temperature:g}, {cfg.method}, "
-                 f"{out.info.get('steps')} steps)", note=f"artifact distilled {art.short}")
+        ], title=f"Distilled {teacher.name} → {student.name} ({self._how(cfg)}, {cfg.method}, "
+                 f"{out.info.get('steps')} steps)",
+            note=f"artifact distilled {art.short}" + (f"; teacher answers: dataset {answers.short}" if answers else ""))
         self._enforce(gate_results, name)
         return {"report": table, "artifact": art, "loss_figure": fig}
+
+    @staticmethod
+    def _how(cfg: DistillConfig) -> str:
+        if cfg.mode == "sequence":
+            return f"sequence-level: cross-entropy on the teacher's answers (≤ {cfg.max_new_tokens} tokens)"
+        what = f"{cfg.loss}, T={cfg.temperature:g}"
+        return f"on-policy (TRL), {what}" if cfg.on_policy else what
+
+    @staticmethod
+    def _teacher_answers(ctx: RunContext, cfg: DistillConfig, teacher: ModelRef, data: Any,
+                         pinned: str | None) -> Any:
+        """``--mode sequence``: the teacher's greedy answers to the train prompts, generated by the batched
+        generation every stage uses (:func:`llmops_jupyter.models.inference.generate`), stored as a dataset artifact
+        whose parents are the teacher and the source dataset (lineage teacher → answers → distilled). The eval split
+        is the source's, so perplexity and the gate score the same held-out references as ``--mode logits``. A
+        resumed run trains on the answers its interrupted run stored."""
+        if pinned:
+            return ctx.use(pinned)
+        from llmops_jupyter.models.inference import generate, load_model
+        from llmops_jupyter.stages.data.format import example_id, write_dataset_dir
+
+        rows = [r for r in data.train if r.get("prompt")]
+        net, tok = load_model(teacher, dtype=cfg.dtype, registry=ctx.registry)
+        eos = tok.eos_token or ""
+        train: list[dict[str, Any]] = []
+        step = max(cfg.batch_size * 4, 1)
+        ctx.progress(0, len(rows), desc="teacher answers")
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            gens = generate(net, tok, [r["prompt"] for r in chunk], max_new_tokens=cfg.max_new_tokens,
+                            batch_size=cfg.batch_size)
+            for r, g in zip(chunk, gens, strict=True):
+                completion = g.text + (eos if g.finish_reason == "stop" else "")
+                msgs = [*r["messages"][:-1], {"role": "assistant", "content": g.text}] if r.get("messages") else None
+                train.append({"id": example_id(msgs or [{"role": "assistant", "content": r["prompt"] + completion}]),
+                              **({"messages": msgs} if msgs else {}), "prompt": r["prompt"],
+                              "completion": completion, "text": r["prompt"] + completion,
+                              "n_tokens": g.prompt_tokens + g.new_tokens,
+                              "meta": {"source_id": r.get("id"), "finish_reason": g.finish_reason}})
+            ctx.progress(min(start + step, len(rows)), len(rows), desc="teacher answers")
+        del net
+        stopped = sum(1 for r in train if r["meta"]["finish_reason"] == "stop")
+        folder = ctx.staging_dir("teacher-answers")
+        name = f"{data.manifest.get('name') or 'data'}-{teacher.name}-answers"
+        version = write_dataset_dir(folder, train, data.eval, {
+            "name": name, "source": "distill --mode sequence", "teacher": teacher.ref,
+            "from_dataset": data.version, "generation": f"greedy, at most {cfg.max_new_tokens} new tokens",
+            "eval_split": "the source dataset's (references, not teacher answers)",
+            "chat_template": data.manifest.get("chat_template"), "tokenizer_hash": data.manifest.get("tokenizer_hash"),
+            "counts": {"answers": len(train), "stopped": stopped, "cut_at_max_new_tokens": len(train) - stopped}})
+        parents = [a for a in (teacher.artifact, data.artifact) if a is not None]
+        art = ctx.save_artifact(folder, "dataset", name=name, inputs=parents,
+                                meta={"version": version, "teacher": teacher.ref, "from_dataset": data.version})
+        ctx.set_summary(**{ANSWERS_KEY: art.hash, "teacher_answers_stopped": stopped})
+        ctx.log(f"teacher answers: {len(train)} train prompts, {stopped} ended at EOS, "
+                f"{len(train) - stopped} cut at {cfg.max_new_tokens} tokens; dataset {art.short}")
+        return art
 
     @staticmethod
     def _gate(cfg: DistillConfig, rows: dict[str, list]) -> list:

@@ -63,6 +63,27 @@ def tokenize(rows: list[dict[str, Any]], tokenizer: Any, seq_len: int, completio
     return out
 
 
+def tokenized_splits(model_path: Path, train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]],
+                     seq_len: int, completion_only: bool, *, train_completion_only: bool | None = None,
+                     ) -> tuple[Any, list[dict[str, list]], list[dict[str, list]]]:
+    """The tokenizer of ``model_path`` (pad = EOS when it has none) and both splits tokenized by :func:`tokenize`;
+    one line naming the fix when no training example is left. What fine-tuning and distillation both start with.
+    ``train_completion_only`` overrides ``completion_only`` for the training split (sequence-level distillation
+    learns only the teacher's answers, and is evaluated as configured)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_only = completion_only if train_completion_only is None else train_completion_only
+    train_tok = tokenize(train_rows, tokenizer, seq_len, train_only)
+    eval_tok = tokenize(eval_rows, tokenizer, seq_len, completion_only)
+    if not train_tok:
+        raise StageError("No training example has response tokens left after truncation.",
+                         fix="raise --seq-len or check the dataset's prompt/completion fields")
+    return tokenizer, train_tok, eval_tok
+
+
 MODES = ("flat", "packed", "grouped")
 
 
@@ -377,18 +398,12 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
           reporter: Reporter, *, resume_from: Path | None = None, model_ref: str = "",
           adapter_dir: Path | None = None, callbacks: list | None = None) -> TrainOutput:
     """Run one training; write the adapter to ``adapter_dir`` (rank 0). Used in-process and by the workers."""
-    from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
     dtype = compute_dtype(cfg.dtype)
     reset_peak_memory()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    train_ds = tokenize(train_rows, tokenizer, cfg.seq_len, cfg.completion_only_loss)
-    eval_ds = tokenize(eval_rows, tokenizer, cfg.seq_len, cfg.completion_only_loss)
-    if not train_ds:
-        raise StageError("No training example has response tokens left after truncation.",
-                         fix="raise --seq-len or check the dataset's prompt/completion fields")
+    tokenizer, train_ds, eval_ds = tokenized_splits(model_path, train_rows, eval_rows, cfg.seq_len,
+                                                    cfg.completion_only_loss)
     from llmops_jupyter.stages.finetune.kernels import TORCH_VARLEN, VARLEN_CALLS, apply_liger, check_kernels_option
 
     check_kernels_option(cfg.kernels)
