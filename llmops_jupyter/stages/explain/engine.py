@@ -208,15 +208,18 @@ def attribute(model: Any, tokenizer: Any, prompt_text: str, seq: Sequence, *, st
 def deletion_check(model: Any, seq: Sequence, attr: dict[str, Any], *, k: int = 3, draws: int = 20,
                    seed: int = 0) -> dict[str, Any]:
     """Remove the k prompt tokens with the largest attribution, and k random attributable ones (``draws`` times),
-    and compare how much the answer's log-probability drops. A faithful attribution drops it more."""
+    and compare how much the answer's log-probability drops. A faithful attribution drops it more.
+
+    "Removed" means replaced by the baseline token IG integrates from (the deletion metric of Petsiuk et al.), not cut
+    out: cutting shifts every later position, which changes the answer for reasons the attribution does not cover."""
     order = sorted(range(len(attr["positions"])), key=lambda j: -attr["seq_attr"][j])
     k = min(k, len(order))
     top = [attr["positions"][j] for j in order[:k]]
     full = answer_logprob(model, seq.prompt, seq.answer)
+    base = attr["baseline_token"]
 
     def without(drop: list[int]) -> float:
-        kept = [t for i, t in enumerate(seq.prompt) if i not in set(drop)]
-        return answer_logprob(model, kept, seq.answer) if kept else math.nan
+        return answer_logprob(model, [base if i in set(drop) else t for i, t in enumerate(seq.prompt)], seq.answer)
 
     rng = random.Random(seed)
     random_drops = [full - without(rng.sample(attr["positions"], k)) for _ in range(draws)]
