@@ -15,7 +15,7 @@ def question(country: str) -> str:
     return f"Question: what is the capital city of {country}? Answer:"
 
 
-def build_facts_model(path: Path, steps: int = 150) -> Path:
+def build_facts_model(path: Path, steps: int = 60) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
