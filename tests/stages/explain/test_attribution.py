@@ -36,6 +36,7 @@ def test_deleting_the_top_attributed_prompt_tokens_hurts_more_than_random_ones(m
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmops_jupyter.stages.explain import engine
+
     from .facts import CAPITALS, build_facts_model, question
 
     path = build_facts_model(model_cache / "tiny-llama-capitals")
