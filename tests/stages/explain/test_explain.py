@@ -141,3 +141,20 @@ def test_magic_help_and_run_show_the_token_view(shell, tiny_model, capsys):
     html = view._repr_html_()
     assert "four"[:2] in html and "logprob" in html and "top alternatives" in html
     assert res.outputs["lens_figure"].to_plotly_json()["data"][0]["type"] == "heatmap"
+
+
+def test_the_form_writes_the_same_line(registry):
+    from llmops_jupyter.frontends.argparsing import parse_config
+    from llmops_jupyter.frontends.forms import build_form
+    from llmops_jupyter.stages.explain.stage import ExplainConfig
+
+    form = build_form("explain", registry=registry, model="tiny-llama, finetune@latest", prompt="two plus two",
+                      target="four", attribute=True, lens=False)
+    assert form.errors == {}
+    line = form.line()
+    assert line.startswith("%llmops explain --model tiny-llama finetune@latest --prompt 'two plus two'")
+    assert "--attribute" in line and "--no-lens" in line
+    from IPython.utils.process import arg_split
+
+    cfg = parse_config(ExplainConfig, arg_split(line, posix=True)[2:], prog="%llmops explain")
+    assert cfg == form.config() and cfg.model == ["tiny-llama", "finetune@latest"]
