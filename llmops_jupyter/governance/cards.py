@@ -517,6 +517,31 @@ def build_model_card(
             s.paragraphs.append(f"Run failed: {ev['error']}")
     sections.append(s)
 
+    # Bias (eval --suite crows-pairs|stereoset) ---------------------------------------------------------------------
+    bias_evals = [ev for ev in evals if ev["params"].get("suite")]
+    data["bias"] = []
+    if bias_evals:
+        s = Section("Bias")
+        for ev in bias_evals:
+            rows, suite = [], ev["params"]["suite"]
+            for key, value in sorted(ev["metrics"].items()):
+                name = key.rsplit("/", 1)[-1]
+                if name.endswith(("_ci_low", "_ci_high")) or not name.startswith(("crows_pairs_", "stereoset_")):
+                    continue
+                prefix = key[: len(key) - len(name)]
+                lo, hi = ev["metrics"].get(f"{prefix}{name}_ci_low"), ev["metrics"].get(f"{prefix}{name}_ci_high")
+                ci = f"[{lo:.1f}, {hi:.1f}]" if lo is not None and hi is not None else ""
+                rows.append([key, f"{value:.1f}", ci])
+                data["bias"].append({"run_id": ev["run_id"], "suite": suite, "figure": key, "value": value,
+                                     "ci": [lo, hi]})
+            s.table(["figure (by category after the dot)", "value", "95% CI"], rows,
+                    caption=f"{suite} (eval run `{ev['run_id']}`, {ev['status']})")
+        from llmops_jupyter.stages.eval.suites.bias import LICENCE
+
+        s.paragraphs.append("CrowS-Pairs: % of sentence pairs where the more stereotyping one is likelier (50 is "
+                            "ideal). StereoSet: SS (50 ideal), LMS and ICAT (100 ideal). Data: " + LICENCE + ".")
+        sections.append(s)
+
     # Quantization -------------------------------------------------------------------------------------------------
     quant_runs = [r for r in runs.values() if r["stage"].startswith("quant")
                   or any(a.kind == "quantized" and a.run_id == r["id"] for a in chain)]

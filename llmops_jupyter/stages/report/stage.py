@@ -28,7 +28,8 @@ class ReportConfig(StageConfig):
     evals: list[str] = option([], "eval runs to compare, as LABEL=RUN (its first version) or RUN (all its "
                                   "versions), in the order the columns should appear: base first")
     runs: list[str] = option([], "other runs to include: a finetune run adds its training curves, a quantize "
-                                 "run its size / perplexity / speed table, any other run its metrics")
+                                 "run its size / perplexity / speed table, an explain run its token views and "
+                                 "pictures, any other run its metrics")
     metrics: list[str] = option([], "metrics in the comparison table (default: every summary metric of the evals)")
     title: str = option("Model lifecycle report", "heading of the page")
     out: str | None = option(None, "also write the HTML page to this file")
@@ -112,6 +113,12 @@ class ReportStage(Stage):
                     summary = run.get("summary") or {}
                     title = f"Quantization ({run['id']}: {summary.get('method', '')} {summary.get('bits', '')}-bit)"
                     sections.append((title, body))
+            elif run["stage"] == "explain":
+                from llmops_jupyter.stages.explain.stage import report_section
+
+                secs, figs = report_section(reg, run["id"])
+                sections += secs
+                figures += figs
             elif metrics:
                 sections.append((f"{run['stage']} ({run['id']})",
                                  reporting._table_html(["metric", "value"], sorted(metrics.items()))))

@@ -1,0 +1,1 @@
+"""Eval suites that are not a dataset of prompts and references (bias: CrowS-Pairs, StereoSet)."""
