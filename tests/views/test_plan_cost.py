@@ -57,10 +57,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _finetune(registry, tiny_dataset, tiny_model, steps):
+def _finetune(registry, tiny_dataset, tiny_model, steps, **more):
     return Runner(registry).run("finetune", {"model": str(tiny_model), "data": tiny_dataset.hash, "batch_size": 4,
                                              "log_every": 1, "checkpoint_every": 0, "seq_len": 64,
-                                             "max_steps": steps})
+                                             "max_steps": steps, **more})
 
 
 def test_calibrated_estimate_of_a_tiny_fine_tune_is_within_25_percent(registry, tiny_dataset, tiny_model, shell,
@@ -106,11 +106,14 @@ def test_measured_mfu_from_a_known_step_time_and_peak(registry, tiny_dataset, ti
     monkeypatch.setattr(kernels, "peak_tflops", lambda device_name=None: 1e-3)
     real_env = runner_mod.environment
     monkeypatch.setattr(runner_mod, "environment", lambda: {**real_env(), "gpus": ["NVIDIA A100-SXM4-80GB"]})
-    ft = _finetune(registry, tiny_dataset, tiny_model, 12)
+    ft = _finetune(registry, tiny_dataset, tiny_model, 12, eval_every=6, checkpoint_every=6)
     cal = cost.calibrate(registry, ft.run_id, first_steps=5)
     assert (cal.steps_seen, cal.seconds_per_step, cal.first_step_s) == (5, 0.25, 0.25)
-    assert cal.loop_s == pytest.approx(12 * 0.25) and cal.loop_cpu_s == pytest.approx(12 * 0.1)
-    assert cal.measured_loop_cpu_s == pytest.approx(13 * 0.1)  # read at the start, after each step and at the end
+    # evaluations and saves at steps 6 and 12 are timed apart from the steps (one clock read each)
+    assert (cal.evals, cal.eval_s, cal.saves, cal.save_s) == (2, 0.25, 2, 0.25) and not cal.unmeasured
+    assert cal.loop_s == pytest.approx(12 * 0.25 + 4 * 0.25) and cal.loop_cpu_s == pytest.approx(16 * 0.1)
+    assert cal.measured_loop_cpu_s == pytest.approx(17 * 0.1)  # + the read at the loop's end
+    assert registry.metrics(ft.run_id)["final_eval_s"] == 0.25  # the evaluation after the loop: the finish
     fpt = ft.summary["flops_per_token"]
     tokens = [r["value"] for r in registry.metric_history(ft.run_id, "step_tokens")]
     assert len(tokens) == 11 and 0 < ft.summary["tokens"] - sum(tokens) <= 4 * 64  # + the first step's batch
