@@ -216,16 +216,34 @@ def training_flops(params: float, tokens: float, method: str, gradient_checkpoin
     return (k + (2.0 if gradient_checkpointing else 0.0)) * params * tokens
 
 
-def peak_tflops_for(gpu: str | None) -> float | None:
-    """Dense bf16 peak of a GPU by name fragment (the fine-tune's own MFU table), ``None`` when unknown."""
+def gpu_family(gpu: str | None) -> str | None:
+    """The fine-tune's peak table entry a GPU name falls under ("NVIDIA A100-SXM4-80GB" → "A100"), ``None`` when
+    the table has none. The table is ordered most specific first, so "A10" never swallows an A100."""
     if not gpu:
         return None
     from llmops_jupyter.stages.finetune.kernels import PEAK_TFLOPS  # a table only: no torch import
 
-    for frag, tflops in PEAK_TFLOPS:
+    for frag, _ in PEAK_TFLOPS:
         if frag.lower() in gpu.lower():
-            return tflops
+            return frag
     return None
+
+
+def peak_tflops_for(gpu: str | None) -> float | None:
+    """Dense bf16 peak of a GPU by name fragment (the fine-tune's own MFU table), ``None`` when unknown."""
+    from llmops_jupyter.stages.finetune.kernels import PEAK_TFLOPS
+
+    family = gpu_family(gpu)
+    return dict(PEAK_TFLOPS)[family] if family else None
+
+
+def achieved_mfu(flops_per_token: float, tokens_per_step: float, seconds_per_step: float,
+                 peak_tflops: float | None) -> float | None:
+    """Measured model FLOPs utilisation (0-1): the FLOPs rule's FLOPs per step over the measured step time, divided
+    by the device's peak; ``None`` when the peak is unknown (CPU, a GPU not in the table), never a made-up peak."""
+    if not peak_tflops or not seconds_per_step or seconds_per_step <= 0:
+        return None
+    return flops_per_token * tokens_per_step / seconds_per_step / (peak_tflops * 1e12)
 
 
 @dataclasses.dataclass
@@ -252,41 +270,111 @@ class TrainingCost:
 
 
 def measured_mfu(registry: Any, gpu: str) -> tuple[float, int] | None:
-    """Mean MFU of the registry's finished fine-tunes on this GPU (by the name the run's environment recorded)."""
+    """Mean MFU of the registry's finished fine-tunes on this GPU: a run counts when the GPU its environment
+    recorded falls under the same peak-table entry (or, for a GPU not in the table, has the same name)."""
+    want = gpu_family(gpu) or gpu.strip().lower()
     vals = []
     for run in registry.list_runs(stage="finetune", limit=200):
         if run.get("status") != "finished":
             continue
         gpus = (run.get("env") or {}).get("gpus") or []
         mfu = registry.metrics(run["id"]).get("mfu_pct")
-        if mfu and any(gpu.lower() in str(g).lower() or str(g).lower() in gpu.lower() for g in gpus):
+        if mfu and any((gpu_family(str(g)) or str(g).strip().lower()) == want for g in gpus):
             vals.append(mfu / 100)
     return (sum(vals) / len(vals), len(vals)) if vals else None
 
 
 @dataclasses.dataclass
 class Calibration:
-    """A running or finished fine-tune's runtime, estimated from its first logged steps."""
+    """A running or finished fine-tune's runtime, estimated from the step timings of its first steps, in parts:
+
+    * ``setup_s``: start of the run to the start of the training loop (model load, tokenising, the batching
+      probe), measured;
+    * the loop: ``first_step_s`` (measured: allocation and lazy initialisation make it slower) + the other
+      ``total_steps - 1`` steps × the **median** step time of the calibration steps, + the evaluations and
+      checkpoint saves the schedule holds × their measured mean time (unknown until one has happened);
+    * ``finish_s``: the final evaluation and saving the adapter, measured once the run has ended.
+
+    The same is done for CPU seconds (``*_cpu_*``): on a shared machine other processes stretch wall time, not the
+    CPU time of the run's own steps."""
 
     run_id: str
-    steps_seen: int
+    steps_seen: int  # timed steps (after the first) the step time is the median of
     seconds_per_step: float
+    cpu_seconds_per_step: float
+    spread: tuple[float, float]  # lowest and highest per-window median step time among those calibrated on
     total_steps: int
     done_steps: int
-    measured_runtime_s: float | None
+    first_step_s: float
+    first_step_cpu_s: float
+    tokens_per_step: float | None = None
+    evals: int = 0  # evaluations the schedule holds (--eval-every)
+    eval_s: float | None = None
+    eval_cpu_s: float | None = None
+    saves: int = 0  # checkpoint saves the schedule holds (--checkpoint-every)
+    save_s: float | None = None
+    save_cpu_s: float | None = None
+    setup_s: float | None = None
+    finish_s: float | None = None
+    measured_loop_s: float | None = None  # the trainer's own train_runtime
+    measured_loop_cpu_s: float | None = None
+    measured_runtime_s: float | None = None  # the whole run, start to end
+    flops_per_token: float | None = None
+    peak_tflops: float | None = None
+
+    @property
+    def steps_s(self) -> float:
+        return max(self.total_steps - 1, 0) * self.seconds_per_step
+
+    @property
+    def pauses_s(self) -> float:
+        """Evaluations and saves in the loop (those not measured yet count 0: see :attr:`unmeasured`)."""
+        return self.evals * (self.eval_s or 0.0) + self.saves * (self.save_s or 0.0)
+
+    @property
+    def unmeasured(self) -> list[str]:
+        return ([f"{self.evals} evaluation(s)"] if self.evals and self.eval_s is None else []) + \
+               ([f"{self.saves} checkpoint save(s)"] if self.saves and self.save_s is None else [])
+
+    @property
+    def loop_s(self) -> float:
+        """The training loop: first step + the others at the median step time + evaluations and saves."""
+        return self.first_step_s + self.steps_s + self.pauses_s
+
+    @property
+    def loop_cpu_s(self) -> float:
+        return (self.first_step_cpu_s + max(self.total_steps - 1, 0) * self.cpu_seconds_per_step
+                + self.evals * (self.eval_cpu_s or 0.0) + self.saves * (self.save_cpu_s or 0.0))
 
     @property
     def estimated_runtime_s(self) -> float:
-        return self.total_steps * self.seconds_per_step
+        """The whole run: measured set-up + the calibrated loop + the measured finish (0 while it is running)."""
+        return (self.setup_s or 0.0) + self.loop_s + (self.finish_s or 0.0)
 
     @property
     def remaining_s(self) -> float:
-        return max(self.total_steps - self.done_steps, 0) * self.seconds_per_step
+        left = max(self.total_steps - self.done_steps, 0)
+        done_share = self.done_steps / self.total_steps if self.total_steps else 1.0
+        return left * self.seconds_per_step + self.pauses_s * (1 - done_share)
+
+    @property
+    def mfu(self) -> float | None:
+        """Measured MFU of the calibrated steps (:func:`achieved_mfu`); ``None`` without a known peak."""
+        if self.flops_per_token is None or self.tokens_per_step is None:
+            return None
+        return achieved_mfu(self.flops_per_token, self.tokens_per_step, self.seconds_per_step, self.peak_tflops)
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
 
 
 def calibrate(registry: Any, run: str, first_steps: int = 20) -> Calibration:
-    """Seconds per optimizer step from the timestamps of the run's first ``first_steps`` logged steps (the first
-    log, which carries start-up work, is the origin, not a sample), scaled to the run's total steps."""
+    """Calibrate a fine-tune's runtime on the step timings its first logging steps recorded (``step_s`` etc.,
+    see ``stages/finetune/train.StepTimer``), taking logged windows until ``first_steps`` timed steps are covered;
+    the step time is their median (each window's median weighted by its step count)."""
     from llmops_jupyter.core.errors import StageError
 
     run_id = registry.resolve_run(run)
@@ -294,17 +382,55 @@ def calibrate(registry: Any, run: str, first_steps: int = 20) -> Calibration:
     if info["stage"] != "finetune":
         raise StageError(f"--run {run} is a {info['stage']} run, not a fine-tune.",
                          fix="pass a fine-tuning run (`%llmops runs --stage finetune`)")
-    logs = [(r["step"], r["ts"]) for r in registry.metric_history(run_id, "loss") if r["step"] is not None]
-    logs = logs[: first_steps + 1]
-    if len(logs) < 3 or logs[-1][0] <= logs[0][0]:
-        raise StageError(f"Run {run_id} has logged {len(logs)} steps: too few to calibrate on.",
-                         fix="wait for a few more steps (log with --log-every 1 for short runs)")
-    rate = (logs[-1][1] - logs[0][1]) / (logs[-1][0] - logs[0][0])
+    hist: dict[str, list[dict[str, Any]]] = {}
+    for r in registry.metric_history(run_id):
+        hist.setdefault(r["key"], []).append(r)
+    windows = list(zip(hist.get("step_s", []), hist.get("step_cpu_s", []), hist.get("steps_timed", []),
+                       hist.get("step_tokens", [])))
+    used, n = [], 0
+    for w in windows:
+        if n >= first_steps:
+            break
+        used.append(w)
+        n += int(w[2]["value"])
+    if not hist.get("first_step_s") or n < 2:
+        raise StageError(f"Run {run_id} has timed {n} step(s) after its first: too few to calibrate on.",
+                         fix="wait for a few more logged steps (log with --log-every 1 for short runs); runs "
+                             "trained before step timing was recorded cannot be calibrated")
+    wall = _median([w[0]["value"] for w in used for _ in range(int(w[2]["value"]))])
+    cpu = _median([w[1]["value"] for w in used for _ in range(int(w[2]["value"]))])
+    tokens = sum(w[3]["value"] * w[2]["value"] for w in used) / n
     params, summary, metrics = info.get("params") or {}, info.get("summary") or {}, registry.metrics(run_id)
-    every = [r["step"] for r in registry.metric_history(run_id, "loss") if r["step"] is not None]
-    done = int(summary.get("steps") or every[-1])
+    loss_steps = [r["step"] for r in hist.get("loss", []) if r["step"] is not None]
+    done = int(summary.get("steps") or (loss_steps[-1] if loss_steps else 0))
     total = int(params.get("max_steps") or summary.get("steps") or 0) or done
-    return Calibration(run_id, len(logs) - 1, rate, total, done, metrics.get("train_runtime_s"))
+
+    def mean(key: str) -> float | None:
+        vals = [r["value"] for r in hist.get(key, [])]
+        return sum(vals) / len(vals) if vals else None
+
+    def scheduled(every: Any) -> int:  # the trainer also evaluates / saves at the last step
+        every = int(every or 0)
+        return -(-total // every) if every > 0 else 0
+
+    first = hist["first_step_s"][0]
+    loop_start = first["ts"] - first["value"]
+    setup = loop_start - info["started_at"] if info.get("started_at") else None
+    end = hist.get("train_cpu_s")
+    finish = (info["finished_at"] - end[-1]["ts"] if end and info.get("finished_at") and info.get("status")
+              == "finished" else None)
+    measured = (info["finished_at"] - info["started_at"] if info.get("status") == "finished"
+                and info.get("finished_at") and info.get("started_at") else None)
+    window_medians = [w[0]["value"] for w in used]
+    return Calibration(
+        run_id, n, wall, cpu, (min(window_medians), max(window_medians)), total, done, first["value"],
+        hist["first_step_cpu_s"][0]["value"], tokens,
+        evals=scheduled(params.get("eval_every")) if summary.get("eval_examples", 1) else 0,  # 0: no eval split
+        eval_s=mean("eval_s"), eval_cpu_s=mean("eval_cpu_s"),
+        saves=scheduled(params.get("checkpoint_every")), save_s=mean("save_s"), save_cpu_s=mean("save_cpu_s"),
+        setup_s=setup, finish_s=finish, measured_loop_s=metrics.get("train_runtime_s"),
+        measured_loop_cpu_s=metrics.get("train_cpu_s"), measured_runtime_s=measured,
+        flops_per_token=summary.get("flops_per_token"), peak_tflops=summary.get("peak_tflops"))
 
 
 # -- cost of your own models: a deployment -------------------------------------------------------------------------

@@ -96,7 +96,8 @@ class PlanConfig(StageConfig):
                                       min=0.1, min_exclusive=False)
     cost: bool = option(False, "also estimate cost: fine-tuning FLOPs (4ND LoRA/QLoRA, 6ND full, +2ND with gradient "
                                "checkpointing), GPU-hours = FLOPs / (peak x MFU) and USD at --usd-per-hour; with "
-                               "--run calibrated on a fine-tune's first steps; with --deployment $ per 1M tokens")
+                               "--run a fine-tune's runtime calibrated on the median of its first steps; with "
+                               "--deployment $ per 1M tokens")
     tokens: int | None = option(None, "training tokens D for --cost (examples x tokens per example x epochs)", min=1)
     usd_per_hour: float | None = option(None, "USD per GPU-hour (or per hour of the deployment's machine) for --cost",
                                         min=0.0)
@@ -107,7 +108,8 @@ class PlanConfig(StageConfig):
     mfu: float | None = option(None, "model FLOPs utilisation to assume (0-1) when the registry has no measured one "
                                      "on that GPU; default 0.35", min=0.0, max=1.0, min_exclusive=True)
     run: str | None = option(None, "a running or finished fine-tune: estimate its runtime from its first steps")
-    calibrate_steps: int = option(20, "logged steps --run calibrates on", min=2, max=100000)
+    calibrate_steps: int = option(20, "timed steps after the first that --run calibrates on (the median step "
+                                          "time)", min=2, max=100000)
     deployment: str | None = option(None, "a deployment (id): $ per 1M tokens from its request log's throughput")
     utilisation: float = option(1.0, "share of the hour the deployment is busy (0-1], for --deployment",
                                 min=0.0, max=1.0, min_exclusive=True)
@@ -211,6 +213,54 @@ class CostPlan(Table):
         self.values = values
 
 
+def calibration_rows(cal: Any, cfg: PlanConfig) -> list[list[Any]]:
+    """``plan --cost --run``: the runtime estimate in its parts, each measured or calibrated, and the measured
+    figures next to it."""
+    from llmops_jupyter.models import cost
+
+    def s(v: float | None) -> str:
+        return "unknown" if v is None else f"{v:.3g} s"
+
+    lo, hi = cal.spread
+    step = (f"median {cal.seconds_per_step:.3g} s/step of {cal.steps_seen} timed steps after the first "
+            f"(window medians {lo:.3g}-{hi:.3g} s)")
+    rows = [["set-up", s(cal.setup_s), "measured: run start to the training loop (load, tokenise, batching probe)"],
+            ["first step", s(cal.first_step_s), "measured (allocation, lazy initialisation)"],
+            ["other steps", s(cal.steps_s), f"calibrated: {max(cal.total_steps - 1, 0)} steps x {step}"]]
+    for kind, n, each in (("evaluations", cal.evals, cal.eval_s), ("checkpoint saves", cal.saves, cal.save_s)):
+        if n:
+            rows.append([f"{kind} in the loop", s(None if each is None else n * each),
+                         f"{n} x {each:.3g} s measured mean" if each is not None else f"{n} scheduled, none measured "
+                         "yet: not in the estimate"])
+    unmeasured = f" (without {', '.join(cal.unmeasured)})" if cal.unmeasured else ""
+    rows.append(["training loop (calibrated)", s(cal.loop_s), f"first step + other steps + pauses{unmeasured}"])
+    if cal.measured_loop_s:
+        rows.append(["training loop (measured)", s(cal.measured_loop_s), "the trainer's own train_runtime"])
+    rows.append(["loop CPU time (calibrated)", s(cal.loop_cpu_s), f"the same parts in CPU seconds (median "
+                 f"{cal.cpu_seconds_per_step:.3g} CPU s/step): other load on the machine does not stretch them"])
+    if cal.measured_loop_cpu_s:
+        rows.append(["loop CPU time (measured)", s(cal.measured_loop_cpu_s), "the process's CPU seconds in the loop"])
+    rows.append(["finish", s(cal.finish_s), "measured: final evaluation, saving the adapter" if cal.finish_s
+                 is not None else "not measured yet (the run has not finished): not in the estimate"])
+    rows.append(["runtime (calibrated)", s(cal.estimated_runtime_s),
+                 f"{cal.total_steps} steps: set-up + training loop + finish, {step}"])
+    rows.append(["remaining", s(cal.remaining_s), f"{cal.done_steps}/{cal.total_steps} steps done"])
+    if cal.measured_runtime_s:
+        rows.append(["runtime (measured)", s(cal.measured_runtime_s), "the finished run, start to end"])
+    mfu = cal.mfu
+    if mfu is not None:
+        rows.append(["MFU (measured)", f"{mfu:.1%}", f"{cal.flops_per_token:.3g} FLOPs/token x "
+                     f"{cal.tokens_per_step:.4g} tokens/step / {cal.seconds_per_step:.3g} s/step / "
+                     f"{cal.peak_tflops:g} TFLOP/s peak"])
+    else:
+        rows.append(["MFU (measured)", "unknown", "no known peak TFLOP/s for the device it trained on (CPU or a GPU "
+                     "not in the table): not invented"])
+    if cfg.usd_per_hour is not None:
+        rows.append(["cost (calibrated)", cost.fmt_usd(cal.estimated_runtime_s / 3600 * cfg.usd_per_hour * cfg.gpus),
+                     f"runtime (calibrated) x ${cfg.usd_per_hour:g}/h x {cfg.gpus} GPU(s), {step}"])
+    return rows
+
+
 def cost_plan(cfg: PlanConfig, registry: Any, arch: Any, device: Any) -> CostPlan:
     from llmops_jupyter.models import cost
 
@@ -241,14 +291,7 @@ def cost_plan(cfg: PlanConfig, registry: Any, arch: Any, device: Any) -> CostPla
         values["training"] = tc
     if cfg.run:
         cal = cost.calibrate(registry, cfg.run, cfg.calibrate_steps)
-        basis = f"measured: {cal.seconds_per_step:.3g} s/step over its first {cal.steps_seen} logged steps"
-        rows += [["runtime (calibrated)", f"{cal.estimated_runtime_s:.3g} s", f"{cal.total_steps} steps, {basis}"],
-                 ["remaining", f"{cal.remaining_s:.3g} s", f"{cal.done_steps}/{cal.total_steps} steps done"]]
-        if cal.measured_runtime_s:
-            rows.append(["runtime (measured)", f"{cal.measured_runtime_s:.3g} s", "the finished run's own timer"])
-        if cfg.usd_per_hour is not None:
-            rows.append(["cost (calibrated)", cost.fmt_usd(cal.estimated_runtime_s / 3600 * cfg.usd_per_hour * cfg.gpus),
-                         f"{basis}, x ${cfg.usd_per_hour:g}/h x {cfg.gpus} GPU(s)"])
+        rows += calibration_rows(cal, cfg)
         values["calibration"] = cal
     if cfg.deployment:
         from llmops_jupyter.stages.serve.server import get_deployment

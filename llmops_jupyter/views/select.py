@@ -62,7 +62,8 @@ def selection_rows(registry: Any, runs: list[str], quality: str = "f1",
             n = _num(s.get("n_examples")) or 0
             cost = _num(s.get("cost_usd"))
             judge = _num(s.get("judge_cost_usd"))
-            total = None if cost is None else cost + (judge or 0.0)
+            judged_unpriced = "judge_cost_usd" in s and judge is None  # judged, at an unknown price: not $0
+            total = None if cost is None or judged_unpriced else cost + (judge or 0.0)
             out.append({"run": run_id, "model": model_ref, "label": labels.get(model_ref, model_ref),
                         "quality": _num(s.get(quality)), "cost_usd": total,
                         "cost_per_example_usd": None if total is None or not n else total / n,

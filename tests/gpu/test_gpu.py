@@ -39,6 +39,17 @@ def test_lora_and_qlora_train_on_cuda_and_qlora_uses_less_memory(registry, wider
             assert calls.get("fused", 0) > 0 and "reference" not in calls, calls
     assert qlora.summary["optimizer"] == "paged_adamw_8bit"
     assert qlora.metrics["peak_memory_mb"] < lora.metrics["peak_memory_mb"]
+    # the peak comes from this device's name in the table; the calibrated MFU is the FLOPs rule over the median step
+    import torch
+
+    from llmops_jupyter.models import cost
+    from llmops_jupyter.stages.finetune.kernels import peak_tflops
+
+    assert lora.summary["peak_tflops"] == peak_tflops(torch.cuda.get_device_name()) is not None
+    cal = cost.calibrate(registry, lora.run_id, first_steps=10)
+    assert cal.peak_tflops == lora.summary["peak_tflops"] and cal.mfu == pytest.approx(
+        cal.flops_per_token * cal.tokens_per_step / cal.seconds_per_step / (cal.peak_tflops * 1e12), rel=1e-12)
+    assert 0 < cal.mfu < 1
 
 
 def test_batched_generation_matches_sequential_on_cuda(wider_model):

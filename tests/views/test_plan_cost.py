@@ -45,17 +45,113 @@ def test_serving_cost_closed_form():
     assert sc.break_even_requests_per_hour == pytest.approx(3.6 / per_req) and sc.capacity_requests_per_hour == 1800
 
 
-@pytest.mark.slow  # ~20-40 s of training; the ±25% needs a machine whose load is steady during the run
-def test_calibrated_estimate_of_a_tiny_fine_tune_is_within_25_percent(registry, tiny_dataset, tiny_model, shell):
-    ft = Runner(registry).run("finetune", {"model": str(tiny_model), "data": tiny_dataset.hash, "batch_size": 4,
-                                           "log_every": 1, "checkpoint_every": 0, "seq_len": 64, "max_steps": 120})
+@pytest.fixture()
+def one_thread():
+    """Train on one torch thread: with two threads on a loaded 2-core machine, each waits at every parallel region
+    for the other to be scheduled, spinning meanwhile, so even CPU seconds per step vary 10x from step to step."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _finetune(registry, tiny_dataset, tiny_model, steps, **more):
+    return Runner(registry).run("finetune", {"model": str(tiny_model), "data": tiny_dataset.hash, "batch_size": 4,
+                                             "log_every": 1, "checkpoint_every": 0, "seq_len": 64,
+                                             "max_steps": steps, **more})
+
+
+def test_calibrated_estimate_of_a_tiny_fine_tune_is_within_25_percent(registry, tiny_dataset, tiny_model, shell,
+                                                                      one_thread):
+    """The estimate from the median of the first 20 timed steps against the same run's own measurement. The ratio
+    checked is of CPU seconds of the training loop: on a shared machine other processes stretch the run's wall time
+    by whatever they do meanwhile, which no estimate made from the first steps can know; the wall-clock figures
+    are shown next to them (and checked for their parts)."""
+    ft = _finetune(registry, tiny_dataset, tiny_model, 120)
     out = shell.run_line_magic("llmops", f"plan --cost --run {ft.run_id} --usd-per-hour 1.2")
     cal = out.values["calibration"]
-    measured = ft.metrics["train_runtime_s"]
-    assert cal.total_steps == 120 and cal.steps_seen == 20 and cal.measured_runtime_s == measured
-    assert abs(cal.estimated_runtime_s - measured) / measured <= 0.25, (cal.estimated_runtime_s, measured)
-    basis = {r[0]: r[2] for r in out.rows}
-    assert basis["runtime (calibrated)"].count("measured") == 1 and "assumed" not in basis["cost (calibrated)"]
+    assert cal.total_steps == 120 and cal.steps_seen == 20 and cal.measured_loop_s == ft.metrics["train_runtime_s"]
+    assert cal.measured_loop_cpu_s == registry.metrics(ft.run_id)["train_cpu_s"] > 0
+    ratio = cal.loop_cpu_s / cal.measured_loop_cpu_s
+    assert abs(ratio - 1) <= 0.25, (cal.loop_cpu_s, cal.measured_loop_cpu_s)
+    # the wall-clock estimate is its parts: measured set-up, first step and finish, 119 steps at the median
+    assert cal.evals == cal.saves == 0 and cal.first_step_s > 0 and cal.setup_s > 0 and cal.finish_s > 0
+    assert cal.loop_s == pytest.approx(cal.first_step_s + 119 * cal.seconds_per_step, rel=1e-12)
+    assert cal.estimated_runtime_s == pytest.approx(cal.setup_s + cal.loop_s + cal.finish_s, rel=1e-12)
+    assert cal.remaining_s == 0 and cal.measured_runtime_s == pytest.approx(registry.get_run(ft.run_id)["duration_s"])
+    basis = {r[0]: (r[1], r[2]) for r in out.rows}
+    assert "median" in basis["other steps"][1] and "20 timed steps" in basis["runtime (calibrated)"][1]
+    assert basis["cost (calibrated)"][0] == cost.fmt_usd(cal.estimated_runtime_s / 3600 * 1.2)
+    # CPU: no known peak, so the measured MFU is "unknown" (never a made-up peak)
+    assert cal.peak_tflops is None and cal.mfu is None and "mfu_pct" not in ft.metrics
+    assert basis["MFU (measured)"][0] == "unknown" and "no known peak" in basis["MFU (measured)"][1]
+
+
+def test_measured_mfu_from_a_known_step_time_and_peak(registry, tiny_dataset, tiny_model, shell, monkeypatch,
+                                                      one_thread):
+    """A real fine-tune whose step clock is injected (0.25 s and 0.1 CPU s per step) on a simulated A100 (its
+    name in the run's environment and a peak of 1e-3 TFLOP/s, as CI has no GPU; tests/gpu does it for real):
+    the calibrated runtime and MFU are closed-form, and `plan --cost --tokens` uses that run's MFU as *measured*
+    for an A100 only (not for an A10)."""
+    import itertools
+
+    from llmops_jupyter.core import runner as runner_mod
+    from llmops_jupyter.stages.finetune import kernels, train
+
+    wall, cpu = itertools.count(0, 0.25), itertools.count(0, 0.1)
+    monkeypatch.setattr(train, "_wall", lambda: next(wall))
+    monkeypatch.setattr(train, "_cpu", lambda: next(cpu))
+    monkeypatch.setattr(kernels, "peak_tflops", lambda device_name=None: 1e-3)
+    real_env = runner_mod.environment
+    monkeypatch.setattr(runner_mod, "environment", lambda: {**real_env(), "gpus": ["NVIDIA A100-SXM4-80GB"]})
+    ft = _finetune(registry, tiny_dataset, tiny_model, 12, eval_every=6, checkpoint_every=6)
+    cal = cost.calibrate(registry, ft.run_id, first_steps=5)
+    assert (cal.steps_seen, cal.seconds_per_step, cal.first_step_s) == (5, 0.25, 0.25)
+    # evaluations and saves at steps 6 and 12 are timed apart from the steps (one clock read each)
+    assert (cal.evals, cal.eval_s, cal.saves, cal.save_s) == (2, 0.25, 2, 0.25) and not cal.unmeasured
+    assert cal.loop_s == pytest.approx(12 * 0.25 + 4 * 0.25) and cal.loop_cpu_s == pytest.approx(16 * 0.1)
+    assert cal.measured_loop_cpu_s == pytest.approx(17 * 0.1)  # + the read at the loop's end
+    assert registry.metrics(ft.run_id)["final_eval_s"] == 0.25  # the evaluation after the loop: the finish
+    fpt = ft.summary["flops_per_token"]
+    tokens = [r["value"] for r in registry.metric_history(ft.run_id, "step_tokens")]
+    assert len(tokens) == 11 and 0 < ft.summary["tokens"] - sum(tokens) <= 4 * 64  # + the first step's batch
+    assert cal.tokens_per_step == pytest.approx(sum(tokens[:5]) / 5)
+    assert cal.mfu == pytest.approx(fpt * cal.tokens_per_step / 0.25 / 1e9, rel=1e-12) and 0.01 < cal.mfu < 1
+    assert cost.achieved_mfu(4e9, 1000, 0.5, 989.0) == pytest.approx(4e12 / 0.5 / 989e12)
+    assert cost.achieved_mfu(4e9, 1000, 0.5, None) is None
+    basis = {r[0]: (r[1], r[2]) for r in shell.run_line_magic("llmops", f"plan --cost --run {ft.run_id} --calibrate-steps 5").rows}
+    assert basis["MFU (measured)"][0] == f"{cal.mfu:.1%}" and "0.001 TFLOP/s peak" in basis["MFU (measured)"][1]
+
+    mfu = registry.metrics(ft.run_id)["mfu_pct"] / 100
+    out = shell.run_line_magic("llmops", "plan --model Llama-3.1-8B --cost --tokens 100000000 --gpu A100")
+    t, rows = out.parts[1].values["training"], {r[0]: r[2] for r in out.parts[1].rows}
+    assert t.mfu == pytest.approx(mfu) and t.peak_tflops == 312.0
+    assert rows["MFU"].startswith("measured (mean of 1 fine-tune(s) on A100") and "assumed" not in rows["GPU-hours"]
+    assert t.gpu_hours == pytest.approx(t.flops / (312e12 * mfu) / 3600, rel=1e-12)
+    other = shell.run_line_magic("llmops", "plan --model Llama-3.1-8B --cost --tokens 100000000 --gpu A10")
+    assert other.parts[1].values["training"].mfu_label == "assumed MFU"
+
+
+def test_peak_table_by_cuda_device_name(monkeypatch):
+    """The GPU path reads torch.cuda.get_device_name() and looks it up in the table, most specific entry first."""
+    import torch
+
+    from llmops_jupyter.stages.finetune import kernels
+
+    names = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200": 989.0, "NVIDIA GH200 480GB": 989.0,
+             "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A10G": 125.0, "NVIDIA A10": 125.0, "NVIDIA L40S": 362.0,
+             "NVIDIA L40": 181.0, "NVIDIA L4": 121.0, "Tesla T4": 65.0, "NVIDIA GeForce RTX 4090": 165.0,
+             "Tesla V100-SXM2-16GB": 125.0, "NVIDIA B200": 2250.0, "NVIDIA GeForce GTX 1080": None}
+    for name, peak in names.items():
+        assert kernels.peak_tflops(name) == peak == cost.peak_tflops_for(name), name
+    assert cost.gpu_family("NVIDIA A100-PCIE-40GB") == "A100" and cost.gpu_family("NVIDIA A10") == "A10"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert kernels.peak_tflops() is None  # CPU: no peak, so no MFU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA L40S")
+    assert kernels.peak_tflops() == 362.0
 
 
 def test_deployment_cost_per_token_from_its_request_log(registry, tiny_model, shell, monkeypatch):

@@ -93,3 +93,33 @@ def test_selection_chart_renders_in_a_notebook_and_the_saved_ipynb(tmp_path):
     mimes = [m for o in outs for m in o.get("data", {})]
     assert "application/vnd.plotly.v1+json" in mimes  # the figure itself is saved, not a widget reference
     assert "Model selection (1 versions)" in json.dumps(outs)
+
+
+def test_judge_calls_are_priced_and_counted_in_the_selection(registry, shell, tmp_path):
+    """An endpoint judge is priced like a candidate: its calls' usage x its price is the version's judge cost, and
+    the selection's cost per example includes it; an unpriced judge makes that cost unknown, never $0."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question": f"is {i} even", "answer": f"the answer is is {i}"}) + "\n"
+                                 for i in range(3)))
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"source": "sheet", "date": "2026-12-01", "prices": [
+        {"model": "cheap", "input_per_mtok": 0.1, "output_per_mtok": 0.4},
+        {"model": "grader", "input_per_mtok": 3.0, "output_per_mtok": 7.0}]}))
+    with FakeOpenAI("cheap") as cand, FakeOpenAI("grader") as judge:
+        priced = Runner(registry).run("eval", model=[f"openai:{cand.url}#cheap"], data=str(questions),
+                                      metrics=["f1"], prices=str(prices), judge=judge.url, judge_model="grader")
+        paid = sum(u["prompt_tokens"] * 3.0 + u["completion_tokens"] * 7.0 for u in judge.usage) / 1e6  # 3 calls
+        unpriced = Runner(registry).run("eval", model=[f"openai:{cand.url}#cheap"], data=str(questions),
+                                        metrics=["f1"], prices=str(prices), judge=judge.url, judge_model="other",
+                                        cache=False)
+    assert len(judge.usage) == 6 and paid > 0
+    s = priced.summary["prices"]["prices"]
+    assert any(p["model"] == "grader" and p["input_per_mtok"] == 3.0 for p in s)  # the judge's price in lineage
+    from llmops_jupyter.stages.eval import store as evalstore
+
+    summary = next(iter(evalstore.summaries(registry, priced.run_id).values()))
+    assert summary["judge_cost_usd"] == pytest.approx(paid, abs=1e-12)  # the 3 calls of the priced run
+    sel = shell.run_line_magic("llmops", f"select {priced.run_id} {unpriced.run_id} --quality f1")
+    by_run = {r["run"]: r for r in sel.rows}
+    assert by_run[priced.run_id]["cost_usd"] == pytest.approx(summary["cost_usd"] + paid, abs=1e-12)
+    assert by_run[unpriced.run_id]["cost_usd"] is None

@@ -282,6 +282,91 @@ def mfu_pct(tokens_per_s: float, flops_per_token: float, peak_tflops: float | No
     return 100.0 * tokens_per_s * flops_per_token / (peak_tflops * 1e12)
 
 
+def _wall() -> float:
+    """The step timer's wall clock (a function of this module, so a test can inject a known step time)."""
+    return time.perf_counter()
+
+
+def _cpu() -> float:
+    """The step timer's CPU clock: this process's CPU seconds (all threads), which other load does not stretch."""
+    return time.process_time()
+
+
+class StepTimer:
+    """Wall and CPU seconds of every optimizer step, what ``plan --cost --run`` calibrates on.
+
+    A step is the time from the end of the previous step (or from the start of the training loop) to the end of
+    this one, so it includes fetching its batch and logging; an evaluation or a checkpoint save in between is taken
+    out and recorded as its own part. The first step (allocation, lazy initialisation) is reported apart from the
+    others (``first_step_s``); each logging step reports the *median* of the steps since the last one (``step_s``,
+    ``step_cpu_s``), their count (``steps_timed``) and their mean real tokens per step (``step_tokens``)."""
+
+    def __init__(self) -> None:
+        self.mark: tuple[float, float] | None = None
+        self.start: tuple[float, float] | None = None
+        self.first: tuple[float, float] | None = None
+        self.first_reported = False
+        self.walls: list[float] = []
+        self.cpus: list[float] = []
+        self.tokens: list[int] = []
+        self.tokens_mark = 0
+        self.ended = False
+
+    @staticmethod
+    def now() -> tuple[float, float]:
+        return _wall(), _cpu()
+
+    def begin(self, tokens: int) -> None:
+        self.mark = self.start = self.now()
+        self.tokens_mark = tokens
+
+    def _since_mark(self) -> tuple[float, float]:
+        now = self.now()
+        if self.mark is None:
+            self.mark = self.start = now
+        d = (now[0] - self.mark[0], now[1] - self.mark[1])
+        self.mark = now
+        return d
+
+    def step_end(self, tokens: int) -> None:
+        wall, cpu = self._since_mark()
+        if self.first is None:
+            self.first = (wall, cpu)
+        else:
+            self.walls.append(wall)
+            self.cpus.append(cpu)
+            self.tokens.append(tokens - self.tokens_mark)
+        self.tokens_mark = tokens
+
+    def pause(self, kind: str) -> dict[str, float]:
+        """An evaluation or a checkpoint save (``kind``) has just ended: its seconds, not counted in any step."""
+        wall, cpu = self._since_mark()
+        return {f"{kind}_s": wall, f"{kind}_cpu_s": cpu}
+
+    def flush(self) -> dict[str, float]:
+        """The timings to log at a logging step (and forget)."""
+        import statistics
+
+        out: dict[str, float] = {}
+        if self.first is not None and not self.first_reported:
+            out.update(first_step_s=self.first[0], first_step_cpu_s=self.first[1])
+            self.first_reported = True
+        if self.walls:
+            out.update(step_s=statistics.median(self.walls), step_cpu_s=statistics.median(self.cpus),
+                       steps_timed=float(len(self.walls)), step_tokens=sum(self.tokens) / len(self.tokens))
+        self.walls, self.cpus, self.tokens = [], [], []
+        return out
+
+    def end(self) -> float | None:
+        """The training loop ended: its CPU seconds (``None`` if it never began). Pauses after it are the run's
+        finishing work (the final evaluation), recorded as ``final_eval_s``."""
+        if self.start is None:
+            return None
+        self.ended = True
+        self.mark = self.now()
+        return self.mark[1] - self.start[1]
+
+
 def _callback_cls():
     from transformers import TrainerCallback
 
@@ -297,12 +382,14 @@ def _callback_cls():
             self.last_tokens = self.last_positions = 0
             self.train_loss: float | None = None
             self.fpt, self.peak = flops_per_token, peak_tflops
+            self.timer = StepTimer()
             # shown by the dashboard's status line with every progress event
             self.tags = {k: v for k, v in (("batching", batching), ("kernel", kernel),
                                            ("flops_rule", flops_rule if peak_tflops else None)) if v}
 
         def on_train_begin(self, args, state, control, **kw):
             self.last_t, self.last_tokens = time.perf_counter(), self.counter.tokens
+            self.timer.begin(self.counter.tokens)
             self.reporter.progress(state.global_step, state.max_steps, desc=self.desc, **self.tags)
 
         def on_step_begin(self, args, state, control, **kw):
@@ -312,6 +399,7 @@ def _callback_cls():
                 self.last_positions = self.counter.positions
 
         def on_step_end(self, args, state, control, **kw):
+            self.timer.step_end(self.counter.tokens)
             self.reporter.progress(state.global_step, state.max_steps, desc=self.desc, **self.tags)
             poll = getattr(self.reporter, "poll_stop", None)  # a worker's reporter: look for the parent's request
             if poll is not None:
@@ -319,7 +407,18 @@ def _callback_cls():
             self._maybe_stop(control)
 
         def on_evaluate(self, args, state, control, **kw):
+            self._log_pause("eval", state)
             self._maybe_stop(control)
+
+        def on_train_end(self, args, state, control, **kw):
+            cpu = self.timer.end()
+            if cpu is not None and state.is_world_process_zero:
+                self.reporter.log_metrics({"train_cpu_s": cpu}, step=state.global_step)
+
+        def _log_pause(self, kind: str, state) -> None:
+            values = self.timer.pause(("final_" if self.timer.ended else "") + kind)  # after the loop: its own part
+            if state.is_world_process_zero:
+                self.reporter.log_metrics(values, step=state.global_step)
 
         def _maybe_stop(self, control) -> None:
             """A listener asked the run to stop early (e.g. a search's pruner): end training cleanly here."""
@@ -331,6 +430,7 @@ def _callback_cls():
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if folder.exists():
                     (folder / COMPLETE_MARKER).write_text(str(state.global_step))
+            self._log_pause("save", state)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
@@ -349,6 +449,7 @@ def _callback_cls():
                 values["mfu_pct"] = mfu_pct(values["tokens_per_s"], self.fpt, self.peak)
                 values["memory_mb"] = peak_memory_mb()
                 values["epoch"] = logs.get("epoch")
+                values.update(self.timer.flush())
                 self.last_t, self.last_tokens, self.last_positions = now, self.counter.tokens, self.counter.positions
             if "eval_loss" in logs:
                 values["eval_loss"] = logs["eval_loss"]
@@ -410,7 +511,7 @@ def finish_run(trainer: Any, model: Any, counter: TokenCounter, metrics: dict[st
         mfu = mfu_pct(metrics["train_tokens_per_s"], efficiency["flops_per_token"], efficiency["peak_tflops"])
         if mfu is not None:
             metrics["mfu_pct"] = mfu
-        extra = {**extra, "flops_per_token": efficiency["flops_per_token"],
+        extra = {**extra, "flops_per_token": efficiency["flops_per_token"], "peak_tflops": efficiency["peak_tflops"],
                  "mfu_rule": f"{efficiency['flops_rule']} FLOPs/token (LoRA: frozen base, no weight gradients), "
                              + (f"peak {efficiency['peak_tflops']:g} TFLOP/s bf16" if efficiency["peak_tflops"]
                                 else "no MFU: no known accelerator peak (CPU)")}
