@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"llmops rl: exact {start:.3f} → {end:.3f} ({a.steps} steps, {ours['s_per_step']:.1f} s/step)",
               flush=True)
         trl: dict[str, Any] | str = "not run (--no-trl)"
+        path = save(a, ours, "running (this file is rewritten when it ends)" if not a.no_trl else trl, train, held,
+                    t_start)
         if not a.no_trl:
             tm = resolve_target_modules(["auto"], "llama")
             trl = run_trl(a, base, train, tmp, tm)
@@ -230,6 +232,17 @@ def main(argv: list[str] | None = None) -> dict:
                        heldout_samples_end=[[r["completion"], t] for r, t in zip(held[:6], trl_texts)])
             trl["adapter"] = str(trl["adapter"])
             print(f"TRL GRPOTrainer: exact {start:.3f} → {trl_end:.3f} ({trl['s_per_step']:.1f} s/step)", flush=True)
+    path = save(a, ours, trl, train, held, t_start, path)
+    result = json.loads(path.read_text())
+    for g in result["goals"]:
+        print(f"  GOAL {g['goal']:<60} {g['ratio']:+.3f}  {'holds' if g['holds'] else 'DOES NOT HOLD'}")
+    print(f"  raw results: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return result
+
+
+def save(a: argparse.Namespace, ours: dict, trl: Any, train: list, held: list, t_start: float,
+         path: Path | None = None) -> Path:
+    """Write (or rewrite) the raw results: after our run, and again once TRL's has ended."""
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "model": a.model,
         "task": {"question": QUESTION, "response_prefix": PREFIX, "train": len(train), "heldout": len(held)},
@@ -242,15 +255,13 @@ def main(argv: list[str] | None = None) -> dict:
                         "ratio": ours["rise"], "threshold": GOAL_RISE, "holds": ours["rise"] >= GOAL_RISE}]
     result["machine"] = machine()
     result["wall_s"] = time.time() - t_start
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    kind = "gpu" if "gpu" in result["machine"] else "cpu"
-    path = out / f"rl-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if path is None:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        kind = "gpu" if "gpu" in result["machine"] else "cpu"
+        path = out / f"rl-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
-    for g in result["goals"]:
-        print(f"  GOAL {g['goal']:<60} {g['ratio']:+.3f}  {'holds' if g['holds'] else 'DOES NOT HOLD'}")
-    print(f"  raw results: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
-    return result
+    return path
 
 
 if __name__ == "__main__":
