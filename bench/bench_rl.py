@@ -2,8 +2,8 @@
 ``GRPOTrainer`` used directly with the same settings.
 
 The task: ``What is a + b?`` (a, b single digits), the answer expected as ``<answer>N</answer>``. SmolLM2-135M never
-writes the tag by itself (0 of 48 sampled completions in a probe), so a format reward could not be discovered by
-sampling; the prompt therefore shows the format on another sum (``e.g. for 4 + 1: <answer>5</answer>``) and the
+writes the tag by itself (0 of 44 sampled and 0 of 52 greedy completions in probes), so a format reward could not
+be discovered by sampling; the prompt therefore shows the format on another sum (``e.g. for 4 + 1: <answer>5</answer>``) and the
 assistant turn starts with ``<answer>`` (a response prefix). The base model then mostly copies the example's
 number: what GRPO has to teach is to put the *sum* there and close the tag.
 
