@@ -13,19 +13,13 @@ from typing import Any
 
 from llmops_jupyter.core.config import StageConfig, option
 from llmops_jupyter.stages.finetune.config import DTYPES, OPTIMIZERS, SCHEDULERS
+from llmops_jupyter.stages.rl.rewards import portable, reward_name
+
+__all__ = ["RLConfig", "RewardModelConfig", "reward_name"]
 
 METHODS = ("grpo", "rloo")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 GUARD_ACTIONS = ("alert", "stop")
-
-
-def reward_name(obj: Any) -> str:
-    """What the registry, the dashboard and TRL's metric names call a reward: a string as given, a callable by its
-    ``__name__`` (a ``functools.partial`` by its function's)."""
-    if isinstance(obj, str):
-        return obj
-    name = getattr(obj, "__name__", None) or getattr(getattr(obj, "func", None), "__name__", None)
-    return str(name or type(obj).__name__)
 
 
 @dataclasses.dataclass
@@ -132,8 +126,6 @@ class RLConfig(StageConfig):
                 raise self.invalid("reward", f"item {r!r} is neither a name nor a callable",
                                    fix="pass function names or $fn")
         if self.detach:  # the worker process has no notebook: every reward must be importable there
-            from llmops_jupyter.stages.rl.rewards import portable
-
             self.reward = [portable(r, self) for r in self.reward]
             if self.check_every:
                 self.check_reward = portable(self.check_reward, self, flag="--check-reward")

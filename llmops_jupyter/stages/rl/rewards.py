@@ -29,12 +29,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from llmops_jupyter.core.errors import ConfigError, StageError
-from llmops_jupyter.stages.rl.config import reward_name
 
 ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 #: The format a ``format`` reward looks for: an answer tag (``<answer>…</answer>``), anywhere in the completion.
 FORMAT_PATTERN = r"<answer>.*?</answer>"
+
+
+def reward_name(obj: Any) -> str:
+    """What the registry, the dashboard and TRL's metric names call a reward: a string as given, a callable by its
+    ``__name__`` (a ``functools.partial`` by its function's)."""
+    if isinstance(obj, str):
+        return obj
+    name = getattr(obj, "__name__", None) or getattr(getattr(obj, "func", None), "__name__", None)
+    return str(name or type(obj).__name__)
 
 
 def _text(c: Any) -> str:
