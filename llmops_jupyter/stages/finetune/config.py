@@ -105,7 +105,8 @@ RESUME_EXTEND = ("max_steps", "epochs")
 
 @dataclasses.dataclass
 class AttachConfig(StageConfig):
-    run: str = option("finetune@latest", "the fine-tuning run to watch (id, prefix or 'finetune@latest')",
+    run: str = option("finetune@latest", "the training run to watch: finetune or rl (id, prefix, 'finetune@latest', "
+                                         "'rl@latest')",
                       positional=True)
     wait: bool = option(False, "block until the run ends (scripts, papermill); otherwise the view updates in the "
                                "background and the cell returns")

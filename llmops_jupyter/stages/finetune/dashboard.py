@@ -31,7 +31,15 @@ def fmt_eta(seconds: float | None) -> str:
 
 
 class TrainingDashboard:
-    """Runner listener (the stage's ``live_view``). ``front_end='magic'`` draws widgets; others only collect."""
+    """Runner listener (the stage's ``live_view``). ``front_end='magic'`` draws widgets; others only collect.
+
+    The base of every training view: metric events, widget start-up before the model loads, the throttled redraw,
+    the status line and the static figure left behind by a run that did not finish. A subclass (the rl dashboard)
+    sets ``progress_desc``/``end_title``, builds its own :meth:`figure` and adds widgets through :meth:`_layout`,
+    other events through :meth:`_on_event` and traces that appear mid-run through :meth:`_new_traces`."""
+
+    progress_desc = "finetune"  # the progress events this view follows (their ``desc``)
+    end_title = "training"  # the static figure's title: "<end_title> (<status>)"
 
     def __init__(self, config: Any = None, *, front_end: str = "python",
                  display: Callable[[Any], None] | None = None, **_: Any):
@@ -65,11 +73,22 @@ class TrainingDashboard:
             self._redraw()
         elif event.type is EventType.STARTED:
             self._ensure_widgets()  # drawn before the model loads: no widget start-up cost inside training
-        elif event.type is EventType.PROGRESS and event.data.get("desc") == "finetune":
+        elif event.type is EventType.PROGRESS and event.data.get("desc") == self.progress_desc:
             self.tags.update({k: event.data[k] for k in ("batching", "kernel", "flops_rule") if event.data.get(k)})
             self.progress(event.data.get("done") or 0, event.data.get("total"))
         elif event.type in END_EVENTS:
             self.end(str(event.type))
+        else:
+            self._on_event(event)
+
+    def _on_event(self, event: Event) -> None:
+        """Events the base does not draw (a subclass's hook)."""
+
+    def figure(self, rows: list[dict[str, Any]], *, title: str | None = None) -> Any:
+        """The static figure of these metric rows (the live widget starts from ``figure([])``)."""
+        from llmops_jupyter.stages.finetune.plots import training_figure
+
+        return training_figure(rows, title=title)
 
     def progress(self, done: float, total: float | None) -> None:
         now = time.monotonic()
@@ -92,9 +111,7 @@ class TrainingDashboard:
         self._redraw(force=True)
         self._update_status()
         if self.live and status != "finished" and self.rows:
-            from llmops_jupyter.stages.finetune.plots import training_figure
-
-            self._display(training_figure(self.rows, title=f"training ({status})"))
+            self._display(self.figure(self.rows, title=f"{self.end_title} ({status})"))
 
     def close(self) -> None:
         self._redraw(force=True)
@@ -106,11 +123,16 @@ class TrainingDashboard:
         import ipywidgets as w
         import plotly.graph_objects as go
 
-        from llmops_jupyter.stages.finetune.plots import training_figure
-
-        self._fig = go.FigureWidget(training_figure([]))
+        self._fig = go.FigureWidget(self.figure([]))
         self._status = w.HTML(value="starting…")
-        self._display(w.VBox([self._status, self._fig]))
+        self._display(w.VBox(self._layout(self._status, self._fig)))
+
+    def _layout(self, status: Any, fig: Any) -> list[Any]:
+        """The widgets shown, top to bottom (a subclass adds its own around the status line and the figure)."""
+        return [status, fig]
+
+    def _new_traces(self, data: dict[str, Any]) -> None:
+        """Add traces for keys that appeared mid-run (a subclass's hook; the training figure has all of its own)."""
 
     def _latest(self, key: str) -> float | None:
         for r in reversed(self.rows):
@@ -159,6 +181,7 @@ class TrainingDashboard:
 
         data = series(self.rows)
         with self._fig.batch_update():
+            self._new_traces(data)
             for trace in self._fig.data:
                 steps, values = data.get(trace.name, ([], []))
                 trace.x, trace.y = steps, values

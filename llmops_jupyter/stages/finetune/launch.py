@@ -1,11 +1,12 @@
-"""Out-of-kernel training for ``%llmops finetune``: detached runs, ``accelerate launch`` ranks, ``%llmops attach``.
+"""Out-of-kernel training for ``%llmops finetune`` and ``%llmops rl``: detached runs, ``accelerate launch`` ranks,
+``%llmops attach``.
 
 Entry points of the worker processes:
 
-``python -m llmops_jupyter.stages.finetune.launch run --home H --run-id R --config JSON``
-    a detached run: takes over run ``R`` that ``%llmops finetune --detach`` recorded (one training, one run), executes
-    the stage through the Runner, and keeps ``runs/R/progress.json`` current for ``%llmops attach``. SIGINT/SIGTERM
-    stop it like Ctrl-C (recorded as interrupted, with its last checkpoint).
+``python -m llmops_jupyter.stages.finetune.launch run --home H --run-id R --config JSON [--stage rl]``
+    a detached run: takes over run ``R`` that ``%llmops finetune --detach`` (or ``rl --detach``) recorded (one
+    training, one run), executes the stage through the Runner, and keeps ``runs/R/progress.json`` current for
+    ``%llmops attach``. SIGINT/SIGTERM stop it like Ctrl-C (recorded as interrupted, with its last checkpoint).
 
 ``python -m llmops_jupyter.stages.finetune.launch train --spec FILE``
     one rank under ``accelerate launch``: trains, rank 0 reports through the events file named in the spec.
@@ -45,14 +46,14 @@ def _interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: stop cleanly, kee
     raise KeyboardInterrupt
 
 
-def run_detached(home: str, run_id: str, params: dict) -> int:
+def run_detached(home: str, run_id: str, params: dict, stage: str = "finetune") -> int:
     os.environ["LLMOPS_HOME"] = home
     from llmops_jupyter.core.runner import Runner
     from llmops_jupyter.registry import Registry
 
     # The Runner keeps runs/<run>/progress.json current while the stage runs (core.capture), as in any process.
     try:
-        Runner(Registry(home)).run("finetune", params, run_id=run_id, adopt=True)
+        Runner(Registry(home)).run(stage, params, run_id=run_id, adopt=True)
     except KeyboardInterrupt:
         return 130
     return 0
@@ -229,29 +230,30 @@ def _read_result(events: Path) -> dict[str, Any] | None:
     return None
 
 
-def worker_command(home: Path, run_id: str, params: dict[str, Any]) -> list[str]:
+def worker_command(home: Path, run_id: str, params: dict[str, Any], stage: str = "finetune") -> list[str]:
     return [sys.executable, "-m", "llmops_jupyter.stages.finetune.launch", "run", "--home", str(home),
-            "--run-id", run_id, "--config", json.dumps(params)]
+            "--run-id", run_id, "--config", json.dumps(params), "--stage", stage]
 
 
-def launch_detached(ctx: RunContext) -> dict[str, Any]:
-    """Hand this run to a worker process (one training, one run), supervised by a thread that records its death."""
-    cfg: FinetuneConfig = ctx.config
-    params = {**cfg.to_params(), "detach": False}
+def launch_detached(ctx: RunContext, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Hand this run to a worker process (one training, one run), supervised by a thread that records its death.
+    ``params`` (default: the run's config without ``detach``) are what the worker's stage config is built from."""
+    params = params if params is not None else {**ctx.config.to_params(), "detach": False}
     folder = run_dir(ctx.registry, ctx.run_id)
     log = folder / "worker.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(worker_command(ctx.registry.home, ctx.run_id, params), stdout=fh,
+    with open(log, "wb") as fh:  # the worker starts in this process's directory: modules beside the notebook import
+        proc = subprocess.Popen(worker_command(ctx.registry.home, ctx.run_id, params, ctx.stage), stdout=fh,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
     ctx.hand_off(proc.pid)
-    handle = DetachedRun(ctx.registry.home, ctx.run_id, proc.pid, log, proc)
+    handle = DetachedRun(ctx.registry.home, ctx.run_id, proc.pid, log, proc, stage=ctx.stage)
     threading.Thread(target=handle._supervise, name=f"llmops-supervise-{ctx.run_id}", daemon=True).start()
     ctx.log(f"detached: run {ctx.run_id} continues in worker pid {proc.pid} (log: {log})")
     return {"run": handle}
 
 
-def reap_dead_run(registry: Registry, run_id: str, *, returncode: int | None = None, log: Path | None = None) -> bool:
+def reap_dead_run(registry: Registry, run_id: str, *, returncode: int | None = None, log: Path | None = None,
+                  stage: str = "finetune") -> bool:
     """If ``run_id`` is still 'running' but its process is gone, mark it failed with why. Returns True if so."""
     from llmops_jupyter.registry import RunStatus
 
@@ -269,16 +271,19 @@ def reap_dead_run(registry: Registry, run_id: str, *, returncode: int | None = N
     where = f"; see {log}" if log else ""
     error = f"worker process {how} before the run finished{where}"
     if run is None:
-        registry.create_run("finetune", {}, run_id=run_id, status=RunStatus.FAILED)
+        registry.create_run(stage, {}, run_id=run_id, status=RunStatus.FAILED)
     registry.finish_run(run_id, RunStatus.FAILED, error=error)
     return True
 
 
 class DetachedRun:
-    """Handle on a detached fine-tuning run: ``wait()``, ``stop()``; displays as its live view in a notebook."""
+    """Handle on a detached training run (finetune, rl): ``wait()``, ``stop()``; displays as its live view in a
+    notebook."""
 
-    def __init__(self, home: Path, run_id: str, pid: int, log: Path, proc: subprocess.Popen | None = None):
+    def __init__(self, home: Path, run_id: str, pid: int, log: Path, proc: subprocess.Popen | None = None, *,
+                 stage: str = "finetune"):
         self.home, self.run_id, self.pid, self.log, self.proc = Path(home), run_id, pid, log, proc
+        self.stage = stage
         self._done = threading.Event()
 
     def _registry(self) -> Registry:
@@ -289,7 +294,7 @@ class DetachedRun:
     def _supervise(self) -> None:
         rc = self.proc.wait()
         try:
-            reap_dead_run(self._registry(), self.run_id, returncode=rc, log=self.log)
+            reap_dead_run(self._registry(), self.run_id, returncode=rc, log=self.log, stage=self.stage)
         finally:
             self._done.set()
 
@@ -323,7 +328,7 @@ class DetachedRun:
             os.kill(self.pid, signal.SIGINT)
 
     def __repr__(self) -> str:
-        return (f"detached finetune run {self.run_id} (worker pid {self.pid}); watch it with "
+        return (f"detached {self.stage} run {self.run_id} (worker pid {self.pid}); watch it with "
                 f"`%llmops attach {self.run_id}`, log: {self.log}")
 
     def _ipython_display_(self) -> None:
@@ -355,6 +360,20 @@ def attach_run(cfg: AttachConfig, env: Any) -> Any:
     return None
 
 
+def watch_view(stage: str, **kw: Any) -> TrainingDashboard:
+    """The live view of a ``stage`` run (its catalog ``live_view``: the rl dashboard for rl runs), fed by polling."""
+    import importlib
+
+    from llmops_jupyter.core.stage import get_stage
+
+    try:
+        module, _, attr = (get_stage(stage).live_view or "").partition(":")
+        cls = getattr(importlib.import_module(module), attr) if module else TrainingDashboard
+    except Exception:  # noqa: BLE001 - an unknown or unavailable stage is watched as a training run
+        cls = TrainingDashboard
+    return cls(**kw) if isinstance(cls, type) and issubclass(cls, TrainingDashboard) else TrainingDashboard(**kw)
+
+
 class RunWatcher:
     """Re-opens the live view of a run from the registry (metrics table + the worker's progress file).
 
@@ -370,7 +389,8 @@ class RunWatcher:
         self.poll_s = poll_s
         self.front_end = front_end
         self.display = display
-        self.view = TrainingDashboard(front_end=front_end, display=display)
+        self.stage = registry.get_run(run_id)["stage"]
+        self.view = watch_view(self.stage, front_end=front_end, display=display)
         self._rowid = 0
         self.status = "running"
         self.error: str | None = None
@@ -385,7 +405,7 @@ class RunWatcher:
             self._rowid = r["rowid"]
             by_step.setdefault(r["step"], {})[r["key"]] = r["value"]
         for step, values in by_step.items():
-            self.view(Event(EventType.METRIC, self.run_id, "finetune", {"values": values, "step": step}))
+            self.view(Event(EventType.METRIC, self.run_id, self.stage, {"values": values, "step": step}))
         progress = run_dir(self.registry, self.run_id) / PROGRESS_FILE
         if progress.exists():
             try:
@@ -402,7 +422,6 @@ class RunWatcher:
     def follow(self, timeout: float | None = None) -> Any:
         """Poll until the run ends; returns its static training figure. A dead worker raises StageError."""
         from llmops_jupyter.core.errors import StageError
-        from llmops_jupyter.stages.finetune.plots import training_figure
 
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() == "running":
@@ -412,9 +431,9 @@ class RunWatcher:
         if self.status == "failed":
             raise StageError(f"Run {self.run_id} failed: {self.error}",
                              fix=f"see `%llmops show {self.run_id}`; resume from its checkpoint with "
-                                 f"`%llmops finetune --resume {self.run_id}`")
-        return training_figure(self.registry.metric_history(self.run_id),
-                               title=f"finetune {self.run_id} ({self.status})")
+                                 f"`%llmops {self.stage} --resume {self.run_id}`")
+        return self.view.figure(self.registry.metric_history(self.run_id),
+                                title=f"{self.stage} {self.run_id} ({self.status})")
 
     def start(self) -> RunWatcher:
         def loop() -> None:
@@ -439,13 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="a detached finetune run")
     run.add_argument("--home", required=True)
     run.add_argument("--run-id", required=True)
-    run.add_argument("--config", required=True, help="JSON parameters of the finetune stage")
+    run.add_argument("--config", required=True, help="JSON parameters of the stage")
+    run.add_argument("--stage", default="finetune", choices=["finetune", "rl"])
     tr = sub.add_parser("train", help="one accelerate rank")
     tr.add_argument("--spec", required=True)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     if args.mode == "run":
-        return run_detached(args.home, args.run_id, json.loads(args.config))
+        return run_detached(args.home, args.run_id, json.loads(args.config), args.stage)
     return train_rank(args.spec)
 
 

@@ -13,19 +13,13 @@ from typing import Any
 
 from llmops_jupyter.core.config import StageConfig, option
 from llmops_jupyter.stages.finetune.config import DTYPES, OPTIMIZERS, SCHEDULERS
+from llmops_jupyter.stages.rl.rewards import portable, reward_name
+
+__all__ = ["RLConfig", "RewardModelConfig", "reward_name"]
 
 METHODS = ("grpo", "rloo")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 GUARD_ACTIONS = ("alert", "stop")
-
-
-def reward_name(obj: Any) -> str:
-    """What the registry, the dashboard and TRL's metric names call a reward: a string as given, a callable by its
-    ``__name__`` (a ``functools.partial`` by its function's)."""
-    if isinstance(obj, str):
-        return obj
-    name = getattr(obj, "__name__", None) or getattr(getattr(obj, "func", None), "__name__", None)
-    return str(name or type(obj).__name__)
 
 
 @dataclasses.dataclass
@@ -34,8 +28,9 @@ class RLConfig(StageConfig):
     data: str = option("data@latest", "dataset artifact whose `prompt` is sampled from and whose reference answer "
                                       "(last assistant turn) reaches reward functions as `answer`")
     reward: list[Any] = option([], "reward functions, comma-separated: names of notebook callables "
-                                   "(`fn(prompts, completions, answer, **kw) -> list[float]`), `$fn`, or built-ins: "
-                                   "exact, numeric, format, overlong, repetition, judge, reward-model@<ref>")
+                                   "(`fn(prompts, completions, answer, **kw) -> list[float]`), `$fn`, import paths "
+                                   "module:function, or built-ins: exact, numeric, format, overlong, repetition, "
+                                   "judge, reward-model@<ref>")
     reward_weights: list[float] = option([], "one weight per --reward (default: all 1.0); the total reward is the "
                                              "weighted sum")
     format_pattern: str = option(r"<answer>.*?</answer>", "regular expression the built-in `format` reward looks for "
@@ -81,6 +76,9 @@ class RLConfig(StageConfig):
     keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", min=1)
     resume: str | None = option(None, "rl run id to continue from its last checkpoint (training options come from "
                                       "that run; --max-steps may grow); reward functions are resolved again by name")
+    detach: bool = option(False, "train in a supervised worker process; the cell returns at once (`%llmops attach "
+                                 "<run>` shows it). Rewards must then be importable: built-ins, judge, "
+                                 "reward-model@<ref>, or module:function (a notebook-only function is refused)")
     check_contract: bool = option(True, "before training, call every reward on a few sampled completions and refuse "
                                         "wrong lengths, non-numbers, NaN, exceptions and slow calls")
     reward_timeout_s: float = option(5.0, "a reward call slower than this in the contract check is refused", min=0,
@@ -127,6 +125,10 @@ class RLConfig(StageConfig):
             if not isinstance(r, str) and not callable(r):
                 raise self.invalid("reward", f"item {r!r} is neither a name nor a callable",
                                    fix="pass function names or $fn")
+        if self.detach:  # the worker process has no notebook: every reward must be importable there
+            self.reward = [portable(r, self) for r in self.reward]
+            if self.check_every:
+                self.check_reward = portable(self.check_reward, self, flag="--check-reward")
         if isinstance(self.reward_weights, (int, float)):
             self.reward_weights = [float(self.reward_weights)]
         try:
@@ -152,7 +154,7 @@ class RLConfig(StageConfig):
 
 
 #: Options that may differ between an interrupted run and its --resume without changing the result.
-RESUME_FREE = ("resume", "checkpoint_every", "keep_checkpoints", "log_every", "samples_per_log", "adapter_name",
+RESUME_FREE = ("resume", "detach", "checkpoint_every", "keep_checkpoints", "log_every", "samples_per_log", "adapter_name",
                "check_contract", "reward_timeout_s", "guard_action", "zero_std_max", "length_ratio_max",
                "clipped_max", "kl_max", "dominance_max", "check_every", "check_examples", "judge_max_calls", "reward")
 RESUME_EXTEND = ("max_steps", "epochs")

@@ -9,12 +9,11 @@ figure a finished cell returns (saved in the .ipynb, as the fine-tuning dashboar
 from __future__ import annotations
 
 import html
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from llmops_jupyter.core.runner import END_EVENTS, Event, EventType
-from llmops_jupyter.stages.finetune.dashboard import fmt_eta
+from llmops_jupyter.core.runner import Event, EventType
+from llmops_jupyter.stages.finetune.dashboard import TrainingDashboard, fmt_eta
 from llmops_jupyter.stages.finetune.plots import series
 
 #: (panel title, metric keys) in grid order; ``rewards/<fn>/mean`` keys join the first panel as they appear.
@@ -24,7 +23,6 @@ RL_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("KL / entropy", ("kl", "entropy")),
     ("completion length / clipped ratio", ("completions/mean_length", "completions/clipped_ratio")),
 )
-REDRAW_S = 0.5
 
 
 def component_keys(keys: Iterable[str]) -> list[str]:
@@ -82,66 +80,33 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
-class RLDashboard:
-    """Runner listener (the rl stage's ``live_view``): draws widgets for the notebook front end, collects elsewhere."""
+class RLDashboard(TrainingDashboard):
+    """Runner listener (the rl stage's ``live_view``): the fine-tuning dashboard (events, widget start-up, throttled
+    redraw, status line) with the RL figure, the sampled-completions table and the guards' alerts."""
+
+    progress_desc = "rl"
+    end_title = "rl"
 
     def __init__(self, config: Any = None, *, front_end: str = "python",
-                 display: Callable[[Any], None] | None = None, **_: Any):
-        self.front_end, self._display = front_end, display
-        self.rows: list[dict[str, Any]] = []
+                 display: Callable[[Any], None] | None = None, **kw: Any):
+        super().__init__(config, front_end=front_end, display=display, **kw)
         self.samples: list[dict[str, Any]] = []
         self.alerts: list[str] = []
         self.components = [str(r) if isinstance(r, str) else getattr(r, "__name__", "reward")
                            for r in (getattr(config, "reward", None) or [])]
-        self._fig = self._status = self._table = self._alerts = None
-        self._pending = 0
-        self._last_draw = 0.0
-        self._t0: float | None = None
-        self._step0 = 0.0
-        self.done, self.total = 0.0, None
-        self.ended: str | None = None
+        self._table = self._alerts = None
 
-    @property
-    def live(self) -> bool:
-        return self.front_end == "magic" and self._display is not None
+    def figure(self, rows: list[dict[str, Any]], *, title: str | None = None) -> Any:
+        return reward_figure(rows, title=title, components=self.components)
 
-    def __call__(self, event: Event) -> None:
-        if event.type is EventType.METRIC:
-            step = event.data.get("step")
-            for key, value in event.data.get("values", {}).items():
-                self.rows.append({"key": key, "value": value, "step": step, "ts": event.ts})
-            self._pending += 1
-            self._ensure_widgets()
-            self._redraw()
-        elif event.type is EventType.STARTED:
-            self._ensure_widgets()
-        elif event.type is EventType.LOG:
+    def _on_event(self, event: Event) -> None:
+        if event.type is EventType.LOG:
             if event.data.get("samples"):
                 self.samples = list(event.data["samples"])
                 self._draw_table()
             if event.data.get("alert"):
                 self.alerts.append(event.data["message"])
                 self._draw_alerts()
-        elif event.type is EventType.PROGRESS and event.data.get("desc") == "rl":
-            now = time.monotonic()
-            if self._t0 is None:
-                self._t0, self._step0 = now, event.data.get("done") or 0
-            self.done, self.total = event.data.get("done") or 0, event.data.get("total")
-            self._update_status()
-        elif event.type in END_EVENTS:
-            self.end(str(event.type))
-
-    def eta_s(self) -> float | None:
-        if self._t0 is None or not self.total or self.done <= self._step0:
-            return None
-        rate = (self.done - self._step0) / max(time.monotonic() - self._t0, 1e-9)
-        return (self.total - self.done) / rate
-
-    def _latest(self, key: str) -> float | None:
-        for r in reversed(self.rows):
-            if r["key"] == key:
-                return r["value"]
-        return None
 
     def status_text(self) -> str:
         parts = [f"step {int(self.done)}" + (f"/{int(self.total)}" if self.total else "")]
@@ -153,37 +118,19 @@ class RLDashboard:
                 parts.append(f"{label} {v:.3g}")
         if self.alerts:
             parts.append(f"{len(self.alerts)} alert(s)")
-        return " · ".join(parts)
+        return html.escape(" · ".join(parts))
 
-    def end(self, status: str) -> None:
-        if self.ended:
-            return
-        self.ended = status
-        self._redraw(force=True)
-        self._update_status()
-        if self.live and status != "finished" and self.rows:
-            self._display(reward_figure(self.rows, title=f"rl ({status})", components=self.components))
-
-    def close(self) -> None:
-        self._redraw(force=True)
-
-    def _ensure_widgets(self) -> None:
-        if not self.live or self._fig is not None:
-            return
+    def _layout(self, status: Any, fig: Any) -> list[Any]:
         import ipywidgets as w
-        import plotly.graph_objects as go
 
-        self._fig = go.FigureWidget(reward_figure([], components=self.components))
-        self._status = w.HTML(value="starting…")
-        self._alerts = w.HTML(value="")
-        self._table = w.HTML(value="")
-        self._display(w.VBox([self._status, self._alerts, self._fig, self._table]))
+        self._alerts, self._table = w.HTML(value=""), w.HTML(value="")
+        return [status, self._alerts, fig, self._table]
 
-    def _update_status(self) -> None:
-        if self._status is not None:
-            frac = (self.done / self.total) if self.total else 0.0
-            self._status.value = (f"<div style='font-family:monospace'><progress value='{frac:.4f}' max='1' "
-                                  f"style='width:40%'></progress> {html.escape(self.status_text())}</div>")
+    def _new_traces(self, data: dict[str, Any]) -> None:
+        names = {t.name for t in self._fig.data}
+        for key in data:
+            if (key.startswith("rewards/") and key.endswith("/mean") or key.startswith("check/")) and key not in names:
+                self._fig.add_scatter(x=[], y=[], name=key, row=1, col=1)
 
     def _draw_alerts(self) -> None:
         if self._alerts is not None:
@@ -192,22 +139,3 @@ class RLDashboard:
     def _draw_table(self) -> None:
         if self._table is not None:
             self._table.value = completions_table(self.samples)._repr_html_()
-
-    def _redraw(self, force: bool = False) -> None:
-        if self._fig is None or not self._pending:
-            return
-        now = time.monotonic()
-        if not force and now - self._last_draw < REDRAW_S:
-            return
-        data = series(self.rows)
-        names = {t.name for t in self._fig.data}
-        missing = [k for k in data if (k.startswith("rewards/") and k.endswith("/mean") or k.startswith("check/"))
-                   and k not in names]
-        with self._fig.batch_update():
-            for key in missing:
-                self._fig.add_scatter(x=[], y=[], name=key, row=1, col=1)
-            for trace in self._fig.data:
-                steps, values = data.get(trace.name, ([], []))
-                trace.x, trace.y = steps, values
-        self._pending = 0
-        self._last_draw = now

@@ -6,8 +6,12 @@ every dataset column arrives as a keyword (``answer`` is the reference answer), 
 leaves it out of that component's mean).
 
 Names resolve in this order: a callable given as an object (``$fn``, ``rl(rewards=[fn])``); ``judge`` and
-``reward-model@<ref>`` (built by the stage); a callable of that name in the notebook's namespace (the IPython
-kernel's ``user_ns``, so a papermill run finds the notebook's functions; ``__main__`` in a script); a built-in.
+``reward-model@<ref>`` (built by the stage); an import path ``module:function``; a callable of that name in the
+notebook's namespace (the IPython kernel's ``user_ns``, so a papermill run finds the notebook's functions;
+``__main__`` in a script); a built-in. A detached run (``--detach``) resolves its rewards in a worker process,
+where the notebook's namespace does not exist: :func:`portable` turns each item into a name that process can
+resolve (a built-in, ``judge``, ``reward-model@<ref>`` or ``module:function``), or refuses a function that only
+the notebook defines.
 
 Sampled completions are not public in TRL 1.16 (only the private ``trainer._logs``), so :class:`RewardSet` wraps
 every function: it checks each call's result, and after the last component of a batch it records per completion
@@ -25,12 +29,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from llmops_jupyter.core.errors import ConfigError, StageError
-from llmops_jupyter.stages.rl.config import reward_name
 
 ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 #: The format a ``format`` reward looks for: an answer tag (``<answer>…</answer>``), anywhere in the completion.
 FORMAT_PATTERN = r"<answer>.*?</answer>"
+
+
+def reward_name(obj: Any) -> str:
+    """What the registry, the dashboard and TRL's metric names call a reward: a string as given, a callable by its
+    ``__name__`` (a ``functools.partial`` by its function's)."""
+    if isinstance(obj, str):
+        return obj
+    name = getattr(obj, "__name__", None) or getattr(getattr(obj, "func", None), "__name__", None)
+    return str(name or type(obj).__name__)
 
 
 def _text(c: Any) -> str:
@@ -143,6 +155,8 @@ def resolve(ref: Any, cfg: Any, *, namespace: dict[str, Any] | None = None,
     for prefix, factory in (factories or {}).items():
         if name == prefix or name.startswith(prefix + "@"):
             return name, factory(name)
+    if ":" in name:
+        return import_reward(name)
     ns = notebook_namespace() if namespace is None else namespace
     if name in ns and callable(ns[name]) and not isinstance(ns[name], type):
         return name, ns[name]
@@ -157,8 +171,79 @@ def resolve(ref: Any, cfg: Any, *, namespace: dict[str, Any] | None = None,
                                                           and not k.startswith("_"))], n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise ConfigError(f"rl: --reward {name} is not a notebook function or a built-in reward.", field="reward",
-                      value=name, fix=f"{hint}define it in a cell above, pass $fn, or use a built-in: "
-                                      f"{', '.join(BUILTINS)}, judge, reward-model@<ref>")
+                      value=name, fix=f"{hint}define it in a cell above, pass $fn or module:function, or use a "
+                                      f"built-in: {', '.join(BUILTINS)}, judge, reward-model@<ref>")
+
+
+def import_reward(path: str) -> tuple[str, Callable]:
+    """``module:function`` (``module:Class.method`` too) → ``(function name, callable)``; the module is imported
+    from the process's path (a ``.py`` file beside the notebook is on it: the kernel's and a worker's working
+    directory)."""
+    import importlib
+
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"rl: --reward {path} is not an import path module:function.", field="reward", value=path,
+                          fix="write it as module:function, e.g. my_rewards:correct")
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"rl: --reward {path}: cannot import module '{module}' ({type(exc).__name__}: {exc}).",
+                          field="reward", value=path,
+                          fix=f"put {module.replace('.', '/')}.py beside the notebook or on PYTHONPATH") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"rl: --reward {path}: module '{module}' has no '{attr}'.", field="reward", value=path,
+                              fix=f"define `def {attr.split('.')[-1]}(completions, **kw): ...` in {module}")
+        obj = getattr(obj, part)
+    if not callable(obj) or isinstance(obj, type):
+        raise ConfigError(f"rl: --reward {path} is a {type(obj).__name__}, not a function.", field="reward",
+                          value=path, fix="point it at a function `fn(completions, **kw) -> list[float]`")
+    return attr.split(".")[-1], obj
+
+
+def _import_path(fn: Any) -> str | None:
+    """``module:qualname`` when another process importing it gets this same object, else None."""
+    import importlib
+
+    module, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not module or not qual or module == "__main__" or "<" in qual:
+        return None
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return f"{module}:{qual}" if obj is fn else None
+
+
+def portable(ref: Any, cfg: Any, *, namespace: dict[str, Any] | None = None, flag: str = "--reward") -> str:
+    """A ``--reward`` item as a name a worker process resolves to the same function (``--detach``); a function
+    defined only in the notebook (``__main__``, or inside a function) is refused in one line naming it and the fix."""
+    if isinstance(ref, str):
+        name = ref
+        if name in ("judge", "reward-model") or name.startswith("reward-model@") or ":" in name:
+            if ":" in name and not name.startswith("reward-model@"):
+                import_reward(name)  # a typo fails here, in the cell, not in the worker's log
+            return name
+        ns = notebook_namespace() if namespace is None else namespace
+        if name in ns and callable(ns[name]) and not isinstance(ns[name], type):
+            fn = ns[name]
+        elif name in BUILTINS:
+            return name
+        else:
+            return resolve(name, cfg, namespace=ns)[0]  # raises its one-line error (did you mean ...)
+    else:
+        fn, name = ref, reward_name(ref)
+    path = _import_path(fn)
+    if path is None:
+        where = getattr(fn, "__module__", None) or "?"
+        raise ConfigError(f"rl: {flag} {name} is defined in the notebook ({where}), and a --detach worker process "
+                          "cannot import it.", field="reward" if flag == "--reward" else "check_reward", value=name,
+                          fix=f"move `{name}` to a module beside the notebook (e.g. my_rewards.py) and pass "
+                              f"{flag} my_rewards:{name}, or drop --detach")
+    return path
 
 
 # -- checking one call ----------------------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ class RLStage(Stage):
         return ("eval",) if judge.startswith(("http://", "https://")) else ("finetune",)  # [eval] has openai
 
     def run(self, ctx) -> dict[str, Any]:
+        cfg: RLConfig = ctx.config
+        if cfg.detach:
+            return launch_rl_detached(ctx)
         return run_rl(ctx)
 
     def interrupt_hint(self, ctx) -> str:
@@ -49,6 +52,24 @@ class RLStage(Stage):
         if ckpt is None:
             return "No checkpoint was written yet (set --checkpoint-every lower to keep progress); start the run again."
         return f"Last checkpoint: step {ckpt[0]}. Continue with: %llmops rl --resume {ctx.run_id}"
+
+
+def launch_rl_detached(ctx: RunContext) -> dict[str, Any]:
+    """``--detach``: fine-tuning's supervised worker process runs this rl run. The config already holds rewards a
+    worker can import (:func:`llmops_jupyter.stages.rl.rewards.portable`); a resumed run's, taken from the
+    interrupted run, are checked here, in the cell."""
+    from llmops_jupyter.stages.finetune.launch import launch_detached
+    from llmops_jupyter.stages.rl.rewards import portable
+
+    cfg: RLConfig = ctx.config
+    if cfg.resume and not cfg.reward:
+        src = ctx.registry.get_run(cfg.resume)
+        for name in src["params"].get("reward") or []:
+            if portable(name, cfg) != name:
+                raise ConfigError(f"rl: run {src['id']}'s reward {name} is a notebook function; a --detach worker "
+                                  "cannot find it by name.", field="reward", value=name,
+                                  fix=f"resume without --detach: %llmops rl --resume {src['id']}")
+    return launch_detached(ctx, {**cfg.to_params(), "detach": False})
 
 
 def effective_config(ctx: RunContext) -> tuple[RLConfig, dict[str, Any], Any]:
