@@ -39,6 +39,9 @@ class GenRequest:
     echo: bool = False
     #: llguidance grammar (see :mod:`.constrained`) the output must follow
     grammar: str | None = None
+    #: the JSON Schema of ``response_format`` (``{"type": "object"}`` for JSON mode): what the llama.cpp engine
+    #: constrains with (llama.cpp's own grammar), where the transformers engine uses ``grammar``
+    json_schema: dict[str, Any] | None = None
     #: for streaming: (loop, asyncio.Queue) receiving ("text", str) items then ("end", info)
     stream: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
@@ -446,9 +449,33 @@ class LlamaCppEngine(_Worker):
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
-    #: logprobs, echo, tools, response_format and token-id prompts are refused with a 400 naming the field
-    supports: frozenset[str] = frozenset()
+    #: ``response_format`` by llama.cpp's own grammar (GBNF from the JSON Schema); logprobs, echo, tools and
+    #: token-id prompts are refused with a 400 naming the field
+    supports: frozenset[str] = frozenset({"response_format"})
     tool_format = None
+
+    def check_grammar(self, grammar: str) -> None:
+        """The llguidance grammar is not what runs here (see :meth:`check_schema`)."""
+
+    def check_schema(self, schema: dict[str, Any]) -> None:
+        """Convert the schema to llama.cpp's GBNF once, in the caller's thread: what it cannot convert is a 400."""
+        self._gbnf(schema)
+
+    def _gbnf(self, schema: dict[str, Any]) -> Any:
+        import json
+
+        from llama_cpp import LlamaGrammar
+
+        from llmops_jupyter.stages.serve.constrained import GrammarError
+
+        key = json.dumps(schema, sort_keys=True)
+        cache = self.__dict__.setdefault("_grammars", {})
+        if key not in cache:
+            try:
+                cache[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+            except Exception as exc:  # noqa: BLE001 - the converter raises several kinds
+                raise GrammarError(f"llama.cpp's JSON Schema converter rejects it: {exc}") from None
+        return cache[key]
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         if self.template:
@@ -475,6 +502,8 @@ class LlamaCppEngine(_Worker):
 
     def _kwargs(self, req: GenRequest) -> dict[str, Any]:
         kw: dict[str, Any] = {"max_tokens": req.max_tokens, "stop": list(req.stop) or None, "seed": req.seed}
+        if req.json_schema is not None:
+            kw["grammar"] = self._gbnf(req.json_schema)
         if req.temperature > 0:
             kw.update(temperature=req.temperature, top_p=req.top_p)
         else:
