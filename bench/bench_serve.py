@@ -15,7 +15,7 @@ All requests are ``/v1/completions`` with the same prompt strings, ``temperature
 (so every server does the same work; chat templates differ between the servers). Raw JSON goes to
 ``bench/results/serve-<host>-<time>.json``.
 
-    python bench/bench_serve.py [--models tiny,smollm2] [--repeats 3] [--levels 1,8,32] [--max-tokens 32]
+    python bench/bench_serve.py [--models tiny,smollm2] [--repeats 3] [--levels 1,8,32] [--max-tokens 24]
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", default="tiny,smollm2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--levels", default="1,8,32")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--json-requests", type=int, default=100)
     ap.add_argument("--no-llamacpp", action="store_true")
     args = ap.parse_args(argv)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
                     _drive(srv.url, srv.model, 2, 2, 4)  # warm up
                     runs = []
                     for c in levels:
-                        n = max(8, 2 * c)
+                        n = max(8, c)  # at 32 clients: a burst of 32 at once
                         r = _drive(srv.url, srv.model, c, n, args.max_tokens)
                         r["load"] = _load()
                         print(f"{key:8} rep {rep} {system:14} c={c:<3} {r['tokens_per_s']:8.1f} tok/s  "
