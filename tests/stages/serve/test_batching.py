@@ -167,3 +167,32 @@ def test_many_concurrent_openai_clients_all_answered_and_logged(tiny_model, tmp_
         assert json.loads(json.dumps(ctx.engine.stats))["requests"] >= 24
     finally:
         server.stop(reg, run.run_id, timeout=30)
+
+
+def test_a_sliding_window_model_falls_back_to_one_at_a_time(tiny_model, tmp_path):
+    """Sliding-window cache layers cannot have rows joined: detected at the first prefill, those requests and all
+    later ones are served through ``generate`` alone, with the same answers."""
+    import shutil
+
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from llmops_jupyter.stages.serve.engine import Engine, GenRequest
+
+    for f in tiny_model.iterdir():
+        if f.is_file() and "token" in f.name or f.name.endswith(".jinja"):
+            shutil.copy(f, tmp_path / f.name)
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, sliding_window=8,
+                        pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    MistralForCausalLM(cfg).save_pretrained(tmp_path)
+    eng = Engine(str(tmp_path), max_batch=4, device="cpu")
+    try:
+        reqs = [eng.submit(GenRequest(f"hello {i} " * (i + 1), 10)) for i in range(3)]
+        got = [r.future.result(60) for r in reqs]
+        assert eng._legacy
+        assert [g.text for g in got] == [eng._generate([GenRequest(f"hello {i} " * (i + 1), 10)])[0].text
+                                         for i in range(3)]
+    finally:
+        eng.stop()
