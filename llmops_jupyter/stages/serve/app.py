@@ -317,6 +317,12 @@ def create_app(ctx: ServeContext):
                                          "call.", "response_format")
                     if plan.grammar is None:
                         plan.grammar = plan.response_format["grammar"]
+                    check_schema = getattr(engine, "check_schema", None)
+                    if check_schema is not None:  # an engine with its own grammar engine (llama.cpp)
+                        try:
+                            check_schema(plan.json_schema())
+                        except GrammarError as exc:
+                            raise FieldError(f"response_format cannot be enforced: {exc}", "response_format") from None
         else:
             p = raw["prompt"]
             if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
@@ -387,7 +393,7 @@ def create_app(ctx: ServeContext):
         gens = [GenRequest(x if isinstance(x, str) else "", max_tokens, temperature=temperature, top_p=top_p,
                            seed=body.seed or 0, stop=_stop_list(body.stop),
                            prompt_ids=x if isinstance(x, list) else None, logprobs=plan.logprobs, echo=plan.echo,
-                           grammar=plan.grammar) for x in plan.prompts]
+                           grammar=plan.grammar, json_schema=plan.json_schema()) for x in plan.prompts]
         if body.stream:
             return _stream(request, ctx, gens[0], rec, t0, chat=chat, release=sem().release, rid=rid, body=body,
                            plan=plan)

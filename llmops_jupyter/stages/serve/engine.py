@@ -1,11 +1,11 @@
 """The generation engine behind the HTTP server: one worker thread owns the model.
 
 Why one thread: a transformers model is not safe to call from several threads at once, and generation must not
-block the event loop (``/health`` and the 429 path stay responsive while the model works). Concurrent
-non-streaming requests with the same sampling settings are **micro-batched**: the worker drains the queue (waiting
-at most ``batch_wait_s`` for company) and runs them as one left-padded batch through
-:func:`llmops_jupyter.models.inference.generate`. Streaming requests run alone with a streamer that hands text pieces
-back to the event loop thread-safely.
+block the event loop (``/health`` and the 429 path stay responsive while the model works). Concurrent requests,
+streaming or not, whatever their sampling settings, are **continuously batched** (:mod:`.batching`): they join the
+running batch between decode steps and leave it when they finish, so up to ``max_batch`` requests share every
+forward pass. A model whose cache cannot be joined row by row (sliding-window attention) is served one request at
+a time through ``generate`` (the ``_generate``/``_run_stream`` path below).
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class GenRequest:
     echo: bool = False
     #: llguidance grammar (see :mod:`.constrained`) the output must follow
     grammar: str | None = None
+    #: the JSON Schema of ``response_format`` (``{"type": "object"}`` for JSON mode): what the llama.cpp engine
+    #: constrains with (llama.cpp's own grammar), where the transformers engine uses ``grammar``
+    json_schema: dict[str, Any] | None = None
     #: for streaming: (loop, asyncio.Queue) receiving ("text", str) items then ("end", info)
     stream: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
@@ -118,6 +121,8 @@ class Engine(_Worker):
         self.context_length = int(getattr(self.net.config, "max_position_embeddings", 2048) or 2048)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
+        #: set when the model's cache cannot be batched row by row: requests then go through ``generate`` alone
+        self._legacy = False
         self._start_worker("llmops-serve-engine")
 
     # -- API used by the app ----------------------------------------------------------------------------------
@@ -163,30 +168,56 @@ class Engine(_Worker):
 
     # -- worker -------------------------------------------------------------------------------------------------
     def _work(self) -> None:
-        pending: list[GenRequest] = []
+        """Continuous batching (:mod:`.batching`): admit what arrived, run one decode step, repeat. ``max_batch``
+        caps the running rows (1 = one request at a time, the benchmark's baseline)."""
+        from llmops_jupyter.stages.serve.batching import NotBatchable, Scheduler
+
+        sched = Scheduler(self)
+        stopping = False
         while True:
-            item = pending.pop(0) if pending else self._queue.get()
-            if item is _STOP:
-                for p in pending:  # requests queued behind the stop marker still get served
-                    self._run_one(p)
-                return
-            if item.stream is not None:
-                self._run_stream(item)
-                continue
-            batch = [item]
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.max_batch:
+            new: list[Any] = []
+            if not sched.rows:
+                if stopping:  # requests queued behind the stop marker still get served
+                    try:
+                        new.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        return
+                else:
+                    new.append(self._queue.get())
+                    deadline = time.monotonic() + self.batch_wait_s
+                    while self.max_batch > 1 and len(new) < self.max_batch and new[-1] is not _STOP:
+                        try:  # a moment for company, so that a burst shares one prefill
+                            new.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                        except queue.Empty:
+                            break
+            while len(sched.rows) + len(new) < self.max_batch and (not new or new[-1] is not _STOP):
                 try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    new.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-                if nxt is not _STOP and nxt.stream is None and nxt.batch_key == item.batch_key:
-                    batch.append(nxt)
+            reqs = [x for x in new if x is not _STOP]
+            stopping = stopping or len(reqs) < len(new)
+            if reqs:
+                if self._legacy:
+                    for r in reqs:
+                        self._run_one(r)
                 else:
-                    pending.append(nxt)
-                    if nxt is _STOP:
-                        break
-            self._run_batch(batch)
+                    try:
+                        sched.admit(reqs)
+                    except NotBatchable:  # e.g. sliding-window caches: serve one at a time with generate()
+                        self._legacy = True
+                        for r in reqs:
+                            self._run_one(r)
+                    except BaseException as exc:  # noqa: BLE001 - the requests being admitted fail, not the rest
+                        for r in reqs:
+                            if not r.future.done():
+                                r.future.set_exception(exc)
+                            sched._push(r, "error", exc)
+            if sched.rows:
+                try:
+                    sched.step()
+                except BaseException as exc:  # noqa: BLE001 - every running request learns about the failure
+                    sched.fail_all(exc)
 
     def _run_one(self, req: Any) -> None:
         if req is _STOP:
@@ -418,9 +449,33 @@ class LlamaCppEngine(_Worker):
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
-    #: logprobs, echo, tools, response_format and token-id prompts are refused with a 400 naming the field
-    supports: frozenset[str] = frozenset()
+    #: ``response_format`` by llama.cpp's own grammar (GBNF from the JSON Schema); logprobs, echo, tools and
+    #: token-id prompts are refused with a 400 naming the field
+    supports: frozenset[str] = frozenset({"response_format"})
     tool_format = None
+
+    def check_grammar(self, grammar: str) -> None:
+        """The llguidance grammar is not what runs here (see :meth:`check_schema`)."""
+
+    def check_schema(self, schema: dict[str, Any]) -> None:
+        """Convert the schema to llama.cpp's GBNF once, in the caller's thread: what it cannot convert is a 400."""
+        self._gbnf(schema)
+
+    def _gbnf(self, schema: dict[str, Any]) -> Any:
+        import json
+
+        from llama_cpp import LlamaGrammar
+
+        from llmops_jupyter.stages.serve.constrained import GrammarError
+
+        key = json.dumps(schema, sort_keys=True)
+        cache = self.__dict__.setdefault("_grammars", {})
+        if key not in cache:
+            try:
+                cache[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+            except Exception as exc:  # noqa: BLE001 - the converter raises several kinds
+                raise GrammarError(f"llama.cpp's JSON Schema converter rejects it: {exc}") from None
+        return cache[key]
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         if self.template:
@@ -447,6 +502,8 @@ class LlamaCppEngine(_Worker):
 
     def _kwargs(self, req: GenRequest) -> dict[str, Any]:
         kw: dict[str, Any] = {"max_tokens": req.max_tokens, "stop": list(req.stop) or None, "seed": req.seed}
+        if req.json_schema is not None:
+            kw["grammar"] = self._gbnf(req.json_schema)
         if req.temperature > 0:
             kw.update(temperature=req.temperature, top_p=req.top_p)
         else:

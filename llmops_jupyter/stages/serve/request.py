@@ -88,6 +88,13 @@ class Plan:
     def structured(self) -> bool:
         return bool(self.response_format) and self.response_format["type"] != "text"
 
+    def json_schema(self) -> dict[str, Any] | None:
+        """The schema the output must follow when it comes from ``response_format`` (JSON mode: any object)."""
+        rf = self.response_format
+        if not rf or rf["type"] == "text" or self.grammar != rf["grammar"]:
+            return None
+        return rf["schema"] if rf["schema"] is not None else {"type": "object"}
+
     def message(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
         """The assistant message (content and/or tool_calls) and the finish reason, as OpenAI shapes them."""
         content: str | None = text

@@ -58,10 +58,11 @@ class ServeConfig(StageConfig):
     default_max_tokens: int = option(128, "max_tokens when a request does not say (capped at --max-tokens)", min=1)
     max_prompt_tokens: int | None = option(None, "longest accepted prompt in tokens (default: context length "
                                                  "minus max_tokens)", min=1)
-    max_concurrency: int = option(16, "requests generating or streaming at once (at least --max-batch, or batches "
-                                      "never fill)", min=1, max=1024)
+    max_concurrency: int = option(32, "requests generating or streaming at once (at least --max-batch, or batches "
+                                      "never fill; the rest wait for a slot)", min=1, max=1024)
     queue_timeout: float = option(10.0, "seconds a request waits for a free slot before a 429", min=0)
-    max_batch: int = option(8, "micro-batch size: concurrent requests generated together", min=1, max=256)
+    max_batch: int = option(32, "continuous batching: most requests decoding together (they join between steps "
+                                "and leave when done; 1 = one at a time)", min=1, max=256)
     grace: float = option(30.0, "seconds in-flight requests get to finish on stop", min=0)
     prompt: str | None = option(None, "versioned prompt name@version applied to every chat request (its system "
                                       "part replaces the client's system message; a user part whose variables are "

@@ -292,3 +292,34 @@ def test_the_exported_modelfile_gives_ollama_the_prompt_llama_cpp_was_checked_wi
         side.close()
     assert "You are a helpful AI assistant named SmolLM" in expected[0]  # SmolLM2's default system prompt
     assert go_render(mf["TEMPLATE"], CONVERSATIONS) == expected
+
+
+def test_llama_cpp_engine_enforces_json_schema_with_its_own_grammar(smollm_tok_model, tmp_path):
+    """``response_format`` on a GGUF deployment: llama.cpp's grammar sampler (GBNF converted from the schema) makes
+    even a random-weight model's answer valid JSON of the schema, through the app and the OpenAI shapes."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from llmops_jupyter.stages.export.convert import convert
+    from llmops_jupyter.stages.serve.app import Limits, ServeContext, create_app
+    from llmops_jupyter.stages.serve.constrained import validate
+    from llmops_jupyter.stages.serve.engine import LlamaCppEngine
+
+    gguf = convert(smollm_tok_model, tmp_path / "m.gguf", outtype="f16")
+    engine = LlamaCppEngine(str(gguf), n_ctx=512)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    try:
+        client = TestClient(create_app(ServeContext(engine, Limits(), "dep", "m", None, [])))
+        ask = [{"role": "user", "content": "Answer in JSON."}]
+        for seed in range(3):
+            r = client.post("/v1/chat/completions", json={
+                "messages": ask, "max_tokens": 64, "temperature": 0.8, "seed": seed,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}})
+            assert r.status_code == 200, r.json()
+            text = r.json()["choices"][0]["message"]["content"]
+            assert validate(text, schema) is None, text
+        r = client.post("/v1/chat/completions", json={"messages": ask, "max_tokens": 2, "logprobs": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"  # still refused, by name
+    finally:
+        engine.stop()

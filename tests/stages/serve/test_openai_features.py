@@ -446,7 +446,6 @@ def test_monitoring_metrics_see_tool_calls_and_structured_output(agent):
 @pytest.mark.parametrize(("path", "body", "param"), [
     ("/v1/chat/completions", {"messages": ASK, "logprobs": True}, "logprobs"),
     ("/v1/chat/completions", {"messages": ASK, "tools": [WEATHER]}, "tools"),
-    ("/v1/chat/completions", {"messages": ASK, "response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
     ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
 ])
