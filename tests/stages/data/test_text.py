@@ -5,7 +5,6 @@ reason, and bad sources as one line with nothing stored."""
 from __future__ import annotations
 
 import json
-import random
 import re
 
 import pytest
@@ -13,17 +12,11 @@ import pytest
 from llmops_jupyter.core.errors import ConfigError, DataError
 from llmops_jupyter.core.runner import Runner
 from llmops_jupyter.stages.data.format import load_dataset
-
-WORDS = ("river stone lamp orchard copper violin harbor meadow lantern quartz falcon ember glacier thistle canyon "
-         "saddle pepper marble willow beacon cobalt hazel tundra velvet signal prism anchor basil cedar delta").split()
+from llmops_jupyter.testing import tiny_document
 
 
 def doc_text(seed: int, sentences: int) -> str:
-    """A document of random sentences: two documents share an 8-word run with negligible probability, so a shared
-    8-gram means the same document's text is on both sides."""
-    rng = random.Random(seed)
-    return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 12))).capitalize() + "."
-                    for _ in range(sentences))
+    return tiny_document(seed, sentences)
 
 
 def tiny_pdf(text: str) -> bytes:
@@ -183,7 +176,7 @@ def test_bad_sources_are_one_line_and_store_nothing(registry, tiny_model, tmp_pa
         (tmp_path / "t.jsonl").write_text('{"q": "x"}\n')
         run_text(registry, tmp_path / "t.jsonl", tiny_model)
     nothing_stored(registry)
-    with pytest.raises(ConfigError, match="tokenizer.*required with --format text"):
+    with pytest.raises(ConfigError, match="--tokenizer is required with --format text"):
         Runner(registry).run("data", {"source": str(bad), "format": "text"})
     with pytest.raises(ConfigError, match="stride.*larger than --chunk-tokens"):
         run_text(registry, bad, tiny_model, stride=48)
