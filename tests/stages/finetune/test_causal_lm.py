@@ -4,6 +4,8 @@ the objective refused on the wrong kind of dataset."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from llmops_jupyter.core.errors import ConfigError, StageError
@@ -117,3 +119,36 @@ def test_objective_and_dataset_must_agree(registry, tiny_model, tiny_dataset, te
                                 "max_steps": 1, **FAST})
     with pytest.raises(ConfigError, match="--embedding-lr only applies with --train-embeddings"):
         runner.run("finetune", {"model": str(tiny_model), "data": text_dataset.hash, "embedding_lr": 1e-4})
+
+
+def general_text(k: int) -> str:
+    """A "general" text the domain never shows (dash-separated numbers): what the over-trained run forgets."""
+    rng = random.Random(k)
+    return "\n".join("-".join(str(rng.randint(10, 99)) for _ in range(6)) for _ in range(12))
+
+
+def test_forgetting_gate_fails_an_over_trained_run_and_passes_a_gentle_one(registry, tiny_model, text_dataset,
+                                                                           tmp_path):
+    """The forgetting check: general-text perplexity of the adapted model gated against the base (first --model)."""
+    from llmops_jupyter.core.errors import GateError
+
+    general = tmp_path / "general"
+    general.mkdir()
+    for k in range(6):
+        (general / f"g{k}.txt").write_text(general_text(k))
+    gen = Runner(registry).run("data", {"source": str(general), "format": "text", "tokenizer": str(tiny_model),
+                                        "chunk_tokens": 32, "eval_fraction": 0.5})
+    runner = Runner(registry)
+    over = runner.run("finetune", {"model": str(tiny_model), "data": text_dataset.hash, **FAST, "max_steps": 10})
+    gentle = runner.run("finetune", {"model": str(tiny_model), "data": text_dataset.hash, **FAST, "lr": 1e-6,
+                                     "max_steps": 1})
+    gate = {"data": gen.artifact.hash, "gate": "ppl<=+5%"}
+    ok = runner.run("eval", {"model": [str(tiny_model), gentle.run_id], **gate})
+    assert ok.status == "finished"
+    with pytest.raises(GateError, match=r"ppl: delta \+[\d.]+%.*violates 'ppl<=\+5%'"):
+        runner.run("eval", {"model": [str(tiny_model), over.run_id], **gate})
+    # the same over-trained run is better on its own domain's held-out documents: it learned, and forgot
+    dom = runner.run("eval", {"model": [str(tiny_model), over.run_id], "data": text_dataset.hash, "gate": "ppl<=-20%"})
+    assert dom.status == "finished"
+    with pytest.raises(ConfigError, match="--metrics exact_match need prompts and answers"):
+        runner.run("eval", {"model": [str(tiny_model)], "data": gen.artifact.hash, "metrics": ["exact_match"]})
