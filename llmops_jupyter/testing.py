@@ -116,6 +116,37 @@ def write_tiny_dataset(registry, tokenizer_path, n: int = 48, eval_fraction: flo
     return res.artifact
 
 
+DOC_WORDS = ("river stone lamp orchard copper violin harbor meadow lantern quartz falcon ember glacier thistle canyon "
+             "saddle pepper marble willow beacon cobalt hazel tundra velvet signal prism anchor basil cedar "
+             "delta").split()
+
+
+def tiny_document(seed: int, sentences: int, words: tuple[str, ...] = DOC_WORDS) -> str:
+    """A document of random sentences over ``words``: two documents share an 8-word run with negligible
+    probability (what the no-leak tests of ``data --format text`` rely on)."""
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(6, 12))).capitalize() + "."
+                    for _ in range(sentences))
+
+
+def write_tiny_text_dataset(registry, tokenizer_path, folder: str | os.PathLike, n: int = 12, chunk_tokens: int = 32,
+                            eval_fraction: float = 0.25):
+    """``n`` tiny documents written to ``folder`` as .txt files, made a text dataset (``data --format text``) by the
+    real data stage."""
+    from llmops_jupyter.core.runner import Runner
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        (folder / f"doc{k:02d}.txt").write_text(tiny_document(k, 4 + k % 5))
+    res = Runner(registry, defaults=False).run(
+        "data", {"source": str(folder), "format": "text", "tokenizer": str(tokenizer_path),
+                 "chunk_tokens": chunk_tokens, "eval_fraction": eval_fraction, "name": "tiny-docs"})
+    return res.artifact
+
+
 def read_bytes_elsewhere(paths: list[str | os.PathLike]) -> dict[str, bytes]:
     """Raw bytes of files read by a child process: the way to grep a *live* SQLite registry for leaked secrets.
 

@@ -34,6 +34,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "otel": {"opentelemetry.sdk": "opentelemetry-sdk",
              "opentelemetry.exporter.otlp.proto.http": "opentelemetry-exporter-otlp-proto-http"},
     "toxicity": {"detoxify": "detoxify"},
+    "pdf": {"pypdf": "pypdf"},
     "batch": {"papermill": "papermill", "nbformat": "nbformat", "nbclient": "nbclient", "ipykernel": "ipykernel",
               "distributed": "dask[distributed]", "optuna": "optuna"},
     "mlflow": {"mlflow": "mlflow-skinny"},

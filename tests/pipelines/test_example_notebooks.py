@@ -59,7 +59,8 @@ def test_every_example_notebook_is_parameterised_and_explained():
 
     names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
     assert names == ["01_quickstart.ipynb", "02_qlora_merge_gptq_serve.ipynb", "03_sweep_and_compare.ipynb",
-                     "04_human_evaluation.ipynb", "05_search_and_diff.ipynb", "06_compress.ipynb", "07_rl_grpo.ipynb"]
+                     "04_human_evaluation.ipynb", "05_search_and_diff.ipynb", "06_compress.ipynb", "07_rl_grpo.ipynb",
+                     "08_continued_pretraining.ipynb"]
     for name in names:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         assert parameters_cell_index(nb) >= 0, name
@@ -112,6 +113,17 @@ def test_rl_notebook_trains_on_its_own_reward_functions(home, tmp_path, tiny_mod
     text, figures = outputs(nb)
     assert "held-out numeric match:" in text and "Sampled completions" in text
     assert any(t.startswith("rl ") for t in titles(figures))  # the static reward figure is saved
+
+
+def test_continued_pretraining_notebook_chains_docs_cpt_and_instructions(home, tmp_path, tiny_model):
+    from llmops_jupyter.registry import Registry
+
+    nb = run_notebook("08_continued_pretraining.ipynb", {"model": "tiny-llama", "chunk_tokens": 64, "cpt_steps": 6,
+                                                         "sft_steps": 4}, tmp_path)
+    text, _ = outputs(nb)
+    assert "documents train/eval" in text and "Documents (12)" in text  # the text data report
+    kinds = [a.kind for a in Registry(home).lineage_chain(Registry(home).list_artifacts("adapter")[0])]
+    assert kinds.index("merged") < kinds.index("adapter")  # the instruction adapter sits on the merged CPT model
 
 
 def test_human_evaluation_notebook_stores_ratings(home, tmp_path, tiny_model):

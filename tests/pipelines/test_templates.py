@@ -17,7 +17,8 @@ from llmops_jupyter.pipelines.params import _MAGIC, notebook_parameters, paramet
 pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
 
 TEMPLATES = sorted((Path(__file__).resolve().parents[2] / "templates").glob("*.ipynb"))
-EXPECTED = {"data", "finetune", "eval", "merge_quantize", "serve_monitor", "full_lifecycle", "compress", "rl"}
+EXPECTED = {"data", "finetune", "eval", "merge_quantize", "serve_monitor", "full_lifecycle", "compress", "rl",
+            "continued_pretraining"}
 # test-size values for parameters (the defaults are already small; these keep every run quick)
 SMALL = {"max_steps": 5, "requests": 1, "group_size": 32,
          # compress: 5 distillation steps cannot heal a 2-layer model cut to 1 layer; the gate's pass/fail is

@@ -210,6 +210,11 @@ def _brief(messages: list[dict[str, str]] | None, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _as_msgs(record: dict[str, Any]) -> list[dict[str, str]] | None:
+    """A dropped document (``--format text`` records ``text``, not ``messages``) shown like a message."""
+    return [{"role": "user", "content": record["text"]}] if record.get("text") else None
+
+
 def dropped_table(path: str | Path, *, reasons: tuple[str, ...] | None = None, limit: int | None = 50):
     """The dropped examples of a dataset folder beside what they matched, as a :class:`~core.display.Table`
     (``%llmops show data@…`` and the data report use it). ``reasons`` filters, ``limit`` caps the rows."""
@@ -224,8 +229,8 @@ def dropped_table(path: str | Path, *, reasons: tuple[str, ...] | None = None, l
     for r in shown:
         matched = r.get("matched") or {}
         sim = r.get("similarity")
-        table_rows.append([r.get("where", ""), r.get("reason", ""), _brief(r.get("messages")),
-                           _brief(matched.get("messages")), matched.get("where", ""),
+        table_rows.append([r.get("where", ""), r.get("reason", ""), _brief(r.get("messages") or _as_msgs(r)),
+                           _brief(matched.get("messages") or _as_msgs(matched)), matched.get("where", ""),
                            "" if sim is None else f"{sim:.2f}"])
     more = f"{len(rows) - len(shown)} more in {file}" if len(shown) < len(rows) else f"all in {file}"
     return Table(["dropped", "reason", "example", "matched", "matched at", "similarity"], table_rows,

@@ -93,16 +93,27 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user
 @dataclasses.dataclass
 class DataConfig(StageConfig):
     source: Any = option(help="JSONL/JSON/CSV/TSV/Parquet file or folder of them, or a notebook object ($df: a "
-                              "pandas DataFrame, a datasets.Dataset, a list of dicts)", positional=True)
+                              "pandas DataFrame, a datasets.Dataset, a list of dicts); with --format text also a "
+                              "folder or glob of .txt/.md/.rst/.html/.pdf documents", positional=True)
     tokenizer: str | None = option(None, "model whose tokenizer and chat template are applied (path, registry run, "
                                          "or provider such as tiny-llama); default: a ChatML template, no token counts")
-    format: str = option("auto", "input layout: instruction/response columns, chat messages, or detect",
-                         choices=["auto", "instruction", "chat"])
+    format: str = option("auto", "input layout: instruction/response columns, chat messages, or detect; text: raw "
+                                 "documents for continued pretraining (`finetune --objective causal-lm`), chunked "
+                                 "into token windows and split by document (needs --tokenizer)",
+                         choices=["auto", "instruction", "chat", "text"])
     columns: dict[str, str] = option({}, "map roles to your column names, e.g. instruction=question response=answer "
-                                         "(roles: instruction, input, response, system, messages)")
+                                         "(roles: instruction, input, response, system, messages; text for "
+                                         "--format text, default the first of text/content/body/document)")
+    chunk_tokens: int = option(512, "with --format text: tokens per training window; a document is cut into "
+                                    "windows that never cross into the next document, and one shorter than a window "
+                                    "is kept whole", min=8, max=1_048_576)
+    stride: int | None = option(None, "with --format text: tokens from one window's start to the next (default "
+                                      "--chunk-tokens: no overlap; smaller overlaps windows)", min=1)
     system: str | None = option(None, "system prompt added to every example that has none")
-    min_chars: int = option(1, "remove examples whose response is shorter than this many characters", min=0)
-    max_chars: int = option(20000, "remove examples longer than this many characters in total", min=1)
+    min_chars: int = option(1, "remove examples whose response (with --format text: documents) is shorter than "
+                               "this many characters", min=0)
+    max_chars: int = option(20000, "remove examples longer than this many characters in total (not with --format "
+                                   "text: documents are chunked instead)", min=1)
     max_tokens: int | None = option(None, "remove examples longer than this many tokens after templating (needs "
                                           "--tokenizer)", min=1)
     dedup: bool = option(True, "remove exact duplicates: examples whose every turn is identical after whitespace/"
@@ -132,10 +143,21 @@ class DataConfig(StageConfig):
         if self.max_tokens is not None and not self.tokenizer:
             raise self.invalid("max_tokens", "needs --tokenizer to count tokens",
                                fix="add --tokenizer <model> or drop --max-tokens")
-        bad = set(self.columns) - set(ROLE_COLUMNS)
+        bad = set(self.columns) - set(ROLE_COLUMNS) - ({"text"} if self.format == "text" else set())
         if bad:
             raise self.invalid("columns", f"has unknown role(s) {sorted(bad)}",
-                               fix=f"use roles {', '.join(ROLE_COLUMNS)}")
+                               fix=f"use roles {', '.join(ROLE_COLUMNS)} (text with --format text)")
+        if self.format == "text":
+            if not self.tokenizer:
+                raise self.invalid("tokenizer", "is required with --format text (documents are cut into token "
+                                                "windows)", fix="add --tokenizer <the model you will train>")
+            if self.max_tokens is not None:
+                raise self.invalid("max_tokens", "does not apply to --format text (windows are at most "
+                                                 "--chunk-tokens long)", fix="drop --max-tokens; use --chunk-tokens")
+            if self.stride is not None and self.stride > self.chunk_tokens:
+                raise self.invalid("stride", f"{self.stride} is larger than --chunk-tokens {self.chunk_tokens}, so "
+                                             "tokens between windows would be lost",
+                                   fix=f"use --stride {self.chunk_tokens} or less")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,6 +468,21 @@ def near_copies(queries: list[str], corpus: list[str], threshold: float, seed: i
     return hits
 
 
+def load_tokenizer_info(cfg: DataConfig, ctx) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer of ``--tokenizer`` (None without one) and what the manifest records about it."""
+    if not cfg.tokenizer:
+        return None, {"tokenizer": None, "tokenizer_hash": None}
+    from llmops_jupyter.models.inference import load_tokenizer
+    from llmops_jupyter.models.refs import resolve_model
+
+    mref = resolve_model(cfg.tokenizer, ctx.registry)
+    tok_path = mref.base.path if mref.kind == "adapter" and mref.base else mref.path
+    tokenizer = load_tokenizer(tok_path, padding_side="right")
+    tj = Path(tok_path) / "tokenizer.json"
+    return tokenizer, {"tokenizer": mref.name, "tokenizer_path": str(tok_path),
+                       "tokenizer_hash": hashlib.sha256(tj.read_bytes()).hexdigest()[:16] if tj.exists() else None}
+
+
 def split_key(seed: int, ex_id: str) -> str:
     return hashlib.sha256(f"{seed}:{ex_id}".encode()).hexdigest()
 
@@ -466,8 +503,13 @@ class DataReport:
         m = self.manifest
         c = m["counts"]
         out = [("dataset version", m["version"]), ("artifact", self.hash[:12]), ("run", self.run_id),
-               ("source", m["source"]), ("layout", m["layout"]), ("input rows", c["input"]),
-               ("kept", c["kept"]), ("train", c["train"]), ("eval", c["eval"])]
+               ("source", m["source"]), ("layout", m["layout"])]
+        if m["layout"] == "text":
+            from llmops_jupyter.stages.data.text import report_rows
+
+            out += report_rows(m)
+        else:
+            out += [("input rows", c["input"]), ("kept", c["kept"]), ("train", c["train"]), ("eval", c["eval"])]
         out += [(f"dropped: {k}", v) for k, v in sorted(m["dropped"].items())]
         threshold = m.get("near_dup")
         out.append(("near duplicates", f"removed at similarity >= {threshold}" if threshold is not None
@@ -496,18 +538,26 @@ class DataReport:
 
         return dropped_table(self.folder, reasons=reasons, limit=limit)
 
+    def documents_table(self):
+        """Per-document counts of a text dataset (None for other layouts)."""
+        if self.manifest.get("layout") != "text":
+            return None
+        from llmops_jupyter.stages.data.text import documents_table
+
+        return documents_table(self.manifest)
+
     def __str__(self) -> str:
         width = max(len(k) for k, _ in self.rows())
         text = "Data report\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in self.rows())
-        table = self.near_dup_table()
-        return text if table is None else f"{text}\n\n{table}"
+        for table in (self.documents_table(), self.near_dup_table()):
+            text = text if table is None else f"{text}\n\n{table}"
+        return text
 
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
         body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in self.rows())
-        table = self.near_dup_table()
-        extra = table._repr_html_() if table is not None else ""
+        extra = "".join(t._repr_html_() for t in (self.documents_table(), self.near_dup_table()) if t is not None)
         return f"<div class='llmops-data-report'><b>Data report</b><table>{body}</table>{extra}</div>"
 
 
@@ -531,7 +581,8 @@ class DataStage(Stage):
 
     @classmethod
     def extras_for(cls, config) -> tuple[str, ...]:
-        return ("finetune",) if config.tokenizer or config.max_tokens else ()  # chat templates need transformers
+        # chat templates and token windows need transformers; PDFs (pypdf, [pdf]) are checked when one is read
+        return ("finetune",) if config.tokenizer or config.max_tokens else ()
     config_cls = DataConfig
     key_metrics = ("examples", "train", "eval", "dropped", "pii_scrubbed")
 
@@ -547,6 +598,10 @@ class DataStage(Stage):
         )
 
         cfg: DataConfig = ctx.config
+        if cfg.format == "text":
+            from llmops_jupyter.stages.data.text import run_text
+
+            return run_text(ctx, cfg)
         rows, files, origins = load_rows(cfg.source)
         if cfg.limit:
             rows, origins = rows[: cfg.limit], origins[: cfg.limit]
@@ -562,17 +617,7 @@ class DataStage(Stage):
         except DataError as exc:
             raise DataError(f"{source}: {exc.message}", path=source, fix=exc.fix) from None
 
-        tokenizer, tok_info = None, {"tokenizer": None, "tokenizer_hash": None}
-        if cfg.tokenizer:
-            from llmops_jupyter.models.inference import load_tokenizer
-            from llmops_jupyter.models.refs import resolve_model
-
-            mref = resolve_model(cfg.tokenizer, ctx.registry)
-            tok_path = mref.base.path if mref.kind == "adapter" and mref.base else mref.path
-            tokenizer = load_tokenizer(tok_path, padding_side="right")
-            tj = Path(tok_path) / "tokenizer.json"
-            tok_info = {"tokenizer": mref.name, "tokenizer_path": str(tok_path),
-                        "tokenizer_hash": hashlib.sha256(tj.read_bytes()).hexdigest()[:16] if tj.exists() else None}
+        tokenizer, tok_info = load_tokenizer_info(cfg, ctx)
 
         dropped: Counter = Counter()
         dropped_rows: list[dict[str, Any]] = []

@@ -41,6 +41,9 @@ def eval_items(dataset: Any, split: str = "eval", limit: int | None = None) -> l
                         fix="rebuild the dataset with an eval fraction > 0, or use --split train")
     items = []
     for r in rows:
+        if r.get("messages") is None and r.get("text") is not None:  # a text dataset: the chunk is the reference
+            items.append({"id": r["id"], "messages": None, "reference": r["text"], "user": "", "text": r["text"]})
+            continue
         msgs = r["messages"]
         users = [m["content"] for m in msgs[:-1] if m["role"] == "user"]
         items.append({"id": r["id"], "messages": msgs, "reference": msgs[-1]["content"],
@@ -52,6 +55,8 @@ def chat_prompt(tokenizer: Any, item: dict[str, Any]) -> str:
     """Default prompt builder: the version's chat template over the context messages + generation prompt."""
     from llmops_jupyter.models.inference import apply_chat
 
+    if item.get("messages") is None:  # a text chunk: no prompt, the whole text is scored
+        return ""
     return apply_chat(tokenizer, item["messages"][:-1])
 
 
@@ -59,6 +64,8 @@ def reference_completion(tokenizer: Any, item: dict[str, Any], prompt: str) -> s
     """The reference as the model would have to produce it after ``prompt`` (incl. end-of-turn text)."""
     from llmops_jupyter.stages.data.format import render
 
+    if item.get("messages") is None:
+        return item["text"]
     rendered = render(item["messages"], tokenizer)
     if prompt == rendered["prompt"]:
         return rendered["completion"]

@@ -177,6 +177,23 @@ class EvalConfig(StageConfig):
                                    "baseline)")
 
 
+def text_metrics(cfg: EvalConfig) -> list[str]:
+    """The metrics of an eval on a text dataset (``data --format text``): only log-likelihood ones (perplexity of
+    each chunk, every token scored) apply, as there is no prompt to answer. The default set becomes ``ppl``; asking
+    for a generation metric is refused in one line."""
+    model_kind = [m for m in cfg.metrics if get_metric(m).kind == "model"]
+    default = [get_metric(m).name for m in DEFAULT_METRICS]
+    others = [m for m in cfg.metrics if m not in model_kind]
+    if others and list(cfg.metrics) != default:
+        raise ConfigError(f"eval: --metrics {','.join(others)} need prompts and answers; dataset '{cfg.data}' is a "
+                          "text dataset (documents).", field="metrics", value=",".join(others),
+                          fix="use --metrics ppl (perplexity of the held-out text), or an instruction dataset")
+    if cfg.rag or cfg.prompt:
+        raise ConfigError(f"eval: --{'rag' if cfg.rag else 'prompt'} does not apply to text dataset '{cfg.data}'.",
+                          field="rag" if cfg.rag else "prompt", fix="drop it, or evaluate on an instruction dataset")
+    return model_kind or ["ppl"]
+
+
 def _labels(refs: list[str], names: list[str]) -> list[str]:
     """Short unique labels for metric keys and legends (artifact name, else the folder name, else #n)."""
     out: list[str] = []
@@ -232,6 +249,8 @@ class EvalStage(Stage):
             ds = load_dataset(cfg.data, reg)
             if ds.artifact is not None:
                 ctx.use(ds.artifact)
+        if getattr(ds, "manifest", {}).get("layout") == "text":
+            cfg.metrics = text_metrics(cfg)
         items = self.items(ctx, ds)
         ids = [it["id"] for it in items]
         baseline_rows = self._baseline(reg, cfg, ids) if cfg.baseline else None

@@ -9,6 +9,10 @@ from llmops_jupyter.core.config import StageConfig, option
 
 METHODS = ("lora", "qlora", "dpo")
 
+#: sft: loss on the response of instruction/chat examples; causal-lm: continued pretraining on raw text (a dataset
+#: made with ``data --format text``), loss on every token; auto: what the dataset's layout says.
+OBJECTIVES = ("auto", "sft", "causal-lm")
+
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -28,6 +32,17 @@ class FinetuneConfig(StageConfig):
     method: str = option("lora", "lora: adapters on a full-precision base; qlora: on a 4-bit NF4 base "
                                  "(bitsandbytes, double quantization); dpo: a LoRA adapter trained with TRL's "
                                  "DPOTrainer on a preference dataset (`%llmops pairs`)", choices=METHODS)
+    objective: str = option("auto", "sft: learn the responses of an instruction/chat dataset; causal-lm: continued "
+                                    "pretraining on a text dataset (`data DOCS --format text`), loss on every token, "
+                                    "chunks packed with positions and attention reset per chunk; auto: causal-lm for "
+                                    "a text dataset, else sft (a mismatch is refused)", choices=OBJECTIVES)
+    train_embeddings: bool = option(False, "also train the input embeddings and the output layer (embed_tokens, "
+                                           "lm_head) in full beside the LoRA adapters (peft modules_to_save; tied "
+                                           "embeddings stay tied), at --embedding-lr: new domain vocabulary in "
+                                           "continued pretraining")
+    embedding_lr: float | None = option(None, "learning rate of the embeddings with --train-embeddings (default "
+                                              "--lr / 10, as Unsloth's continued-pretraining notebook)", min=0,
+                                        min_exclusive=True, max=1.0)
     dpo_base: str = option("lora", "with --method dpo: adapt a full-precision (lora) or 4-bit NF4 (qlora) base",
                            choices=["lora", "qlora"])
     beta: float = option(0.1, "with --method dpo: DPO temperature β (higher = stay closer to the base model)",
@@ -91,6 +106,15 @@ class FinetuneConfig(StageConfig):
         if self.num_processes > 1 and self.launcher == "none":
             raise self.invalid("num_processes", "needs --launcher accelerate to start more than one process",
                                fix="add --launcher accelerate, or drop --num-processes")
+        if self.method == "dpo" and self.objective == "causal-lm":
+            raise self.invalid("objective", "causal-lm does not apply to --method dpo (it trains on preference pairs)",
+                               fix="use --method lora or qlora for continued pretraining")
+        if self.embedding_lr is not None and not self.train_embeddings:
+            raise self.invalid("embedding_lr", "only applies with --train-embeddings",
+                               fix="add --train-embeddings, or drop --embedding-lr")
+        if self.train_embeddings and self.method == "dpo":
+            raise self.invalid("train_embeddings", "is not supported with --method dpo",
+                               fix="drop --train-embeddings")
         if not self.target_modules:
             raise self.invalid("target_modules", "must name at least one module", fix="use --target-modules auto")
 

@@ -394,16 +394,48 @@ def choose_batching(model: Any, examples: list[dict[str, list]], packing: bool, 
                           f"relative to the cheapest: {rel}) picks {mode}", costs, probes, errors or None)
 
 
+def embedding_lr(cfg: FinetuneConfig) -> float:
+    return cfg.embedding_lr if cfg.embedding_lr is not None else cfg.lr / 10
+
+
+def trainer_class(cfg: FinetuneConfig) -> type:
+    """transformers' Trainer; with --train-embeddings one whose optimizer gives the embeddings their own learning
+    rate (:func:`.train.split_embedding_lr`)."""
+    from transformers import Trainer
+
+    if not getattr(cfg, "train_embeddings", False):
+        return Trainer
+    from llmops_jupyter.stages.finetune.train import split_embedding_lr
+
+    lr = embedding_lr(cfg)
+
+    class EmbeddingLRTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            fresh = self.optimizer is None
+            optimizer = super().create_optimizer(model)
+            if fresh:
+                split_embedding_lr(optimizer, self.model if model is None else model, lr)
+            return optimizer
+
+    return EmbeddingLRTrainer
+
+
 def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_rows: list[dict], out_dir: Path,
           reporter: Reporter, *, resume_from: Path | None = None, model_ref: str = "",
           adapter_dir: Path | None = None, callbacks: list | None = None) -> TrainOutput:
     """Run one training; write the adapter to ``adapter_dir`` (rank 0). Used in-process and by the workers."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, TrainingArguments
 
     dtype = compute_dtype(cfg.dtype)
     reset_peak_memory()
-    tokenizer, train_ds, eval_ds = tokenized_splits(model_path, train_rows, eval_rows, cfg.seq_len,
-                                                    cfg.completion_only_loss)
+    causal = getattr(cfg, "objective", "sft") == "causal-lm"
+    completion_only = cfg.completion_only_loss and not causal  # causal-lm: loss on every token
+    tokenizer, train_ds, eval_ds = tokenized_splits(model_path, train_rows, eval_rows, cfg.seq_len, completion_only)
+    if causal:
+        cut = sum(1 for r in train_rows if (r.get("n_tokens") or 0) > cfg.seq_len)
+        if cut:
+            reporter.log(f"{cut} text chunk(s) are longer than --seq-len {cfg.seq_len} and were truncated; build the "
+                         f"dataset with --chunk-tokens {cfg.seq_len} (or raise --seq-len) to train on every token")
     from llmops_jupyter.stages.finetune.kernels import TORCH_VARLEN, VARLEN_CALLS, apply_liger, check_kernels_option
 
     check_kernels_option(cfg.kernels)
@@ -431,7 +463,7 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
         )
         eff = efficiency(model)
         report = _callback_cls()(reporter, counter, batching=mode, kernel=choice.kernel, **eff)
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None,
+        trainer = trainer_class(cfg)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None,
                           data_collator=batcher, callbacks=[report, *(callbacks or [])])
         trainer.remove_callback(PrinterCallback)  # metrics go to the reporter, not stdout
         try:
@@ -443,7 +475,13 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
                                          "train_runtime_s": float(result.metrics.get("train_runtime", 0.0))}
             if eval_ds:
                 metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
-            extra = {"attention_kernel": choice.kernel, "batching_reason": choice.reason, "kernels": cfg.kernels,
+                if causal:
+                    import math
+
+                    metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+            emb = ({"train_embeddings": True, "embedding_lr": embedding_lr(cfg)}
+                   if getattr(cfg, "train_embeddings", False) else {})
+            extra = {"objective": getattr(cfg, "objective", "sft"), **emb, "attention_kernel": choice.kernel, "batching_reason": choice.reason, "kernels": cfg.kernels,
                      **({"batching_costs": choice.costs} if choice.costs else {}),
                      **({"packing_probe": choice.probes} if choice.probes else {}),
                      **({"packing_probe_errors": choice.errors} if choice.errors else {}),

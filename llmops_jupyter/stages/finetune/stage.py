@@ -15,6 +15,7 @@ training:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,25 @@ def effective_config(ctx: RunContext) -> tuple[FinetuneConfig, dict[str, Any], P
                          pinned=("dataset", "base_model_path"))
 
 
+def resolve_objective(cfg: FinetuneConfig, data: Any) -> str:
+    """The objective to train with: ``auto`` follows the dataset's layout; an explicit one that does not fit the
+    dataset is refused in one line (causal-lm on instructions would learn the prompts, sft on documents has no
+    response to learn)."""
+    if cfg.method == "dpo":
+        return "sft" if cfg.objective == "auto" else cfg.objective
+    text = data.manifest.get("layout") == "text"
+    if cfg.objective == "auto":
+        return "causal-lm" if text else "sft"
+    if cfg.objective == "causal-lm" and not text:
+        raise StageError(f"--objective causal-lm needs a text dataset; '{data.version}' is a "
+                         f"{data.manifest.get('layout')} dataset of instructions.",
+                         fix="drop --objective (sft), or prepare documents with `%llmops data DOCS --format text`")
+    if cfg.objective == "sft" and text:
+        raise StageError(f"--objective sft needs instruction/chat examples; '{data.version}' is a text dataset "
+                         "(documents, no responses).", fix="use --objective causal-lm (or drop --objective)")
+    return cfg.objective
+
+
 def run_stage(ctx: RunContext) -> dict[str, Any]:
     """In-process (or accelerate-launched) training for a Runner run; saves the adapter artifact."""
     from llmops_jupyter.models.refs import use_model
@@ -81,14 +101,16 @@ def run_stage(ctx: RunContext) -> dict[str, Any]:
 
     cfg, resumed, resume_ckpt = effective_config(ctx)
     model = use_model(ctx, resumed.get("base_model_path") or cfg.model)
-    if model.kind not in ("base-model", "pruned", "distilled"):
+    if model.kind not in ("base-model", "merged", "pruned", "distilled"):
         raise StageError(f"--model '{cfg.model}' is a {model.kind}; LoRA needs a base model.",
                          fix="pass the base model (for an adapter: its merged model from `%llmops merge`)")
     data = load_dataset(resumed.get("dataset") or cfg.data, ctx.registry)
     if data.artifact is not None:
         ctx.use(data.artifact)
+    cfg = dataclasses.replace(cfg, objective=resolve_objective(cfg, data))
     folder = run_dir(ctx.registry, ctx.run_id)
-    ctx.set_summary(**{**resumed, "method": cfg.method, "base_model": model.name, "base_model_path": str(model.path),
+    ctx.set_summary(**{**resumed, "method": cfg.method, "objective": cfg.objective, "base_model": model.name,
+                       "base_model_path": str(model.path),
                        "dataset": data.artifact.hash if data.artifact else str(data.path),
                        "data_version": data.version, "checkpoints": str(folder / "checkpoints")})
     staging = ctx.staging_dir("adapter")
@@ -112,7 +134,8 @@ def run_stage(ctx: RunContext) -> dict[str, Any]:
     meta = {"base_model": model.name, "base_model_path": str(model.path),
             "base_model_hash": model.artifact.hash if model.artifact else None,
             "dataset": data.artifact.hash if data.artifact else None, "data_version": data.version,
-            "method": cfg.method, "config": cfg.to_params(), "metrics": out.metrics, **out.info}
+            "method": cfg.method, "objective": cfg.objective, "config": cfg.to_params(), "metrics": out.metrics,
+            **out.info}
     (staging / "llmops_model.json").write_text(json.dumps(
         {"name": cfg.adapter_name or f"{model.name}-{cfg.method}", "base_model": model.name, "method": cfg.method,
          "data_version": data.version}, indent=2))

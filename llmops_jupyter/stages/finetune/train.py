@@ -195,12 +195,47 @@ def load_model(cfg: FinetuneConfig, model_path: Path, dtype: Any, *, lora: bool 
     if not lora:
         model.requires_grad_(True)
         return model
+    extra: dict[str, Any] = {}
+    if getattr(cfg, "train_embeddings", False):
+        extra = embedding_modules(model)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
-                      target_modules=resolve_target_modules(list(cfg.target_modules), model.config.model_type))
+                      target_modules=resolve_target_modules(list(cfg.target_modules), model.config.model_type),
+                      **extra)
     from llmops_jupyter.models.inference import without_gptqmodel  # GPTQModel only for a GPTQ base
 
     with without_gptqmodel(model):
         return get_peft_model(model, lora)
+
+
+def embedding_modules(model: Any) -> dict[str, Any]:
+    """LoraConfig arguments that train the input embeddings and output layer in full (peft ``modules_to_save``), as
+    Unsloth's continued-pretraining notebook does; a model whose output layer shares the embedding matrix keeps
+    sharing it (``ensure_weight_tying``), so one matrix is trained, not two drifting copies."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and (m is inp or m is out)]
+    tied = out is not None and getattr(out, "weight", None) is getattr(inp, "weight", None)
+    return {"modules_to_save": names, "ensure_weight_tying": tied}
+
+
+def is_embedding_param(name: str) -> bool:
+    """A parameter --train-embeddings trains (peft's trainable copy of embed_tokens / lm_head)."""
+    return ".modules_to_save." in name
+
+
+def split_embedding_lr(optimizer: Any, model: Any, lr: float) -> int:
+    """Move the embedding parameters of every optimizer group into a group of their own at ``lr`` (the schedule then
+    scales both groups alike). Done once, right after the optimizer is built and before any step, so resumed runs
+    build the same groups. Returns how many parameters moved."""
+    emb = {id(p) for n, p in model.named_parameters() if p.requires_grad and is_embedding_param(n)}
+    moved = 0
+    for group in list(optimizer.param_groups):
+        mine = [p for p in group["params"] if id(p) in emb]
+        if mine:
+            group["params"] = [p for p in group["params"] if id(p) not in emb]
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": mine,
+                                       "lr": lr, "initial_lr": lr})
+            moved += len(mine)
+    return moved
 
 
 def choose_optimizer(cfg: FinetuneConfig) -> str:

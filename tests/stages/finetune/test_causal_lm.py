@@ -1,0 +1,154 @@
+"""``finetune --objective causal-lm`` on a text dataset (``data --format text``): loss on every token, chunks packed
+exactly (each chunk's logits equal the chunk run alone), LoRA with the embeddings at their own learning rate, and
+the objective refused on the wrong kind of dataset."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from llmops_jupyter.core.errors import ConfigError, StageError
+from llmops_jupyter.core.runner import Runner
+
+FAST = {"batch_size": 4, "lr": 1e-2, "log_every": 1, "checkpoint_every": 0, "seq_len": 64}
+
+
+@pytest.fixture()
+def text_dataset(registry, tiny_model, tmp_path):
+    from llmops_jupyter.testing import write_tiny_text_dataset
+
+    return write_tiny_text_dataset(registry, tiny_model, tmp_path / "docs")
+
+
+def test_packed_chunks_equal_each_chunk_alone_and_every_token_is_learned(registry, tiny_model, text_dataset):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmops_jupyter.stages.data.format import load_dataset
+    from llmops_jupyter.stages.finetune.sft import pack_rows, packed_batch, tokenize
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    ds = load_dataset(text_dataset.hash, registry)
+    rows = ds.train[:8]
+    assert len({r["doc"] for r in rows}) > 1  # chunks of several documents, each document's chunks in order
+    feats = tokenize(rows, tok, 64, completion_only=True)  # a text row has no prompt: nothing is masked
+    assert len(feats) == len(rows)
+    for f, r in zip(feats, rows):
+        assert f["labels"] == f["input_ids"] == tok(r["text"], add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model)).eval()
+    lengths = [len(f["input_ids"]) for f in feats]
+    for cap in (None, max(lengths)):
+        batch = packed_batch(feats, cap=cap)
+        assert "attention_mask" not in batch and batch["use_cache"] is False
+        rows_ = [list(range(len(feats)))] if cap is None else pack_rows(lengths, cap)
+        with torch.no_grad():
+            out = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            for r, row in enumerate(rows_):
+                at = 0
+                for i in row:
+                    n = lengths[i]
+                    alone = model(input_ids=torch.tensor([feats[i]["input_ids"]])).logits[0]
+                    assert (out[r, at:at + n] - alone).abs().max().item() < 1e-4
+                    assert batch["position_ids"][r, at:at + n].tolist() == list(range(n))  # reset per chunk
+                    # every token is a target but the chunk's first (nothing before it in its own chunk)
+                    assert batch["labels"][r, at].item() == -100
+                    assert batch["labels"][r, at + 1:at + n].tolist() == feats[i]["input_ids"][1:]
+                    at += n
+
+
+def test_causal_lm_learns_records_objective_and_perplexity(registry, tiny_model, text_dataset):
+    from llmops_jupyter.stages.data.format import load_dataset
+
+    res = Runner(registry).run("finetune", {"model": str(tiny_model), "data": text_dataset.hash, "max_steps": 10,
+                                            **FAST})
+    assert res.summary["objective"] == "causal-lm"  # auto: the dataset is text
+    hist = [v for _, v in ((r["step"], r["value"]) for r in registry.metric_history(res.run_id, "loss"))]
+    assert hist[-1] < hist[0]
+    art = res.artifact
+    train = load_dataset(text_dataset.hash, registry).train
+    # every chunk is trained on but a one-token tail of a document (nothing to predict inside it)
+    assert art.meta["objective"] == "causal-lm"
+    assert art.meta["train_examples"] == sum(1 for r in train if r["n_tokens"] >= 2) > len(train) - 3
+    assert res.metrics["eval_perplexity"] == pytest.approx(2.718281828 ** res.metrics["eval_loss"], rel=1e-6)
+    assert {a.kind: a.hash for a in registry.lineage_chain(art)}["dataset"] == text_dataset.hash
+
+
+def test_train_embeddings_trains_them_at_their_own_learning_rate(registry, tiny_model, text_dataset):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from llmops_jupyter.stages.finetune.config import FinetuneConfig
+    from llmops_jupyter.stages.finetune.sft import trainer_class
+    from llmops_jupyter.stages.finetune.train import load_model
+
+    cfg = FinetuneConfig(model=str(tiny_model), train_embeddings=True, lr=1e-2)
+    model = load_model(cfg, tiny_model, torch.float32)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert any("embed_tokens" in n for n in trainable) and any("lm_head" in n for n in trainable)
+    args = TrainingArguments(output_dir="out", learning_rate=cfg.lr, report_to=[], use_cpu=True)
+    trainer = trainer_class(cfg)(model=model, args=args)
+    opt = trainer.create_optimizer()
+    lrs = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            name = next(n for n, q in model.named_parameters() if q is p)
+            lrs[name] = g["lr"]
+    assert {lr for n, lr in lrs.items() if n in trainable} == {1e-3}  # --lr / 10 by default
+    assert {lr for n, lr in lrs.items() if "lora_" in n} == {1e-2}
+    assert len(lrs) == sum(1 for p in model.parameters() if p.requires_grad)  # every trainable weight, once
+
+    res = Runner(registry).run("finetune", {"model": str(tiny_model), "data": text_dataset.hash, "max_steps": 4,
+                                            "train_embeddings": True, "embedding_lr": 5e-3, **FAST})
+    assert res.summary["train_embeddings"] is True and res.summary["embedding_lr"] == 5e-3
+    saved = load_file(res.artifact.path / "adapter_model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model)).get_input_embeddings().weight
+    (emb,) = [v for k, v in saved.items() if "embed_tokens" in k]
+    assert emb.shape == base.shape and (emb - base).abs().max().item() > 1e-4  # trained, and saved with the adapter
+
+
+def test_objective_and_dataset_must_agree(registry, tiny_model, tiny_dataset, text_dataset):
+    runner = Runner(registry)
+    with pytest.raises(StageError, match="--objective causal-lm needs a text dataset") as info:
+        runner.run("finetune", {"model": str(tiny_model), "data": tiny_dataset.hash, "objective": "causal-lm",
+                                "max_steps": 1, **FAST})
+    assert "\n" not in str(info.value)
+    with pytest.raises(StageError, match="--objective sft needs instruction/chat examples"):
+        runner.run("finetune", {"model": str(tiny_model), "data": text_dataset.hash, "objective": "sft",
+                                "max_steps": 1, **FAST})
+    with pytest.raises(ConfigError, match="--embedding-lr only applies with --train-embeddings"):
+        runner.run("finetune", {"model": str(tiny_model), "data": text_dataset.hash, "embedding_lr": 1e-4})
+
+
+def general_text(k: int) -> str:
+    """A "general" text the domain never shows (dash-separated numbers): what the over-trained run forgets."""
+    rng = random.Random(k)
+    return "\n".join("-".join(str(rng.randint(10, 99)) for _ in range(6)) for _ in range(12))
+
+
+def test_forgetting_gate_fails_an_over_trained_run_and_passes_a_gentle_one(registry, tiny_model, text_dataset,
+                                                                           tmp_path):
+    """The forgetting check: general-text perplexity of the adapted model gated against the base (first --model)."""
+    from llmops_jupyter.core.errors import GateError
+
+    general = tmp_path / "general"
+    general.mkdir()
+    for k in range(6):
+        (general / f"g{k}.txt").write_text(general_text(k))
+    gen = Runner(registry).run("data", {"source": str(general), "format": "text", "tokenizer": str(tiny_model),
+                                        "chunk_tokens": 32, "eval_fraction": 0.5})
+    runner = Runner(registry)
+    over = runner.run("finetune", {"model": str(tiny_model), "data": text_dataset.hash, **FAST, "max_steps": 10})
+    gentle = runner.run("finetune", {"model": str(tiny_model), "data": text_dataset.hash, **FAST, "lr": 1e-6,
+                                     "max_steps": 1})
+    gate = {"data": gen.artifact.hash, "gate": "ppl<=+5%"}
+    ok = runner.run("eval", {"model": [str(tiny_model), gentle.run_id], **gate})
+    assert ok.status == "finished"
+    with pytest.raises(GateError, match=r"ppl: delta \+[\d.]+%.*violates 'ppl<=\+5%'"):
+        runner.run("eval", {"model": [str(tiny_model), over.run_id], **gate})
+    # the same over-trained run is better on its own domain's held-out documents: it learned, and forgot
+    dom = runner.run("eval", {"model": [str(tiny_model), over.run_id], "data": text_dataset.hash, "gate": "ppl<=-20%"})
+    assert dom.status == "finished"
+    with pytest.raises(ConfigError, match="--metrics exact_match need prompts and answers"):
+        runner.run("eval", {"model": [str(tiny_model)], "data": gen.artifact.hash, "metrics": ["exact_match"]})
