@@ -198,7 +198,7 @@ def _single_file(path: Path, text_column: str | None) -> tuple[list[dict[str, st
 
 def _table_documents(src: Any, text_column: str | None, label: str | None = None) -> list[dict[str, str]]:
     """One document per row of a table (file, DataFrame, datasets.Dataset, list of dicts), from its text column."""
-    from llmops_jupyter.stages.data.stage import NotText, as_text, load_rows
+    from llmops_jupyter.stages.data.core import NotText, as_text, load_rows
 
     rows, _files, origins = load_rows(src)
     if label is not None:  # a table inside a folder: name rows by the folder-relative path
@@ -256,8 +256,7 @@ def doc_hash(text: str) -> str:
 def run_text(ctx: Any, cfg: Any) -> dict[str, Any]:
     """The data stage for ``--format text`` (see module doc)."""
     from llmops_jupyter.core.pii import scrub
-    from llmops_jupyter.stages.data.format import DROPPED_FILE, Dataset, write_dataset_dir
-    from llmops_jupyter.stages.data.stage import (
+    from llmops_jupyter.stages.data.core import (
         EVAL_NEAR_COPY,
         DataReport,
         _describe_source,
@@ -267,6 +266,7 @@ def run_text(ctx: Any, cfg: Any) -> dict[str, Any]:
         near_duplicates,
         split_key,
     )
+    from llmops_jupyter.stages.data.format import DROPPED_FILE, Dataset, write_dataset_dir
 
     source = _describe_source(cfg.source)
     docs, skipped, files = collect_documents(cfg.source, cfg.columns.get("text"))
@@ -396,29 +396,4 @@ def run_text(ctx: Any, cfg: Any) -> dict[str, Any]:
         "dataset": Dataset(art.path, art),
     }
 
-
-def report_rows(m: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The text-layout lines of the data report: documents per split, chunking, skipped files with reasons."""
-    c = m["counts"]
-    out: list[tuple[str, Any]] = [
-        ("documents", f"{c.get('documents', 0)} kept of {c['input']} read"),
-        ("documents train/eval", f"{c.get('train_documents', 0)}/{c.get('eval_documents', 0)} (split by document)"),
-        ("chunks train/eval", f"{c['train']}/{c['eval']} windows of <= {m['chunk_tokens']} tokens, stride "
-                              f"{m['stride']}"),
-        ("skipped files", len(m.get("skipped", []))),
-    ]
-    out += [(f"skipped: {s['file']}", s["reason"]) for s in m.get("skipped", [])[:50]]
-    return out
-
-
-def documents_table(m: dict[str, Any], limit: int | None = 30):
-    """Per-document counts (split, characters, tokens, chunks) as a :class:`~core.display.Table`."""
-    from llmops_jupyter.core.display import Table
-
-    docs = m.get("documents", [])
-    shown = docs if limit is None else docs[:limit]
-    rows = [[d["doc"], d["split"], d["chars"], d["tokens"], d["chunks"]] for d in shown]
-    note = f"{len(docs) - len(shown)} more in manifest.json" if len(shown) < len(docs) else ""
-    return Table(["document", "split", "chars", "tokens", "chunks"], rows, title=f"Documents ({len(docs)})",
-                 note=note)
 

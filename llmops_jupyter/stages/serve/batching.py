@@ -210,7 +210,7 @@ class Scheduler:
         return tokens
 
     def _stopped(self, r: _Row) -> bool:
-        from llmops_jupyter.stages.serve.engine import apply_stop
+        from llmops_jupyter.stages.serve.results import apply_stop
 
         return apply_stop(self.tok.decode(r.out, skip_special_tokens=True), r.req.stop)[1]
 
@@ -223,7 +223,7 @@ class Scheduler:
             r.sent = text
 
     def _finish(self, r: _Row) -> None:
-        from llmops_jupyter.stages.serve.engine import GenResult, apply_stop
+        from llmops_jupyter.stages.serve.results import GenResult, apply_stop
 
         text, stopped = apply_stop(self.tok.decode(r.out, skip_special_tokens=True), r.req.stop)
         finish = "stop" if stopped else r.finish

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from llmops_jupyter.models.refs import ModelRef
+from llmops_jupyter.stages.serve.results import GenResult, TokenLogprob, apply_stop  # noqa: F401 (re-exported)
 
 _STOP = object()
 
@@ -50,31 +51,6 @@ class GenRequest:
     @property
     def batch_key(self) -> tuple:
         return (self.max_tokens, self.temperature > 0, round(self.temperature, 4), round(self.top_p, 4))
-
-
-#: one scored token: (token id, log-probability, [(alternative id, log-probability), ...] best first)
-TokenLogprob = tuple[int, float, list[tuple[int, float]]]
-
-
-@dataclasses.dataclass
-class GenResult:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" | "length"
-    batch_size: int = 1
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    #: with ``echo``: the prompt's tokens, the first one with no log-probability (None)
-    prompt_ids: list[int] | None = None
-    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] | None = None
-    grammar_error: str | None = None
-
-
-def apply_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    """Cut ``text`` at the first stop sequence (OpenAI semantics: the stop text itself is not returned)."""
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 class _Worker:
