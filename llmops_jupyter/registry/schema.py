@@ -102,7 +102,12 @@ def ensure(registry: Any, *, migrate: bool | None = None) -> str | None:
     registry migrate``). Returns a one-line note when it upgraded, else None."""
     backend = registry.backend
     where = backend.describe()
-    note = None
+    note = backup = None
+    if backend.name == "sqlite":  # back up an old registry first (SQLite's backup cannot run under the write lock)
+        version = read_version(backend, registry._connect())
+        if version is not None and version < VERSION and migrate is not False:
+            backup = _backup_path(Path(backend.path), version)
+            backend.backup(registry._connect(), backup)
     with registry._transaction() as con:
         version = read_version(backend, con)
         if version == VERSION:
@@ -120,10 +125,6 @@ def ensure(registry: Any, *, migrate: bool | None = None) -> str | None:
             raise RegistryError(f"The registry {where} has schema version {version}; this llmops-jupyter needs "
                                 f"version {VERSION}.", fix="run `llmops registry migrate` once (back the database "
                                                            "up first, e.g. with pg_dump)")
-        backup = None
-        if backend.name == "sqlite":
-            backup = _backup_path(Path(backend.path), version)
-            backend.backup(con, backup)
         statements = backend.ddl("\n".join(_legacy_fixups(backend, con)))
         for v in range(version + 1, VERSION + 1):
             statements += backend.ddl("\n".join(MIGRATIONS.get(v, [])))
