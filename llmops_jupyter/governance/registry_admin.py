@@ -51,7 +51,7 @@ def registry_command(cfg: RegistryConfig, env: CommandEnv) -> Table:
         return Table(["registry", "schema"], [[reg.location, note or f"already at version {schema.VERSION}"]],
                      title="registry migrate")
     if cfg.action == "info":
-        version = schema.read_version(reg.backend, reg._connect())
+        version = reg.schema_version()
         rows = [["backend", reg.backend.name], ["database", reg.location], ["home", str(reg.home)],
                 ["schema version", str(version)]]
         rows += [[f"rows: {t}", str(n)] for t, n in row_counts(reg).items() if n]

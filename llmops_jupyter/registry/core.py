@@ -200,6 +200,12 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
 
         return schema.ensure(self, migrate=True)
 
+    def schema_version(self) -> int | None:
+        """The schema version stored in this registry (:data:`llmops_jupyter.registry.schema.VERSION` once open)."""
+        from llmops_jupyter.registry import schema
+
+        return schema.read_version(self.backend, self._connect())
+
     def _connect(self) -> Any:
         con = getattr(self._local, "con", None)
         if con is not None and not self.backend.alive(con):  # the server went away (restart): a new connection
