@@ -161,3 +161,14 @@ def pg_url(pg_server, monkeypatch) -> str:
             Registry._instances.pop(key, None)
     with psycopg.connect(pg_server.url, autocommit=True) as con:
         con.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, monkeypatch) -> str:
+    """The database behind the registries a test opens: SQLite in the home, or a fresh PostgreSQL schema
+    (``LLMOPS_REGISTRY``, which subprocesses inherit). Request it before ``registry`` to parametrise a test."""
+    if request.param == "postgresql":
+        request.getfixturevalue("pg_url")
+    else:
+        monkeypatch.delenv("LLMOPS_REGISTRY", raising=False)
+    return request.param
