@@ -21,10 +21,12 @@ from typing import Any
 from llmops_jupyter.core.env import process_gone, process_start, who
 from llmops_jupyter.core.errors import NotFoundError, RegistryError
 from llmops_jupyter.core.files import hash_tree, tree_size
+from llmops_jupyter.registry import schema
 from llmops_jupyter.registry.audit import AuditTables
 from llmops_jupyter.registry.backends import Backend, SqliteBackend, make_backend, network_fs_warning
 from llmops_jupyter.registry.evals import EvalTables
 from llmops_jupyter.registry.prompts import PromptTables
+from llmops_jupyter.registry.schema import CORE as SCHEMA  # noqa: F401 - runs, metrics, artifacts, lineage DDL
 from llmops_jupyter.registry.traffic import TrafficTables
 
 
@@ -40,71 +42,6 @@ class RunStatus(str, enum.Enum):
         return self.value
 
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY,
-    stage TEXT NOT NULL,
-    name TEXT,
-    status TEXT NOT NULL,
-    params TEXT NOT NULL DEFAULT '{}',
-    summary TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    duration_s REAL,
-    notebook TEXT,
-    git_commit TEXT,
-    env TEXT NOT NULL DEFAULT '{}',
-    error TEXT,
-    parent_id TEXT,
-    "user" TEXT,
-    host TEXT,
-    pid INTEGER,
-    tags TEXT NOT NULL DEFAULT '[]',
-    cache_key TEXT,
-    proc_start REAL
-);
-CREATE INDEX IF NOT EXISTS runs_cache ON runs(cache_key);
-CREATE INDEX IF NOT EXISTS runs_stage ON runs(stage, created_at);
-CREATE INDEX IF NOT EXISTS runs_user ON runs("user", created_at);
-CREATE TABLE IF NOT EXISTS metrics (
-    run_id TEXT NOT NULL REFERENCES runs(id),
-    key TEXT NOT NULL,
-    value REAL,
-    step INTEGER,
-    ts REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, key);
-CREATE TABLE IF NOT EXISTS artifacts (
-    hash TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    name TEXT,
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    run_id TEXT,
-    meta TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS artifacts_kind ON artifacts(kind, created_at);
-CREATE TABLE IF NOT EXISTS run_artifacts (
-    run_id TEXT NOT NULL,
-    artifact TEXT NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('input', 'output')),
-    PRIMARY KEY (run_id, artifact, role)
-);
-CREATE TABLE IF NOT EXISTS path_hashes (
-    path TEXT PRIMARY KEY,
-    sig TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS edges (
-    src TEXT NOT NULL,
-    dst TEXT NOT NULL,
-    relation TEXT NOT NULL DEFAULT 'derived',
-    run_id TEXT,
-    PRIMARY KEY (src, dst, relation)
-);
-"""
 
 def default_home() -> Path:
     return Path(os.environ.get("LLMOPS_HOME") or ".llmops").expanduser()
@@ -189,21 +126,15 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
             if warning and self.home.resolve() not in Registry._warned:
                 Registry._warned.add(self.home.resolve())
                 print(warning, file=sys.stderr)
-        from llmops_jupyter.registry import schema
-
         schema.ensure(self)
         self.sweep_staging()
 
     def migrate(self) -> str | None:
         """Upgrade this registry's schema to the current version (``llmops registry migrate``); a note, or None."""
-        from llmops_jupyter.registry import schema
-
         return schema.ensure(self, migrate=True)
 
     def schema_version(self) -> int | None:
         """The schema version stored in this registry (:data:`llmops_jupyter.registry.schema.VERSION` once open)."""
-        from llmops_jupyter.registry import schema
-
         return schema.read_version(self.backend, self._connect())
 
     def _connect(self) -> Any:

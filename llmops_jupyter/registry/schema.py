@@ -1,6 +1,7 @@
 """The registry's schema, its version and its migrations: one definition for both backends.
 
-Each table group's DDL lives beside its typed methods (``core.SCHEMA``, ``evals.SCHEMA``, ...), written once in the
+Each table group's DDL lives beside its typed methods (``evals.SCHEMA``, ``traffic.SCHEMA``, ...; ``CORE`` here, for
+``core``'s runs, metrics, artifacts and lineage), written once in the
 SQL both databases accept; :meth:`Backend.ddl` adapts the few type names that differ. The version is stored in
 ``registry_meta`` (key ``schema_version``). Version 1 is the schema of the releases before it was recorded (no
 ``registry_meta`` table): a registry with a ``runs`` table and no version is version 1.
@@ -23,6 +24,73 @@ from llmops_jupyter.core.errors import RegistryError
 #: the schema version this code writes and reads
 VERSION = 2
 
+#: runs, metrics, artifacts, lineage (typed methods: ``registry.core``)
+CORE = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    stage TEXT NOT NULL,
+    name TEXT,
+    status TEXT NOT NULL,
+    params TEXT NOT NULL DEFAULT '{}',
+    summary TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    duration_s REAL,
+    notebook TEXT,
+    git_commit TEXT,
+    env TEXT NOT NULL DEFAULT '{}',
+    error TEXT,
+    parent_id TEXT,
+    "user" TEXT,
+    host TEXT,
+    pid INTEGER,
+    tags TEXT NOT NULL DEFAULT '[]',
+    cache_key TEXT,
+    proc_start REAL
+);
+CREATE INDEX IF NOT EXISTS runs_cache ON runs(cache_key);
+CREATE INDEX IF NOT EXISTS runs_stage ON runs(stage, created_at);
+CREATE INDEX IF NOT EXISTS runs_user ON runs("user", created_at);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    key TEXT NOT NULL,
+    value REAL,
+    step INTEGER,
+    ts REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, key);
+CREATE TABLE IF NOT EXISTS artifacts (
+    hash TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    name TEXT,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    run_id TEXT,
+    meta TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS artifacts_kind ON artifacts(kind, created_at);
+CREATE TABLE IF NOT EXISTS run_artifacts (
+    run_id TEXT NOT NULL,
+    artifact TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('input', 'output')),
+    PRIMARY KEY (run_id, artifact, role)
+);
+CREATE TABLE IF NOT EXISTS path_hashes (
+    path TEXT PRIMARY KEY,
+    sig TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS edges (
+    src TEXT NOT NULL,
+    dst TEXT NOT NULL,
+    relation TEXT NOT NULL DEFAULT 'derived',
+    run_id TEXT,
+    PRIMARY KEY (src, dst, relation)
+);
+"""
+
 META = """
 CREATE TABLE IF NOT EXISTS registry_meta (
     key TEXT PRIMARY KEY,
@@ -43,7 +111,6 @@ MIGRATIONS: dict[int, list[str]] = {
 def full_schema(backend: Any) -> list[str]:
     """Every table, index and trigger of the current version, in ``backend``'s dialect."""
     from llmops_jupyter.registry.audit import SCHEMA as AUDIT
-    from llmops_jupyter.registry.core import SCHEMA as CORE
     from llmops_jupyter.registry.evals import SCHEMA as EVALS
     from llmops_jupyter.registry.prompts import SCHEMA as PROMPTS
     from llmops_jupyter.registry.traffic import SCHEMA as TRAFFIC
