@@ -19,7 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv install test test-fast test-stress test-gguf smoke-extras demo bench gpu-wheels gpu-check lab lint clean \
+.PHONY: venv install pg-deps test test-fast test-stress test-gguf smoke-extras demo bench gpu-wheels gpu-check lab lint clean \
         labext labext-dev browser-deps labext-lint labext-unit labext-check
 
 $(PY):
@@ -77,14 +77,21 @@ browser-deps:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) \
 		|| echo "warning: chromium not installed; browser tests will be skipped (fail under CI=true)"
 
+# The registry suite runs on SQLite and on a real PostgreSQL (tests/pgserver.py starts one per session in a temporary
+# data directory, as an unprivileged user); Debian's server package is installed when its initdb is missing.
+pg-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq postgresql) \
+		|| echo "warning: PostgreSQL not installed; the registry's PostgreSQL tests will be skipped (fail under CI=true)"
+
 # The whole suite, then every README install line in a fresh venv (SMOKE=0 skips that step).
 SMOKE ?= 1
-test: labext $(STAMP) labext-dev browser-deps labext-check
+test: labext $(STAMP) labext-dev browser-deps labext-check pg-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 	@if [ "$(SMOKE)" = "1" ]; then $(MAKE) --no-print-directory smoke-extras; fi
 
 # The inner loop: everything not marked slow or browser (under 3 minutes on 2 cores).
-test-fast: $(STAMP)
+test-fast: $(STAMP) pg-deps
 	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
 
 # The browser, kernel (notebook), fault and serve tests with STRESS_BURNERS CPU-burning processes beside them

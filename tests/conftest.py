@@ -121,3 +121,54 @@ def tiny_dataset(registry, tiny_model):
     from llmops_jupyter.testing import write_tiny_dataset
 
     return write_tiny_dataset(registry, tiny_model)
+
+
+# -- PostgreSQL (the team registry backend) -------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for this session (tests/pgserver.py). Missing PostgreSQL skips, or fails under CI."""
+    pytest.importorskip("psycopg")
+    from pgserver import start_server
+
+    try:
+        server = start_server()
+    except (FileNotFoundError, RuntimeError) as exc:
+        if CI:
+            pytest.fail(f"CI=true: PostgreSQL is required for the registry tests: {exc}")
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    yield server
+    server.remove()
+
+
+@pytest.fixture()
+def pg_url(pg_server, monkeypatch) -> str:
+    """A fresh, empty PostgreSQL registry for this test (its own schema), set as LLMOPS_REGISTRY."""
+    import secrets
+
+    import psycopg
+
+    name = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(pg_server.url, autocommit=True) as con:
+        con.execute(f"CREATE SCHEMA {name}")
+    url = f"{pg_server.url}&options=-csearch_path%3D{name}"
+    monkeypatch.setenv("LLMOPS_REGISTRY", url)
+    yield url
+    from llmops_jupyter.registry import Registry
+
+    for key, inst in list(Registry._instances.items()):
+        if key[1] == url:
+            inst.close()
+            Registry._instances.pop(key, None)
+    with psycopg.connect(pg_server.url, autocommit=True) as con:
+        con.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, monkeypatch) -> str:
+    """The database behind the registries a test opens: SQLite in the home, or a fresh PostgreSQL schema
+    (``LLMOPS_REGISTRY``, which subprocesses inherit). Request it before ``registry`` to parametrise a test."""
+    if request.param == "postgresql":
+        request.getfixturevalue("pg_url")
+    else:
+        monkeypatch.delenv("LLMOPS_REGISTRY", raising=False)
+    return request.param

@@ -137,6 +137,7 @@ CATALOG: tuple[str, ...] = (
     "llmops_jupyter.views.diff",
     "llmops_jupyter.views.select",
     "llmops_jupyter.governance.commands",
+    "llmops_jupyter.governance.registry_admin",
     "llmops_jupyter.pipelines.commands",
 )
 

@@ -9,6 +9,10 @@ from llmops_jupyter.core.display import print_text
 from llmops_jupyter.core.errors import ConfigError, LlmopsError
 from llmops_jupyter.frontends.argparsing import HelpRequested, parse_config, strip_verbose
 
+#: options before the command → the environment variable each sets (subprocesses inherit it) and what it takes
+_GLOBAL = {"--home": ("LLMOPS_HOME", "a folder"),
+           "--registry": ("LLMOPS_REGISTRY", "a database URL (postgresql://user@host/db)")}
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -16,11 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     from llmops_jupyter.core.stage import get_command
     from llmops_jupyter.frontends.magics import overview  # noqa: PLC0415 - IPython is a core dependency
 
-    if argv and argv[0] == "--home":
+    while argv and argv[0] in _GLOBAL:  # --home DIR / --registry URL: set for this process and every child of it
         if len(argv) < 2:
-            print("llmops: --home needs a folder", file=sys.stderr)
+            print(f"llmops: {argv[0]} needs {_GLOBAL[argv[0]][1]}", file=sys.stderr)
             return 2
-        os.environ["LLMOPS_HOME"] = argv[1]
+        os.environ[_GLOBAL[argv[0]][0]] = argv[1]
         argv = argv[2:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(overview().replace("%llmops", "llmops").replace("%%llmops", "llmops"))

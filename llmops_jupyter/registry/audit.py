@@ -1,8 +1,9 @@
 """The append-only audit log.
 
 Table DDL lives here (applied by :class:`~llmops_jupyter.registry.core.Registry` on open); the typed methods below are
-the only way the rest of the package reads or writes these tables. SQLite triggers ``RAISE(ABORT)`` on UPDATE and
-DELETE, so a mistaken (or deliberate) edit fails loudly.
+the only way the rest of the package reads or writes these tables. Triggers refuse UPDATE and DELETE (and TRUNCATE
+on PostgreSQL) with an "append-only" integrity error, so a mistaken (or deliberate) edit fails loudly; they are the
+backend's (``Backend.append_only``), added by ``registry.schema``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL,
-    user TEXT NOT NULL,
+    "user" TEXT NOT NULL,
     os_user TEXT,
     host TEXT,
     pid INTEGER,
@@ -39,10 +40,6 @@ CREATE TABLE IF NOT EXISTS audit_log (
 );
 CREATE INDEX IF NOT EXISTS audit_run ON audit_log(run_id);
 CREATE INDEX IF NOT EXISTS audit_ts ON audit_log(ts);
-CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: rows cannot be updated'); END;
-CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: rows cannot be deleted'); END;
 """
 
 
@@ -79,7 +76,7 @@ class AuditTables:
         """Append one row to the audit log (``ts`` defaults to now; ``detail`` is stored as sorted JSON)."""
         with self._transaction() as con:
             con.execute(
-                "INSERT INTO audit_log (ts, user, os_user, host, pid, notebook, cell, cell_id, front_end, command,"
+                "INSERT INTO audit_log (ts, \"user\", os_user, host, pid, notebook, cell, cell_id, front_end, command,"
                 " source, run_id, stage, event, artifact, kind, detail) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (time.time() if ts is None else ts, user, os_user, host, pid, notebook, cell, cell_id, front_end,
                  command, source, run_id, stage, event, artifact, kind,
@@ -102,7 +99,7 @@ class AuditTables:
             sql += " AND run_id = ?"
             args.append(run_id)
         if user:
-            sql += " AND user = ?"
+            sql += ' AND "user" = ?'
             args.append(user)
         if event:
             sql += " AND event = ?"

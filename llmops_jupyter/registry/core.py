@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -20,13 +21,12 @@ from typing import Any
 from llmops_jupyter.core.env import process_gone, process_start, who
 from llmops_jupyter.core.errors import NotFoundError, RegistryError
 from llmops_jupyter.core.files import hash_tree, tree_size
-from llmops_jupyter.registry.audit import SCHEMA as AUDIT_SCHEMA
+from llmops_jupyter.registry import schema
 from llmops_jupyter.registry.audit import AuditTables
-from llmops_jupyter.registry.evals import SCHEMA as EVAL_SCHEMA
+from llmops_jupyter.registry.backends import Backend, SqliteBackend, make_backend, network_fs_warning
 from llmops_jupyter.registry.evals import EvalTables
-from llmops_jupyter.registry.prompts import SCHEMA as PROMPT_SCHEMA
 from llmops_jupyter.registry.prompts import PromptTables
-from llmops_jupyter.registry.traffic import SCHEMA as TRAFFIC_SCHEMA
+from llmops_jupyter.registry.schema import CORE as SCHEMA  # noqa: F401 - runs, metrics, artifacts, lineage DDL
 from llmops_jupyter.registry.traffic import TrafficTables
 
 
@@ -42,70 +42,6 @@ class RunStatus(str, enum.Enum):
         return self.value
 
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY,
-    stage TEXT NOT NULL,
-    name TEXT,
-    status TEXT NOT NULL,
-    params TEXT NOT NULL DEFAULT '{}',
-    summary TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    duration_s REAL,
-    notebook TEXT,
-    git_commit TEXT,
-    env TEXT NOT NULL DEFAULT '{}',
-    error TEXT,
-    parent_id TEXT,
-    user TEXT,
-    host TEXT,
-    pid INTEGER,
-    tags TEXT NOT NULL DEFAULT '[]',
-    cache_key TEXT,
-    proc_start REAL
-);
-CREATE INDEX IF NOT EXISTS runs_cache ON runs(cache_key);
-CREATE INDEX IF NOT EXISTS runs_stage ON runs(stage, created_at);
-CREATE TABLE IF NOT EXISTS metrics (
-    run_id TEXT NOT NULL REFERENCES runs(id),
-    key TEXT NOT NULL,
-    value REAL,
-    step INTEGER,
-    ts REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, key);
-CREATE TABLE IF NOT EXISTS artifacts (
-    hash TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    name TEXT,
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    run_id TEXT,
-    meta TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS artifacts_kind ON artifacts(kind, created_at);
-CREATE TABLE IF NOT EXISTS run_artifacts (
-    run_id TEXT NOT NULL,
-    artifact TEXT NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('input', 'output')),
-    PRIMARY KEY (run_id, artifact, role)
-);
-CREATE TABLE IF NOT EXISTS path_hashes (
-    path TEXT PRIMARY KEY,
-    sig TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS edges (
-    src TEXT NOT NULL,
-    dst TEXT NOT NULL,
-    relation TEXT NOT NULL DEFAULT 'derived',
-    run_id TEXT,
-    PRIMARY KEY (src, dst, relation)
-);
-"""
 
 def default_home() -> Path:
     return Path(os.environ.get("LLMOPS_HOME") or ".llmops").expanduser()
@@ -141,25 +77,36 @@ def _json(value: Any) -> str:
 
 
 class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
-    """Handle on one registry home. Cheap to create; connections are per thread."""
+    """Handle on one registry home. Cheap to create; connections are per thread.
 
-    _instances: dict[Path, Registry] = {}
+    The database is SQLite in ``<home>/registry.db`` unless ``database`` (default: ``$LLMOPS_REGISTRY``) is a
+    ``postgresql://`` URL; artifacts, logs and checkpoints live under ``home`` either way."""
 
-    def __init__(self, home: str | os.PathLike | None = None):
+    _instances: dict[tuple[Path, str], Registry] = {}
+    _warned: set[Path] = set()
+
+    def __init__(self, home: str | os.PathLike | None = None, *, database: str | None = None):
         self.home = Path(home).expanduser() if home is not None else default_home()
         self.db_path = self.home / "registry.db"
         self.artifacts_dir = self.home / "artifacts"
         self.tmp_dir = self.home / "tmp"
         self._local = threading.local()
+        self.backend: Backend = make_backend(self.home, database)
         self._prepare()
 
     @classmethod
-    def open(cls, home: str | os.PathLike | None = None) -> Registry:
+    def open(cls, home: str | os.PathLike | None = None, *, database: str | None = None) -> Registry:
         path = (Path(home).expanduser() if home is not None else default_home()).resolve()
-        inst = cls._instances.get(path)
-        if inst is None or not inst.db_path.exists():
-            inst = cls._instances[path] = cls(path)
+        url = database if database is not None else (os.environ.get("LLMOPS_REGISTRY") or "").strip()
+        inst = cls._instances.get((path, url))
+        if inst is None or (isinstance(inst.backend, SqliteBackend) and not inst.db_path.exists()):
+            inst = cls._instances[(path, url)] = cls(path, database=url)
         return inst
+
+    @property
+    def location(self) -> str:
+        """Where the records are: the SQLite file, or the PostgreSQL URL without its password."""
+        return self.backend.describe()
 
     # -- connection --------------------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -174,74 +121,63 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
                 f"Registry folder '{self.home}' is not writable ({exc.strerror or exc}).",
                 fix="set LLMOPS_HOME (or pass --home) to a writable folder, or fix its permissions",
             ) from None
-        con = self._connect()
-        tables = [SCHEMA, EVAL_SCHEMA, TRAFFIC_SCHEMA, PROMPT_SCHEMA, AUDIT_SCHEMA]
-        cols = {r["name"] for r in con.execute("PRAGMA table_info(runs)").fetchall()}
-        if cols and "proc_start" not in cols:  # registries made before runs recorded their process start time
-            tables.insert(0, "ALTER TABLE runs ADD COLUMN proc_start REAL;")
-        script = "BEGIN IMMEDIATE;\n" + "\n".join(tables) + "\nCOMMIT;"
-        try:
-            con.executescript(script)
-        except sqlite3.OperationalError as exc:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            if "duplicate column" not in str(exc):  # another process migrated first: apply the rest
-                raise
-            con.executescript("BEGIN IMMEDIATE;\n" + "\n".join(tables[1:]) + "\nCOMMIT;")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
+        if isinstance(self.backend, SqliteBackend):
+            warning = network_fs_warning(self.home)
+            if warning and self.home.resolve() not in Registry._warned:
+                Registry._warned.add(self.home.resolve())
+                print(warning, file=sys.stderr)
+        schema.ensure(self)
         self.sweep_staging()
 
-    def _connect(self) -> sqlite3.Connection:
+    def migrate(self) -> str | None:
+        """Upgrade this registry's schema to the current version (``llmops registry migrate``); a note, or None."""
+        return schema.ensure(self, migrate=True)
+
+    def schema_version(self) -> int | None:
+        """The schema version stored in this registry (:data:`llmops_jupyter.registry.schema.VERSION` once open)."""
+        return schema.read_version(self.backend, self._connect())
+
+    def _connect(self) -> Any:
         con = getattr(self._local, "con", None)
+        if con is not None and not self.backend.alive(con):  # the server went away (restart): a new connection
+            self.close()
+            con = None
         if con is None:
-            try:
-                con = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
-                con.row_factory = sqlite3.Row
-                con.execute("PRAGMA busy_timeout=60000")
-                mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if mode.lower() != "wal":  # pragma: no cover - filesystems without shared memory
-                    con.execute("PRAGMA journal_mode=DELETE")
-                con.execute("PRAGMA synchronous=NORMAL")
-                con.execute("PRAGMA foreign_keys=OFF")
-            except sqlite3.Error as exc:
-                raise RegistryError(
-                    f"Cannot open registry database '{self.db_path}': {exc}.",
-                    fix="check the folder is writable and not on a network filesystem without locking",
-                ) from None
-            self._local.con = con
+            con = self._local.con = self.backend.connect()
         return con
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write. ``BEGIN IMMEDIATE`` takes the write lock up front, so writers queue, never fail."""
+    def _transaction(self) -> Iterator[Any]:
+        """One atomic write. Writers queue for the write lock up front (``BEGIN IMMEDIATE`` / an advisory lock),
+        so they never fail for being concurrent. A connection lost before the write began is re-opened."""
         con = self._connect()
-        for attempt in range(50):
-            try:
-                con.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:  # busy beyond busy_timeout: keep queueing
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-        else:  # pragma: no cover
-            raise RegistryError(f"Registry '{self.db_path}' stayed locked.", fix="close the process holding it")
+        try:
+            self.backend.begin(con)
+        except self.backend.Error:
+            if self.backend.alive(con):
+                raise
+            con = self._connect()  # lost since its last use (e.g. the server restarted): retry once, fresh
+            self.backend.begin(con)
         try:
             yield con
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            if self.backend.alive(con):
+                con.execute("ROLLBACK")
             raise
 
-    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        return self._connect().execute(sql, tuple(params)).fetchall()
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        con = self._connect()
+        try:
+            return con.execute(sql, tuple(params)).fetchall()
+        except self.backend.Error:
+            if self.backend.alive(con):
+                raise
+            return self._connect().execute(sql, tuple(params)).fetchall()  # reads are safe to retry once
 
     def integrity_check(self) -> list[str]:
-        """SQLite's own check of the database file: ``[]`` when it is sound, else its complaints."""
-        rows = [r[0] for r in self._query("PRAGMA integrity_check")]
-        return [] if rows == ["ok"] else rows
+        """The database's own check (SQLite's ``integrity_check``): ``[]`` when it is sound, else its complaints."""
+        return self.backend.integrity_check(self._connect())
 
     def verify_artifacts(self) -> list[str]:
         """Stored artifacts whose files no longer hash to their id (or are missing): ``[]`` when every one matches.
@@ -265,14 +201,15 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
     def link_outputs(self, run_id: str, hashes: list[str]) -> None:
         """Record existing artifacts as outputs of ``run_id`` too (a cached run shares its source's outputs)."""
         with self._transaction() as con:
-            con.executemany("INSERT OR IGNORE INTO run_artifacts VALUES (?,?,?)",
+            con.executemany("INSERT INTO run_artifacts (run_id, artifact, role) VALUES (?,?,?) ON CONFLICT DO NOTHING",
                             [(run_id, h, "output") for h in hashes])
 
     def metric_rows_after(self, run_id: str, after_rowid: int = 0) -> list[dict[str, Any]]:
         """Metric rows of a run logged after ``after_rowid`` (a poller's cursor), in logging order."""
         rows = self._query("SELECT rowid, key, value, step, ts FROM metrics WHERE run_id=? AND rowid>? ORDER BY rowid",
                            (run_id, after_rowid))
-        return [dict(r) for r in rows]
+        return [{"rowid": r["rowid"], "key": r["key"], "value": r["value"], "step": r["step"], "ts": r["ts"]}
+                for r in rows]
 
     def close(self) -> None:
         con = getattr(self._local, "con", None)
@@ -300,7 +237,7 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         with self._transaction() as con:
             con.execute(
                 "INSERT INTO runs (id, stage, name, status, params, created_at, started_at, notebook, git_commit, env,"
-                " parent_id, user, host, pid, tags, proc_start) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " parent_id, \"user\", host, pid, tags, proc_start) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     run_id,
                     stage,
@@ -405,10 +342,14 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         return runs
 
     def list_runs(
-        self, *, stage: str | None = None, status: str | None = None, limit: int | None = 50, since: float = 0.0
+        self, *, stage: str | None = None, status: str | None = None, limit: int | None = 50, since: float = 0.0,
+        user: str | None = None,
     ) -> list[dict[str, Any]]:
         sql = "SELECT * FROM runs WHERE created_at >= ?"
         args: list[Any] = [since]
+        if user:
+            sql += ' AND "user"=?'
+            args.append(user)
         if stage:
             sql += " AND stage=?"
             args.append(stage)
@@ -545,15 +486,15 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         rel = final.relative_to(self.home).as_posix()
         with self._transaction() as con:
             con.execute(
-                "INSERT OR IGNORE INTO artifacts (hash, kind, name, path, size, created_at, run_id, meta)"
-                " VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO artifacts (hash, kind, name, path, size, created_at, run_id, meta)"
+                " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (digest, kind, name, rel, size, now, run_id, _json(meta or {})),
             )
             if run_id:
-                con.execute("INSERT OR IGNORE INTO run_artifacts VALUES (?,?,?)", (run_id, digest, "output"))
+                con.execute(_LINK, (run_id, digest, "output"))
             for src_hash in inputs:
                 if src_hash != digest:
-                    con.execute("INSERT OR IGNORE INTO edges VALUES (?,?,?,?)", (src_hash, digest, relation, run_id))
+                    con.execute(_EDGE, (src_hash, digest, relation, run_id))
         return self.get_artifact(digest)
 
     def add_reference(
@@ -573,11 +514,12 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         else:
             digest = hash_tree(src)
             with self._transaction() as con:
-                con.execute("INSERT OR REPLACE INTO path_hashes VALUES (?,?,?)", (str(src), sig, digest))
+                con.execute("INSERT INTO path_hashes (path, sig, hash) VALUES (?,?,?) ON CONFLICT (path)"
+                            " DO UPDATE SET sig=excluded.sig, hash=excluded.hash", (str(src), sig, digest))
         with self._transaction() as con:
             con.execute(
-                "INSERT OR IGNORE INTO artifacts (hash, kind, name, path, size, created_at, run_id, meta)"
-                " VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO artifacts (hash, kind, name, path, size, created_at, run_id, meta)"
+                " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (digest, kind, name or src.name, str(src), tree_size(src), time.time(), None,
                  _json({"external": True, **(meta or {})})),
             )
@@ -652,19 +594,20 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         if not hashes:
             return []
         rows = self._query(
-            "SELECT DISTINCT ra.run_id, ra.artifact FROM run_artifacts ra JOIN runs r ON r.id = ra.run_id"
-            f" WHERE ra.role='input' AND ra.artifact IN ({','.join('?' * len(hashes))}) ORDER BY r.created_at", hashes)
+            "SELECT ra.run_id, ra.artifact, MIN(r.created_at) AS t FROM run_artifacts ra JOIN runs r ON r.id = ra.run_id"
+            f" WHERE ra.role='input' AND ra.artifact IN ({','.join('?' * len(hashes))})"
+            " GROUP BY ra.run_id, ra.artifact ORDER BY t", hashes)
         return [(r["run_id"], r["artifact"]) for r in rows]
 
     def link_input(self, run_id: str, artifact: str | Artifact) -> Artifact:
         art = self.get_artifact(artifact)
         with self._transaction() as con:
-            con.execute("INSERT OR IGNORE INTO run_artifacts VALUES (?,?,?)", (run_id, art.hash, "input"))
+            con.execute(_LINK, (run_id, art.hash, "input"))
         return art
 
     def add_edge(self, src: str, dst: str, relation: str = "derived", run_id: str | None = None) -> None:
         with self._transaction() as con:
-            con.execute("INSERT OR IGNORE INTO edges VALUES (?,?,?,?)", (src, dst, relation, run_id))
+            con.execute(_EDGE, (src, dst, relation, run_id))
 
     def lineage(self, ref: str | Artifact, direction: str = "both") -> dict[str, Any]:
         """Artifacts upstream and/or downstream of ``ref`` with the edges between them (recursive CTE)."""
@@ -673,10 +616,10 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         edges: set[tuple[str, str, str, str | None]] = set()
         queries = []
         if direction in ("both", "up"):
-            queries.append("WITH RECURSIVE up(h) AS (SELECT ? UNION SELECT e.src FROM edges e JOIN up ON e.dst=up.h)"
+            queries.append("WITH RECURSIVE up(h) AS (SELECT CAST(? AS TEXT) UNION SELECT e.src FROM edges e JOIN up ON e.dst=up.h)"
                             " SELECT e.* FROM edges e WHERE e.dst IN (SELECT h FROM up)")
         if direction in ("both", "down"):
-            queries.append("WITH RECURSIVE dn(h) AS (SELECT ? UNION SELECT e.dst FROM edges e JOIN dn ON e.src=dn.h)"
+            queries.append("WITH RECURSIVE dn(h) AS (SELECT CAST(? AS TEXT) UNION SELECT e.dst FROM edges e JOIN dn ON e.src=dn.h)"
                             " SELECT e.* FROM edges e WHERE e.src IN (SELECT h FROM dn)")
         for sql in queries:
             for row in self._query(sql, (root.hash,)):
@@ -728,5 +671,8 @@ def _num(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
 
+
+_LINK = "INSERT INTO run_artifacts (run_id, artifact, role) VALUES (?,?,?) ON CONFLICT DO NOTHING"
+_EDGE = "INSERT INTO edges (src, dst, relation, run_id) VALUES (?,?,?,?) ON CONFLICT DO NOTHING"
 
 _user = who  # the one "who is the user" rule (core.env.who), also used by the audit log and ratings

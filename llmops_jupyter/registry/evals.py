@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS eval_ratings (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     session TEXT NOT NULL,
     created_at REAL NOT NULL,
-    user TEXT,
+    "user" TEXT,
     example_id TEXT NOT NULL,
     run_id TEXT NOT NULL,
     model_ref TEXT NOT NULL,
@@ -102,12 +102,18 @@ class EvalTables:
                  json.dumps(_nan_to_null(r.get("metrics", {})), sort_keys=True), json.dumps(r.get("generation", {})),
                  r.get("judge_prompt"), r.get("judge_raw")) for i, r in enumerate(rows)]
         with self._transaction() as con:
-            con.executemany("INSERT OR REPLACE INTO eval_examples VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", data)
+            con.executemany(
+                "INSERT INTO eval_examples (run_id, model_ref, model_hash, example_id, idx, prompt, reference, output,"
+                " metrics, generation, judge_prompt, judge_raw) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (run_id, model_ref, example_id) DO UPDATE SET model_hash=excluded.model_hash,"
+                " idx=excluded.idx, prompt=excluded.prompt, reference=excluded.reference, output=excluded.output,"
+                " metrics=excluded.metrics, generation=excluded.generation, judge_prompt=excluded.judge_prompt,"
+                " judge_raw=excluded.judge_raw", data)
 
     def eval_versions(self, run_id: str) -> list[dict[str, Any]]:
         """Model versions with stored results in an eval run, in the order they were evaluated (empty if none)."""
-        rows = self._query("SELECT model_ref, model_hash, MIN(rowid) AS first FROM eval_examples WHERE run_id=? "
-                           "GROUP BY model_ref, model_hash ORDER BY first", (run_id,))
+        rows = self._query("SELECT model_ref, model_hash, MIN(rowid) AS first_row FROM eval_examples WHERE run_id=? "
+                           "GROUP BY model_ref, model_hash ORDER BY first_row", (run_id,))
         return [{"run_id": run_id, "model_ref": r["model_ref"], "model_hash": r["model_hash"]} for r in rows]
 
     def eval_examples(self, run_id: str, model_ref: str | None = None) -> list[dict[str, Any]]:
@@ -132,7 +138,9 @@ class EvalTables:
                          summary: Mapping[str, float | None]) -> None:
         """Store one version's summary metrics; ``position`` keeps the versions in the order they were given."""
         with self._transaction() as con:
-            con.executemany("INSERT OR REPLACE INTO eval_summary VALUES (?,?,?,?,?,?)",
+            con.executemany("INSERT INTO eval_summary (run_id, model_ref, model_hash, position, metric, value)"
+                            " VALUES (?,?,?,?,?,?) ON CONFLICT (run_id, model_ref, metric) DO UPDATE SET"
+                            " model_hash=excluded.model_hash, position=excluded.position, value=excluded.value",
                             [(run_id, model_ref, model_hash, position, k,
                               None if v is None or math.isnan(v) else v) for k, v in summary.items()])
 
@@ -151,12 +159,12 @@ class EvalTables:
         """Record one human rating of one version of one example (the DPO pairs' source); returns its id."""
         with self._transaction() as con:
             cur = con.execute(
-                "INSERT INTO eval_ratings (session, created_at, user, example_id, run_id, model_ref, thumbs, stars,"
-                " preferred_run_id, preferred_model_ref, note, compared) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO eval_ratings (session, created_at, \"user\", example_id, run_id, model_ref, thumbs, stars,"
+                " preferred_run_id, preferred_model_ref, note, compared) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                 (session, time.time(), user, example_id, run_id, model_ref, thumbs, stars,
                  preferred[0] if preferred else None, preferred[1] if preferred else None, note or None,
                  json.dumps([list(c) for c in compared])))
-            return int(cur.lastrowid)
+            return int(cur.fetchone()[0])
 
     def eval_ratings(self, run_id: str | None = None) -> list[dict[str, Any]]:
         """Ratings oldest first (only those rating or preferring a version of ``run_id`` if given)."""

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+from llmops_jupyter.core.env import who
+
 if TYPE_CHECKING:
     import sqlite3
 
@@ -22,6 +24,7 @@ CREATE TABLE IF NOT EXISTS prompts (
     hash TEXT NOT NULL,
     created_at REAL NOT NULL,
     run_id TEXT,
+    "user" TEXT,
     PRIMARY KEY (name, version)
 );
 CREATE TABLE IF NOT EXISTS eval_retrievals (
@@ -55,8 +58,8 @@ class PromptTables:
             if row and latest and latest["hash"] == artifact_hash:
                 return row["version"]
             version = (latest["version"] if latest else 0) + 1
-            con.execute("INSERT INTO prompts (name, version, hash, created_at, run_id) VALUES (?,?,?,?,?)",
-                        (name, version, artifact_hash, time.time(), run_id))
+            con.execute('INSERT INTO prompts (name, version, hash, created_at, run_id, "user") VALUES (?,?,?,?,?,?)',
+                        (name, version, artifact_hash, time.time(), run_id, who()))
             return version
 
     def prompt_version(self, name: str, version: int | None = None) -> dict[str, Any] | None:
@@ -83,9 +86,11 @@ class PromptTables:
                    json.dumps(list(r.get("docs") or [])), json.dumps(list(r.get("scores") or [])))
                   for i, r in enumerate(rows)]
         with self._transaction() as con:
-            con.executemany("INSERT OR REPLACE INTO eval_retrievals "
-                            "(run_id, example_id, idx, index_hash, chunk_ids, docs, scores) VALUES (?,?,?,?,?,?,?)",
-                            values)
+            con.executemany("INSERT INTO eval_retrievals "
+                            "(run_id, example_id, idx, index_hash, chunk_ids, docs, scores) VALUES (?,?,?,?,?,?,?)"
+                            " ON CONFLICT (run_id, example_id) DO UPDATE SET idx=excluded.idx,"
+                            " index_hash=excluded.index_hash, chunk_ids=excluded.chunk_ids, docs=excluded.docs,"
+                            " scores=excluded.scores", values)
 
     def eval_retrievals(self, run_id: str) -> list[dict[str, Any]]:
         """The chunks retrieved per example of an eval run (exact id), in eval order, JSON columns decoded."""

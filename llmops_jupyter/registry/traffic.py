@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+from llmops_jupyter.core.env import who
+
 if TYPE_CHECKING:
     import sqlite3
 
@@ -64,7 +66,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     stopped_at REAL,
     key_ids TEXT NOT NULL DEFAULT '[]',
     limits TEXT NOT NULL DEFAULT '{}',
-    error TEXT
+    error TEXT,
+    "user" TEXT
 );
 """
 
@@ -114,7 +117,7 @@ class TrafficTables:
                     con.execute(f"UPDATE deployments SET {', '.join(f'{k}=?' for k in fields)} WHERE id=?",
                                 (*fields.values(), dep_id))
             else:
-                fields = {"status": "starting", **fields, "id": dep_id}
+                fields = {"status": "starting", **fields, "id": dep_id, '"user"': who()}
                 con.execute(f"INSERT INTO deployments ({', '.join(fields)}) VALUES ({', '.join('?' for _ in fields)})",
                             tuple(fields.values()))
 
@@ -178,8 +181,9 @@ class TrafficTables:
             if label is None:
                 con.execute("DELETE FROM request_labels WHERE request=?", (request,))
             else:
-                con.execute("INSERT OR REPLACE INTO request_labels (request, label, corrected, ts, dataset) "
-                            "VALUES (?,?,?,?,NULL)", (request, label, corrected or None, time.time()))
+                con.execute("INSERT INTO request_labels (request, label, corrected, ts, dataset) VALUES (?,?,?,?,NULL)"
+                            " ON CONFLICT (request) DO UPDATE SET label=excluded.label, corrected=excluded.corrected,"
+                            " ts=excluded.ts, dataset=NULL", (request, label, corrected or None, time.time()))
 
     def request_labels(self, requests: Iterable[int] | None = None, *,
                        dataset: str | None = None) -> dict[int, dict[str, Any]]:

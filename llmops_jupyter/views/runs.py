@@ -17,6 +17,7 @@ class RunsConfig(StageConfig):
                                 choices=["running", "finished", "failed", "interrupted", "cached"])
     limit: int = option(20, "how many runs to show (newest first)", min=1, max=10000)
     since: str | None = option(None, "only runs started since: 30m, 2h, 7d, a timestamp or an ISO date")
+    user: str | None = option(None, "only runs of this user (JupyterHub user, else LLMOPS_USER, else the OS account)")
 
     def validate(self) -> None:
         from llmops_jupyter.core.timeparse import parse_when
@@ -54,12 +55,13 @@ def runs(cfg: RunsConfig, env: CommandEnv) -> Table:
     from llmops_jupyter.core.timeparse import parse_when
 
     since = parse_when(cfg.since, field="since", command="runs") or 0.0
-    for r in env.registry.list_runs(stage=cfg.stage, status=cfg.status, limit=cfg.limit, since=since):
+    for r in env.registry.list_runs(stage=cfg.stage, status=cfg.status, limit=cfg.limit, since=since, user=cfg.user):
         key = ", ".join(f"{k}={v:.4g}" for k, v in key_metrics(r["stage"], env.registry.metrics(r["id"])))
         rows.append([r["id"], r["stage"], r["status"], fmt_time(r["created_at"]), fmt_duration(r["duration_s"]), key,
-                     r["notebook"] or ""])
-    return Table(["run", "stage", "status", "started", "duration", "metrics", "notebook"], rows,
-                 title=f"Runs in {env.registry.home}")
+                     r["user"] or "", r["notebook"] or ""])
+    where = env.registry.home if env.registry.backend.name == "sqlite" else env.registry.location
+    return Table(["run", "stage", "status", "started", "duration", "metrics", "user", "notebook"], rows,
+                 title=f"Runs in {where}")
 
 
 @dataclasses.dataclass

@@ -60,8 +60,9 @@ def llmops(home: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def test_two_sweeps_and_a_detached_finetune_write_at_once(registry, tiny_model, tiny_dataset, tmp_path,
+def test_two_sweeps_and_a_detached_finetune_write_at_once(backend, registry, tiny_model, tiny_dataset, tmp_path,
                                                           monkeypatch):
+    """On SQLite and on PostgreSQL (``backend``): the sweeps' kernels and the worker inherit LLMOPS_REGISTRY."""
     from llmops_jupyter.core.runner import Runner
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -80,6 +81,7 @@ def test_two_sweeps_and_a_detached_finetune_write_at_once(registry, tiny_model, 
     assert sorted(r["params"]["rank"] for r in toys) == [1, 2, 3, 4]
     assert all(len(registry.metric_history(r["id"], "loss")) == 20 for r in toys)  # no write lost
     assert registry.integrity_check() == [] and registry.verify_artifacts() == []
+    assert registry.backend.name == backend
 
 
 def test_pipeline_kernel_killed_mid_cell_is_recorded_failed(home, tmp_path):

@@ -8,6 +8,8 @@ import pytest
 from llmops_jupyter.core.errors import NotFoundError, RegistryError
 from llmops_jupyter.registry import Registry, RunStatus
 
+pytestmark = pytest.mark.usefixtures("backend")  # every test on SQLite and on PostgreSQL (conftest.py)
+
 
 def _writer(home, worker, n):
     reg = Registry(home)
@@ -20,7 +22,7 @@ def _writer(home, worker, n):
         reg.finish_run(run, RunStatus.FINISHED)
 
 
-def test_concurrent_writer_processes_lose_nothing(tmp_path):
+def test_concurrent_writer_processes_lose_nothing(tmp_path, backend):
     home = tmp_path / ".llmops"
     Registry(home)
     ctx = mp.get_context("spawn")
@@ -36,8 +38,12 @@ def test_concurrent_writer_processes_lose_nothing(tmp_path):
     assert len(reg.list_artifacts(limit=1000)) == 100
     assert all(r["status"] == "finished" for r in reg.list_runs(limit=None))
     assert list((home / "tmp").iterdir()) == []
-    con = sqlite3.connect(home / "registry.db")
-    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert reg.backend.name == backend
+    if backend == "sqlite":
+        con = sqlite3.connect(home / "registry.db")
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    else:
+        assert not (home / "registry.db").exists()
 
 
 def test_artifacts_are_content_addressed_and_lineage_is_queryable(registry, tmp_path):
@@ -158,6 +164,10 @@ def test_audit_rows_are_append_only(registry):
     assert [r["user"] for r in registry.audit_rows(user="bob", event="card")] == ["bob"]
     assert [r["event"] for r in registry.audit_rows(limit=1)] == ["card"]
     assert registry.audit_rows(since=rows[-1]["ts"] + 1) == []
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    with pytest.raises(registry.backend.IntegrityError, match="append-only"):
         with registry._transaction() as con:
             con.execute("DELETE FROM audit_log")
+    with pytest.raises(registry.backend.IntegrityError, match="append-only"):
+        with registry._transaction() as con:
+            con.execute("UPDATE audit_log SET event='edited'")
+    assert [r["event"] for r in registry.audit_rows()] == ["started", "card"]
