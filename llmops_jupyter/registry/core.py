@@ -166,6 +166,20 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
                 con.execute("ROLLBACK")
             raise
 
+    def _write_retrying(self, body: Any) -> Any:
+        """``body(con)`` in one :meth:`_transaction`, run again once on a fresh connection when the connection died
+        inside the transaction (a PostgreSQL restart or failover cuts it mid-write: nothing of it was committed,
+        except when COMMIT itself was cut, where the outcome is unknown and the rows may be written twice). For
+        writes that are harmless to repeat (metric rows), so a restart loses none of them."""
+        for attempt in (0, 1):
+            con = None
+            try:
+                with self._transaction() as con:
+                    return body(con)
+            except self.backend.Error:
+                if attempt or con is None or self.backend.alive(con):
+                    raise
+
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         con = self._connect()
         try:
@@ -378,8 +392,8 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
     def log_metrics(self, run_id: str, values: dict[str, float], step: int | None = None) -> None:
         now = time.time()
         rows = [(run_id, k, _num(v), step, now) for k, v in values.items()]
-        with self._transaction() as con:
-            con.executemany("INSERT INTO metrics (run_id, key, value, step, ts) VALUES (?,?,?,?,?)", rows)
+        self._write_retrying(lambda con: con.executemany(
+            "INSERT INTO metrics (run_id, key, value, step, ts) VALUES (?,?,?,?,?)", rows))
 
     def log_metric(self, run_id: str, key: str, value: float, step: int | None = None) -> None:
         self.log_metrics(run_id, {key: value}, step)

@@ -49,8 +49,6 @@ def test_sigkill_inside_a_transaction_leaves_no_partial_rows(pg_url, home, tmp_p
     assert reg._query("SELECT COUNT(*) FROM metrics")[0][0] == 0
 
 
-@pytest.mark.xfail(strict=False, reason="known defect: a metric write whose connection is cut mid-transaction is "
-                   "rolled back and not retried (seen once: step 1 lost); reconnect itself works")
 def test_server_restarted_during_a_finetune_reconnects_and_records_every_step(pg_server, pg_url, registry,
                                                                                tiny_model, tiny_dataset):
     from llmops_jupyter.core.runner import EventType, Runner
