@@ -122,8 +122,14 @@ def test_continued_pretraining_notebook_chains_docs_cpt_and_instructions(home, t
                                                          "sft_steps": 4}, tmp_path)
     text, _ = outputs(nb)
     assert "documents train/eval" in text and "Documents (12)" in text  # the text data report
-    kinds = [a.kind for a in Registry(home).lineage_chain(Registry(home).list_artifacts("adapter")[0])]
-    assert kinds.index("merged") < kinds.index("adapter")  # the instruction adapter sits on the merged CPT model
+    reg = Registry(home)
+    adapters = reg.list_artifacts("adapter")
+    assert len(adapters) == 2  # the continued-pretraining adapter and the instruction adapter
+    chains = {a.hash: reg.lineage_chain(a) for a in adapters}
+    on_merged = [h for h, chain in chains.items() if "merged" in {x.kind for x in chain}]
+    assert len(on_merged) == 1  # the instruction adapter sits on the merged CPT model...
+    (other,) = set(chains) - set(on_merged)
+    assert other in {x.hash for x in chains[on_merged[0]]}  # ...which was made from the CPT adapter
 
 
 def test_human_evaluation_notebook_stores_ratings(home, tmp_path, tiny_model):
