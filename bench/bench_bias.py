@@ -21,17 +21,16 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import spread  # noqa: E402
+
 KEYS = {"crows-pairs": ("crows_pairs_stereotype",), "stereoset": ("stereoset_ss", "stereoset_lms", "stereoset_icat")}
-
-
-def spread(xs: list[float]) -> dict[str, object]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
 
 
 def main(argv: list[str] | None = None) -> dict:

