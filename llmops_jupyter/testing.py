@@ -147,6 +147,35 @@ def write_tiny_text_dataset(registry, tokenizer_path, folder: str | os.PathLike,
     return res.artifact
 
 
+def toy_train_cell(steps: int) -> str:
+    """A notebook cell defining and running a toy training stage (``rank`` is the notebook's parameter): ``steps``
+    loss metrics, then one ``adapter`` artifact named ``toy-<rank>``. What sweep and concurrency tests fan out
+    without a model."""
+    return f"""
+import dataclasses
+from llmops_jupyter.core.config import StageConfig, option
+from llmops_jupyter.core.runner import Runner
+from llmops_jupyter.core.stage import Stage
+
+@dataclasses.dataclass
+class C(StageConfig):
+    rank: int = option(1, "rank", min=1)
+
+class Toy(Stage):
+    name = "toy-train"
+    config_cls = C
+
+    def run(self, ctx):
+        for step in range({steps}):
+            ctx.log_metrics({{"loss": 1.0 / (step + 1)}}, step=step)
+        out = ctx.staging_dir()
+        (out / "w.txt").write_text(str(ctx.config.rank))
+        ctx.save_artifact(out, "adapter", name=f"toy-{{ctx.config.rank}}")
+
+Runner().run(Toy(), {{"rank": rank}})
+"""
+
+
 def read_bytes_elsewhere(paths: list[str | os.PathLike]) -> dict[str, bytes]:
     """Raw bytes of files read by a child process: the way to grep a *live* SQLite registry for leaked secrets.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llmops_jupyter.testing import wait_until
+from llmops_jupyter.testing import toy_train_cell, wait_until
 
 pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
 
@@ -29,29 +29,7 @@ def notebook(path: Path, params: str, body: str) -> Path:
     return path
 
 
-TOY = """
-import dataclasses
-from llmops_jupyter.core.config import StageConfig, option
-from llmops_jupyter.core.runner import Runner
-from llmops_jupyter.core.stage import Stage
-
-@dataclasses.dataclass
-class C(StageConfig):
-    rank: int = option(1, "rank", min=1)
-
-class Toy(Stage):
-    name = "toy-train"
-    config_cls = C
-
-    def run(self, ctx):
-        for step in range(20):
-            ctx.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
-        out = ctx.staging_dir()
-        (out / "w.txt").write_text(str(ctx.config.rank))
-        ctx.save_artifact(out, "adapter", name=f"toy-{ctx.config.rank}")
-
-Runner().run(Toy(), {"rank": rank})
-"""
+TOY = toy_train_cell(20)
 
 
 def llmops(home: Path, *args: str) -> subprocess.Popen:

@@ -10,34 +10,13 @@ import pytest
 
 from llmops_jupyter.frontends.cli import main as cli
 from llmops_jupyter.registry import Registry
+from llmops_jupyter.testing import toy_train_cell
 
 pytestmark = pytest.mark.slow  # worker processes and one kernel per variant: over ~30 s on 2 cores
 nbformat = pytest.importorskip("nbformat")
 ROOT = Path(__file__).resolve().parents[2]
 
-TOY = """
-import dataclasses
-from llmops_jupyter.core.config import StageConfig, option
-from llmops_jupyter.core.runner import Runner
-from llmops_jupyter.core.stage import Stage
-
-@dataclasses.dataclass
-class C(StageConfig):
-    rank: int = option(1, "rank", min=1)
-
-class Toy(Stage):
-    name = "toy-train"
-    config_cls = C
-
-    def run(self, ctx):
-        for step in range(10):
-            ctx.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
-        out = ctx.staging_dir()
-        (out / "w.txt").write_text(str(ctx.config.rank))
-        ctx.save_artifact(out, "adapter", name=f"toy-{ctx.config.rank}")
-
-Runner().run(Toy(), {"rank": rank})
-"""
+TOY = toy_train_cell(10)
 
 
 def test_dask_sweep_with_worker_processes_records_every_variant_in_postgresql(pg_url, home, tmp_path, monkeypatch):
