@@ -44,6 +44,12 @@ class EvalExamples:
             base = evalstore.versions(registry, baseline)[0]
             versions = versions[:1] + [base] + versions[1:]
         self.versions = versions
+        labels: dict[tuple[str, str], str] = {}
+        for run in dict.fromkeys(v["run_id"] for v in versions):
+            summary = registry.get_run(run)["summary"]
+            labels.update({(run, ref): label for ref, label in zip(summary.get("models") or [],
+                                                                   summary.get("labels") or [])})
+        self._labels = [labels.get((v["run_id"], v["model_ref"]), v["model_ref"]) for v in versions]
         self._tables = [{r["id"]: r for r in evalstore.load_examples(registry, v["run_id"], v["model_ref"])}
                         for v in versions]
         self.ids = [i for i in self._tables[0] if all(i in t for t in self._tables[1:])]
@@ -106,9 +112,9 @@ class EvalExamples:
         first = self._tables[0][ex]
         cells = [f"<b>#{i + 1}</b> <code>{html.escape(ex)}</code>", "<b>Prompt</b>" + _pre(first["prompt"], "#f7f7f7"),
                  "<b>Reference</b>" + _pre(first["reference"], "#eef6ee")]
-        for v, table in zip(self.versions, self._tables):
+        for v, label, table in zip(self.versions, self._labels, self._tables):
             row = table[ex]
-            cells.append(f"<b>{html.escape(v['model_ref'])}</b>"
+            cells.append(f"<b>{html.escape(label)}</b>"
                          + (f" <small>(run {html.escape(v['run_id'])})</small>" if v["run_id"] != self.run_id else "")
                          + _pre(row["output"], "#eef2f8") + _metrics(row["metrics"]))
         button = ExplainButton(self.registry, tooltip=f"explain example {i + 1} (%llmops explain)")
