@@ -3,7 +3,8 @@
 Every example shows its prompt, reference and each version's output with its per-example metrics; its button
 explains it (:mod:`~llmops_jupyter.stages.eval.explain_button`, shared with ``%llmops rate``): the first version's
 answer, and when the run compares versions (``--model A --model B``, or ``--baseline RUN``) the contrast of the two
-— the candidate's answer read by the baseline for a ``--baseline`` run. The rows come from the registry (what the
+— the candidate's answer read by the baseline for a ``--baseline`` run. ``%llmops diff`` of two eval runs shows the
+same view over their shared examples (A's answer read by B's version). The rows come from the registry (what the
 run stored), so the view is built only when a notebook displays it; terminals skip it (``notebook_only``).
 """
 
@@ -35,14 +36,16 @@ class EvalExamples:
 
     notebook_only = True
 
-    def __init__(self, registry: Any, run_id: str, *, baseline: str | None = None, page_size: int = 5):
+    def __init__(self, registry: Any, run_id: str, *, baseline: str | None = None,
+                 versions: list[dict[str, Any]] | None = None, page_size: int = 5):
         self.registry = registry
         self.run_id = run_id
         self.page_size = page_size
-        versions = evalstore.versions(registry, run_id)
-        if baseline:  # the candidate(s) were compared with the baseline run's first version: explain against it
-            base = evalstore.versions(registry, baseline)[0]
-            versions = versions[:1] + [base] + versions[1:]
+        if versions is None:
+            versions = evalstore.versions(registry, run_id)
+            if baseline:  # the candidate(s) were compared with the baseline run's first version: explain against it
+                base = evalstore.versions(registry, baseline)[0]
+                versions = versions[:1] + [base] + versions[1:]
         self.versions = versions
         labels: dict[tuple[str, str], str] = {}
         for run in dict.fromkeys(v["run_id"] for v in versions):
@@ -74,7 +77,8 @@ class EvalExamples:
             self.next_button = widgets.Button(description="next ▶", tooltip="next examples")
             self.prev_button.on_click(lambda _b: self.go(self.page - 1))
             self.next_button.on_click(lambda _b: self.go(self.page + 1))
-            title = widgets.HTML(f"<b>Examples</b> <small>(run {html.escape(self.run_id)}; "
+            runs = ", ".join(dict.fromkeys(v["run_id"] for v in self.versions))
+            title = widgets.HTML(f"<b>Examples</b> <small>(run {html.escape(runs)}; "
                                  "explain: why the first version answered this"
                                  + (", and how the second reads the same answer" if len(self.versions) > 1 else "")
                                  + ")</small>")
@@ -114,8 +118,9 @@ class EvalExamples:
                  "<b>Reference</b>" + _pre(first["reference"], "#eef6ee")]
         for v, label, table in zip(self.versions, self._labels, self._tables):
             row = table[ex]
+            several_runs = any(w["run_id"] != self.run_id for w in self.versions)
             cells.append(f"<b>{html.escape(label)}</b>"
-                         + (f" <small>(run {html.escape(v['run_id'])})</small>" if v["run_id"] != self.run_id else "")
+                         + (f" <small>(run {html.escape(v['run_id'])})</small>" if several_runs else "")
                          + _pre(row["output"], "#eef2f8") + _metrics(row["metrics"]))
         button = ExplainButton(self.registry, tooltip=f"explain example {i + 1} (%llmops explain)")
         button.button.on_click(lambda _b, i=i: self.explain(i))

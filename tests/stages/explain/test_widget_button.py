@@ -131,7 +131,11 @@ def test_an_eval_cells_explain_button_in_a_real_kernel_keeps_its_pictures(tmp_pa
         f"d = get_ipython().run_line_magic('llmops', 'data $recs --tokenizer {tiny_model} --eval-fraction 0.5')",
         f"e = get_ipython().run_line_magic('llmops', 'eval --model {tiny_model} --model {tiny_model} "
         "--data data@latest --limit 2 --metrics exact_match --max-new-tokens 4')",
-        "b = e.outputs['examples'].buttons[1]\nb.button.click()\nprint(b.last.status, b.last.run_id, b.out.model_id)")]
+        "b = e.outputs['examples'].buttons[1]\nb.button.click()\nprint(b.last.status, b.last.run_id, b.out.model_id)",
+        f"e1 = get_ipython().run_line_magic('llmops', 'eval --model {tiny_model} --data data@latest --limit 2 "
+        "--metrics exact_match --max-new-tokens 4')\n"
+        "dv = get_ipython().run_line_magic('llmops', f'diff {e.run_id} {e1.run_id}')\ndv",
+        "c = dv.examples.buttons[0]\nc.button.click()\nprint(c.last.status, c.last.run_id, c.out.model_id)")]
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     nbformat.write(nb, str(tmp_path / "saved.ipynb"))
@@ -143,8 +147,15 @@ def test_an_eval_cells_explain_button_in_a_real_kernel_keeps_its_pictures(tmp_pa
     state = saved.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     pictures = json.dumps(state[out_id]["state"]["outputs"])  # the clicked example's own Output widget
     assert "<span title=" in pictures and "application/vnd.plotly.v1+json" in pictures
-    others = [m["state"].get("outputs") for k, m in state.items() if m["model_name"] == "OutputModel" and k != out_id]
-    assert len(others) == 1 and not others[0]  # the other example's output area stays empty
+    # the diff of two eval runs (the compare view) shows their shared examples, and its button's pictures stay too
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in saved.cells[4]["outputs"])
+    status, diff_run, diff_out = "".join(o.get("text", "") for o in saved.cells[5]["outputs"]).split()
+    assert status == "finished" and diff_run != run_id
+    assert "<span title=" in json.dumps(state[diff_out]["state"]["outputs"])
+    others = [m["state"].get("outputs") for k, m in state.items()
+              if m["model_name"] == "OutputModel" and k not in (out_id, diff_out)]
+    # the examples not clicked keep an empty output area: one of each explained view, both of e1's own cell
+    assert len(others) == 4 and not any(others)
 
 
 def test_explain_gets_the_model_refs_without_the_suffixes_eval_adds():
@@ -152,3 +163,27 @@ def test_explain_gets_the_model_refs_without_the_suffixes_eval_adds():
 
     assert explain_models(["m", "m#2", "other"]) == ["m", "m"]  # the same model given twice to eval
     assert explain_models(["a|prompt@v2", "b|prompt@v2"]) == ["a", "b"]  # prompt versions
+
+
+def test_diff_of_two_eval_runs_explains_a_shared_example_as_the_contrast_of_their_versions(
+        registry, tiny_model, tiny_dataset, model_cache):
+    from llmops_jupyter.models.tiny import build_tiny_model
+    from llmops_jupyter.stages.eval import store as evalstore
+    from llmops_jupyter.views.diff import diff_runs
+
+    runner = Runner(registry)
+    other = build_tiny_model(model_cache / "tiny-llama-seed5", seed=5)
+    opts = {"data": tiny_dataset.hash, "metrics": ["exact_match"], "max_new_tokens": 2}
+    a = runner.run("eval", model=[str(tiny_model)], limit=3, **opts)
+    b = runner.run("eval", model=[str(other)], limit=2, **opts)
+    diff = diff_runs(registry, a.run_id, b.run_id)
+    view = diff.examples
+    assert view is diff.examples  # built once per diff (displaying it and clicking in it use the same widgets)
+    assert [(v["run_id"], v["model_ref"]) for v in view.versions] == [(a.run_id, str(tiny_model)),
+                                                                        (b.run_id, str(other))]
+    assert len(view) == 2  # the examples both runs have
+    res = view.explain(1)
+    rec = res.outputs["explanation"]
+    assert [m["ref"] for m in rec["models"]] == [str(tiny_model), str(other)]
+    assert rec["prompt_text"] == evalstore.load_examples(registry, a.run_id)[1]["prompt"]
+    assert diff_runs(registry, a.run_id, res.run_id).examples is None  # not two eval runs: no examples view
