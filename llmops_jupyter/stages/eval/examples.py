@@ -89,7 +89,10 @@ class EvalExamples:
         return self._widget
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        if isinstance(bundle, dict) and "text/plain" in bundle:  # not the repr of every nested widget (prompts...)
+            bundle["text/plain"] = repr(self)  # what a notebook saved without widget state (papermill) shows
+        return bundle
 
     def go(self, page: int) -> None:
         """Show page ``page`` (clamped); the previous page's buttons and pictures are closed."""

@@ -115,6 +115,10 @@ def test_terminals_skip_the_examples_widget(registry, two_version_eval, capsys):
     print_text(two_version_eval.outputs["examples"])
     assert capsys.readouterr().out == ""
     assert "2 examples, 2 version(s)" in repr(two_version_eval.outputs["examples"])
+    # a notebook saved without widget state (papermill) shows that line, not the repr of every nested widget
+    bundle = two_version_eval.outputs["examples"]._repr_mimebundle_()
+    assert bundle["text/plain"] == repr(two_version_eval.outputs["examples"])
+    assert "application/vnd.jupyter.widget-view+json" in bundle
 
 
 @pytest.mark.slow
