@@ -139,5 +139,5 @@ class EvalExamples:
             self.widget  # noqa: B018 - builds the view
             self.go(i // self.page_size)
         row = self._tables[0][self.ids[i]]
-        return self.buttons[i].run([v["model_ref"] for v in self.versions], row["prompt"], row["output"],
+        return self.buttons[i].run(self.versions, row["prompt"], row["output"],
                                    f"example {i + 1}")

@@ -15,10 +15,22 @@ from typing import Any
 import ipywidgets as widgets
 
 
-def explain_models(model_refs: list[str]) -> list[str]:
-    """The model versions ``explain`` gets for these eval versions: the first two, without the suffixes eval adds
-    to tell versions apart (model A under prompt P is stored as ``A|P``; a model given twice as ``A#2``)."""
-    return [re.sub(r"#\d+$", "", ref.split("|", 1)[0]) for ref in model_refs[:2]]
+def explain_models(registry: Any, versions: list[dict[str, Any]]) -> list[str]:
+    """The model versions ``explain`` gets for these eval versions (``{run_id, model_ref}``): the first two, as the
+    model references eval was given. Eval tells versions apart in their refs: model A under prompt P is ``A|P``,
+    a model given twice ``A#2``, and the prompt versions of a single model are the prompt refs alone (``qa@1``,
+    ``qa@2``) — those are one model on different prompts, explained alone (the first version's rendered prompt)."""
+    out: list[str] = []
+    for v in versions[:2]:
+        params = registry.get_run(v["run_id"])["params"]
+        models = [str(m) for m in params.get("model") or []]
+        ref = v["model_ref"]
+        if len(models) == 1 and params.get("prompt") and "|" not in ref:
+            if models[0] in out:
+                continue  # another prompt of the same model: nothing to contrast
+            ref = models[0]
+        out.append(re.sub(r"#\d+$", "", ref.split("|", 1)[0]))
+    return out
 
 
 class ExplainButton:
@@ -33,15 +45,16 @@ class ExplainButton:
         self.status = status if status is not None else widgets.HTML()
         self.last: Any = None
 
-    def run(self, model_refs: list[str], prompt: str, answer: str | None, what: str) -> Any:
-        """Explain ``answer`` to ``prompt`` by the first of ``model_refs`` (contrasted with the second); a recorded
-        explain run. A refused config or a failed run is one red line in the status, the pictures are cleared."""
+    def run(self, versions: list[dict[str, Any]], prompt: str, answer: str | None, what: str) -> Any:
+        """Explain ``answer`` to ``prompt`` by the first of the eval ``versions`` (contrasted with the second); a
+        recorded explain run. A refused config or a failed run is one red line in the status, the pictures are
+        cleared."""
         from IPython.display import display
 
         from llmops_jupyter.core.errors import LlmopsError
         from llmops_jupyter.frontends.frontdoor import execute
 
-        config = {"model": explain_models(model_refs), "prompt": prompt, "target": answer or None, "chat": False}
+        config = {"model": explain_models(self.registry, versions), "prompt": prompt, "target": answer or None, "chat": False}
         self.out.clear_output()
         self.button.disabled = True
         try:

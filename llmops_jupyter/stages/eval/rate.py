@@ -201,7 +201,7 @@ class CompareView:
         prompt, so ``--no-chat``), contrasted with the second version's view of the same answer when there is one.
         Recorded as an explain run like the magic; the pictures go under the buttons."""
         row = self._tables[0][self.example_id]
-        return self.explainer.run([v["model_ref"] for v in self.versions], row["prompt"], row["output"],
+        return self.explainer.run(self.versions, row["prompt"], row["output"],
                                   f"example {self.index + 1}")
 
     @property

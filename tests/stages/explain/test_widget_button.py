@@ -162,13 +162,29 @@ def test_an_eval_cells_explain_button_in_a_real_kernel_keeps_its_pictures(tmp_pa
     assert len(others) == 4 and not any(others)
 
 
-def test_explain_gets_the_model_refs_without_the_suffixes_eval_adds():
+def test_explain_gets_the_models_eval_was_given(shell, registry, two_version_eval, tiny_model, tiny_dataset):
+    """Not eval's version refs: a model given twice is ``A#2``, prompt versions of one model are ``qa@1``/``qa@2``."""
+    from llmops_jupyter.stages.eval import store as evalstore
     from llmops_jupyter.stages.eval.explain_button import explain_models
 
-    assert explain_models(["m", "m#2", "other"]) == ["m", "m"]  # the same model given twice to eval
-    assert explain_models(["a|prompt@v2", "b|prompt@v2"]) == ["a", "b"]  # prompt versions
-
-
+    twice = Runner(registry).run("eval", model=[str(tiny_model), str(tiny_model)], data=tiny_dataset.hash, limit=1,
+                                 metrics=["exact_match"], max_new_tokens=2)
+    versions = evalstore.versions(registry, twice.run_id)
+    assert [v["model_ref"] for v in versions] == [str(tiny_model), f"{str(tiny_model)}#2"]
+    assert explain_models(registry, versions) == [str(tiny_model), str(tiny_model)]
+    shell.run_cell_magic("llmops", "prompt qa", "system: You are terse.\nuser: {question}")
+    shell.run_cell_magic("llmops", "prompt qa", "system: Answer in one word.\nuser: Q: {question}")
+    prompts = shell.run_line_magic("llmops", f"eval --model {tiny_model} --data {tiny_dataset.hash} --prompt qa@1 "
+                                             "--prompt qa@2 --limit 1 --max-new-tokens 2 --metrics exact_match")
+    versions = evalstore.versions(registry, prompts.run_id)
+    assert [v["model_ref"] for v in versions] == ["qa@1", "qa@2"]
+    assert explain_models(registry, versions) == [str(tiny_model)]  # one model on two prompts: no contrast
+    view = prompts.outputs["examples"]
+    res = view.explain(0)
+    assert res is not None and res.status == "finished", view.buttons[0].status.value
+    rec = res.outputs["explanation"]
+    assert rec["prompt_text"] == evalstore.load_examples(registry, prompts.run_id)[0]["prompt"]
+    assert "You are terse." in rec["prompt_text"] and rec["contrast"] is None
 def test_diff_of_two_eval_runs_explains_a_shared_example_as_the_contrast_of_their_versions(
         registry, tiny_model, tiny_dataset, model_cache):
     from llmops_jupyter.models.tiny import build_tiny_model
