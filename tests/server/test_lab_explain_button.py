@@ -13,20 +13,28 @@ from lab_cells import SHOTS, chromium, open_notebook, run_first_cell
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-def write_notebook(path, tiny_model, data_run: str) -> None:
+def write_notebook(path, tiny_model, home) -> None:
+    """One cell: data and an eval of two versions in a registry of its own (``home``): the session's server registry
+    is the other tests' fixture (its lineage graphs would gain this test's runs)."""
     import nbformat
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell(
+        f"import os\nos.environ['LLMOPS_HOME'] = {str(home)!r}\n"
         "%load_ext llmops_jupyter\n"
-        f"%llmops eval --model {tiny_model} --model {tiny_model} --data {data_run} --limit 2 --metrics exact_match "
+        "from llmops_jupyter.testing import tiny_records\nrecs = tiny_records(8)\n"
+        f"%llmops data $recs --tokenizer {tiny_model} --eval-fraction 0.5\n"
+        f"%llmops eval --model {tiny_model} --model {tiny_model} --data data@latest --limit 2 --metrics exact_match "
         "--max-new-tokens 4")]
     nbformat.write(nb, str(path))
 
 
-def test_eval_example_explain_button_in_lab(lab_server, tiny_model):
-    write_notebook(lab_server.root / "explain-button.ipynb", tiny_model, lab_server.ids["data"])
+def test_eval_example_explain_button_in_lab(lab_server, tiny_model, tmp_path):
+    from llmops_jupyter.registry import Registry
+
+    home = tmp_path / ".llmops"
+    write_notebook(lab_server.root / "explain-button.ipynb", tiny_model, home)
     with chromium() as (sync_api, browser):
         expect = sync_api.expect
         page = open_notebook(browser, lab_server, "explain-button.ipynb")
@@ -49,3 +57,4 @@ def test_eval_example_explain_button_in_lab(lab_server, tiny_model):
         expect(first.locator(".llmops-explain-output span[title]")).to_have_count(0)  # only the clicked example
         second.locator(".llmops-explain-output").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "31-eval-example-explained.png"))
+    assert [r["stage"] for r in Registry(home).list_runs()] == ["explain", "eval", "data"]  # all in its own registry
