@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import spread  # noqa: E402
+from _common import machine, spread, versions  # noqa: E402
 
 KEYS = {"crows-pairs": ("crows_pairs_stereotype",), "stereoset": ("stereoset_ss", "stereoset_lms", "stereoset_icat")}
 
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     from llmops_jupyter.registry import Registry
 
     out: dict[str, object] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(),
-                              "threads": 1, "load": os.getloadavg(), "models": {}}
+                              "threads": 1, "load": os.getloadavg(),
+                              "versions": versions(("torch", "transformers", "gguf", "numpy")), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         runner = Runner(Registry(Path(tmp) / ".llmops"))
         for model in a.models.split(","):
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                 for k in KEYS[suite]}), flush=True)
             out["models"][model] = res_m
     out["load_after"] = os.getloadavg()
+    out["machine_info"] = machine(torch_threads=True)
     dest = Path(a.out)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"bias-cpu-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(out, indent=1, default=str))

@@ -50,8 +50,9 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 def print_text(obj: Any) -> None:
-    """Display for terminals: text of tables and reports; figures are skipped (they are for notebooks)."""
-    if obj is None or hasattr(obj, "to_plotly_json"):
+    """Display for terminals: text of tables and reports; figures and widgets are skipped (they are for
+    notebooks: plotly figures, and objects that say ``notebook_only``)."""
+    if obj is None or hasattr(obj, "to_plotly_json") or getattr(obj, "notebook_only", False):
         return
     print(obj.__str__() if type(obj).__str__ is not object.__str__ else repr(obj))
 

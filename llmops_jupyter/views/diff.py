@@ -3,13 +3,15 @@
 One table, the differences first: data version and how many examples changed, config values, chat template,
 package versions, git commit, batching/attention kernel, hardware; then the metric deltas, with 95 % paired
 bootstrap intervals (eval's :func:`~llmops_jupyter.stages.eval.gates.compare`) when both runs stored per-example
-results on shared examples (runs of several model versions: per version with the same label). Fine-tune runs also get an overlay of their training curves (plotly, imported on use).
+results on shared examples (runs of several model versions: per version with the same label). Fine-tune runs also get an overlay of their training curves (plotly, imported on use); two eval runs also get their shared
+examples side by side in a notebook, each with an explain button (A's answer read by B's version).
 Works for any two runs of a stage and for two pipeline or sweep runs (their parameters and copied metrics).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -44,6 +46,7 @@ class RunDiff:
     metrics: list[dict[str, Any]]
     curves: dict[str, dict[str, tuple[list, list]]]
     show_same: bool = False
+    registry: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def differences(self) -> list[tuple[str, str, Any, Any, str, bool]]:
@@ -85,6 +88,26 @@ class RunDiff:
                           xaxis_title="step", yaxis_title="loss", height=380, template="plotly_white")
         return fig
 
+    @functools.cached_property
+    def examples(self) -> Any:
+        """Two eval runs: their shared examples side by side, each with an explain button (A's answer read by B's
+        version; runs of several versions: the first label both have). None for other runs."""
+        if self.registry is None or self.a["stage"] != "eval" or self.b["stage"] != "eval":
+            return None
+        va, vb = _versions(self.registry, self.a), _versions(self.registry, self.b)
+        if len(va) == 1 and len(vb) == 1:
+            pair = (va[0][1], vb[0][1])
+        else:
+            refs_b = dict(vb)
+            pair = next(((ref, refs_b[label]) for label, ref in va if label in refs_b), None)
+        if pair is None:
+            return None
+        from llmops_jupyter.stages.eval.examples import EvalExamples
+
+        view = EvalExamples(self.registry, self.a["id"], versions=[{"run_id": self.a["id"], "model_ref": pair[0]},
+                                                                   {"run_id": self.b["id"], "model_ref": pair[1]}])
+        return view if len(view) else None
+
     def __str__(self) -> str:
         return str(self.table)
 
@@ -99,6 +122,9 @@ class RunDiff:
         display(self.table)
         if self.figure is not None:
             display(self.figure)
+        examples = self.examples
+        if examples is not None:
+            display(examples)
 
     def to_dict(self) -> dict[str, Any]:
         return {"a": self.a["id"], "b": self.b["id"], "metrics": self.metrics,
@@ -190,7 +216,7 @@ def diff_runs(registry: Any, ref_a: str, ref_b: str, *, show_same: bool = False)
     metrics = _metric_deltas(registry, a, b)
     curves = {r["id"]: _curves(registry, r) for r in (a, b)}
     rows.sort(key=lambda r: not r[5])  # differences first, each group in its section order
-    return RunDiff(a, b, rows, metrics, curves, show_same)
+    return RunDiff(a, b, rows, metrics, curves, show_same, registry=registry)
 
 
 def _norm(v: Any) -> Any:

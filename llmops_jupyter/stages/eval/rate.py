@@ -22,6 +22,7 @@ import ipywidgets as widgets
 
 from llmops_jupyter.core.errors import StageError
 from llmops_jupyter.stages.eval import store as evalstore
+from llmops_jupyter.stages.eval.explain_button import ExplainButton
 
 HIDDEN_METRICS = {"nll", "n_tokens", "latency_s", "tokens_per_s"}
 
@@ -110,14 +111,13 @@ class CompareView:
         self.next_button = widgets.Button(description="next ▶", tooltip="next example (→ or j)")
         self.save_button = widgets.Button(description="save rating", button_style="primary",
                                           tooltip="store the ratings of this example (s)")
-        self.explain_button = widgets.Button(description="explain", icon="search",
-                                             tooltip="why the first version answered this (token logprobs, logit "
-                                                     "lens); with two or more versions, how the second differs on "
-                                                     "the same answer (%llmops explain)")
-        self.explain_out = widgets.Output()
-        self.last_explanation: Any = None
-        self.explain_button.on_click(lambda _b: self.explain())
         self.status = widgets.HTML()
+        self.explainer = ExplainButton(registry, status=self.status,
+                                       tooltip="why the first version answered this (token logprobs, logit lens); "
+                                               "with two or more versions, how the second differs on the same "
+                                               "answer (%llmops explain)")
+        self.explain_button, self.explain_out = self.explainer.button, self.explainer.out
+        self.explain_button.on_click(lambda _b: self.explain())
         self.prev_button.on_click(lambda _b: self.go(self.index - 1))
         self.next_button.on_click(lambda _b: self.go(self.index + 1))
         self.save_button.on_click(lambda _b: self.save())
@@ -200,25 +200,13 @@ class CompareView:
         """Run ``explain`` on this example: the first version's answer to the prompt it was given (the rendered
         prompt, so ``--no-chat``), contrasted with the second version's view of the same answer when there is one.
         Recorded as an explain run like the magic; the pictures go under the buttons."""
-        from IPython.display import display
-
-        from llmops_jupyter.core.errors import LlmopsError
-        from llmops_jupyter.frontends.frontdoor import execute
-
         row = self._tables[0][self.example_id]
-        models = [v["model_ref"].split("|", 1)[0] for v in self.versions[:2]]
-        config = {"model": models, "prompt": row["prompt"], "target": row["output"] or None, "chat": False}
-        self.explain_out.clear_output()
-        try:
-            with self.explain_out:
-                result = execute("explain", config, registry=self.registry, display=display, live=False)
-        except LlmopsError as exc:
-            self.status.value = f"<span style='color:#c33'>explain: {html.escape(exc.message)}</span>"
-            return None
-        self.last_explanation = result
-        self.status.value = (f"<span style='color:#2a7'>explained example {self.index + 1} "
-                             f"(run {html.escape(result.run_id)})</span>")
-        return result
+        return self.explainer.run(self.versions, row["prompt"], row["output"],
+                                  f"example {self.index + 1}")
+
+    @property
+    def last_explanation(self) -> Any:
+        return self.explainer.last
 
     # -- ratings ------------------------------------------------------------------------------------------------
     def save(self, advance: bool = True) -> list[int]:

@@ -368,6 +368,9 @@ class EvalStage(Stage):
             ctx.log(f"warning: {warning}")
         outputs = self._outputs(cfg, versions, compare_pairs, gate_results, ids)
         self._artifact(ctx, cfg, versions, gate_results, outputs, len(items), ds)
+        from llmops_jupyter.stages.eval.examples import EvalExamples
+
+        outputs["examples"] = EvalExamples(reg, ctx.run_id, baseline=cfg.baseline)
         ctx.set_summary(prices=prices, warnings=costs.warnings())
         ctx.set_summary(models=[v.ref for v in versions], labels=[v.label for v in versions], n_examples=len(items),
                         dataset=ds.version, baseline=cfg.baseline,
