@@ -163,6 +163,40 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
                 print(warning, file=sys.stderr)
         schema.ensure(self)
         self.sweep_staging()
+        self._warn_other_hosts()
+
+    _host_warned: set[tuple[Path, str]] = set()
+
+    def other_host_writer(self) -> tuple[str, str] | None:
+        """SQLite only: ``(host, what)`` of a writer on another host that this registry's records show as live — a
+        run still ``running`` or a staging folder being built, recorded (pid + host + start time) from a host that
+        is not this one — else None. PostgreSQL is made for that, so it is never reported there."""
+        if not isinstance(self.backend, SqliteBackend):
+            return None
+        me = os.uname().nodename
+        rows = self._query("SELECT id, host, pid FROM runs WHERE status=? AND host IS NOT NULL AND host<>?"
+                           " ORDER BY created_at DESC LIMIT 1", (RunStatus.RUNNING.value, me))
+        if rows:
+            return rows[0]["host"], f"run {rows[0]['id']}, pid {rows[0]['pid']}"
+        for marker in sorted(self.tmp_dir.glob("*.owner")):
+            try:
+                owner = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                continue
+            if owner.get("host") and owner["host"] != me:
+                return owner["host"], f"an artifact being written, pid {owner.get('pid')}"
+        return None
+
+    def _warn_other_hosts(self) -> None:
+        """One line with the fix, once per process and host, when a SQLite registry is written from two hosts."""
+        found = self.other_host_writer()
+        if found is None or (self.home.resolve(), found[0]) in Registry._host_warned:
+            return
+        Registry._host_warned.add((self.home.resolve(), found[0]))
+        print(f"warning: the SQLite registry '{self.db_path}' is also being written from host '{found[0]}' "
+              f"({found[1]}); SQLite cannot be shared between hosts and records can be lost. Fix: set "
+              "LLMOPS_REGISTRY=postgresql://... on every host for a shared registry, or give each host its own "
+              "LLMOPS_HOME", file=sys.stderr)
 
     def migrate(self) -> str | None:
         """Upgrade this registry's schema to the current version (``llmops registry migrate``); a note, or None."""
@@ -286,6 +320,7 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         run_id: str | None = None,
     ) -> str:
         run_id = run_id or f"{stage}-{secrets.token_hex(4)}"
+        self._warn_other_hosts()
         now = time.time()
         with self._transaction() as con:
             con.execute(
