@@ -450,6 +450,11 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
             args.append(int(limit))
         return self._checked([_run_dict(r) for r in self._query(sql, args)])
 
+    def run_users(self) -> list[str]:
+        """Every user that recorded a run, sorted (what the Lab sidebar's user filter offers)."""
+        # sorted here, not by ORDER BY: PostgreSQL's collation would order them unlike SQLite's bytes
+        return sorted(r[0] for r in self._query('SELECT DISTINCT "user" FROM runs WHERE "user" IS NOT NULL'))
+
     def child_runs(
         self, parent_id: str, stage: str | None = None, *, newest_first: bool = False
     ) -> list[dict[str, Any]]:
@@ -718,7 +723,7 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         for sql in queries:
             for row in self._query(sql, (root.hash,)):
                 edges.add((row["src"], row["dst"], row["relation"], row["run_id"]))
-        for src, dst, _, _ in edges:
+        for src, dst, _, _ in sorted(edges, key=str):  # sorted: a set's order changes with each process's hash seed
             for h in (src, dst):
                 if h not in nodes:
                     rows = self._query("SELECT * FROM artifacts WHERE hash=?", (h,))
