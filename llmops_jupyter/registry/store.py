@@ -6,9 +6,9 @@ registry is on PostgreSQL also needs the files where every machine sees them: ``
 through the same three rules:
 
 * **Written temp-then-move, committed last.** An artifact's files are uploaded under ``<root>/tmp/<uuid>/``, moved to
-  ``<root>/<ab>/<hash>/`` (a rename on a filesystem; copy-then-delete on an object store), and only then is the
-  commit object ``<root>/<ab>/<hash>.json`` written: one object, whose put is atomic on every store, written to a
-  temp key and moved on filesystems. An artifact without its commit object does not exist, so a writer killed
+  ``<root>/<ab>/<hash>/`` file by file (a rename on a filesystem; copy-then-delete on an object store), and only
+  then is the commit object ``<root>/<ab>/<hash>.json`` written: one object, whose put is atomic on every store,
+  written to a temp key and moved on filesystems. An artifact without its commit object does not exist, so a writer killed
   half-way leaves nothing that a reader would take for the artifact.
 * **Verified by hash on read.** A process that uses an artifact's files gets them in its own home's cache
   (``<home>/cache/artifacts/<ab>/<hash>``): downloaded to a temp folder, re-hashed (the same
@@ -16,7 +16,7 @@ through the same three rules:
   otherwise the read is refused in one line. The registry records the artifact's URL, so any machine (and a
   ``registry copy``) finds it.
 * **Checked in place.** :meth:`ArtifactStore.verify` re-hashes the stored files where they are (streamed, nothing
-  cached), which is what ``registry copy`` and ``doctor`` use.
+  cached), which is what ``registry copy`` uses.
 """
 
 from __future__ import annotations
@@ -110,8 +110,11 @@ class ArtifactStore:
                     self.fs.put_file(str(f), _join(tmp, rel))
                 if self.fs.exists(final):  # a writer killed before its commit: what it left is not the artifact
                     self.fs.rm(final, recursive=True)
-                self.fs.makedirs(_join(self.base, digest[:2]), exist_ok=True)
-                self.fs.mv(tmp, final, recursive=True)
+                for rel, _ in files:  # file by file: an object store has no folders to rename (s3fs cannot mv one)
+                    self.fs.makedirs(os.path.dirname(_join(final, rel)), exist_ok=True)
+                    self.fs.mv(_join(tmp, rel), _join(final, rel))
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp, recursive=True)
                 commit = json.dumps({"hash": digest, "files": [rel for rel, _ in files]}).encode()
                 tmp_commit = _join(self.base, "tmp", uuid.uuid4().hex + COMMIT_SUFFIX)
                 self.fs.pipe_file(tmp_commit, commit)
