@@ -114,7 +114,7 @@ def test_two_machines_share_a_file_store_through_postgresql(tmp_path, file_store
 
 def test_registry_copy_verifies_the_artifacts_on_the_store(tmp_path, home, file_store, pg_url, monkeypatch, capsys):
     """``registry copy`` of a SQLite registry whose artifacts are on a file:// store re-hashes them there: a clean
-    copy says so; after a stored file changed, a copy to SQLite is refused naming the artifact."""
+    copy to PostgreSQL and back says so; after a stored file changed, a copy is refused naming the artifact."""
     monkeypatch.delenv("LLMOPS_REGISTRY")
     src = tmp_path / "records.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in tiny_records(24)))
@@ -123,13 +123,18 @@ def test_registry_copy_verifies_the_artifacts_on_the_store(tmp_path, home, file_
     capsys.readouterr()
     assert cli(["registry", "copy", "--to", pg_url]) == 0
     assert "artifacts all re-hash" in capsys.readouterr().out
+    # from here on the source is the PostgreSQL copy (--registry sets LLMOPS_REGISTRY for the process)
+    assert cli(["--registry", pg_url, "registry", "info"]) == 0
+    assert file_store in capsys.readouterr().out  # where the artifacts are, beside where the records are
+    assert cli(["registry", "copy", "--to", "sqlite", "--to-home", str(tmp_path / "back")]) == 0  # and back
+    assert "row counts equal" in capsys.readouterr().out
     pg = Registry(home, database=pg_url)
     (art,) = pg.list_artifacts("dataset")
     assert art.location.startswith(file_store + "/") and pg.verify_artifacts() == []
 
     rel = next(p for p in _stored_files(art.location) if not p.endswith(".json")).rsplit(art.hash + "/", 1)[1]
     _damage(art.location, rel)
-    assert cli(["registry", "copy", "--to", "sqlite", "--to-home", str(tmp_path / "copy")]) == 1
+    assert cli(["registry", "copy", "--to", "sqlite", "--to-home", str(tmp_path / "again")]) == 1
     err = capsys.readouterr().err
     assert f"{art.short}: content changed at {art.location}" in err and len(err.strip().splitlines()) == 1
 
