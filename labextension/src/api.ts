@@ -21,6 +21,16 @@ export interface IRunRow {
   error: string | null;
   tags: string[];
   metrics: Metrics;
+  /** who recorded the run (JUPYTERHUB_USER, LLMOPS_USER or the OS account) and on which host */
+  user: string | null;
+  host: string | null;
+}
+
+/** The run list's reply: the runs (filtered by the request), and every user that recorded a run. */
+export interface IRunsReply {
+  runs: IRunRow[];
+  home: string;
+  users: string[];
 }
 
 export interface IArtifact {
@@ -61,8 +71,6 @@ export interface IRunDetail extends IRunRow {
   lineage: IGraph;
   notebook_path: string | null;
   git_commit: string | null;
-  user: string | null;
-  host: string | null;
 }
 
 export interface IGpu {
@@ -122,7 +130,9 @@ export interface IParam {
 }
 
 export const api = {
-  runs: (limit: number) => requestAPI<{ runs: IRunRow[]; home: string }>(`runs?limit=${limit}`),
+  /** The newest `limit` runs, only those `user` recorded when given. */
+  runs: (limit: number, user: string | null = null) =>
+    requestAPI<IRunsReply>(`runs?limit=${limit}` + (user ? `&user=${encodeURIComponent(user)}` : '')),
   run: (id: string) => requestAPI<IRunDetail>(`runs/${encodeURIComponent(id)}`),
   resources: () => requestAPI<IResources>('resources'),
   parameters: (path: string) =>

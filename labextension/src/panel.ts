@@ -1,6 +1,6 @@
 /**
- * The left sidebar widget: resource status, pipeline jobs started from this Lab, the registry's runs (filter,
- * refresh, auto-refresh) and the selected run's parameters, metrics, artifacts and lineage graph.
+ * The left sidebar widget: resource status, pipeline jobs started from this Lab, the registry's runs (filter, user
+ * filter, refresh, auto-refresh) and the selected run's parameters, metrics, artifacts and lineage graph.
  * Plain DOM inside a Lumino widget. This file wires requests, timers and events; what the panel tracks and its
  * transitions are in state.ts, the DOM it draws in render.ts.
  */
@@ -28,7 +28,7 @@ export class LlmopsPanel extends Widget {
   private runsTimer: number | undefined;
   private resTimer: number | undefined;
   private jobTimer: number | undefined;
-  private loadingRuns = false;
+  private loadingRuns: Promise<void> | null = null;
 
   private readonly resourcesEl = h('div', { class: 'llmops-resources' });
   private readonly jobsEl = h('div', { class: 'llmops-jobs' });
@@ -36,6 +36,10 @@ export class LlmopsPanel extends Widget {
     class: 'llmops-filter jp-mod-styled',
     type: 'search',
     placeholder: 'Filter runs (stage, status, id, metric…)'
+  });
+  private readonly userEl = h('select', {
+    class: 'llmops-user-filter jp-mod-styled',
+    title: 'Only the runs this user recorded'
   });
   private readonly autoEl = h('input', { type: 'checkbox', class: 'llmops-auto' });
   private readonly infoEl = h('span', { class: 'llmops-info' });
@@ -51,6 +55,11 @@ export class LlmopsPanel extends Widget {
     const refresh = h('button', { class: 'jp-Button llmops-refresh', title: 'Refresh runs' }, '⟳ Refresh');
     refresh.addEventListener('click', () => void this.refresh());
     this.filterEl.addEventListener('input', () => this.renderRuns());
+    this.userEl.addEventListener('change', () => {
+      this.state = S.setUser(this.state, this.userEl.value);
+      void this.refresh();
+    });
+    this.renderUsers();
     this.autoEl.checked = this.state.auto;
     this.autoEl.addEventListener('change', () => {
       this.state = S.setAuto(this.state, this.autoEl.checked);
@@ -65,6 +74,7 @@ export class LlmopsPanel extends Widget {
         'div',
         { class: 'llmops-toolbar' },
         this.filterEl,
+        this.userEl,
         refresh,
         h('label', { class: 'llmops-auto-label', title: 'Refresh periodically' }, this.autoEl, 'auto'),
         this.infoEl
@@ -115,15 +125,22 @@ export class LlmopsPanel extends Widget {
     }
   }
 
-  /** Reload the run list (and the selected run, so a running one updates). */
-  async refresh(): Promise<void> {
-    if (this.loadingRuns) {
-      return;
+  /** Reload the run list (and the selected run, so a running one updates); while one reload is under way, another
+   * call returns that one. */
+  refresh(): Promise<void> {
+    if (this.loadingRuns === null) {
+      this.loadingRuns = this.loadRuns().finally(() => {
+        this.loadingRuns = null;
+      });
     }
-    this.loadingRuns = true;
+    return this.loadingRuns;
+  }
+
+  private async loadRuns(): Promise<void> {
     try {
-      const res = await api.runs(this.state.settings.runLimit);
-      this.state = S.runsLoaded(this.state, res.runs);
+      const res = await api.runs(this.state.settings.runLimit, this.state.user);
+      this.state = S.runsLoaded(this.state, res.runs, res.users ?? []);
+      this.renderUsers();
       this.infoEl.textContent = `${res.runs.length} runs`;
       this.infoEl.title = `registry: ${res.home}`;
       this.renderRuns();
@@ -134,8 +151,6 @@ export class LlmopsPanel extends Widget {
       }
     } catch (err) {
       this.listEl.replaceChildren(errorBox((err as ApiError).full ?? String(err)));
-    } finally {
-      this.loadingRuns = false;
     }
   }
 
@@ -149,6 +164,15 @@ export class LlmopsPanel extends Widget {
     } catch (err) {
       this.resourcesEl.replaceChildren(errorBox(String((err as Error).message)));
     }
+  }
+
+  private renderUsers(): void {
+    const options = S.userChoices(this.state).map(u => {
+      const opt = h('option', { value: u }, u || 'all users');
+      opt.selected = u === (this.state.user ?? '');
+      return opt;
+    });
+    this.userEl.replaceChildren(...options);
   }
 
   private renderRuns(): void {

@@ -1,6 +1,6 @@
 /**
  * What the sidebar tracks, as plain data and pure transitions (no DOM, no requests): the settings, the run list and
- * its filter, the selected run, auto-refresh, and the pipeline jobs followed from this Lab. The widget (panel.ts)
+ * its filters (words, user), the selected run, auto-refresh, and the pipeline jobs followed from this Lab. The widget (panel.ts)
  * holds one IPanelState and replaces it through these functions; render.ts draws from it.
  */
 import { IJob, IResources, IRunDetail, IRunningRun, IRunRow, Metrics } from './api';
@@ -27,10 +27,23 @@ export interface IPanelState {
   readonly detail: IRunDetail | null;
   readonly jobs: ReadonlyMap<string, IJob>;
   readonly auto: boolean;
+  /** the user filter: only runs this user recorded are requested (null: every user's) */
+  readonly user: string | null;
+  /** every user that recorded a run (from the last list reply), what the user filter offers */
+  readonly users: readonly string[];
 }
 
 export function initialState(): IPanelState {
-  return { settings: { ...DEFAULT_SETTINGS }, runs: [], selected: null, detail: null, jobs: new Map(), auto: true };
+  return {
+    settings: { ...DEFAULT_SETTINGS },
+    runs: [],
+    selected: null,
+    detail: null,
+    jobs: new Map(),
+    auto: true,
+    user: null,
+    users: []
+  };
 }
 
 // -- settings and auto-refresh ----------------------------------------------------------------------------------
@@ -61,8 +74,26 @@ export function timerPeriods(state: IPanelState): { runs: number | null; resourc
 
 // -- the run list and its filter ---------------------------------------------------------------------------------
 
-export function runsLoaded(state: IPanelState, runs: readonly IRunRow[]): IPanelState {
-  return { ...state, runs };
+export function runsLoaded(
+  state: IPanelState,
+  runs: readonly IRunRow[],
+  users: readonly string[] = state.users
+): IPanelState {
+  return { ...state, runs, users };
+}
+
+/** Filter by user (null or '': every user). The list is requested again with it. */
+export function setUser(state: IPanelState, user: string | null): IPanelState {
+  return { ...state, user: user || null };
+}
+
+/** The user filter's choices: '' (every user), then the users, keeping the chosen one even if it has no run left. */
+export function userChoices(state: IPanelState): string[] {
+  const users = [...state.users];
+  if (state.user !== null && !users.includes(state.user)) {
+    users.push(state.user);
+  }
+  return ['', ...users.sort()];
 }
 
 /** The filter box's words: lower-cased, split on whitespace. */
@@ -103,7 +134,8 @@ export function runTook(run: IRunRow, now: number): string {
 }
 
 export function runTitle(run: IRunRow): string {
-  return `${run.id}${run.name ? ' (' + run.name + ')' : ''}${run.error ? '\n' + run.error : ''}`;
+  const by = run.user ? ` by ${run.user}${run.host ? ' on ' + run.host : ''}` : '';
+  return `${run.id}${run.name ? ' (' + run.name + ')' : ''}${by}${run.error ? '\n' + run.error : ''}`;
 }
 
 // -- selection ----------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from llmops_jupyter.frontends.argparsing import HelpRequested, parse_config, str
 
 #: options before the command → the environment variable each sets (subprocesses inherit it) and what it takes
 _GLOBAL = {"--home": ("LLMOPS_HOME", "a folder"),
-           "--registry": ("LLMOPS_REGISTRY", "a database URL (postgresql://user@host/db)")}
+           "--registry": ("LLMOPS_REGISTRY", "a database URL (postgresql://user@host/db)"),
+           "--artifacts": ("LLMOPS_ARTIFACTS", "an artifact store: a shared folder or an fsspec URL (s3://bucket/x)")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmops_jupyter.core.stage import get_command
     from llmops_jupyter.frontends.magics import overview  # noqa: PLC0415 - IPython is a core dependency
 
-    while argv and argv[0] in _GLOBAL:  # --home DIR / --registry URL: set for this process and every child of it
+    while argv and argv[0] in _GLOBAL:  # --home DIR / --registry URL / --artifacts URL: set for this process and every child of it
         if len(argv) < 2:
             print(f"llmops: {argv[0]} needs {_GLOBAL[argv[0]][1]}", file=sys.stderr)
             return 2

@@ -53,7 +53,7 @@ def registry_command(cfg: RegistryConfig, env: CommandEnv) -> Table:
     if cfg.action == "info":
         version = reg.schema_version()
         rows = [["backend", reg.backend.name], ["database", reg.location], ["home", str(reg.home)],
-                ["schema version", str(version)]]
+                ["artifacts", reg.artifact_root], ["schema version", str(version)]]
         rows += [[f"rows: {t}", str(n)] for t, n in row_counts(reg).items() if n]
         return Table(["", ""], rows, title="registry")
     dest = Registry(cfg.to_home or reg.home, database="" if cfg.to == "sqlite" else cfg.to)

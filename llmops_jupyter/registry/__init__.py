@@ -6,6 +6,7 @@ Layout under the registry home (``$LLMOPS_HOME`` or ``./.llmops``)::
                            audit tables (evals.py, traffic.py, prompts.py, audit.py). No SQL outside this package.
     artifacts/ab/abcd…/    one directory per artifact, named by the content hash of its files
     tmp/                   staging area; a crashed write leaves nothing in artifacts/
+    cache/artifacts/       verified local copies of artifacts kept in a shared store ($LLMOPS_ARTIFACTS, store.py)
 
 Every write is one ``BEGIN IMMEDIATE`` transaction with a generous busy timeout, so several processes (a kernel,
 a detached trainer, the server, a sweep's workers) can write at once without losing anything.

@@ -27,6 +27,7 @@ from llmops_jupyter.registry.backends import Backend, SqliteBackend, make_backen
 from llmops_jupyter.registry.evals import EvalTables
 from llmops_jupyter.registry.prompts import PromptTables
 from llmops_jupyter.registry.schema import CORE as SCHEMA  # noqa: F401 - runs, metrics, artifacts, lineage DDL
+from llmops_jupyter.registry.store import ArtifactStore, is_url
 from llmops_jupyter.registry.traffic import TrafficTables
 
 
@@ -52,15 +53,25 @@ class Artifact:
     hash: str
     kind: str
     name: str | None
-    path: Path
+    #: where the files are: a folder on this machine, or a URL in the shared store (:mod:`.store`)
+    location: str
     size: int
     created_at: float
     run_id: str | None
     meta: dict[str, Any]
+    store: ArtifactStore | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def short(self) -> str:
         return self.hash[:12]
+
+    @property
+    def path(self) -> Path:
+        """The files on this machine. An artifact in a shared store is fetched into this home's cache on first use
+        and re-hashed; a copy that does not match its hash is refused (:meth:`.store.ArtifactStore.fetch`)."""
+        if self.store is not None:
+            return self.store.fetch(self.location, self.hash)
+        return Path(self.location)
 
     def file(self, name: str | None = None) -> Path:
         """The artifact's directory, or a named file inside it."""
@@ -80,28 +91,52 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
     """Handle on one registry home. Cheap to create; connections are per thread.
 
     The database is SQLite in ``<home>/registry.db`` unless ``database`` (default: ``$LLMOPS_REGISTRY``) is a
-    ``postgresql://`` URL; artifacts, logs and checkpoints live under ``home`` either way."""
+    ``postgresql://`` URL. New artifacts go to ``<home>/artifacts`` unless ``artifacts`` (default:
+    ``$LLMOPS_ARTIFACTS``) names a shared store, an fsspec URL or a shared folder (:mod:`.store`); logs, checkpoints,
+    staging and the shared store's local cache live under ``home`` either way."""
 
-    _instances: dict[tuple[Path, str], Registry] = {}
+    _instances: dict[tuple[Path, str, str], Registry] = {}
     _warned: set[Path] = set()
 
-    def __init__(self, home: str | os.PathLike | None = None, *, database: str | None = None):
+    def __init__(self, home: str | os.PathLike | None = None, *, database: str | None = None,
+                 artifacts: str | None = None):
         self.home = Path(home).expanduser() if home is not None else default_home()
         self.db_path = self.home / "registry.db"
         self.artifacts_dir = self.home / "artifacts"
         self.tmp_dir = self.home / "tmp"
+        self.cache_dir = self.home / "cache" / "artifacts"
         self._local = threading.local()
         self.backend: Backend = make_backend(self.home, database)
+        root = artifacts if artifacts is not None else (os.environ.get("LLMOPS_ARTIFACTS") or "").strip()
+        #: the shared store new artifacts are written to; None: ``<home>/artifacts``
+        self.store: ArtifactStore | None = ArtifactStore(root, self.cache_dir) if root else None
+        self._stores: dict[str, ArtifactStore] = {}
         self._prepare()
 
     @classmethod
-    def open(cls, home: str | os.PathLike | None = None, *, database: str | None = None) -> Registry:
+    def open(cls, home: str | os.PathLike | None = None, *, database: str | None = None,
+             artifacts: str | None = None) -> Registry:
         path = (Path(home).expanduser() if home is not None else default_home()).resolve()
         url = database if database is not None else (os.environ.get("LLMOPS_REGISTRY") or "").strip()
-        inst = cls._instances.get((path, url))
+        root = artifacts if artifacts is not None else (os.environ.get("LLMOPS_ARTIFACTS") or "").strip()
+        inst = cls._instances.get((path, url, root))
         if inst is None or (isinstance(inst.backend, SqliteBackend) and not inst.db_path.exists()):
-            inst = cls._instances[(path, url)] = cls(path, database=url)
+            inst = cls._instances[(path, url, root)] = cls(path, database=url, artifacts=root)
         return inst
+
+    @property
+    def artifact_root(self) -> str:
+        """Where new artifacts are stored: the shared store's URL, or ``<home>/artifacts``."""
+        return self.store.root if self.store is not None else str(self.artifacts_dir)
+
+    def _store_for(self, url: str) -> ArtifactStore:
+        """The store an artifact URL is in (this registry's, or the one another writer recorded), cached here."""
+        if self.store is not None and url.startswith(self.store.root + "/"):
+            return self.store
+        root = url.rsplit("/", 2)[0]
+        if root not in self._stores:
+            self._stores[root] = ArtifactStore(root, self.cache_dir)
+        return self._stores[root]
 
     @property
     def location(self) -> str:
@@ -128,6 +163,40 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
                 print(warning, file=sys.stderr)
         schema.ensure(self)
         self.sweep_staging()
+        self._warn_other_hosts()
+
+    _host_warned: set[tuple[Path, str]] = set()
+
+    def other_host_writer(self) -> tuple[str, str] | None:
+        """SQLite only: ``(host, what)`` of a writer on another host that this registry's records show as live — a
+        run still ``running`` or a staging folder being built, recorded (pid + host + start time) from a host that
+        is not this one — else None. PostgreSQL is made for that, so it is never reported there."""
+        if not isinstance(self.backend, SqliteBackend):
+            return None
+        me = os.uname().nodename
+        rows = self._query("SELECT id, host, pid FROM runs WHERE status=? AND host IS NOT NULL AND host<>?"
+                           " ORDER BY created_at DESC LIMIT 1", (RunStatus.RUNNING.value, me))
+        if rows:
+            return rows[0]["host"], f"run {rows[0]['id']}, pid {rows[0]['pid']}"
+        for marker in sorted(self.tmp_dir.glob("*.owner")):
+            try:
+                owner = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                continue
+            if owner.get("host") and owner["host"] != me:
+                return owner["host"], f"an artifact being written, pid {owner.get('pid')}"
+        return None
+
+    def _warn_other_hosts(self) -> None:
+        """One line with the fix, once per process and host, when a SQLite registry is written from two hosts."""
+        found = self.other_host_writer()
+        if found is None or (self.home.resolve(), found[0]) in Registry._host_warned:
+            return
+        Registry._host_warned.add((self.home.resolve(), found[0]))
+        print(f"warning: the SQLite registry '{self.db_path}' is also being written from host '{found[0]}' "
+              f"({found[1]}); SQLite cannot be shared between hosts and records can be lost. Fix: set "
+              "LLMOPS_REGISTRY=postgresql://... on every host for a shared registry, or give each host its own "
+              "LLMOPS_HOME", file=sys.stderr)
 
     def migrate(self) -> str | None:
         """Upgrade this registry's schema to the current version (``llmops registry migrate``); a note, or None."""
@@ -200,7 +269,11 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         for art in map(self._artifact, self._query("SELECT * FROM artifacts")):
             if art.meta.get("external"):
                 continue
-            if not art.path.exists():
+            if art.store is not None:
+                problem = art.store.verify(art.location, art.hash)
+                if problem:
+                    bad.append(f"{art.short}: {problem}")
+            elif not art.path.exists():
                 bad.append(f"{art.short}: missing {art.path}")
             elif hash_tree(art.path) != art.hash:
                 bad.append(f"{art.short}: content changed at {art.path}")
@@ -247,6 +320,7 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         run_id: str | None = None,
     ) -> str:
         run_id = run_id or f"{stage}-{secrets.token_hex(4)}"
+        self._warn_other_hosts()
         now = time.time()
         with self._transaction() as con:
             con.execute(
@@ -376,6 +450,11 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
             args.append(int(limit))
         return self._checked([_run_dict(r) for r in self._query(sql, args)])
 
+    def run_users(self) -> list[str]:
+        """Every user that recorded a run, sorted (what the Lab sidebar's user filter offers)."""
+        # sorted here, not by ORDER BY: PostgreSQL's collation would order them unlike SQLite's bytes
+        return sorted(r[0] for r in self._query('SELECT DISTINCT "user" FROM runs WHERE "user" IS NOT NULL'))
+
     def child_runs(
         self, parent_id: str, stage: str | None = None, *, newest_first: bool = False
     ) -> list[dict[str, Any]]:
@@ -482,22 +561,25 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
                     src.unlink()
             digest = hash_tree(staging)
             size = tree_size(staging)
-            final = self.artifacts_dir / digest[:2] / digest
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                shutil.rmtree(staging)
+            if self.store is not None:  # the shared store: uploaded, committed; staging becomes the local cache
+                rel = self.store.put(staging, digest)
             else:
-                try:
-                    os.replace(staging, final)
-                except OSError:  # another process won the race with identical content
-                    shutil.rmtree(staging, ignore_errors=True)
+                final = self.artifacts_dir / digest[:2] / digest
+                final.parent.mkdir(parents=True, exist_ok=True)
+                if final.exists():
+                    shutil.rmtree(staging)
+                else:
+                    try:
+                        os.replace(staging, final)
+                    except OSError:  # another process won the race with identical content
+                        shutil.rmtree(staging, ignore_errors=True)
+                rel = final.relative_to(self.home).as_posix()
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         finally:
             marker.unlink(missing_ok=True)
         now = time.time()
-        rel = final.relative_to(self.home).as_posix()
         with self._transaction() as con:
             con.execute(
                 "INSERT INTO artifacts (hash, kind, name, path, size, created_at, run_id, meta)"
@@ -574,9 +656,12 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         return self._artifact(rows[0])
 
     def _artifact(self, row: sqlite3.Row) -> Artifact:
+        where = row["path"]
+        store = self._store_for(where) if is_url(where) else None
         return Artifact(
-            hash=row["hash"], kind=row["kind"], name=row["name"], path=self.home / row["path"], size=row["size"],
-            created_at=row["created_at"], run_id=row["run_id"], meta=json.loads(row["meta"] or "{}"),
+            hash=row["hash"], kind=row["kind"], name=row["name"], location=where if store else str(self.home / where),
+            size=row["size"], created_at=row["created_at"], run_id=row["run_id"], meta=json.loads(row["meta"] or "{}"),
+            store=store,
         )
 
     def list_artifacts(self, kind: str | None = None, limit: int = 200) -> list[Artifact]:
@@ -638,7 +723,7 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         for sql in queries:
             for row in self._query(sql, (root.hash,)):
                 edges.add((row["src"], row["dst"], row["relation"], row["run_id"]))
-        for src, dst, _, _ in edges:
+        for src, dst, _, _ in sorted(edges, key=str):  # sorted: a set's order changes with each process's hash seed
             for h in (src, dst):
                 if h not in nodes:
                     rows = self._query("SELECT * FROM artifacts WHERE hash=?", (h,))

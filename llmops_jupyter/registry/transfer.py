@@ -39,11 +39,14 @@ def copy_registry(src: Any, dest: Any) -> dict[str, Any]:
         for table in schema.tables(dest.backend):
             if table == "registry_meta":
                 continue
-            cols = [c for c in src.backend.columns(src_con, table) if c != "rowid"]
+            src_cols = src.backend.columns(src_con, table)
             dest_cols = set(dest.backend.columns(con, table))
-            cols = [c for c in cols if c in dest_cols]
+            cols = [c for c in src_cols if c != "rowid" and c in dest_cols]
             quoted = ", ".join(f'"{c}"' for c in cols)
-            rows = src._query(f"SELECT {quoted} FROM {table} ORDER BY rowid")
+            # insertion order: SQLite's rowid, the PostgreSQL schema's rowid column, or (PostgreSQL tables whose
+            # own identity id is the key, which get no rowid column) that id
+            order = "rowid" if src.backend.name == "sqlite" or "rowid" in src_cols else "id"
+            rows = src._query(f"SELECT {quoted} FROM {table} ORDER BY {order}")
             if rows:
                 con.executemany(f"INSERT INTO {table} ({quoted}) VALUES ({', '.join('?' for _ in cols)})",
                                 [tuple(r) for r in rows])

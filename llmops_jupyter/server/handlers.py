@@ -140,7 +140,7 @@ def _run_row(reg: Registry, run: dict[str, Any]) -> dict[str, Any]:
 
     metrics = dict(key_metrics(run["stage"], reg.metrics(run["id"]), n=None))  # the sidebar shows the head
     return {k: run[k] for k in ("id", "stage", "name", "status", "created_at", "started_at", "finished_at",
-                                "duration_s", "notebook", "error", "tags")} | {"metrics": metrics}
+                                "duration_s", "notebook", "error", "tags", "user", "host")} | {"metrics": metrics}
 
 
 class RunsHandler(LlmopsHandler):
@@ -153,10 +153,11 @@ class RunsHandler(LlmopsHandler):
                 raise RequestError(400, f"'status' must be one of {', '.join(sorted(_STATUSES))} (got {status!r}).",
                                    field="status")
             stage = self.get_query_argument("stage", None) or None
+            user = self.get_query_argument("user", None) or None  # the recorded user (JUPYTERHUB_USER, ...)
             limit = _int_arg(self, "limit", 200, 1, 5000)
             reg = self.registry
-            runs = [_run_row(reg, r) for r in reg.list_runs(stage=stage, status=status, limit=limit)]
-            self.reply({"home": str(reg.home), "runs": runs, "now": time.time()})
+            runs = [_run_row(reg, r) for r in reg.list_runs(stage=stage, status=status, limit=limit, user=user)]
+            self.reply({"home": str(reg.home), "runs": runs, "users": reg.run_users(), "now": time.time()})
         except (RequestError, LlmopsError) as exc:
             self.fail(exc)
 

@@ -97,7 +97,7 @@ def show(cfg: ShowConfig, env: CommandEnv) -> Bundle:
     arts = []
     for role in ("input", "output"):
         for a in reg.run_artifacts(run["id"], role):
-            arts.append([role, a.kind, a.hash[:12], a.name or "", a.size, str(a.path)])
+            arts.append([role, a.kind, a.hash[:12], a.name or "", a.size, a.location])
     artifacts = Table(["role", "kind", "hash", "name", "bytes", "path"], arts, title="Artifacts")
     parts: list = [info, params, metrics, artifacts]
     outputs = reg.run_artifacts(run["id"], "output")

@@ -1,8 +1,10 @@
-"""Several writers at once (two sweeps and a detached fine-tune), and a pipeline kernel killed mid-cell: every run
-ends recorded as what happened, and the registry database and artifacts stay sound."""
+"""Several writers at once (two sweeps, a detached fine-tune and a served deployment's request log), and a pipeline
+kernel killed mid-cell: every run ends recorded as what happened, every request is logged, and the registry database
+and artifacts stay sound."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -38,26 +40,75 @@ def llmops(home: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def test_two_sweeps_and_a_detached_finetune_write_at_once(backend, registry, tiny_model, tiny_dataset, tmp_path,
-                                                          monkeypatch):
-    """On SQLite and on PostgreSQL (``backend``): the sweeps' kernels and the worker inherit LLMOPS_REGISTRY."""
+#: requests sent to the served deployment while the sweeps and the fine-tune write
+N_REQUESTS = 24
+
+
+def _send_requests(url: str, n: int, ids: list[str], errors: list[BaseException]) -> None:
+    """``n`` chat requests with the official client, one after another; the response ids are collected."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    try:
+        for i in range(n):
+            reply = client.chat.completions.create(model="tiny-llama", max_tokens=4, temperature=0,
+                                                   messages=[{"role": "user", "content": f"request {i}"}])
+            ids.append(reply.id)
+    except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+        errors.append(exc)
+
+
+def test_two_sweeps_a_detached_finetune_and_a_served_request_log_write_at_once(backend, registry, tiny_model,
+                                                                               tiny_dataset, tmp_path, monkeypatch):
+    """On SQLite and on PostgreSQL (``backend``): the sweeps' kernels, the fine-tune worker and the detached serve
+    process inherit LLMOPS_REGISTRY; requests sent with the ``openai`` client while the others write are every one
+    in the request log (checked while the deployment still runs, not only after its shutdown flush)."""
+    import threading
+
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
     from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.stages.serve import server
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    nb = notebook(tmp_path / "toy.ipynb", "rank = 1", TOY)
-    sweeps = [llmops(registry.home, "sweep", str(nb), "--grid", f"rank={a},{b}", "--parallel", "1", "--no-cache")
-              for a, b in ((1, 2), (3, 4))]
-    ft = Runner(registry).run("finetune", {"model": str(tiny_model), "data": tiny_dataset.hash, "max_steps": 12,
-                                           "batch_size": 4, "log_every": 1, "checkpoint_every": 3, "detach": True})
-    assert ft.outputs["run"].wait(timeout=600)["status"] == "finished"
-    for proc in sweeps:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-3000:]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the serve process inherits it
+    served = Runner(registry).run("serve", {"model": str(tiny_model), "auth": False, "detach": True,
+                                            "max_tokens": 8})
+    dep = served.run_id
+    try:
+        nb = notebook(tmp_path / "toy.ipynb", "rank = 1", TOY)
+        sweeps = [llmops(registry.home, "sweep", str(nb), "--grid", f"rank={a},{b}", "--parallel", "1",
+                         "--no-cache") for a, b in ((1, 2), (3, 4))]
+        ids: list[str] = []
+        errors: list[BaseException] = []
+        sender = threading.Thread(target=_send_requests, args=(served.outputs["deployment"].info["url"], N_REQUESTS,
+                                                               ids, errors))
+        sender.start()
+        ft = Runner(registry).run("finetune", {"model": str(tiny_model), "data": tiny_dataset.hash, "max_steps": 12,
+                                               "batch_size": 4, "log_every": 1, "checkpoint_every": 3,
+                                               "detach": True})
+        assert ft.outputs["run"].wait(timeout=600)["status"] == "finished"
+        for proc in sweeps:
+            out, _ = proc.communicate(timeout=600)
+            assert proc.returncode == 0, out[-3000:]
+        sender.join(600)
+        assert not sender.is_alive() and not errors, errors
+        assert len(ids) == N_REQUESTS
+        wait_until(lambda: len(registry.requests(dep)) >= N_REQUESTS, 120, what="every request in the request log")
+        logged = registry.requests(dep)
+        assert sorted(r["request_id"] for r in logged) == sorted(ids)  # each once: none lost, none doubled
+        assert {r["status"] for r in logged} == {200}
+        assert sorted(m for r in logged for m in [json.loads(r["messages"])[0]["content"]]) == sorted(
+            f"request {i}" for i in range(N_REQUESTS))
+    finally:
+        server.stop(registry, dep, timeout=60)
     runs = registry.list_runs(limit=None)
-    assert {r["status"] for r in runs} == {"finished"}, [(r["id"], r["status"], r["error"]) for r in runs]
+    assert {r["status"] for r in runs if r["id"] != dep} == {"finished"}, [(r["id"], r["status"], r["error"])
+                                                                           for r in runs]
     toys = [r for r in runs if r["stage"] == "toy-train"]
     assert sorted(r["params"]["rank"] for r in toys) == [1, 2, 3, 4]
     assert all(len(registry.metric_history(r["id"], "loss")) == 20 for r in toys)  # no write lost
+    assert len(registry.requests(dep)) == N_REQUESTS  # the shutdown flush adds nothing twice
     assert registry.integrity_check() == [] and registry.verify_artifacts() == []
     assert registry.backend.name == backend
 

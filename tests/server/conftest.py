@@ -193,6 +193,31 @@ def lab_server(tmp_path_factory, tiny_model) -> LabServer:
         populated.stop()
 
 
+@pytest.fixture()
+def start_lab(tmp_path):
+    """More Jupyter servers for one test: ``start_lab(root, home, name, VAR=value)`` starts one with those
+    environment variables (``None``: unset) and returns its :class:`LabServer`; all are stopped at teardown."""
+    running = []
+
+    def start(root: Path, home: Path, name: str, **env: str | None) -> LabServer:
+        base = tmp_path / f"lab-{name}"
+        base.mkdir()
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                if value is None:
+                    mp.delenv(key, raising=False)
+                else:
+                    mp.setenv(key, value)
+            gen = _serve_lab(base, root, home, {})
+            server = next(gen)  # the server process took the environment above
+        running.append(gen)
+        return server
+
+    yield start
+    for gen in running:
+        next(gen, None)  # past its yield: terminates the server
+
+
 def _serve_lab(base: Path, root: Path, home: Path, ids: dict[str, str]):
     # Isolated Jupyter dirs: only our extension config + the worktree's built labextension.
     cfg, data, rt = base / "config", base / "data", base / "runtime"

@@ -75,6 +75,19 @@ def test_sidebar_lists_runs_and_resources(page, lab_server):
     expect(rows).to_have_attribute("data-stage", "quantize")
     page.fill("#llmops-sidebar .llmops-filter", "")
     expect(rows).not_to_have_count(1, timeout=30_000)
+    # the user filter: every recorded user offered; choosing one lists only the runs that user recorded
+    from llmops_jupyter.core.env import who
+
+    me = who()  # who recorded the populated runs
+    users = page.locator("#llmops-sidebar .llmops-user-filter option").all_inner_texts()
+    assert users[0] == "all users" and me in users, users
+    page.select_option("#llmops-sidebar .llmops-user-filter", me)
+    expect(page.locator("#llmops-sidebar .llmops-user-filter")).to_have_value(me)
+    expect(rows.first).to_be_visible(timeout=30_000)
+    titles = rows.evaluate_all("rs => rs.map(r => r.title)")
+    assert titles and all(f" by {me}" in t for t in titles), titles
+    page.select_option("#llmops-sidebar .llmops-user-filter", "")
+    expect(page.locator("#llmops-sidebar .llmops-user-filter")).to_have_value("")
     page.screenshot(path=str(SHOTS / "01-sidebar-runs.png"))
 
 

@@ -15,6 +15,8 @@ export function runRow(over: Partial<IRunRow> = {}): IRunRow {
     error: null,
     tags: [],
     metrics: {},
+    user: null,
+    host: null,
     ...over
   };
 }
@@ -29,8 +31,6 @@ export function runDetail(over: Partial<IRunDetail> = {}): IRunDetail {
     lineage: { nodes: [], edges: [] },
     notebook_path: null,
     git_commit: null,
-    user: null,
-    host: null,
     ...over
   };
 }

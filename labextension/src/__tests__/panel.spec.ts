@@ -19,16 +19,19 @@ interface IFakeServer {
 function serve(server: IFakeServer): void {
   PageConfig.setOption('baseUrl', '/');
   jest.spyOn(globalThis, 'fetch').mockImplementation(async input => {
-    const path = new URL((input as Request).url).pathname;
-    server.requested.push(path);
+    const url = new URL((input as Request).url);
+    const path = url.pathname;
+    const user = url.searchParams.get('user');
+    server.requested.push(path + (user ? `?user=${user}` : ''));
     const json = (body: unknown, status = 200) => new Response(JSON.stringify(body), { status });
     if (path === '/llmops/selection') {
       return json({ rows: [], quality: 'exact_match' });
     }
     if (path === '/llmops/runs') {
+      const users = [...new Set(server.runs.map(r => r.user).filter(u => u !== null))];
       return server.runsError
         ? json(server.runsError[1], server.runsError[0])
-        : json({ runs: server.runs, home: '/h' });
+        : json({ runs: server.runs.filter(r => !user || r.user === user), home: '/h', users });
     }
     const id = decodeURIComponent(path.replace('/llmops/runs/', ''));
     return server.details[id] ? json(server.details[id]) : json({ error: `no run ${id}` }, 404);
@@ -46,7 +49,10 @@ function rows(panel: LlmopsPanel): string[] {
 
 function makeServer(): IFakeServer {
   return {
-    runs: [runRow({ id: 'r-a', stage: 'finetune', status: 'running' }), runRow({ id: 'r-b', stage: 'eval' })],
+    runs: [
+      runRow({ id: 'r-a', stage: 'finetune', status: 'running', user: 'grace', host: 'gpu-1' }),
+      runRow({ id: 'r-b', stage: 'eval', user: 'ada' })
+    ],
     details: {
       'r-a': runDetail({ id: 'r-a', status: 'running', params: { lr: 0.001 } }),
       'r-b': runDetail({ id: 'r-b', stage: 'eval' })
@@ -68,6 +74,37 @@ describe('LlmopsPanel', () => {
     filter.value = 'EVAL';
     filter.dispatchEvent(new Event('input'));
     expect(rows(panel)).toEqual(['r-b']);
+    panel.dispose();
+  });
+
+  it("offers every recorded user and asks the server for one user's runs", async () => {
+    const server = makeServer();
+    serve(server);
+    const panel = new LlmopsPanel({ openNotebook: jest.fn() });
+    await panel.refresh();
+    const users = panel.node.querySelector<HTMLSelectElement>('.llmops-user-filter')!;
+    expect(Array.from(users.options).map(o => [o.value, o.textContent])).toEqual([
+      ['', 'all users'],
+      ['ada', 'ada'],
+      ['grace', 'grace']
+    ]);
+    expect(panel.node.querySelector('.llmops-run-row')?.getAttribute('title')).toBe('r-a by grace on gpu-1');
+
+    server.requested.length = 0;
+    users.value = 'grace';
+    users.dispatchEvent(new Event('change'));
+    await panel.refresh(); // the reload the change started
+    expect(runRequests(server)).toEqual(['/llmops/runs?user=grace']);
+    expect(rows(panel)).toEqual(['r-a']);
+    expect(users.value).toBe('grace');
+    expect(panel.node.querySelector('.llmops-info')?.textContent).toBe('1 runs');
+
+    users.value = '';
+    server.requested.length = 0;
+    users.dispatchEvent(new Event('change'));
+    await panel.refresh();
+    expect(rows(panel)).toEqual(['r-a', 'r-b']);
+    expect(runRequests(server)).toEqual(['/llmops/runs']);
     panel.dispose();
   });
 

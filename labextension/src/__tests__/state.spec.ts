@@ -8,6 +8,31 @@ const runs = [
   runRow({ id: 'r-c', stage: 'finetune', status: 'running', metrics: {} })
 ];
 
+describe('user filter', () => {
+  it('starts on every user and keeps the users of the last reply', () => {
+    const s0 = S.initialState();
+    expect(s0.user).toBeNull();
+    expect(S.userChoices(s0)).toEqual(['']);
+    const s1 = S.runsLoaded(s0, runs, ['grace', 'ada']);
+    expect(S.userChoices(s1)).toEqual(['', 'ada', 'grace']);
+    expect(S.runsLoaded(s1, []).users).toEqual(['grace', 'ada']);
+  });
+
+  it('sets and clears the user; a chosen user stays offered when none of their runs is left', () => {
+    const s1 = S.setUser(S.runsLoaded(S.initialState(), runs, ['ada']), 'grace');
+    expect(s1.user).toBe('grace');
+    expect(S.userChoices(s1)).toEqual(['', 'ada', 'grace']);
+    expect(S.setUser(s1, '').user).toBeNull();
+    expect(S.setUser(s1, null).user).toBeNull();
+  });
+
+  it('names the user and host in a row title', () => {
+    expect(S.runTitle(runRow({ id: 'r-x', user: 'ada', host: 'gpu-1' }))).toBe('r-x by ada on gpu-1');
+    expect(S.runTitle(runRow({ id: 'r-x', user: 'ada' }))).toBe('r-x by ada');
+    expect(S.runTitle(runRow({ id: 'r-x' }))).toBe('r-x');
+  });
+});
+
 describe('filter', () => {
   const ids = (query: string) => S.filterRuns(runs, query).map(r => r.id);
 
