@@ -29,15 +29,24 @@ def _load_seqcls(base_path: str | Path, dtype: Any = None) -> tuple[Any, Any]:
     return model, tok
 
 
+def as_trained(tok: Any, text: str) -> str:
+    """The text as TRL's ``RewardTrainer`` feeds it: the EOS token appended (non-conversational rows), then the
+    tokenizer's own special tokens. Scoring any other way reads the head at a different token than it was trained
+    on: with a pad token other than EOS the trained score sits on the EOS, not on the answer's last token."""
+    eos = tok.eos_token
+    return text if not eos or text.endswith(eos) else text + eos
+
+
 def score_texts(model: Any, tok: Any, texts: list[str], *, batch_size: int = 16, max_length: int = 512) -> list[float]:
     import torch
 
     tok.padding_side = "right"
     out: list[float] = []
     model.eval()
+    texts = [as_trained(tok, t) for t in texts]
     for i in range(0, len(texts), batch_size):
         batch = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                    max_length=max_length, add_special_tokens=False)
+                    max_length=max_length)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with torch.inference_mode():
             out += model(**batch).logits[:, 0].float().tolist()
