@@ -103,6 +103,11 @@ def train_reward_model(cfg: RewardModelConfig, base_path: Path, train_rows: list
     trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                             processing_class=tok, callbacks=[report])
     trainer.remove_callback(PrinterCallback)
+    too_long = len(rows) - len(trainer.train_dataset)  # TRL drops (does not truncate) pairs over max_length
+    if too_long:
+        reporter.log(f"reward-model: {too_long} of {len(rows)} training pair(s) are longer than --seq-len "
+                     f"{cfg.seq_len} tokens and were left out (TRL's RewardTrainer drops them); raise --seq-len to "
+                     "keep them")
     try:
         start = pairwise_accuracy(model, tok, held, cfg.seq_len)
         result = trainer.train()
@@ -114,7 +119,8 @@ def train_reward_model(cfg: RewardModelConfig, base_path: Path, train_rows: list
         model.save_pretrained(str(out_dir))
         tok.save_pretrained(str(out_dir))
         (out_dir / META_FILE).write_text(json.dumps({"base_model_path": str(base_path), "seq_len": cfg.seq_len}))
-        info = {"train_pairs": len(rows), "eval_pairs": len(held), "steps": trainer.state.global_step}
+        info = {"train_pairs": len(rows) - too_long, "train_pairs_too_long": too_long, "eval_pairs": len(held),
+                "steps": trainer.state.global_step}
         return {k: v for k, v in metrics.items() if v == v}, info
     finally:
         trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None

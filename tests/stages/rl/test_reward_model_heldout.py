@@ -82,3 +82,23 @@ def test_the_scorer_reads_the_score_at_the_token_trl_trained(registry, tmp_path,
     bare = scorer.tok(row["prompt"] + row["chosen"], return_tensors="pt")
     with torch.inference_mode():
         assert scorer.model(**bare).logits[0, 0].item() != pytest.approx(trl_score, abs=1e-3)
+
+
+def test_pairs_longer_than_seq_len_are_counted_not_silently_dropped(registry, tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.stages.data.format import load_dataset
+
+    data = pairs_dataset(registry, tmp_path, tiny_model, shuffled=False)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    train = load_dataset(data.hash, registry).train
+    lengths = sorted(max(len(tok(r["prompt"] + r[k] + tok.eos_token)["input_ids"]) for k in ("chosen", "rejected"))
+                     for r in train)
+    seq_len = lengths[len(lengths) // 2]
+    expected = sum(n > seq_len for n in lengths)
+    assert 0 < expected < len(train)
+    rm = Runner(registry, defaults=False).run("reward-model", {"data": data.hash, "model": str(tiny_model),
+                                                               "max_steps": 2, "seq_len": seq_len})
+    assert rm.summary["train_pairs_too_long"] == expected
+    assert rm.summary["train_pairs"] == len(train) - expected
