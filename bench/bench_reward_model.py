@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "model": args.model, "data": prompts.artifact.hash, "reward": [f"reward-model@{rm_hash}"],
             "num_generations": 8, "batch_size": 8, "max_completion_length": 8, "lr": args.lr,
             "max_steps": args.steps, "check_every": args.check_every, "check_reward": "exact",
-            "check_examples": len(rds.eval), "checkpoint_every": 0, "seed": 0, "log_every": 1})
+            "check_examples": len(rds.eval), "checkpoint_every": 0, "seed": 0, "log_every": 1,
+            "reward_timeout_s": 120})  # a 135M scorer on one loaded core is slower than the 5 s default
         reward = history_of(registry, res.run_id, "reward")
         check = history_of(registry, res.run_id, "check/exact")
         w = min(args.window, max(1, len(reward) // 2))
