@@ -52,6 +52,7 @@ PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "l
 GOAL_ACCURACY = 0.8
 N_DEMO_POOL = 10
 N_SHOTS = 3
+FORMAT = r"^\s*<answer>\d+</answer>"  # with --format-weight: a bare tagged number, nothing before it
 
 
 def question(a: int, b: int) -> str:
@@ -126,6 +127,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--check-every", type=int, default=10)
     ap.add_argument("--window", type=int, default=10, help="logs averaged for the reward's start and end")
     ap.add_argument("--no-rl", action="store_true", help="reward model only")
+    ap.add_argument("--format-weight", type=float, default=0.0,
+                    help="also reward the built-in `format` (a bare <answer>N</answer>) with this weight (0: the reward "
+                         "model alone)")
+    ap.add_argument("--home", help="registry home to reuse (default: a fresh temporary one)")
+    ap.add_argument("--rm-artifact", help="a reward model already trained in --home for the first seed (skips "
+                                          "--rm-tries; its metrics are read from the registry)")
+    ap.add_argument("--previous-rl", help="an earlier (interrupted) rl run in --home to record as well")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from llmops_jupyter.stages.data.format import load_dataset
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-rm-"))
+    tmp = Path(args.home).parent if args.home else Path(tempfile.mkdtemp(prefix="bench-rm-"))
     os.environ["LLMOPS_HOME"] = str(tmp / "home")
     registry = Registry(tmp / "home")
     runner = Runner(registry, defaults=False)
@@ -202,7 +210,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["reward_model"]["goal_holds"] = result["reward_model"]["held_out_accuracy"]["median"] >= GOAL_ACCURACY
 
     tries = []
-    for spec in args.rm_tries.split(","):
+    if args.rm_artifact:
+        art = registry.get_artifact(args.rm_artifact, kind="reward-model")
+        meta = art.meta
+        tries.append({"seed": meta["config"]["seed"], "lr": meta["config"]["lr"], "steps": meta["config"]["max_steps"],
+                      "artifact": art.hash, "wall_s": None, **{k: meta["metrics"].get(k) for k in (
+                          "pairwise_accuracy", "pairwise_accuracy_start", "train_pairwise_accuracy", "train_loss")},
+                      "eval_pairs": meta["eval_pairs"], "train_pairs": meta["train_pairs"],
+                      "note": "trained by an earlier invocation in the same registry (same data artifact)"})
+    for spec in ([] if args.rm_artifact else args.rm_tries.split(",")):
         lr, _, steps = spec.partition(":")
         tries.append(train_rm(seeds[0], float(lr), int(steps)))
         if tries[-1]["pairwise_accuracy"] >= GOAL_ACCURACY:
@@ -212,23 +228,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summarise(tries, runs)
     save()
 
+    if args.previous_rl:
+        prev = registry.get_run(args.previous_rl)
+        result["rl_previous"] = {
+            "run": prev["id"], "status": prev["status"], "rewards": prev["params"].get("reward"),
+            "reward_weights": prev["params"].get("reward_weights"),
+            "reward_per_step": history_of(registry, prev["id"], "reward"),
+            "check_per_step": history_of(registry, prev["id"], "check/exact")}
+
     # -- GRPO rewarded by the reward model (seed 0's), before the other seeds so that it runs even if time is short --
     if not args.no_rl:
         rm_hash = best["artifact"]
         t0 = time.perf_counter()
         res = runner.run("rl", {
-            "model": args.model, "data": prompts.artifact.hash, "reward": [f"reward-model@{rm_hash}"],
+            "model": args.model, "data": prompts.artifact.hash,
+            **({"reward": [f"reward-model@{rm_hash}", "format"], "reward_weights": [1.0, args.format_weight],
+                "format_pattern": FORMAT} if args.format_weight else {"reward": [f"reward-model@{rm_hash}"]}),
             "num_generations": 8, "batch_size": 8, "max_completion_length": 8, "lr": args.lr,
             "max_steps": args.steps, "check_every": args.check_every, "check_reward": "exact",
             "check_examples": len(rds.eval), "checkpoint_every": 0, "seed": 0, "log_every": 1,
             "reward_timeout_s": 120})  # a 135M scorer on one loaded core is slower than the 5 s default
-        reward = history_of(registry, res.run_id, "reward")
+        reward = history_of(registry, res.run_id, f"rewards/reward-model@{rm_hash}/mean")
         check = history_of(registry, res.run_id, "check/exact")
         w = min(args.window, max(1, len(reward) // 2))
         first = statistics.fmean(v for _, v in reward[:w])
         last = statistics.fmean(v for _, v in reward[-w:])
         result["rl"] = {
             "runs": 1, "reward_model": rm_hash, "wall_s": time.perf_counter() - t0,
+            "run": res.run_id, "rewards": res.summary.get("rewards"), "reward_weights": res.summary.get("reward_weights"),
+            "format_per_step": history_of(registry, res.run_id, "rewards/format/mean"),
+            "total_reward_per_step": history_of(registry, res.run_id, "reward"),
             "settings": {"steps": args.steps, "lr": args.lr, "num_generations": 8, "batch_completions": 8,
                          "max_completion_length": 8, "check_every": args.check_every, "check": "exact",
                          "check_prompts": len(rds.eval), "lora_rank": 16, "beta": 0.0, "seed": 0},
