@@ -13,7 +13,8 @@ is no shortcut), ``--wrong`` of them per problem. TRL's ``RewardTrainer`` throug
 linear layer plus the trainable score head. Measured: held-out pairwise accuracy (chosen scored above rejected) over
 ``--seeds`` seeds (median, min, max), and before training.
 
-GRPO: the stage with ``--reward reward-model@<that model>`` only (seed 0's reward model), 8 generations per prompt,
+GRPO: the stage with ``--reward reward-model@<that model>`` (seed 0's; with ``--format-weight W`` also the built-in
+``format`` for a bare ``<answer>N</answer>``), 8 generations per prompt,
 completions ≤ 8 tokens, LoRA lr 5e-4, ``--steps`` steps; the held-out check (greedy answers on the held-out
 problems, scored by the built-in ``exact``) every ``--check-every`` steps. Reported: the reward model's mean score
 of the sampled completions, mean of the first vs the last ``--window`` logs, and the check at the start vs the end.
