@@ -22,6 +22,8 @@ ROLE_COLUMNS = {
     "instruction": ("instruction", "prompt", "question", "query", "user"),
     "input": ("input", "context"),
     "response": ("response", "output", "answer", "completion", "assistant", "target"),
+    "chosen": ("chosen",),
+    "rejected": ("rejected",),
 }
 EVAL_NEAR_COPY = "eval near-copy of train"
 
@@ -166,7 +168,20 @@ def resolve_columns(found: list[str], cfg: Any) -> tuple[str, dict[str, str]]:
                     break
     layout = cfg.format
     if layout == "auto":
-        layout = "chat" if "messages" in mapping and "response" not in cfg.columns else "instruction"
+        if "chosen" in mapping and "rejected" in mapping:
+            layout = "preference"
+        else:
+            layout = "chat" if "messages" in mapping and "response" not in cfg.columns else "instruction"
+    if layout == "preference":
+        missing = [r for r in ("chosen", "rejected") if r not in mapping]
+        if "messages" not in mapping and "instruction" not in mapping:
+            missing.insert(0, "prompt")
+        if missing:
+            raise DataError(f"Missing {' and '.join(missing)} column(s) for preference pairs; found columns: "
+                            f"{', '.join(found) or '(none)'}.",
+                            fix="map them with --columns instruction=<prompt col> chosen=<col> rejected=<col> (or "
+                                "messages=<col> holding the conversation before the answers)")
+        return layout, mapping
     if layout == "chat" and "messages" not in mapping:
         raise DataError(f"No chat messages column; found columns: {', '.join(found)}.",
                         fix="use --columns messages=<column> or --format instruction")
@@ -227,7 +242,17 @@ def _content(value: Any, column: str) -> str:
 
 
 def to_messages(row: dict[str, Any], layout: str, mapping: dict[str, str], system: str | None) -> list[dict]:
+    """The example as chat messages; for a preference pair, the conversation that ends in the *chosen* answer (the
+    rejected one is read by :func:`rejected_text`)."""
     msgs: list[dict[str, str]] = []
+    if layout == "preference":
+        chosen = {"role": "assistant", "content": as_text(row.get(mapping["chosen"]), mapping["chosen"])}
+        if "messages" in mapping:  # the conversation before the two answers
+            context = to_messages(row, "chat", mapping, system)
+            if context and context[-1]["role"] == "assistant":
+                raise ValueError("the messages before a chosen/rejected pair end with an assistant turn")
+            return [*context, chosen]
+        return [*to_messages(row, "instruction", {**mapping, "response": mapping["chosen"]}, system)[:-1], chosen]
     if layout == "chat":
         raw = row.get(mapping["messages"])
         if isinstance(raw, str):
@@ -254,6 +279,10 @@ def to_messages(row: dict[str, Any], layout: str, mapping: dict[str, str], syste
     if system and (not msgs or msgs[0]["role"] != "system"):
         msgs.insert(0, {"role": "system", "content": system})
     return msgs
+
+
+def rejected_text(row: dict[str, Any], mapping: dict[str, str]) -> str:
+    return as_text(row.get(mapping["rejected"]), mapping["rejected"]).strip()
 
 
 _WS = re.compile(r"\s+")

@@ -37,6 +37,7 @@ from llmops_jupyter.stages.data.core import (  # noqa: F401 (re-exported: caller
     load_tokenizer_info,
     near_copies,
     near_duplicates,
+    rejected_text,
     report_rows,
     resolve_columns,
     split_key,
@@ -112,10 +113,12 @@ class DataConfig(StageConfig):
                               "folder or glob of .txt/.md/.rst/.html/.pdf documents", positional=True)
     tokenizer: str | None = option(None, "model whose tokenizer and chat template are applied (path, registry run, "
                                          "or provider such as tiny-llama); default: a ChatML template, no token counts")
-    format: str = option("auto", "input layout: instruction/response columns, chat messages, or detect; text: raw "
+    format: str = option("auto", "input layout: instruction/response columns, chat messages, or detect; preference: "
+                                 "prompt (or messages) with chosen and rejected answers, the pairs DPO and "
+                                 "`%llmops reward-model` train on (detected from chosen/rejected columns); text: raw "
                                  "documents for continued pretraining (`finetune --objective causal-lm`), chunked "
                                  "into token windows and split by document (needs --tokenizer)",
-                         choices=["auto", "instruction", "chat", "text"])
+                         choices=["auto", "instruction", "chat", "preference", "text"])
     columns: dict[str, str] = option({}, "map roles to your column names, e.g. instruction=question response=answer "
                                          "(roles: instruction, input, response, system, messages; text for "
                                          "--format text, default the first of text/content/body/document)")
@@ -139,6 +142,8 @@ class DataConfig(StageConfig):
     eval_fraction: float = option(0.1, "fraction held out for evaluation (deterministic by --seed)", min=0.0, max=0.9)
     eval_size: int | None = option(None, "hold out exactly this many examples instead of --eval-fraction", min=0)
     seed: int = option(0, "seed of the train/eval split")
+    split_by: str | None = option(None, "column whose equal values stay in the same split (e.g. a problem id, so "
+                                        "that no held-out problem is seen in training); default: each example alone")
     limit: int | None = option(None, "use only the first N input rows (quick tries)", min=1)
     name: str | None = option(None, "dataset name shown in the registry (default: the source file name)")
 
@@ -162,6 +167,9 @@ class DataConfig(StageConfig):
         if bad:
             raise self.invalid("columns", f"has unknown role(s) {sorted(bad)}",
                                fix=f"use roles {', '.join(ROLE_COLUMNS)} (text with --format text)")
+        if self.format == "text" and self.split_by:
+            raise self.invalid("split_by", "does not apply to --format text (windows are split by document)",
+                               fix="drop --split-by")
         if self.format == "text":
             if not self.tokenizer:
                 raise self.invalid("tokenizer", "is required with --format text (documents are cut into token "
@@ -220,6 +228,10 @@ class DataStage(Stage):
         except DataError as exc:
             raise DataError(f"{source}: {exc.message}", path=source, fix=exc.fix) from None
 
+        if cfg.split_by is not None:
+            self._check_split_by(cfg.split_by, rows, origins, found, source)
+        pref = layout == "preference"
+        rejected: dict[int, str] = {}  # input row → its rejected answer (preference pairs)
         tokenizer, tok_info = load_tokenizer_info(cfg, ctx)
 
         dropped: Counter = Counter()
@@ -259,6 +271,14 @@ class DataStage(Stage):
             if any(not m["content"] for m in msgs if m["role"] != "system"):
                 drop(i, "empty text", msgs)
                 continue
+            if pref:
+                rejected[i] = rejected_text(row, mapping)
+                if not rejected[i]:
+                    drop(i, "empty rejected answer", msgs)
+                    continue
+                if _WS.sub(" ", rejected[i]).lower() == _WS.sub(" ", msgs[-1]["content"]).lower():
+                    drop(i, "chosen equals rejected", msgs)
+                    continue
             if len(msgs[-1]["content"]) < cfg.min_chars:
                 drop(i, f"response shorter than {cfg.min_chars} chars", msgs)
                 continue
@@ -273,8 +293,12 @@ class DataStage(Stage):
                     found_pii.update(counts)
                     clean.append({"role": m["role"], "content": text})
                 msgs = clean
+                if pref:
+                    text, counts = scrub(rejected[i])
+                    found_pii.update(counts)
+                    rejected[i] = text
             if cfg.dedup:
-                key = _norm(msgs)
+                key = _norm(msgs) + (f"\nrejected:{_norm([{'role': '', 'content': rejected[i]}])}" if pref else "")
                 if key in seen:
                     drop(i, "exact duplicate", msgs, scrubbed=True, matched=ref(seen[key]), similarity=1.0)
                     continue
@@ -285,7 +309,8 @@ class DataStage(Stage):
             if i % 500 == 0:
                 ctx.progress(i + 1, total, "cleaning")
         if cfg.near_dup is not None and len(kept) > 1:
-            near = near_duplicates([_norm(m) for m in kept], cfg.near_dup)
+            near = near_duplicates([_norm(m) + (f"\n{rejected[kept_at[j]]}" if pref else "")
+                                    for j, m in enumerate(kept)], cfg.near_dup)
             for j, (k, sim) in near.items():
                 drop(kept_at[j], "near duplicate", kept[j], scrubbed=True, matched=ref(k), similarity=round(sim, 4))
             kept_at = [r for j, r in enumerate(kept_at) if j not in near]
@@ -295,6 +320,10 @@ class DataStage(Stage):
         example_at: dict[int, int] = {}  # id(example) → its input row
         for j, msgs in enumerate(kept):
             ex = render(msgs, tokenizer)
+            if pref:  # the pair as DPO and the reward model read it; `completion`/`text` stay the chosen answer's
+                rej = rejected[kept_at[j]]
+                ex.update(id=example_id([*msgs, {"role": "rejected", "content": rej}]), chosen=msgs[-1]["content"],
+                          rejected=rej)
             if cfg.max_tokens and ex["n_tokens"] is not None and ex["n_tokens"] > cfg.max_tokens:
                 drop(kept_at[j], f"longer than {cfg.max_tokens} tokens", msgs, scrubbed=True)
                 continue
@@ -307,11 +336,19 @@ class DataStage(Stage):
             raise DataError(f"No examples left after cleaning '{source}' (dropped — {reasons}).", path=source,
                             fix="relax --min-chars/--max-chars/--max-tokens or check the column mapping")
 
-        examples.sort(key=lambda e: split_key(cfg.seed, e["id"]))
+        def group(e: dict) -> str:
+            return e["id"] if cfg.split_by is None else str(rows[example_at[id(e)]][cfg.split_by])
+
+        examples.sort(key=lambda e: (split_key(cfg.seed, group(e)), e["id"]))
         n_eval = cfg.eval_size if cfg.eval_size is not None else round(len(examples) * cfg.eval_fraction)
         if cfg.eval_fraction > 0 and cfg.eval_size is None and len(examples) > 1:
             n_eval = max(1, n_eval)
         n_eval = min(n_eval, len(examples) - 1)
+        while 0 < n_eval < len(examples) and group(examples[n_eval]) == group(examples[n_eval - 1]):
+            n_eval += 1  # a group is never cut in two: the eval split takes the whole of its last group
+        if n_eval == len(examples):
+            raise DataError(f"'{source}' has a single --split-by {cfg.split_by} value, so no group is left for "
+                            "training.", path=source, fix="split by a column with several values, or drop --split-by")
         eval_rows, train_rows = examples[:n_eval], examples[n_eval:]
         if cfg.decontaminate is not None and eval_rows and train_rows:
             eval_rows = self._decontaminate(eval_rows, train_rows, cfg.decontaminate, example_at, origins, drop,
@@ -330,7 +367,8 @@ class DataStage(Stage):
             "dedup": cfg.dedup, "near_dup": cfg.near_dup, "decontaminate": cfg.decontaminate,
             "dropped_file": DROPPED_FILE,
             "chat_template": (tokenizer.chat_template if tokenizer is not None else DEFAULT_TEMPLATE),
-            "seed": cfg.seed, "eval_fraction": cfg.eval_fraction, "eval_size": cfg.eval_size,
+            "seed": cfg.seed, "eval_fraction": cfg.eval_fraction, "eval_size": cfg.eval_size, "split_by": cfg.split_by,
+            **({"format": "preference", "fields": ["prompt", "chosen", "rejected"]} if pref else {}),
             "lengths": {"unit": unit, "min": lens[0], "median": lens[len(lens) // 2], "max": lens[-1]},
             **tok_info,
         }
@@ -355,6 +393,17 @@ class DataStage(Stage):
             "figure": length_figure([_len(e) for e in train_rows], [_len(e) for e in eval_rows], unit),
             "dataset": Dataset(art.path, art),
         }
+
+    @staticmethod
+    def _check_split_by(column: str, rows: list[dict], origins: list[str], found: list[str], source: str) -> None:
+        if column not in found:
+            raise DataError(f"--split-by column '{column}' is not in the data; found columns: {', '.join(found)}.",
+                            path=source, fix="use --split-by <one of the found columns>")
+        for i, row in enumerate(rows):
+            value = row.get(column)
+            if value is None or (isinstance(value, str) and not value.strip()) or value != value:
+                raise DataError(f"{source}: {origins[i]}: --split-by column '{column}' is empty.", path=source,
+                                fix=f"give every row a '{column}' value (the group it belongs to)")
 
     @staticmethod
     def _decontaminate(eval_rows: list[dict], train_rows: list[dict], threshold: float, example_at: dict[int, int],

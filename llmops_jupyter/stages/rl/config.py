@@ -173,7 +173,8 @@ class RewardModelConfig(StageConfig):
                            min_exclusive=True)
     max_steps: int = option(0, "stop after this many optimizer steps (0: use --epochs)", min=0)
     batch_size: int = option(8, "pairs per step", min=1, max=65536)
-    seq_len: int = option(256, "truncate prompt + answer to this many tokens", min=8, max=1_048_576)
+    seq_len: int = option(256, "longest prompt + answer in tokens: longer training pairs are left out (TRL drops "
+                               "them; the count is logged), longer scored texts are truncated", min=8, max=1_048_576)
     eval_fraction: float = option(0.2, "share of pairs held out for pairwise accuracy when the dataset has no eval "
                                        "split", min=0.0, max=0.9)
     seed: int = option(0, "seed", min=0)

@@ -29,15 +29,24 @@ def _load_seqcls(base_path: str | Path, dtype: Any = None) -> tuple[Any, Any]:
     return model, tok
 
 
+def as_trained(tok: Any, text: str) -> str:
+    """The text as TRL's ``RewardTrainer`` feeds it: the EOS token appended (non-conversational rows), then the
+    tokenizer's own special tokens. Scoring any other way reads the head at a different token than it was trained
+    on: with a pad token other than EOS the trained score sits on the EOS, not on the answer's last token."""
+    eos = tok.eos_token
+    return text if not eos or text.endswith(eos) else text + eos
+
+
 def score_texts(model: Any, tok: Any, texts: list[str], *, batch_size: int = 16, max_length: int = 512) -> list[float]:
     import torch
 
     tok.padding_side = "right"
     out: list[float] = []
     model.eval()
+    texts = [as_trained(tok, t) for t in texts]
     for i in range(0, len(texts), batch_size):
         batch = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                    max_length=max_length, add_special_tokens=False)
+                    max_length=max_length)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with torch.inference_mode():
             out += model(**batch).logits[:, 0].float().tolist()
@@ -94,6 +103,11 @@ def train_reward_model(cfg: RewardModelConfig, base_path: Path, train_rows: list
     trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                             processing_class=tok, callbacks=[report])
     trainer.remove_callback(PrinterCallback)
+    too_long = len(rows) - len(trainer.train_dataset)  # TRL drops (does not truncate) pairs over max_length
+    if too_long:
+        reporter.log(f"reward-model: {too_long} of {len(rows)} training pair(s) are longer than --seq-len "
+                     f"{cfg.seq_len} tokens and were left out (TRL's RewardTrainer drops them); raise --seq-len to "
+                     "keep them")
     try:
         start = pairwise_accuracy(model, tok, held, cfg.seq_len)
         result = trainer.train()
@@ -105,7 +119,8 @@ def train_reward_model(cfg: RewardModelConfig, base_path: Path, train_rows: list
         model.save_pretrained(str(out_dir))
         tok.save_pretrained(str(out_dir))
         (out_dir / META_FILE).write_text(json.dumps({"base_model_path": str(base_path), "seq_len": cfg.seq_len}))
-        info = {"train_pairs": len(rows), "eval_pairs": len(held), "steps": trainer.state.global_step}
+        info = {"train_pairs": len(rows) - too_long, "train_pairs_too_long": too_long, "eval_pairs": len(held),
+                "steps": trainer.state.global_step}
         return {k: v for k, v in metrics.items() if v == v}, info
     finally:
         trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None

@@ -34,24 +34,22 @@ def test_a_format_reward_is_learned_within_30_steps(registry, peaky_model, tiny_
 
 @pytest.mark.slow  # 30 reward-model steps and an rl step: ~40 s on 2 idle cores
 def test_reward_model_ranks_correct_answers_and_is_a_reward_by_name(registry, tiny_model, tmp_path):
+    import json
     import random
 
     from llmops_jupyter.core.runner import Runner
-    from llmops_jupyter.stages.data.format import write_dataset_dir
 
     rng = random.Random(0)
     rows = []
     for i in range(40):
         a, b = rng.randint(1, 9), rng.randint(1, 9)
-        prompt = f"<|im_start|>user\nWhat is {a} plus {b}?<|im_end|>\n<|im_start|>assistant\n"
-        rows.append({"id": str(i), "prompt": prompt, "chosen": f"{a} plus {b} is {a + b}.",
+        rows.append({"prompt": f"What is {a} plus {b}? ({i})", "chosen": f"{a} plus {b} is {a + b}.",
                      "rejected": "The quick brown fox jumps over the lazy dog."})
-        rows[-1]["text"] = prompt + rows[-1]["chosen"]
-    folder = tmp_path / "pairs"
-    folder.mkdir()
-    write_dataset_dir(folder, rows[:32], rows[32:], {"name": "pairs", "format": "preference"})
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = Runner(registry).run("data", source=str(src), tokenizer=str(tiny_model), eval_fraction=0.2).artifact.hash
     runner = Runner(registry, defaults=False)
-    rm = runner.run("reward-model", {"data": str(folder), "model": str(tiny_model), "max_steps": 30,
+    rm = runner.run("reward-model", {"data": pairs, "model": str(tiny_model), "max_steps": 30,
                                      "batch_size": 8, "lr": 5e-3})
     assert rm.metrics["pairwise_accuracy"] >= 0.8 and rm.summary["eval_pairs"] == 8
     assert rm.artifact.kind == "reward-model"
