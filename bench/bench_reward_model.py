@@ -78,9 +78,12 @@ def history(rng: random.Random, pool: list[tuple[int, int]]) -> list[dict[str, s
     return msgs
 
 
-def pair_rows(pool: list, asked: list, wrong: int, seed: int = 1) -> list[dict[str, Any]]:
+def pair_rows(pool: list, asked: list, wrong: int, seed: int = 1, rejected: str = "any") -> list[dict[str, Any]]:
+    """Preference pairs: chosen = the tagged sum, rejected = a tagged wrong number. ``rejected="sums"`` draws the
+    wrong numbers from the asked problems' sums (0 and 18 are then rare); ``"any"`` draws them uniformly from every
+    number a policy can write here (0-18), so the reward model has no number it never saw rejected."""
     rng = random.Random(seed)
-    sums = [a + b for a, b in asked]
+    sums = [a + b for a, b in asked] if rejected == "sums" else list(range(19))
     rows = []
     for a, b in asked:
         wrongs: list[int] = []
@@ -101,6 +104,31 @@ def prompt_rows(pool: list, asked: list, seed: int = 2) -> list[dict[str, Any]]:
                                                  {"role": "assistant", "content": tag(a + b)}]} for a, b in asked]
 
 
+def heldout_scores(registry: Any, res: Any, rm_hash: str, eval_rows: list[dict]) -> dict[str, Any]:
+    """Greedy answers of the base model and of the trained policy to the held-out prompts, scored by the reward
+    model and by exact match (the stage's own ``greedy_check``, so the same generation as ``check/exact``)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmops_jupyter.stages.rl.grpo import greedy_check, rows_for_trl
+    from llmops_jupyter.stages.rl.reward_model import RewardModelScorer
+    from llmops_jupyter.stages.rl.rewards import exact
+
+    rows = rows_for_trl(eval_rows)
+    scorer = RewardModelScorer(registry.get_artifact(rm_hash).path)
+    adapter = registry.get_artifact(res.artifact.hash).path
+    base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    out: dict[str, Any] = {"prompts": len(rows)}
+    for name in ("base", "trained"):
+        tok = AutoTokenizer.from_pretrained(base, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(base)
+        if name == "trained":
+            model = PeftModel.from_pretrained(model, str(adapter))
+        out[name] = {"reward_model": greedy_check(model, tok, rows, scorer, 8),
+                     "exact": greedy_check(model, tok, rows, exact, 8)}
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -119,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--model", default="smollm2-135m", help="provider or checkpoint (tiny-llama: a smoke run)")
     ap.add_argument("--seeds", default="0,1,2", help="reward-model seeds (comma-separated)")
     ap.add_argument("--wrong", type=int, default=3, help="wrong answers (pairs) per training problem")
+    ap.add_argument("--rejected", choices=("sums", "any"), default="sums",
+                    help="where wrong answers come from: the problems' sums (first run) or every number 0-18")
+    ap.add_argument("--beta", type=float, default=0.0, help="GRPO KL penalty towards the base model")
     ap.add_argument("--rm-tries", default="1e-3:150,3e-4:250",
                     help="reward-model settings LR:STEPS tried in order on the first seed until one reaches the goal "
                          "(every try is recorded); the others seeds use the one that did, else the best")
@@ -155,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "reward_model", "model": args.model, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "versions": versions(PACKAGES),
         "task": {"problems_asked": len(asked), "demo_pool": len(pool), "shots": N_SHOTS, "wrong_per_problem":
-                 args.wrong, "split": "by problem (data --split-by problem, eval_fraction 0.2)"},
+                 args.wrong, "rejected_from": args.rejected, "split": "by problem (data --split-by problem, eval_fraction 0.2)"},
         "goal": f"held-out pairwise accuracy >= {GOAL_ACCURACY}; GRPO rewarded by it: the reward model's score and "
                 "the held-out exact match rise together"}
 
@@ -172,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # -- the datasets, made by the data stage -------------------------------------------------------------------
     common = {"tokenizer": args.model, "split_by": "problem", "eval_fraction": 0.2, "decontaminate": None,
               "scrub_pii": False}  # the shared worked examples make every prompt look alike: split by problem
-    pairs = runner.run("data", {"source": str(write_jsonl(tmp / "pairs.jsonl", pair_rows(pool, asked, args.wrong))),
+    pairs = runner.run("data", {"source": str(write_jsonl(tmp / "pairs.jsonl", pair_rows(pool, asked, args.wrong,
+                                                                                     rejected=args.rejected))),
                                 "format": "preference", "name": "addition-pairs", **common})
     prompts = runner.run("data", {"source": str(write_jsonl(tmp / "prompts.jsonl", prompt_rows(pool, asked))),
                                   "format": "chat", "name": "addition-prompts", **common})
@@ -246,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **({"reward": [f"reward-model@{rm_hash}", "format"], "reward_weights": [1.0, args.format_weight],
                 "format_pattern": FORMAT} if args.format_weight else {"reward": [f"reward-model@{rm_hash}"]}),
             "num_generations": 8, "batch_size": 8, "max_completion_length": 8, "lr": args.lr,
-            "max_steps": args.steps, "check_every": args.check_every, "check_reward": "exact",
+            "max_steps": args.steps, "check_every": args.check_every, "check_reward": "exact", "beta": args.beta,
             "check_examples": len(rds.eval), "checkpoint_every": 0, "seed": 0, "log_every": 1,
             "reward_timeout_s": 120})  # a 135M scorer on one loaded core is slower than the 5 s default
         reward = history_of(registry, res.run_id, f"rewards/reward-model@{rm_hash}/mean")
@@ -261,12 +293,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "total_reward_per_step": history_of(registry, res.run_id, "reward"),
             "settings": {"steps": args.steps, "lr": args.lr, "num_generations": 8, "batch_completions": 8,
                          "max_completion_length": 8, "check_every": args.check_every, "check": "exact",
-                         "check_prompts": len(rds.eval), "lora_rank": 16, "beta": 0.0, "seed": 0},
+                         "check_prompts": len(rds.eval), "lora_rank": 16, "beta": args.beta, "seed": 0},
             "rm_score_first_logs": first, "rm_score_last_logs": last, "window_logs": w,
             "check_start": check[0][1] if check else None, "check_end": check[-1][1] if check else None,
             "reward_per_step": reward, "check_per_step": check,
             "alerts": res.summary.get("alerts"),
             "rm_and_check_rise_together": bool(check) and last > first and check[-1][1] > check[0][1]}
+        # The reward model's score on fixed prompts: greedy answers to the held-out problems, base vs the trained
+        # policy (the per-step training mean follows whichever prompt the step drew).
+        held_rm = heldout_scores(registry, res, rm_hash, rds.eval)
+        result["rl"]["heldout_greedy"] = held_rm
+        result["rl"]["rm_and_check_rise_together_heldout"] = (
+            held_rm["trained"]["reward_model"] > held_rm["base"]["reward_model"]
+            and held_rm["trained"]["exact"] > held_rm["base"]["exact"])
         print(json.dumps({k: v for k, v in result["rl"].items() if not k.endswith("per_step")}), flush=True)
         save()
 
