@@ -79,6 +79,18 @@ def fortunes_jsonl(folder: Path, out: Path) -> int:
     return len(rows)
 
 
+def summarize(result: dict[str, Any], wall_s: float) -> None:
+    """Medians with spread over the seeds so far, and the goals on them (``complete`` once every seed ran)."""
+    runs = result["runs"]
+    dom_r = spread([r["domain_ratio"] for r in runs])
+    gen_r = spread([r["general_ratio"] for r in runs if r["general_ratio"] is not None])
+    result.update(domain_ppl_ratio=dom_r, general_ppl_ratio=gen_r, complete=len(runs) == result["settings"]["repeats"],
+                  machine=machine(torch_threads=True), wall_s=wall_s)
+    goals = [("held-out domain ppl ratio ≤ 0.80 (median)", dom_r["median"], GOAL_DOMAIN),
+             ("general ppl ratio ≤ 1.05 (median)", gen_r["median"], GOAL_GENERAL)]
+    result["goals"] = [{"goal": g, "ratio": r, "threshold": t, "holds": r <= t} for g, r, t in goals]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
@@ -135,7 +147,26 @@ def main(argv: list[str] | None = None) -> dict:
         if None in ppl0.values():
             raise RuntimeError(f"no ppl in the base evals' metrics: {sorted(base_dom.metrics)}")
         print(f"base ppl: {ppl0}", flush=True)
-        runs = []
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        kind = "gpu" if "gpu" in machine(torch_threads=True) else "cpu"
+        path = out / f"cpt-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        result: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(PACKAGES),
+            "model": {"name": a.model, "path_kind": "provider" if a.model in PROVIDERS else "folder"},
+            "corpora": {
+                "domain": {"package": "sqlite3-doc", "licence": "public domain (SQLite documentation)",
+                           "pages": len(list(pages.glob("*.html"))), "counts": dds.manifest["counts"],
+                           "skipped": dds.manifest["skipped"], "version": dds.version,
+                           "eos_token": dds.manifest.get("eos_token")},
+                "general": {"package": "fortunes-min", "licence": "BSD (fortune-mod, per the package copyright)",
+                            "fortunes": n_fortunes, "counts": gds.manifest["counts"], "version": gds.version}},
+            "settings": {"steps": a.steps, "batch_size": a.batch_size, "chunk_tokens": a.chunk_tokens, "lr": a.lr,
+                         "rank": a.rank, "alpha": a.alpha, "eval_limit": a.eval_limit, "threads": a.threads,
+                         "method": "lora", "objective": "causal-lm", "repeats": a.repeats},
+            "data_s": data_s, "base_ppl": ppl0, "runs": [],
+        }
+        runs: list[dict[str, Any]] = result["runs"]
         for seed in range(a.repeats):
             t0 = time.perf_counter()
             ft = _ok(runner.run("finetune", {
@@ -163,33 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  seed {seed}: {train_s:.0f} s train, ppl domain {ppl0['domain']:.2f} → {r['ppl_domain']:.2f} "
                   f"({r['domain_ratio']:.3f}×), general {ppl0['general']:.2f} → {r['ppl_general']} "
                   f"({r['general_ratio']}×), gate {gate}", flush=True)
-        dom_r = spread([r["domain_ratio"] for r in runs])
-        gen_r = spread([r["general_ratio"] for r in runs if r["general_ratio"] is not None])
-        result: dict[str, Any] = {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(PACKAGES),
-            "model": {"name": a.model, "path_kind": "provider" if a.model in PROVIDERS else "folder"},
-            "corpora": {
-                "domain": {"package": "sqlite3-doc", "licence": "public domain (SQLite documentation)",
-                           "pages": len(list(pages.glob("*.html"))), "counts": dds.manifest["counts"],
-                           "skipped": dds.manifest["skipped"], "version": dds.version},
-                "general": {"package": "fortunes-min", "licence": "BSD (fortune-mod, per the package copyright)",
-                            "fortunes": n_fortunes, "counts": gds.manifest["counts"], "version": gds.version}},
-            "settings": {"steps": a.steps, "batch_size": a.batch_size, "chunk_tokens": a.chunk_tokens, "lr": a.lr,
-                         "rank": a.rank, "alpha": a.alpha, "eval_limit": a.eval_limit, "threads": a.threads,
-                         "method": "lora", "objective": "causal-lm"},
-            "base_ppl": ppl0, "runs": runs, "domain_ppl_ratio": dom_r, "general_ppl_ratio": gen_r,
-        }
-    goals = [("held-out domain ppl ratio ≤ 0.80 (median)", dom_r["median"], GOAL_DOMAIN,
-              dom_r["median"] <= GOAL_DOMAIN),
-             ("general ppl ratio ≤ 1.05 (median)", gen_r["median"], GOAL_GENERAL, gen_r["median"] <= GOAL_GENERAL)]
-    result["goals"] = [{"goal": g, "ratio": r, "threshold": t, "holds": ok} for g, r, t, ok in goals]
-    result["machine"] = machine(torch_threads=True)
-    result["wall_s"] = time.time() - t_start
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    kind = "gpu" if "gpu" in result["machine"] else "cpu"
-    path = out / f"cpt-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
+            summarize(result, time.time() - t_start)
+            path.write_text(json.dumps(result, indent=2, default=str))  # after every seed: a stopped run keeps its seeds
     for g in result["goals"]:
         print(f"  GOAL {g['goal']:<44} {g['ratio']:.3f}  {'holds' if g['holds'] else 'DOES NOT HOLD'}")
     print(f"  raw results: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")

@@ -55,9 +55,10 @@ def build_tokenizer(vocab_size: int = 512):
 
 
 def build_tiny_model(path: str | os.PathLike, *, seed: int = 0, hidden: int = 64, layers: int = 2,
-                     vocab_size: int = 512, initializer_range: float = 0.02) -> Path:
+                     vocab_size: int = 512, initializer_range: float = 0.02, tie_word_embeddings: bool = False) -> Path:
     """Write a tiny Llama checkpoint + tokenizer to ``path`` (atomically) and return it. A larger
-    ``initializer_range`` gives a less uniform random model whose output a LoRA adapter can move (the RL tests)."""
+    ``initializer_range`` gives a less uniform random model whose output a LoRA adapter can move (the RL tests);
+    ``tie_word_embeddings`` shares the input embedding with the output layer, as SmolLM2 does."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -67,7 +68,7 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0, hidden: int = 64
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False, initializer_range=initializer_range,
+        tie_word_embeddings=tie_word_embeddings, initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

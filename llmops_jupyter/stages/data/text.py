@@ -14,9 +14,13 @@ document, is one error naming it and nothing is stored.
 Each chunk row of the dataset::
 
     {"id": "<sha1 of document id + chunk index>", "doc": "<file (and line)>", "doc_id": "<sha1 of the document>",
-     "chunk": i, "text": "<the window's text>", "n_tokens": int}
+     "chunk": i, "text": "<the window's text>", "n_tokens": int, "eos": bool}
 
 (no ``prompt``/``completion``/``messages``: training on it is the causal-LM objective, loss on every token).
+``eos`` is true on each document's last chunk only: training appends the tokenizer's end-of-text token after its
+text (the manifest's ``eos_token``), so the model learns where documents end, as LLaMA-Factory's ``pt`` stage and
+Unsloth's continued pretraining do (the token is an id added at training, not text in the chunk). ``n_tokens`` is the window's length as trained, that token included, and at most ``--chunk-tokens``;
+the manifest's per-document ``tokens`` counts the text alone.
 """
 
 from __future__ import annotations
@@ -224,24 +228,36 @@ def _table_documents(src: Any, text_column: str | None, label: str | None = None
     return docs
 
 
-def chunk_spans(text: str, tokenizer: Any, chunk_tokens: int, stride: int) -> list[tuple[int, int, int]]:
-    """``(start char, end char, tokens)`` of each window of one document: ``chunk_tokens`` tokens, the next one
-    ``stride`` tokens later, the last one ending at the document's end; a shorter document is one window. Windows are
-    cut at token offsets, so a chunk's text re-tokenizes to (about) its window and no window crosses a document."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+def chunk_spans(text: str, tokenizer: Any, chunk_tokens: int, stride: int,
+                eos: bool = False) -> tuple[list[tuple[int, int, int, bool]], int]:
+    """``([(start char, end char, window tokens, ends the document)], document tokens)``: the windows of one document,
+    ``chunk_tokens`` tokens each, the next one ``stride`` tokens later, the last one ending at the document's end; a
+    shorter document is one window. Windows are cut at token offsets, so a chunk's text re-tokenizes to (about) its
+    window and no window crosses a document.
+
+    With ``eos`` the document is followed by one end-of-text token that counts toward its window's ``chunk_tokens``
+    (what ``--seq-len`` must hold): the document's last window ends in it and no other window does. Where it would
+    sit alone in a window (the text is a whole number of windows), that window starts at the last text token instead,
+    which the window before already learned, so no token is a training target twice. A special token's text inside
+a document (a page about tokenizers quoting ``<|endoftext|>``) is text, never that token (``split_special_tokens``),
+so no end-of-text token appears mid-document."""
+    enc = tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
     n = len(offsets)
     if n == 0:
-        return []
+        return [], 0
+    total = n + 1 if eos else n
     spans = []
     start = 0
     while True:
-        end = min(start + chunk_tokens, n)
-        c0 = offsets[start][0] if start else 0
-        c1 = offsets[end - 1][1] if end < n else len(text)
-        spans.append((c0, c1, end - start))
-        if end >= n:
-            return spans
+        end = min(start + chunk_tokens, total)
+        first, stop = min(start, n - 1), min(end, n)  # text tokens [first, stop) of the window
+        c0 = offsets[first][0] if first else 0
+        c1 = offsets[stop - 1][1] if stop < n else len(text)
+        last = end >= total
+        spans.append((c0, c1, stop - first + (1 if eos and last else 0), eos and last))
+        if last:
+            return spans, n
         start += stride
 
 
@@ -276,6 +292,9 @@ def run_text(ctx: Any, cfg: Any) -> dict[str, Any]:
         ctx.use(ctx.registry.add_reference(f, "raw-data", name=f.name))
     tokenizer, tok_info = load_tokenizer_info(cfg, ctx)
     stride = cfg.stride or cfg.chunk_tokens
+    eos_token = getattr(tokenizer, "eos_token", None)  # marks each document's end (its last chunk)
+    if eos_token is None:
+        ctx.log(f"tokenizer {tok_info['tokenizer']} has no end-of-text token: document ends are not marked")
 
     dropped: Counter = Counter()
     dropped_rows: list[dict[str, Any]] = []
@@ -347,14 +366,13 @@ def run_text(ctx: Any, cfg: Any) -> dict[str, Any]:
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
     for split, group in (("eval", eval_docs), ("train", train_docs)):
         for d in sorted(group, key=lambda d: d["row"]):
-            spans = chunk_spans(d["text"], tokenizer, cfg.chunk_tokens, stride)
-            for c, (c0, c1, n) in enumerate(spans):
+            spans, n_doc = chunk_spans(d["text"], tokenizer, cfg.chunk_tokens, stride, eos=eos_token is not None)
+            for c, (c0, c1, n, ends) in enumerate(spans):
                 splits[split].append({"id": hashlib.sha1(f"{d['doc_id']}:{c}".encode()).hexdigest()[:16],
                                       "doc": d["doc"], "doc_id": d["doc_id"], "chunk": c, "text": d["text"][c0:c1],
-                                      "n_tokens": n})
+                                      "n_tokens": n, "eos": ends})
             documents.append({"doc": d["doc"], "doc_id": d["doc_id"], "split": split, "chars": len(d["text"]),
-                              "tokens": (len(spans) - 1) * stride + spans[-1][2] if spans else 0,
-                              "chunks": len(spans)})
+                              "tokens": n_doc, "chunks": len(spans)})
         ctx.progress(len(documents), len(eval_docs) + len(train_docs), "chunking")
     documents.sort(key=lambda d: d["doc"])
     dropped_rows.sort(key=lambda d: d["row"])
@@ -368,7 +386,7 @@ def run_text(ctx: Any, cfg: Any) -> dict[str, Any]:
         "counts": {"input": len(docs), "kept": len(train_rows) + len(eval_rows), "documents": len(documents),
                    "train_documents": len(train_docs), "eval_documents": len(eval_docs)},
         "dropped": dict(dropped), "pii": dict(pii), "skipped": skipped, "documents": documents,
-        "chunk_tokens": cfg.chunk_tokens, "stride": stride,
+        "chunk_tokens": cfg.chunk_tokens, "stride": stride, "eos_token": eos_token,
         "dedup": cfg.dedup, "near_dup": cfg.near_dup, "decontaminate": cfg.decontaminate,
         "dropped_file": DROPPED_FILE, "chat_template": None,
         "seed": cfg.seed, "eval_fraction": cfg.eval_fraction, "eval_size": cfg.eval_size,

@@ -47,14 +47,18 @@ from llmops_jupyter.stages.finetune.train import (
 
 
 def tokenize(rows: list[dict[str, Any]], tokenizer: Any, seq_len: int, completion_only: bool) -> list[dict[str, list]]:
-    """Examples → ``input_ids`` / ``labels`` (prompt tokens masked with -100 for completion-only loss)."""
+    """Examples → ``input_ids`` / ``labels`` (prompt tokens masked with -100 for completion-only loss). A text chunk
+    that ends its document (``eos``, see :mod:`llmops_jupyter.stages.data.text`) gets the tokenizer's end-of-text
+    token after its text, as a target like every other token."""
     out = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for row in rows:
         if row.get("prompt") is not None and row.get("completion") is not None:
             p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
             c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
         else:
-            p, c = [], tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+            c = tokenizer(row["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            p, c = [], c + (eos if row.get("eos") else [])  # a special token's text in a document stays text
         ids = (p + c)[:seq_len]
         labels = (([-100] * len(p) + c) if completion_only else (p + c))[:seq_len]
         if len(ids) < 2 or all(t == -100 for t in labels[1:]):

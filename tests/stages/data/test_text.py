@@ -102,11 +102,17 @@ def test_folder_is_chunked_by_document_and_no_eval_document_reaches_train(regist
         assert not ngrams(texts[d]) & train_grams, d
     # windows never cross documents: a document's chunks, in order, are exactly its text
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    assert m["eos_token"] == tok.eos_token
     for d, chunks in by_doc.items():
         chunks.sort(key=lambda r: r["chunk"])
-        assert re.sub(r"\s", "", "".join(c["text"] for c in chunks)) == re.sub(r"\s", "", texts[d]), d
+        # the document's end is marked once, on its last chunk; a text of whole windows ends in a 1-token window
+        # that repeats the last text token (as context for the end-of-text token)
+        assert [c["eos"] for c in chunks] == [False] * (len(chunks) - 1) + [True], d
+        repeat = 1 if docs[d]["tokens"] % 24 == 0 else 0
+        text = "".join(c["text"] for c in (chunks[:-1] if repeat else chunks))
+        assert re.sub(r"\s", "", text) == re.sub(r"\s", "", texts[d]), d
         assert len(chunks) == docs[d]["chunks"] and all(c["n_tokens"] <= 24 for c in chunks)
-        assert sum(c["n_tokens"] for c in chunks) == docs[d]["tokens"]
+        assert sum(c["n_tokens"] for c in chunks) == docs[d]["tokens"] + 1 + repeat  # + the end-of-text token
         assert docs[d]["tokens"] == len(tok(texts[d], add_special_tokens=False)["input_ids"])
     assert len(by_doc["short.txt"]) == 1 and by_doc["short.txt"][0]["text"] == texts["short.txt"]  # kept whole
     assert docs["note8.txt"]["chunks"] > 3
@@ -128,8 +134,63 @@ def test_overlapping_windows_and_a_glob(registry, tiny_model, corpus):
     assert len(one) > 2
     for a, b in zip(one, one[1:]):  # the second half of each window is the start of the next one
         assert a["n_tokens"] == 24 and b["text"][:12] in a["text"] and b["text"] not in a["text"]
+    assert [c["eos"] for c in one] == [False] * (len(one) - 1) + [True]  # overlapping windows: still one end
     doc = next(d for d in ds.manifest["documents"] if d["doc"].endswith("page9.md"))
-    assert doc["chunks"] == len(one) and doc["tokens"] == 12 * (len(one) - 1) + one[-1]["n_tokens"]
+    assert doc["chunks"] == len(one) and doc["tokens"] == 12 * (len(one) - 1) + one[-1]["n_tokens"] - 1
+
+
+def test_end_of_text_only_at_each_document_end_once_and_no_target_twice(registry, tiny_model, tmp_path):
+    """Each document's last chunk is trained with the tokenizer's EOS after its text; no other chunk is, a special
+    token's text inside a document stays text, and a text of whole windows gets a window for the EOS that repeats
+    only its last text token (as context: no token is a training target twice)."""
+    from transformers import AutoTokenizer
+
+    from llmops_jupyter.stages.finetune.sft import tokenize
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    eos = tok.eos_token_id
+
+    def n_tokens(text: str) -> int:
+        return len(tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    words = doc_text(7, 12).split(" ")
+    whole = next(t for t in (" ".join(words[:k]) for k in range(4, len(words))) if n_tokens(t) % 8 == 0)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    texts = {"whole.txt": whole, "short.txt": "Fig.", "long.txt": doc_text(8, 6),
+             "quotes.txt": f"{doc_text(9, 2)} The chat template closes a turn with {tok.eos_token} and goes on. "
+                           f"{doc_text(10, 2)}"}
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    res = Runner(registry).run("data", {"source": str(folder), "format": "text", "tokenizer": str(tiny_model),
+                                        "chunk_tokens": 8, "eval_fraction": 0.0})
+    ds = load_dataset(res.run_id, registry)
+    assert ds.manifest["eos_token"] == tok.eos_token and ds.manifest["counts"]["documents"] == 4
+    feats = tokenize(ds.train, tok, 8, completion_only=False)
+    assert len(feats) == len(ds.train)  # every window, the EOS-only tail included, has a target
+    by_doc: dict[str, list[tuple[dict, dict]]] = {}
+    for row, f in zip(ds.train, feats):
+        by_doc.setdefault(row["doc"], []).append((row, f))
+    assert set(by_doc) == set(texts)
+    for name, pairs in by_doc.items():
+        pairs.sort(key=lambda p: p[0]["chunk"])
+        assert [r["eos"] for r, _ in pairs] == [False] * (len(pairs) - 1) + [True], name
+        ids = [f["input_ids"] for _, f in pairs]
+        assert all(len(i) == r["n_tokens"] <= 8 for i, (r, _) in zip(ids, pairs))
+        assert [i.count(eos) for i in ids] == [0] * (len(ids) - 1) + [1] and ids[-1][-1] == eos, name  # once, last
+        # the chunks tile the document + EOS; each token is a target (not a chunk's first) at most once
+        full = tok(texts[name], add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
+        pos, targets = 0, []
+        for i in ids:
+            start = pos if full[pos:pos + len(i)] == i else pos - 1
+            assert full[start:start + len(i)] == i, name
+            targets += range(start + 1, start + len(i))
+            pos = start + len(i)
+        assert pos == len(full) and len(targets) == len(set(targets)) and targets[-1] == len(full) - 1, name
+    assert n_tokens("Fig.") < 7 and len(by_doc["short.txt"]) == 1 and by_doc["short.txt"][0][1]["input_ids"][-1] == eos
+    last, before = by_doc["whole.txt"][-1], by_doc["whole.txt"][-2]
+    assert last[0]["n_tokens"] == 2 and last[1]["input_ids"] == [before[1]["input_ids"][-1], eos]  # repeat 1 token
+    assert tok.eos_token in "".join(r["text"] for r, _ in by_doc["quotes.txt"])  # quoted as text, not as the token
 
 
 def test_text_column_with_exact_and_near_duplicates_and_pii(registry, tiny_model, tmp_path):
