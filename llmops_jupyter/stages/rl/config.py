@@ -39,6 +39,8 @@ class RLConfig(StageConfig):
                                  "(TRL RLOOTrainer)", choices=METHODS)
     peft: str = option("lora", "lora: adapters on a full-precision base; qlora: on a 4-bit NF4 base",
                        choices=["lora", "qlora"])
+    response_prefix: str = option("", "text every answer starts with (e.g. '<answer>'): appended to each prompt for "
+                                      "sampling and for the held-out check; rewards see the completion after it")
     num_generations: int = option(4, "completions sampled per prompt (the group whose rewards are compared)", min=2,
                                   max=1024)
     max_completion_length: int = option(64, "longest completion in tokens (longer ones are cut: 'clipped')", min=1,

@@ -39,7 +39,8 @@ def reference(row: dict[str, Any]) -> str:
     return str(row.get("answer") or row.get("completion") or "")
 
 
-def rows_for_trl(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def rows_for_trl(rows: list[dict[str, Any]], prefix: str = "") -> list[dict[str, Any]]:
+    """TRL's rows: the prompt (plus the response prefix the policy continues from) and the reference answer."""
     if not rows:
         return []
     missing = [k for k in ("prompt",) if k not in rows[0]]
@@ -48,7 +49,7 @@ def rows_for_trl(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
         raise DataError("The dataset has no 'prompt' field to sample completions from.",
                         fix="build it with `%llmops data` (each example's prompt is templated there)")
-    return [{"prompt": r["prompt"], "answer": reference(r), "example_id": str(r.get("id", i))}
+    return [{"prompt": r["prompt"] + prefix, "answer": reference(r), "example_id": str(r.get("id", i))}
             for i, r in enumerate(rows)]
 
 
@@ -169,8 +170,8 @@ def train_rl(cfg: RLConfig, model_path: Path, train_rows: list[dict], eval_rows:
         trainer_kwargs,
     )
 
-    train = rows_for_trl(train_rows)
-    held = rows_for_trl(eval_rows)[: cfg.check_examples] or train[: cfg.check_examples]
+    train = rows_for_trl(train_rows, cfg.response_prefix)
+    held = rows_for_trl(eval_rows, cfg.response_prefix)[: cfg.check_examples] or train[: cfg.check_examples]
     if not train:
         raise StageError("The dataset has no training prompts.", fix="pass a dataset with examples as --data")
     dtype = compute_dtype(cfg.dtype)

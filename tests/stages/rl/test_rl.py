@@ -85,6 +85,27 @@ def test_contract_check_refuses_before_any_step_and_stores_nothing(registry, tin
     assert not list((registry.home / "runs" / run["id"]).glob("checkpoints/checkpoint-*"))
 
 
+def test_response_prefix_starts_every_sampled_and_checked_answer(registry, tiny_model, tiny_dataset):
+    seen: list[tuple[str, str]] = []
+
+    def records(prompts, completions, **kw):
+        seen.extend(zip(prompts, completions))
+        return [float(len(c) % 2) for c in completions]
+
+    res = run_rl(registry, tiny_model, tiny_dataset, [records], max_steps=1, response_prefix="<answer>",
+                 check_every=1, check_reward="records", check_examples=2, check_contract=True, clipped_max=1.0)
+    assert str(res.status) == "finished" and res.params["response_prefix"] == "<answer>"
+    from llmops_jupyter.stages.data.format import Dataset
+
+    data = Dataset(tiny_dataset.path)
+    templated = {r["prompt"] for r in data.train + data.eval}
+    # contract check (4) + one step (4) + greedy checks before and after (2 each): each is a dataset prompt + prefix
+    assert len(seen) == 12
+    assert all(p.endswith("<answer>") and p[: -len("<answer>")] in templated for p, _ in seen)
+    samples = [json.loads(line) for line in (res.artifact.path / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["prompt"].endswith("<answer>") for s in samples)
+
+
 def test_constant_reward_fires_the_zero_variance_alert_and_stops_cleanly(registry, tiny_model, tiny_dataset):
     def constant(completions, **kw):
         return [1.0] * len(completions)
