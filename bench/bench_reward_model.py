@@ -104,31 +104,6 @@ def prompt_rows(pool: list, asked: list, seed: int = 2) -> list[dict[str, Any]]:
                                                  {"role": "assistant", "content": tag(a + b)}]} for a, b in asked]
 
 
-def heldout_scores(registry: Any, res: Any, rm_hash: str, eval_rows: list[dict]) -> dict[str, Any]:
-    """Greedy answers of the base model and of the trained policy to the held-out prompts, scored by the reward
-    model and by exact match (the stage's own ``greedy_check``, so the same generation as ``check/exact``)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmops_jupyter.stages.rl.grpo import greedy_check, rows_for_trl
-    from llmops_jupyter.stages.rl.reward_model import RewardModelScorer
-    from llmops_jupyter.stages.rl.rewards import exact
-
-    rows = rows_for_trl(eval_rows)
-    scorer = RewardModelScorer(registry.get_artifact(rm_hash).path)
-    adapter = registry.get_artifact(res.artifact.hash).path
-    base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    out: dict[str, Any] = {"prompts": len(rows)}
-    for name in ("base", "trained"):
-        tok = AutoTokenizer.from_pretrained(base, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(base)
-        if name == "trained":
-            model = PeftModel.from_pretrained(model, str(adapter))
-        out[name] = {"reward_model": greedy_check(model, tok, rows, scorer, 8),
-                     "exact": greedy_check(model, tok, rows, exact, 8)}
-    return out
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -299,13 +274,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "reward_per_step": reward, "check_per_step": check,
             "alerts": res.summary.get("alerts"),
             "rm_and_check_rise_together": bool(check) and last > first and check[-1][1] > check[0][1]}
-        # The reward model's score on fixed prompts: greedy answers to the held-out problems, base vs the trained
-        # policy (the per-step training mean follows whichever prompt the step drew).
-        held_rm = heldout_scores(registry, res, rm_hash, rds.eval)
-        result["rl"]["heldout_greedy"] = held_rm
-        result["rl"]["rm_and_check_rise_together_heldout"] = (
-            held_rm["trained"]["reward_model"] > held_rm["base"]["reward_model"]
-            and held_rm["trained"]["exact"] > held_rm["base"]["exact"])
         print(json.dumps({k: v for k, v in result["rl"].items() if not k.endswith("per_step")}), flush=True)
         save()
 
