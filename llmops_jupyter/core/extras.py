@@ -41,7 +41,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "gpu": {"pynvml": "nvidia-ml-py"},
     "liger": {"liger_kernel": "liger-kernel"},
     "lab": {"jupyterlab": "jupyterlab", "jupyter_server": "jupyter-server"},
-    "team": {"psycopg": "psycopg[binary]"},
+    "team": {"psycopg": "psycopg[binary]", "fsspec": "fsspec"},
 }
 
 #: extra → the extras it installs too (``pip install 'llmops-jupyter[eval]'`` brings ``[finetune]``).
