@@ -37,8 +37,9 @@ def test_the_explain_button_explains_the_example_on_screen(registry, two_version
     assert registry.get_run(res.run_id)["stage"] == "explain"
 
 
-@pytest.mark.slow
-def test_the_explain_button_in_a_real_kernel_keeps_its_pictures(tmp_path, tiny_model):
+def _saved_notebook(tmp_path, tiny_model, cells):
+    """``cells`` run through a real kernel after ``%load_ext`` and a tiny dataset (cells 0 and 1), saved with its
+    widget state and read back."""
     nbclient = pytest.importorskip("nbclient")
     import nbformat
 
@@ -47,14 +48,20 @@ def test_the_explain_button_in_a_real_kernel_keeps_its_pictures(tmp_path, tiny_m
         "%load_ext llmops_jupyter",
         "from llmops_jupyter.testing import tiny_records\nrecs = tiny_records(8)\n"
         f"d = get_ipython().run_line_magic('llmops', 'data $recs --tokenizer {tiny_model} --eval-fraction 0.5')",
-        f"e = get_ipython().run_line_magic('llmops', 'eval --model {tiny_model} --data data@latest --limit 1 "
-        "--metrics exact_match --max-new-tokens 4')",
-        "view = get_ipython().run_line_magic('llmops', 'rate eval@latest')\nview",
-        "r = view.explain()\nprint(r.status, r.run_id)")]
+        *cells)]
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     nbformat.write(nb, str(tmp_path / "saved.ipynb"))
-    saved = nbformat.read(str(tmp_path / "saved.ipynb"), as_version=4)
+    return nbformat.read(str(tmp_path / "saved.ipynb"), as_version=4)
+
+
+@pytest.mark.slow
+def test_the_explain_button_in_a_real_kernel_keeps_its_pictures(tmp_path, tiny_model):
+    saved = _saved_notebook(tmp_path, tiny_model, (
+        f"e = get_ipython().run_line_magic('llmops', 'eval --model {tiny_model} --data data@latest --limit 1 "
+        "--metrics exact_match --max-new-tokens 4')",
+        "view = get_ipython().run_line_magic('llmops', 'rate eval@latest')\nview",
+        "r = view.explain()\nprint(r.status, r.run_id)"))
     assert "finished" in "".join(o.get("text", "") for o in saved.cells[4]["outputs"])
     state = saved.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     captured = [m["state"].get("outputs", []) for m in state.values() if m["model_name"] == "OutputModel"]
@@ -125,25 +132,14 @@ def test_terminals_skip_the_examples_widget(registry, two_version_eval, capsys):
 def test_an_eval_cells_explain_button_in_a_real_kernel_keeps_its_pictures(tmp_path, tiny_model):
     """The eval magic's cell shows its examples widget; a click on an example's button puts the explain pictures
     into that example's Output widget, and the notebook saved with its widget state still has them."""
-    nbclient = pytest.importorskip("nbclient")
-    import nbformat
-
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(c) for c in (
-        "%load_ext llmops_jupyter",
-        "from llmops_jupyter.testing import tiny_records\nrecs = tiny_records(8)\n"
-        f"d = get_ipython().run_line_magic('llmops', 'data $recs --tokenizer {tiny_model} --eval-fraction 0.5')",
+    saved = _saved_notebook(tmp_path, tiny_model, (
         f"e = get_ipython().run_line_magic('llmops', 'eval --model {tiny_model} --model {tiny_model} "
         "--data data@latest --limit 2 --metrics exact_match --max-new-tokens 4')",
         "b = e.outputs['examples'].buttons[1]\nb.button.click()\nprint(b.last.status, b.last.run_id, b.out.model_id)",
         f"e1 = get_ipython().run_line_magic('llmops', 'eval --model {tiny_model} --data data@latest --limit 2 "
         "--metrics exact_match --max-new-tokens 4')\n"
         "dv = get_ipython().run_line_magic('llmops', f'diff {e.run_id} {e1.run_id}')\ndv",
-        "c = dv.examples.buttons[0]\nc.button.click()\nprint(c.last.status, c.last.run_id, c.out.model_id)")]
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    nbformat.write(nb, str(tmp_path / "saved.ipynb"))
-    saved = nbformat.read(str(tmp_path / "saved.ipynb"), as_version=4)
+        "c = dv.examples.buttons[0]\nc.button.click()\nprint(c.last.status, c.last.run_id, c.out.model_id)"))
     shown = [o for o in saved.cells[2]["outputs"] if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert shown, saved.cells[2]["outputs"]  # the examples widget is in the eval cell's output
     status, run_id, out_id = "".join(o.get("text", "") for o in saved.cells[3]["outputs"]).split()
