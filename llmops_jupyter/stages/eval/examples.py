@@ -10,6 +10,7 @@ run stored), so the view is built only when a notebook displays it; terminals sk
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 from typing import Any
@@ -47,18 +48,29 @@ class EvalExamples:
                 base = evalstore.versions(registry, baseline)[0]
                 versions = versions[:1] + [base] + versions[1:]
         self.versions = versions
-        labels: dict[tuple[str, str], str] = {}
-        for run in dict.fromkeys(v["run_id"] for v in versions):
-            summary = registry.get_run(run)["summary"]
-            labels.update({(run, ref): label for ref, label in zip(summary.get("models") or [],
-                                                                   summary.get("labels") or [])})
-        self._labels = [labels.get((v["run_id"], v["model_ref"]), v["model_ref"]) for v in versions]
-        self._tables = [{r["id"]: r for r in evalstore.load_examples(registry, v["run_id"], v["model_ref"])}
-                        for v in versions]
-        self.ids = [i for i in self._tables[0] if all(i in t for t in self._tables[1:])]
         self.page = 0
         self.buttons: dict[int, Any] = {}  # example index -> its ExplainButton (the page on screen)
         self._widget: Any = None
+
+    # Read from the registry on first use (a notebook displaying the view), not when the eval run builds this object:
+    # a run from a terminal or a pipeline never shows it, and the run's summary labels are complete only once it ends.
+    @functools.cached_property
+    def _labels(self) -> list[str]:
+        labels: dict[tuple[str, str], str] = {}
+        for run in dict.fromkeys(v["run_id"] for v in self.versions):
+            summary = self.registry.get_run(run)["summary"]
+            labels.update({(run, ref): label for ref, label in zip(summary.get("models") or [],
+                                                                   summary.get("labels") or [])})
+        return [labels.get((v["run_id"], v["model_ref"]), v["model_ref"]) for v in self.versions]
+
+    @functools.cached_property
+    def _tables(self) -> list[dict[str, dict[str, Any]]]:
+        return [{r["id"]: r for r in evalstore.load_examples(self.registry, v["run_id"], v["model_ref"])}
+                for v in self.versions]
+
+    @functools.cached_property
+    def ids(self) -> list[str]:
+        return [i for i in self._tables[0] if all(i in t for t in self._tables[1:])]
 
     def __len__(self) -> int:
         return len(self.ids)
