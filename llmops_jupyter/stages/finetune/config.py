@@ -87,6 +87,9 @@ class FinetuneConfig(StageConfig):
     log_every: int = option(10, "log metrics (loss, lr, tokens/s, memory) every N optimizer steps", min=1)
     checkpoint_every: int = option(50, "save a resumable checkpoint every N steps (0: never)", min=0)
     eval_every: int = option(0, "evaluate on the eval split every N steps (0: only at the end)", min=0)
+    eval_limit: int = option(0, "score at most N examples of the eval split, spread evenly over it (0: all): the "
+                                "eval_loss of --eval-every and of the end of the run; a large held-out split of "
+                                "documents can otherwise cost more than the training", min=0)
     keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", min=1)
     resume: str | None = option(None, "run id to continue from its last checkpoint: training options come from that "
                                       "run (the result equals an uninterrupted run); --max-steps/--epochs may change "
@@ -121,7 +124,7 @@ class FinetuneConfig(StageConfig):
 
 #: Options that may differ between an interrupted run and its --resume without changing the result.
 RESUME_FREE = ("resume", "detach", "launcher", "num_processes", "checkpoint_every", "keep_checkpoints", "log_every",
-               "eval_every", "adapter_name")
+               "eval_every", "eval_limit", "adapter_name")
 #: Options a --resume may change to train longer or shorter; honoured and recorded (``resume_changes``). Every other
 #: training option is the interrupted run's, and giving a different value is refused.
 RESUME_EXTEND = ("max_steps", "epochs")

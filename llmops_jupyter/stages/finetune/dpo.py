@@ -126,6 +126,7 @@ def train_dpo(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eva
         TokenCounter,
         _callback_cls,
         compute_dtype,
+        eval_subset,
         finish_run,
         free_memory,
         load_model,
@@ -146,6 +147,8 @@ def train_dpo(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eva
         return datasets.Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                                            for r in rows])
 
+    eval_total = len(eval_rows)
+    eval_rows = eval_subset(eval_rows, cfg.eval_limit)
     train_ds, eval_ds = ds(train_rows), (ds(eval_rows) if eval_rows else None)
     with oom_guard(cfg, model_ref or str(model_path)):
         model = load_model(cfg, model_path, dtype)  # LoRA / QLoRA exactly as for supervised fine-tuning
@@ -184,7 +187,8 @@ def train_dpo(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eva
             return finish_run(trainer, model, counter, metrics, dtype=dtype, batching="padded (DPO)",
                               train_examples=len(train_ds), eval_examples=len(eval_ds) if eval_ds is not None else 0,
                               tokenizer=tokenizer, adapter_dir=adapter_dir,
-                              save_kwargs={"selected_adapters": ["default"]}, beta=cfg.beta)
+                              save_kwargs={"selected_adapters": ["default"]}, beta=cfg.beta,
+                              **({"eval_examples_total": eval_total} if len(eval_rows) < eval_total else {}))
         finally:
             release(trainer, hook)
             del trainer, model

@@ -36,6 +36,7 @@ from llmops_jupyter.stages.finetune.train import (
     _callback_cls,
     compute_dtype,
     efficiency,
+    eval_subset,
     finish_run,
     free_memory,
     load_model,
@@ -434,6 +435,8 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
     reset_peak_memory()
     causal = getattr(cfg, "objective", "sft") == "causal-lm"
     completion_only = cfg.completion_only_loss and not causal  # causal-lm: loss on every token
+    eval_total = len(eval_rows)
+    eval_rows = eval_subset(eval_rows, getattr(cfg, "eval_limit", 0))
     tokenizer, train_ds, eval_ds = tokenized_splits(model_path, train_rows, eval_rows, cfg.seq_len, completion_only)
     if causal:
         cut = sum(1 for r in train_rows if (r.get("n_tokens") or 0) > cfg.seq_len)
@@ -485,6 +488,8 @@ def train(cfg: FinetuneConfig, model_path: Path, train_rows: list[dict], eval_ro
                     metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
             emb = ({"train_embeddings": True, "embedding_lr": embedding_lr(cfg)}
                    if getattr(cfg, "train_embeddings", False) else {})
+            if len(eval_rows) < eval_total:
+                emb["eval_examples_total"] = eval_total
             extra = {"objective": getattr(cfg, "objective", "sft"), **emb, "attention_kernel": choice.kernel, "batching_reason": choice.reason, "kernels": cfg.kernels,
                      **({"batching_costs": choice.costs} if choice.costs else {}),
                      **({"packing_probe": choice.probes} if choice.probes else {}),

@@ -135,6 +135,14 @@ def resume_config(ctx: Any, cls: type, stage: str, *, free: tuple[str, ...], ext
     return eff, recorded, ckpt[1]
 
 
+def eval_subset(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """At most ``limit`` of the eval rows (0: all), evenly spaced over the split so every part of it (every held-out
+    document of a text dataset, whose chunks are in document order) is scored, and the same rows on every call."""
+    if not limit or len(rows) <= limit:
+        return list(rows)
+    return [rows[i * len(rows) // limit] for i in range(limit)]
+
+
 def compute_dtype(name: str) -> Any:
     """The dtype to train in: ``auto`` = bfloat16 on GPUs that support it, else float32 (a checkpoint's saved dtype
     is :func:`llmops_jupyter.models.tools.checkpoint_dtype`)."""

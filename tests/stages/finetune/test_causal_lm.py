@@ -76,6 +76,31 @@ def test_causal_lm_learns_records_objective_and_perplexity(registry, tiny_model,
     assert {a.kind: a.hash for a in registry.lineage_chain(art)}["dataset"] == text_dataset.hash
 
 
+def test_eval_subset_is_evenly_spread_and_the_same_on_every_call():
+    from llmops_jupyter.stages.finetune.train import eval_subset
+
+    rows = [{"i": i} for i in range(10)]
+    assert eval_subset(rows, 0) == rows and eval_subset(rows, 10) == rows and eval_subset(rows, 50) == rows
+    assert [r["i"] for r in eval_subset(rows, 4)] == [0, 2, 5, 7]  # spread over the split, not its head
+    assert eval_subset(rows, 4) == eval_subset(rows, 4)
+
+
+def test_eval_limit_scores_that_many_held_out_chunks_spread_over_the_documents(registry, tiny_model, text_dataset):
+    from llmops_jupyter.stages.data.format import load_dataset
+
+    held = load_dataset(text_dataset.hash, registry).eval
+    assert len(held) > 3 and len({r["doc"] for r in held}) > 1
+    runner = Runner(registry)
+    base = {"model": str(tiny_model), "data": text_dataset.hash, "max_steps": 2, "seed": 0, **FAST}
+    full = runner.run("finetune", base)
+    part = runner.run("finetune", {**base, "eval_limit": 2})
+    assert full.summary["eval_examples"] == len(held) and "eval_examples_total" not in full.summary
+    assert part.summary["eval_examples"] == 2 and part.summary["eval_examples_total"] == len(held)
+    assert part.metrics["eval_loss"] != pytest.approx(full.metrics["eval_loss"], rel=1e-9)  # a different set scored
+    # the same training: only what is scored differs
+    assert part.metrics["train_loss"] == pytest.approx(full.metrics["train_loss"], rel=1e-6)
+
+
 def test_train_embeddings_trains_them_at_their_own_learning_rate(registry, tiny_model, text_dataset):
     import torch
     from safetensors.torch import load_file
