@@ -11,9 +11,11 @@ with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into the model cache
   and riddles in plain English; BSD licence per the package's copyright file), one document per fortune, half held
   out. Never trained on.
 
-Per seed (``--repeats``): ``finetune --objective causal-lm`` LoRA for ``--steps`` steps, then ``eval`` of the adapter
-on each held-out set against the base model's eval of the same chunks (``--baseline``): the general one through the
-forgetting gate ``ppl<=+5%``. What a user would do instead is keep the base model: the base's perplexities, measured
+Per seed (``--repeats``): ``finetune --objective causal-lm`` LoRA for ``--steps`` steps (its own eval_loss over
+``--ft-eval-limit`` held-out chunks spread over the split, ``--eval-limit`` of the stage), then ``eval`` of the adapter
+on the first ``--eval-limit`` held-out domain chunks and on ``--general-limit`` (default: all) held-out general
+ones, against the base model's eval of the same chunks (``--baseline``): the general one through the forgetting
+gate ``ppl<=+5%``. What a user would do instead is keep the base model: the base's perplexities, measured
 in the same run, are the baseline of every ratio.
 
 Goals: held-out domain perplexity drops by ≥ 20 % (median over seeds), general perplexity rises by ≤ 5 % (median).
@@ -101,7 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--eval-limit", type=int, default=48, help="held-out chunks scored per set")
+    p.add_argument("--eval-limit", type=int, default=96, help="held-out domain chunks scored (the split's first N)")
+    p.add_argument("--general-limit", type=int, default=0,
+                   help="held-out general chunks scored (the split's first N; 0: all of them)")
+    p.add_argument("--ft-eval-limit", type=int, default=64,
+                   help="the finetune stage's own eval_loss over this many held-out domain chunks (--eval-limit)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = p.parse_args(argv)
@@ -141,8 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
         dds, gds = load_dataset(dom.artifact.hash, reg), load_dataset(gen.artifact.hash, reg)
         print(f"domain: {dds.manifest['counts']} in {data_s:.0f} s; general: {gds.manifest['counts']}", flush=True)
         ev = {"metrics": ["ppl"], "limit": a.eval_limit, "batch_size": 8}
+        evg = {**ev, "limit": a.general_limit or None}
         base_dom = _ok(runner.run("eval", {"model": [str(base)], "data": dom.artifact.hash, **ev}), "eval base dom")
-        base_gen = _ok(runner.run("eval", {"model": [str(base)], "data": gen.artifact.hash, **ev}), "eval base gen")
+        base_gen = _ok(runner.run("eval", {"model": [str(base)], "data": gen.artifact.hash, **evg}), "eval base gen")
         ppl0 = {"domain": ppl_of(base_dom.metrics), "general": ppl_of(base_gen.metrics)}
         if None in ppl0.values():
             raise RuntimeError(f"no ppl in the base evals' metrics: {sorted(base_dom.metrics)}")
@@ -162,7 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "general": {"package": "fortunes-min", "licence": "BSD (fortune-mod, per the package copyright)",
                             "fortunes": n_fortunes, "counts": gds.manifest["counts"], "version": gds.version}},
             "settings": {"steps": a.steps, "batch_size": a.batch_size, "chunk_tokens": a.chunk_tokens, "lr": a.lr,
-                         "rank": a.rank, "alpha": a.alpha, "eval_limit": a.eval_limit, "threads": a.threads,
+                         "rank": a.rank, "alpha": a.alpha, "eval_limit": a.eval_limit,
+                         "general_limit": a.general_limit or "all", "ft_eval_limit": a.ft_eval_limit,
+                         "threads": a.threads,
                          "method": "lora", "objective": "causal-lm", "repeats": a.repeats},
             "data_s": data_s, "base_ppl": ppl0, "runs": [],
         }
@@ -172,13 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
             ft = _ok(runner.run("finetune", {
                 "model": str(base), "data": dom.artifact.hash, "objective": "causal-lm", "max_steps": a.steps,
                 "batch_size": a.batch_size, "seq_len": a.chunk_tokens, "lr": a.lr, "rank": a.rank,
-                "alpha": a.alpha, "seed": seed, "checkpoint_every": 0, "log_every": 10}), "finetune")
+                "alpha": a.alpha, "seed": seed, "checkpoint_every": 0, "log_every": 10,
+                "eval_limit": a.ft_eval_limit}), "finetune")
             train_s = time.perf_counter() - t0
             d = _ok(runner.run("eval", {"model": [ft.run_id], "data": dom.artifact.hash, "baseline": base_dom.run_id,
                                         **ev}), "eval domain")
             try:
                 g = runner.run("eval", {"model": [ft.run_id], "data": gen.artifact.hash, "baseline": base_gen.run_id,
-                                        "gate": "ppl<=+5%", **ev})
+                                        "gate": "ppl<=+5%", **evg})
                 gate = "passed"
                 gmetrics = g.metrics
             except GateError as exc:  # the gate's own numbers: the candidate's ppl is in its failure record
@@ -186,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
                 gmetrics = {"ppl": next(f["candidate"] for f in exc.failures if f["metric"] == "ppl")}
             r = {"seed": seed, "run": ft.run_id, "train_s": train_s, "tokens": ft.summary.get("tokens"),
                  "train_tokens_per_s": ft.metrics.get("train_tokens_per_s"), "train_loss": ft.metrics.get("train_loss"),
-                 "eval_loss": ft.metrics.get("eval_loss"), "batching": ft.summary.get("batching"),
+                 "eval_loss": ft.metrics.get("eval_loss"), "eval_examples": ft.summary.get("eval_examples"),
+                 "eval_examples_total": ft.summary.get("eval_examples_total"), "batching": ft.summary.get("batching"),
                  "ppl_domain": ppl_of(d.metrics), "ppl_general": ppl_of(gmetrics), "general_gate": gate}
             r["domain_ratio"] = r["ppl_domain"] / ppl0["domain"]
             r["general_ratio"] = r["ppl_general"] / ppl0["general"] if r["ppl_general"] else None
