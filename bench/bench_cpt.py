@@ -20,7 +20,7 @@ in the same run, are the baseline of every ratio.
 
 Goals: held-out domain perplexity drops by ≥ 20 % (median over seeds), general perplexity rises by ≤ 5 % (median).
 
-    PYTHONPATH=. python bench/bench_cpt.py [--repeats 3] [--steps 60]
+    PYTHONPATH=. python bench/bench_cpt.py [--repeats 3] [--steps 48] [--lr 1e-3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
