@@ -107,9 +107,10 @@ def policy_samples(base: str, prompts: list[str], n: int, max_new_tokens: int, s
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
-def pair_rows(prompt_data: list[dict], samples: dict[str, list[str]], wrong: int, seed: int = 1) -> tuple[list, dict]:
+def pair_rows(prompt_data: list[dict], samples: dict[str, list[str]], wrong: int | dict[str, int],
+              seed: int = 1) -> tuple[list, dict]:
     """Preference pairs per problem: chosen = the tagged sum; rejected = the policy's distinct wrong completions,
-    then uniform wrong numbers (0-18) up to ``wrong``."""
+    then uniform wrong numbers (0-18) up to ``wrong`` (a number, or one per problem)."""
     rng = random.Random(seed)
     rows, counts = [], {"policy_wrong": 0, "policy_right": 0, "filled_uniform": 0, "off_format": 0}
     for r in prompt_data:
@@ -125,8 +126,14 @@ def pair_rows(prompt_data: list[dict], samples: dict[str, list[str]], wrong: int
             if cand not in rejected and cand != tag(a + b):
                 rejected.append(cand)
         counts["policy_wrong"] += len(rejected)
-        rejected = rejected[:wrong]
-        while len(rejected) < wrong:
+        n = wrong[r["problem"]] if isinstance(wrong, dict) else wrong
+        if n >= 19:  # every wrong number 0-18, besides the policy's own (off-format ones included)
+            for w in range(19):
+                if w != a + b and tag(w) not in rejected:
+                    rejected.append(tag(w))
+                    counts["filled_uniform"] += 1
+        rejected = rejected[:n] if n < 19 else rejected
+        while n < 19 and len(rejected) < n:
             w = rng.randrange(19)
             if w != a + b and tag(w) not in rejected:
                 rejected.append(tag(w))
@@ -168,7 +175,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--model", default="smollm2-135m", help="provider or checkpoint (tiny-llama: a smoke run)")
     ap.add_argument("--seeds", default="0,1,2", help="GRPO seeds (the reward model is trained once, seed 0)")
     ap.add_argument("--samples", type=int, default=8, help="base-policy completions per prompt for the pairs")
-    ap.add_argument("--wrong", type=int, default=6, help="rejected answers (pairs) per problem")
+    ap.add_argument("--wrong", type=int, default=6, help="rejected answers (pairs) per held-out problem")
+    ap.add_argument("--wrong-train", type=int, default=0,
+                    help="rejected answers per training problem (0: --wrong; 19: every wrong number 0-18 and the "
+                         "policy's off-format answers, so the reward model has no unseen answer on the prompts it "
+                         "rewards)")
+    ap.add_argument("--eval-fraction", type=float, default=0.4,
+                    help="problems held out (never trained on by the reward model or the policy)")
     ap.add_argument("--rm-lr", type=float, default=1e-3)
     ap.add_argument("--rm-steps", type=int, default=200)
     ap.add_argument("--rm-batch", type=int, default=4)
@@ -205,10 +218,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "versions": versions(PACKAGES),
         "task": {"system": SYSTEM, "question": QUESTION, "shots": SHOTS, "response_prefix": PREFIX,
                  "problems_asked": len(asked), "demo_pool": len(pool),
-                 "split": "by problem (data --split-by problem, eval_fraction 0.4)",
+                 "split": f"by problem (data --split-by problem, eval_fraction {args.eval_fraction})",
                  "pairs": f"chosen = the tagged sum; rejected = the base policy's distinct wrong completions "
-                          f"({args.samples} samples per prompt, temperature 1), filled to {args.wrong} per problem "
-                          f"with uniform wrong numbers 0-18"},
+                          f"({args.samples} samples per prompt, temperature 1), filled to {args.wrong} per held-out "
+                          f"and {args.wrong_train or args.wrong} per training problem with uniform wrong numbers "
+                          f"0-18"},
         "goal": f"held-out pairwise accuracy >= {GOAL_ACCURACY}; GRPO rewarded by it alone: the reward model's "
                 "score and the held-out greedy exact match both rise (median over seeds)"}
     written: list[Path] = []
@@ -225,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return written[0]
 
     # -- the prompts (data stage), the base policy's answers, the pairs (data stage) --------------------------------
-    common = {"tokenizer": base, "split_by": "problem", "eval_fraction": 0.4, "decontaminate": None,
+    common = {"tokenizer": base, "split_by": "problem", "eval_fraction": args.eval_fraction, "decontaminate": None,
               "scrub_pii": False}  # the shared solved turns make prompts look alike: split by problem, no dedup
     prompts = runner.run("data", {"source": str(write_jsonl(tmp / "prompts.jsonl", prompt_rows(pool, asked))),
                                   "format": "chat", "name": "addition-prompts", **common})
@@ -236,9 +250,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples = {r["problem"]: t for r, t in zip(rows, texts)}
     sample_s = time.perf_counter() - t0
     src = {r["problem"]: r for r in prompt_rows(pool, asked)}
-    pairs_in, counts = pair_rows([src[r["problem"]] for r in rows], samples, args.wrong)
+    train_problems = {problem_of(r["prompt"]) for r in rds.train}
+    wrong = {r["problem"]: (args.wrong_train or args.wrong) if r["problem"] in train_problems else args.wrong
+             for r in rows}
+    pairs_in, counts = pair_rows([src[r["problem"]] for r in rows], samples, wrong)
+    # the same held-out problems as the prompts: the split orders groups by the same (seed, problem) hash, so an
+    # eval size of exactly the held-out problems' pairs takes those groups (training problems may have more pairs)
+    held_pairs = sum(1 for p in pairs_in if p["problem"] not in train_problems)
     pairs = runner.run("data", {"source": str(write_jsonl(tmp / "pairs.jsonl", pairs_in)), "format": "preference",
-                                "name": "addition-pairs", **common})
+                                "name": "addition-pairs", **common, "eval_size": held_pairs})
     pds = load_dataset(pairs.artifact.hash, registry)
     pds_train = [{**p, "problem": problem_of(p["prompt"])} for p in pds.train]
     pds_eval = {problem_of(p["prompt"]) for p in pds.eval}
