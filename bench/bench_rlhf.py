@@ -7,15 +7,17 @@ The task is bench_rl's (single-digit addition, ``<answer>N</answer>``, the assis
 ``--response-prefix "<answer>"``): each prompt is a chat with bench_rl's system line, two solved problems as earlier
 turns (drawn from a pool of ten demonstration problems that are never asked, sums differing from the asked one)
 and the question. The other 90 problems go through the data stage split by problem (``--split-by problem``,
-``--eval-fraction`` 0.4): the held-out problems are neither in the reward model's training pairs nor trained on by
+``--eval-fraction``, default 0.8: 18 training, 72 held-out problems): the held-out problems are neither in the reward model's training pairs nor trained on by
 the policy.
 
 Why pairs of the policy's own answers: the earlier design (bench_reward_model.py: wrong numbers drawn from the
 problems' sums) reached 0.89-0.91 held-out accuracy, but GRPO rewarded by it found its blind spot (it collapsed to
 ``<answer>0</answer>``, a number rarely seen rejected). Here the rejected answers are what a rater would be shown:
 ``--samples`` completions of the base policy per prompt at temperature 1 (the distribution GRPO starts from),
-labelled by the verifiable check (the sum or not); the distinct wrong ones are rejected, filled up to ``--wrong``
-per problem with wrong numbers drawn uniformly from 0-18, so no number is never rejected. Chosen: the tagged sum.
+labelled by the verifiable check (the sum or not); the distinct wrong ones are rejected, on a held-out problem
+filled up to ``--wrong`` with wrong numbers drawn uniformly from 0-18, on a training problem (``--wrong-train 19``,
+the default) joined by every wrong number 0-18, so on the prompts GRPO trains on no answer a policy can write is
+unseen by the reward model. Chosen: the tagged sum.
 
 Reward model: TRL ``RewardTrainer`` through the stage, LoRA r 16 on every linear layer plus the score head,
 ``--rm-lr``, ``--rm-steps`` × 4 pairs; reported: held-out pairwise accuracy (trained and untrained).
@@ -31,7 +33,9 @@ seeds). What a user would do instead: the verifiable reward itself (bench_rl, th
 quoted in bench/RESULTS.md beside these.
 
     PYTHONPATH=. python bench/bench_rlhf.py [--seeds 0,1,2] [--rm-steps 200] [--steps 50] [--beta 0.04]
-        [--format-weight 1]
+        [--format-weight 10] [--wrong-train 19] [--eval-fraction 0.8]
+    # GRPO seeds only, in parallel processes, rewarded by a reward model an earlier run trained:
+    PYTHONPATH=. python bench/bench_rlhf.py --seeds 1 --home /tmp/bench-rlhf-XXXX/home --reuse-rm reward-model-XXXX
 """
 
 from __future__ import annotations
@@ -176,11 +180,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", default="0,1,2", help="GRPO seeds (the reward model is trained once, seed 0)")
     ap.add_argument("--samples", type=int, default=8, help="base-policy completions per prompt for the pairs")
     ap.add_argument("--wrong", type=int, default=6, help="rejected answers (pairs) per held-out problem")
-    ap.add_argument("--wrong-train", type=int, default=0,
+    ap.add_argument("--wrong-train", type=int, default=19,
                     help="rejected answers per training problem (0: --wrong; 19: every wrong number 0-18 and the "
                          "policy's off-format answers, so the reward model has no unseen answer on the prompts it "
                          "rewards)")
-    ap.add_argument("--eval-fraction", type=float, default=0.4,
+    ap.add_argument("--eval-fraction", type=float, default=0.8,
                     help="problems held out (never trained on by the reward model or the policy)")
     ap.add_argument("--rm-lr", type=float, default=1e-3)
     ap.add_argument("--rm-steps", type=int, default=200)
@@ -188,13 +192,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=50, help="GRPO steps")
     ap.add_argument("--lr", type=float, default=5e-4, help="GRPO LoRA learning rate")
     ap.add_argument("--beta", type=float, default=0.0, help="GRPO KL penalty towards the base model")
-    ap.add_argument("--format-weight", type=float, default=0.0,
+    ap.add_argument("--format-weight", type=float, default=10.0,
                     help="also reward the built-in `format` (a bare number then </answer>) with this weight (0: off)")
     ap.add_argument("--check-every", type=int, default=10)
     ap.add_argument("--window", type=int, default=10, help="logs averaged for the reward's start and end")
     ap.add_argument("--max-completion-length", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--home", default=None,
+                    help="the registry of an earlier run of this bench (…/bench-rlhf-*/home), with --reuse-rm")
+    ap.add_argument("--reuse-rm", default=None,
+                    help="run id of a finished reward-model run in --home: GRPO only, rewarded by it (seeds can then "
+                         "run as parallel processes)")
     args = ap.parse_args(argv)
 
     import torch
@@ -208,7 +217,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.time()
     base = str(PROVIDERS[args.model](model_cache_dir())) if args.model in PROVIDERS else args.model
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-rlhf-"))
+    tmp = Path(args.home).parent if args.home else Path(tempfile.mkdtemp(prefix="bench-rlhf-"))
+    if args.home and Path(args.home).name != "home":
+        raise SystemExit("--home: give the registry folder of an earlier run of this bench (…/bench-rlhf-*/home)")
     os.environ["LLMOPS_HOME"] = str(tmp / "home")
     registry = Registry(tmp / "home")
     runner = Runner(registry, defaults=False)
@@ -246,6 +257,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rds = load_dataset(prompts.artifact.hash, registry)
     rows = [{**r, "problem": problem_of(r["prompt"])} for r in [*rds.train, *rds.eval]]
     t0 = time.perf_counter()
+    if args.reuse_rm:  # the earlier run's pairs (its samples are not redone: the reward model is what is reused)
+        rm_run = registry.get_run(args.reuse_rm)
+        if rm_run["stage"] != "reward-model" or rm_run["status"] != "finished":
+            raise SystemExit(f"--reuse-rm {args.reuse_rm}: not a finished reward-model run of this registry")
+        reuse_rm_grpo(args, registry, runner, base, rds, rm_run, result, save, seeds)
+        return result
     texts = policy_samples(base, [r["prompt"] for r in rows], args.samples, args.max_completion_length)
     samples = {r["problem"]: t for r, t in zip(rows, texts)}
     sample_s = time.perf_counter() - t0
@@ -296,8 +313,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps(result["reward_model"]), flush=True)
     save()
 
+    grpo(args, registry, runner, base, rds, rm.artifact.hash, result, save, seeds)
+    return result
+
+
+def reuse_rm_grpo(args: Any, registry: Any, runner: Any, base: str, rds: Any, rm_run: dict, result: dict,
+                  save: Any, seeds: list[int]) -> None:
+    """GRPO seeds rewarded by a reward model an earlier run of this bench trained in the same registry."""
+    from llmops_jupyter.stages.data.format import load_dataset
+
+    pds = load_dataset(rm_run["params"]["data"], registry)
+    held = {problem_of(r["prompt"]) for r in rds.eval}
+    assert {problem_of(p["prompt"]) for p in pds.eval} == held, "the reward model's held-out problems differ"
+    assert not held & {problem_of(p["prompt"]) for p in pds.train}, "a held-out problem is in the training pairs"
+    (art,) = registry.run_artifacts(rm_run["id"])
+    m = registry.metrics(rm_run["id"])
+    result["data"] = {"train_prompts": len(rds.train), "eval_prompts": len(rds.eval), "train_pairs": len(pds.train),
+                      "eval_pairs": len(pds.eval), "held_out_problems": sorted(held),
+                      "reused_from": f"reward-model run {rm_run['id']} of the same registry (its pairs dataset)"}
+    result["reward_model"] = {
+        "run": rm_run["id"], "artifact": art.hash, "reused": True,
+        **{k: m.get(k) for k in ("pairwise_accuracy", "pairwise_accuracy_start", "train_pairwise_accuracy",
+                                 "train_loss")},
+        "eval_pairs": rm_run["summary"].get("eval_pairs"), "train_pairs": rm_run["summary"].get("train_pairs")}
+    result["reward_model"]["goal_holds"] = (m.get("pairwise_accuracy") or 0) >= GOAL_ACCURACY
+    save()
+    grpo(args, registry, runner, base, rds, art.hash, result, save, seeds)
+
+
+def grpo(args: Any, registry: Any, runner: Any, base: str, rds: Any, rm_hash: str, result: dict, save: Any,
+         seeds: list[int]) -> None:
     # -- GRPO rewarded by it --------------------------------------------------------------------------------------
-    rm_key = f"reward-model@{rm.artifact.hash}"
+    rm_key = f"reward-model@{rm_hash}"
     runs: list[dict[str, Any]] = []
     result["rl"] = {"settings": {"steps": args.steps, "lr": args.lr, "num_generations": 8, "batch_completions": 16,
                                  "max_completion_length": args.max_completion_length, "beta": args.beta,
@@ -309,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in seeds:
         t0 = time.perf_counter()
         res = runner.run("rl", {
-            "model": base, "data": prompts.artifact.hash,
+            "model": base, "data": rds.artifact.hash,
             **({"reward": [rm_key, "format", exact_tag], "reward_weights": [1.0, args.format_weight, 0.0],
                 "format_pattern": FORMAT} if args.format_weight else
                {"reward": [rm_key, exact_tag], "reward_weights": [1.0, 0.0]}),
@@ -356,7 +403,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save()
     path = save()
     print(f"raw JSON: {path}", flush=True)
-    return result
 
 
 if __name__ == "__main__":
