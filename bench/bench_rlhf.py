@@ -1,14 +1,14 @@
 """Benchmark: RLHF end to end on SmolLM2-135M-Instruct — `%llmops reward-model` trained on preference pairs of the
-policy's own answers, then `%llmops rl` (GRPO) rewarded by that reward model alone, with the verifiable accuracy
-measured beside it (issue 26: "a GRPO run rewarded by it shows its score and the verifiable accuracy rising
+policy's own answers, then `%llmops rl` (GRPO) rewarded by that reward model (with a format term that says nothing
+about correctness), with the verifiable accuracy measured beside it (issue 26: "a GRPO run rewarded by it shows its score and the verifiable accuracy rising
 together").
 
 The task is bench_rl's (single-digit addition, ``<answer>N</answer>``, the assistant turn starting with
 ``--response-prefix "<answer>"``): each prompt is a chat with bench_rl's system line, two solved problems as earlier
 turns (drawn from a pool of ten demonstration problems that are never asked, sums differing from the asked one)
 and the question. The other 90 problems go through the data stage split by problem (``--split-by problem``,
-``--eval-fraction``, default 0.8: 18 training, 72 held-out problems): the held-out problems are neither in the reward model's training pairs nor trained on by
-the policy.
+``--eval-fraction``, default 0.8: 18 training, 72 held-out problems): the held-out problems are neither in the
+reward model's training pairs nor trained on by the policy.
 
 Why pairs of the policy's own answers: the earlier design (bench_reward_model.py: wrong numbers drawn from the
 problems' sums) reached 0.89-0.91 held-out accuracy, but GRPO rewarded by it found its blind spot (it collapsed to
@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           f"({args.samples} samples per prompt, temperature 1), filled to {args.wrong} per held-out "
                           f"and {args.wrong_train or args.wrong} per training problem with uniform wrong numbers "
                           f"0-18"},
-        "goal": f"held-out pairwise accuracy >= {GOAL_ACCURACY}; GRPO rewarded by it alone: the reward model's "
-                "score and the held-out greedy exact match both rise (median over seeds)"}
+        "goal": f"held-out pairwise accuracy >= {GOAL_ACCURACY}; GRPO rewarded by it (with --format-weight also the "
+                "format term): the reward model's score and the held-out greedy exact match both rise (median over "
+                "seeds)"}
     written: list[Path] = []
 
     def save() -> Path:  # after every phase, to the same file: a run cut short keeps what it measured
