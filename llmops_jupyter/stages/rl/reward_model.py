@@ -54,12 +54,13 @@ def score_texts(model: Any, tok: Any, texts: list[str], *, batch_size: int = 16,
 
 
 def pairwise_accuracy(model: Any, tok: Any, rows: list[dict[str, Any]], max_length: int) -> float:
-    """Share of pairs whose chosen answer scores above the rejected one."""
+    """Share of pairs whose chosen answer scores above the rejected one. Each distinct text is scored once: pairs
+    that share a prompt and a chosen answer (one preferred answer against many rejected ones) do not re-score it."""
     if not rows:
         return float("nan")
-    chosen = score_texts(model, tok, [r["prompt"] + r["chosen"] for r in rows], max_length=max_length)
-    rejected = score_texts(model, tok, [r["prompt"] + r["rejected"] for r in rows], max_length=max_length)
-    return sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
+    texts = list(dict.fromkeys(r["prompt"] + r[k] for r in rows for k in ("chosen", "rejected")))
+    score = dict(zip(texts, score_texts(model, tok, texts, max_length=max_length)))
+    return sum(score[r["prompt"] + r["chosen"]] > score[r["prompt"] + r["rejected"]] for r in rows) / len(rows)
 
 
 def train_reward_model(cfg: RewardModelConfig, base_path: Path, train_rows: list[dict], eval_rows: list[dict],

@@ -102,3 +102,22 @@ def test_pairs_longer_than_seq_len_are_counted_not_silently_dropped(registry, tm
                                                                "max_steps": 2, "seq_len": seq_len})
     assert rm.summary["train_pairs_too_long"] == expected
     assert rm.summary["train_pairs"] == len(train) - expected
+
+
+def test_pairwise_accuracy_scores_each_distinct_text_once(monkeypatch):
+    """One chosen answer against many rejected ones (every wrong number of a problem) is scored once, not per pair:
+    the accuracy is the same as pair by pair."""
+    from llmops_jupyter.stages.rl import reward_model
+
+    calls: list[list[str]] = []
+    value = {"P:right": 1.0, "P:w1": 0.5, "P:w2": 2.0, "Q:right": 0.0, "Q:w1": -1.0}
+
+    def fake_score(model, tok, texts, **_):
+        calls.append(list(texts))
+        return [value[t] for t in texts]
+
+    monkeypatch.setattr(reward_model, "score_texts", fake_score)
+    rows = [{"prompt": "P:", "chosen": "right", "rejected": "w1"}, {"prompt": "P:", "chosen": "right", "rejected": "w2"},
+            {"prompt": "Q:", "chosen": "right", "rejected": "w1"}]
+    assert reward_model.pairwise_accuracy(None, None, rows, 64) == pytest.approx(2 / 3)
+    assert sum(len(c) for c in calls) == 5 and sorted(t for c in calls for t in c) == sorted(value)
