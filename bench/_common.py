@@ -51,9 +51,16 @@ def write_result(result: dict[str, Any], out: str | Path, name: str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kind = "gpu" if "gpu" in result.get("machine", {}) else "cpu"
-    path = out / f"{name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
-    return path
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    for n in range(1000):  # benchmarks started in the same second (parallel seeds) each keep their own file
+        path = out / f"{name}-{kind}-{stamp}{f'-{n}' if n else ''}.json"
+        try:
+            with path.open("x", encoding="utf-8") as f:
+                f.write(json.dumps(result, indent=2, default=str))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{out}: 1000 results named {name}-{kind}-{stamp}*.json already")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

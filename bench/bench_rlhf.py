@@ -322,6 +322,31 @@ def reuse_rm_grpo(args: Any, registry: Any, runner: Any, base: str, rds: Any, rm
     grpo(args, registry, runner, base, rds, art.hash, result, save, seeds)
 
 
+def run_summary(args: Any, registry: Any, run_id: str, seed: int, rm_key: str, wall_s: float) -> dict[str, Any]:
+    """One GRPO seed's figures, read from its run in the registry."""
+    run = registry.get_run(run_id)
+    score = history_of(registry, run_id, f"rewards/{rm_key}/mean")
+    check = history_of(registry, run_id, "check/exact_tag")
+    sample_acc = history_of(registry, run_id, "rewards/exact_tag/mean")
+    w = min(args.window, max(1, len(score) // 2))
+
+    def mean(xs: list[tuple[int, float]]) -> float | None:
+        return statistics.fmean(v for _, v in xs) if xs else None
+
+    r = {"seed": seed, "run": run_id, "status": str(run["status"]), "wall_s": wall_s,
+         "rm_score_first": mean(score[:w]), "rm_score_last": mean(score[-w:]), "window_logs": w,
+         "sample_exact_first": mean(sample_acc[:w]), "sample_exact_last": mean(sample_acc[-w:]),
+         "check_start": check[0][1] if check else None, "check_end": check[-1][1] if check else None,
+         "check_per_step": check, "rm_score_per_step": score, "sample_exact_per_step": sample_acc,
+         "frac_reward_zero_std": history_of(registry, run_id, "frac_reward_zero_std"),
+         "format_per_step": history_of(registry, run_id, "rewards/format/mean") if args.format_weight else None,
+         "last_completions": last_completions(registry, run_id, 32),
+         "alerts": (run.get("summary") or {}).get("alerts") or []}
+    r["rise_together"] = bool(check) and r["rm_score_last"] > r["rm_score_first"] and \
+        r["check_end"] > r["check_start"]
+    return r
+
+
 def grpo(args: Any, registry: Any, runner: Any, base: str, rds: Any, rm_hash: str, result: dict, save: Any,
          seeds: list[int]) -> None:
     # -- GRPO rewarded by it --------------------------------------------------------------------------------------
@@ -346,25 +371,7 @@ def grpo(args: Any, registry: Any, runner: Any, base: str, rds: Any, rm_hash: st
             "check_every": args.check_every, "check_reward": "exact_tag", "beta": args.beta,
             "check_examples": len(rds.eval), "checkpoint_every": 0, "seed": seed, "log_every": 1,
             "reward_timeout_s": 120})  # a 135M scorer on one loaded core is slower than the 5 s default
-        score = history_of(registry, res.run_id, f"rewards/{rm_key}/mean")
-        check = history_of(registry, res.run_id, "check/exact_tag")
-        sample_acc = history_of(registry, res.run_id, "rewards/exact_tag/mean")
-        w = min(args.window, max(1, len(score) // 2))
-
-        def mean(xs: list[tuple[int, float]]) -> float | None:
-            return statistics.fmean(v for _, v in xs) if xs else None
-
-        r = {"seed": seed, "run": res.run_id, "status": str(res.status), "wall_s": time.perf_counter() - t0,
-             "rm_score_first": mean(score[:w]), "rm_score_last": mean(score[-w:]), "window_logs": w,
-             "sample_exact_first": mean(sample_acc[:w]), "sample_exact_last": mean(sample_acc[-w:]),
-             "check_start": check[0][1] if check else None, "check_end": check[-1][1] if check else None,
-             "check_per_step": check, "rm_score_per_step": score, "sample_exact_per_step": sample_acc,
-             "frac_reward_zero_std": history_of(registry, res.run_id, "frac_reward_zero_std"),
-             "format_per_step": history_of(registry, res.run_id, "rewards/format/mean") if args.format_weight else None,
-             "last_completions": last_completions(registry, res.run_id, 32),
-             "alerts": res.summary.get("alerts") or []}
-        r["rise_together"] = bool(check) and r["rm_score_last"] > r["rm_score_first"] and \
-            r["check_end"] > r["check_start"]
+        r = run_summary(args, registry, res.run_id, seed, rm_key, time.perf_counter() - t0)
         runs.append(r)
         print(json.dumps({k: v for k, v in r.items() if not k.endswith("per_step") and k != "frac_reward_zero_std"}),
               flush=True)
