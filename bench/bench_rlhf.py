@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--beta", type=float, default=0.0, help="GRPO KL penalty towards the base model")
     ap.add_argument("--format-weight", type=float, default=10.0,
                     help="also reward the built-in `format` (a bare number then </answer>) with this weight (0: off)")
+    ap.add_argument("--rm-reward", default="score", choices=["score", "vs-reference"],
+                    help="the stage's --rm-reward: the raw score, or sigmoid(score - the reference answer's score)")
+    ap.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"],
+                    help="the stage's --scale-rewards (none: advantages are reward minus the group mean)")
     ap.add_argument("--check-every", type=int, default=10)
     ap.add_argument("--window", type=int, default=10, help="logs averaged for the reward's start and end")
     ap.add_argument("--max-completion-length", type=int, default=8)
@@ -354,6 +358,7 @@ def grpo(args: Any, registry: Any, runner: Any, base: str, rds: Any, rm_hash: st
     runs: list[dict[str, Any]] = []
     result["rl"] = {"settings": {"steps": args.steps, "lr": args.lr, "num_generations": 8, "batch_completions": 16,
                                  "max_completion_length": args.max_completion_length, "beta": args.beta,
+                                 "rm_reward": args.rm_reward, "scale_rewards": args.scale_rewards,
                                  "check_every": args.check_every, "check": "exact_tag (greedy, held-out)",
                                  "check_prompts": len(rds.eval), "lora": "r16 a32 all-linear",
                                  "rewards": f"{rm_key} (1)"
@@ -369,6 +374,7 @@ def grpo(args: Any, registry: Any, runner: Any, base: str, rds: Any, rm_hash: st
             "response_prefix": PREFIX, "num_generations": 8, "batch_size": 16,
             "max_completion_length": args.max_completion_length, "lr": args.lr, "max_steps": args.steps,
             "check_every": args.check_every, "check_reward": "exact_tag", "beta": args.beta,
+            "rm_reward": args.rm_reward, "scale_rewards": args.scale_rewards,
             "check_examples": len(rds.eval), "checkpoint_every": 0, "seed": seed, "log_every": 1,
             "reward_timeout_s": 120})  # a 135M scorer on one loaded core is slower than the 5 s default
         r = run_summary(args, registry, res.run_id, seed, rm_key, time.perf_counter() - t0)

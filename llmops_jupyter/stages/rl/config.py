@@ -81,6 +81,11 @@ class RLConfig(StageConfig):
     detach: bool = option(False, "train in a supervised worker process; the cell returns at once (`%llmops attach "
                                  "<run>` shows it). Rewards must then be importable: built-ins, judge, "
                                  "reward-model@<ref>, or module:function (a notebook-only function is refused)")
+    rm_reward: str = option("score", "what a reward-model@<ref> reward gives a completion: score (the reward model's "
+                                     "raw score) or vs-reference (sigmoid of its score minus the score of the row's "
+                                     "reference answer: the chance the reward model prefers it to the reference, in "
+                                     "0-1, so an over-scored answer gains little; pair it with --scale-rewards none)",
+                            choices=["score", "vs-reference"])
     check_contract: bool = option(True, "before training, call every reward on a few sampled completions and refuse "
                                         "wrong lengths, non-numbers, NaN, exceptions and slow calls")
     reward_timeout_s: float = option(5.0, "a reward call slower than this in the contract check is refused", min=0,
@@ -148,6 +153,10 @@ class RLConfig(StageConfig):
                                fix="pass --judge <model or http(s) URL> (not the model being trained)")
         if not self.target_modules:
             raise self.invalid("target_modules", "must name at least one module", fix="use --target-modules auto")
+        if self.rm_reward != "score" and self.reward and not any(
+                reward_name(r).startswith("reward-model") for r in self.reward):
+            raise self.invalid("rm_reward", f"{self.rm_reward} applies to a reward-model@<ref> reward, and --reward "
+                               "has none", fix="add --reward reward-model@latest, or drop --rm-reward")
 
     def to_params(self) -> dict[str, Any]:
         out = super().to_params()

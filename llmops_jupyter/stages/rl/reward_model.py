@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,10 +135,21 @@ class _NoCounter:
     padding_pct = 0.0
 
 
-class RewardModelScorer:
-    """``--reward reward-model@<ref>``: score prompt + completion with a trained reward model (a scalar per text)."""
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
-    def __init__(self, path: Path, *, name: str = "reward-model"):
+
+class RewardModelScorer:
+    """``--reward reward-model@<ref>``: score prompt + completion with a trained reward model (a scalar per text).
+
+    ``baseline="vs-reference"`` (``--rm-reward vs-reference``) gives ``sigmoid(score - score of the reference)``,
+    the reference being the row's answer (its last assistant turn, after ``--response-prefix``): the Bradley-Terry
+    chance that the reward model prefers the completion to the reference. It is bounded, so an answer the reward
+    model over-scores gains at most 1 over one it scores like the reference, and with ``--scale-rewards none`` a
+    group of answers all far below the reference gets (almost) no advantage instead of a push towards its
+    best-scored one (the "Preference As Reward" shaping of Fu et al., 2025, arXiv:2502.18770)."""
+
+    def __init__(self, path: Path, *, name: str = "reward-model", baseline: str = "score", prefix: str = ""):
         from peft import PeftModel
 
         meta = json.loads((Path(path) / META_FILE).read_text())
@@ -145,10 +157,24 @@ class RewardModelScorer:
         self.model = PeftModel.from_pretrained(base, str(path)).eval()
         self.max_length = int(meta.get("seq_len", 512))
         self.__name__ = name
+        self.baseline, self.prefix = baseline, prefix
+        self._reference: dict[str, float] = {}  # prompt + reference text -> its score (scored once per run)
 
-    def __call__(self, prompts: list, completions: list, **_: Any) -> list[float]:
-        return score_texts(self.model, self.tok, [str(p) + str(c) for p, c in zip(prompts, completions)],
-                           max_length=self.max_length)
+    def _score(self, texts: list[str]) -> list[float]:
+        return score_texts(self.model, self.tok, texts, max_length=self.max_length)
+
+    def __call__(self, prompts: list, completions: list, answer: list | None = None, **_: Any) -> list[float]:
+        scores = self._score([str(p) + str(c) for p, c in zip(prompts, completions)])
+        if self.baseline == "score":
+            return scores
+        if answer is None or any(not str(a).strip() for a in answer):
+            raise ValueError("--rm-reward vs-reference needs each row's reference answer (the dataset's last "
+                             "assistant turn or answer field) and a row has none")
+        refs = [str(p) + (str(a)[len(self.prefix):] if self.prefix and str(a).startswith(self.prefix) else str(a))
+                for p, a in zip(prompts, answer)]
+        new = list(dict.fromkeys(t for t in refs if t not in self._reference))
+        self._reference.update(zip(new, self._score(new)))
+        return [_sigmoid(s - self._reference[r]) for s, r in zip(scores, refs)]
 
     def close(self) -> None:
         self.model = None

@@ -139,7 +139,7 @@ def resolve_rewards(ctx: RunContext, cfg: RLConfig, policy: Any, folder: Any) ->
             raise ConfigError(f"rl: --reward {name} is a {art.kind}, not a reward model.", field="reward",
                               fix="train one with `%llmops reward-model --data <pairs>`")
         ctx.use(art)
-        return RewardModelScorer(art.path, name=name)
+        return RewardModelScorer(art.path, name=name, baseline=cfg.rm_reward, prefix=cfg.response_prefix)
 
     out = [resolve(r, cfg, factories={"judge": judge, "reward-model": reward_model}) for r in cfg.reward]
     return out

@@ -121,3 +121,36 @@ def test_pairwise_accuracy_scores_each_distinct_text_once(monkeypatch):
             {"prompt": "Q:", "chosen": "right", "rejected": "w1"}]
     assert reward_model.pairwise_accuracy(None, None, rows, 64) == pytest.approx(2 / 3)
     assert sum(len(c) for c in calls) == 5 and sorted(t for c in calls for t in c) == sorted(value)
+
+
+def test_vs_reference_is_the_preference_for_the_completion_over_the_reference_answer():
+    """--rm-reward vs-reference: sigmoid(score(prompt + completion) - score(prompt + reference after the response
+    prefix)); each reference is scored once per run; a row without a reference is refused (the contract check then
+    names the reward), not scored against an empty answer."""
+    import math
+
+    from llmops_jupyter.stages.rl.reward_model import RewardModelScorer
+
+    value = {"Q<a>7</a>": 2.0, "Q<a>9</a>": 0.0, "Q<a>x</a>": 2000.0, "R<a>1</a>": -1.0}
+    scored: list[str] = []
+    scorer = object.__new__(RewardModelScorer)
+    scorer.baseline, scorer.prefix, scorer._reference = "vs-reference", "<a>", {}
+    scorer._score = lambda texts: scored.extend(texts) or [value[t] for t in texts]
+    out = scorer(prompts=["Q<a>", "Q<a>", "Q<a>", "R<a>"], completions=["7</a>", "9</a>", "x</a>", "1</a>"],
+                 answer=["<a>7</a>", "<a>7</a>", "<a>7</a>", "<a>1</a>"])
+    assert out == pytest.approx([0.5, 1 / (1 + math.exp(2.0)), 1.0, 0.5])
+    scorer(prompts=["Q<a>"], completions=["9</a>"], answer=["<a>7</a>"])
+    assert scored.count("Q<a>7</a>") == 2  # once as a completion, once as the reference (cached after that)
+    with pytest.raises(ValueError, match="--rm-reward vs-reference needs each row's reference answer"):
+        scorer(prompts=["Q<a>"], completions=["9</a>"], answer=[""])
+    scorer.baseline = "score"
+    assert scorer(prompts=["Q<a>"], completions=["9</a>"]) == [0.0]
+
+
+def test_rm_reward_without_a_reward_model_reward_is_refused_in_one_line():
+    from llmops_jupyter.core.errors import ConfigError
+    from llmops_jupyter.stages.rl.config import RLConfig
+
+    with pytest.raises(ConfigError, match="rm_reward|rm-reward") as e:
+        RLConfig.from_dict({"reward": ["format"], "rm_reward": "vs-reference"})
+    assert "reward-model@latest" in str(e.value)

@@ -60,5 +60,12 @@ def test_reward_model_ranks_correct_answers_and_is_a_reward_by_name(registry, ti
                             "max_steps": 1, "batch_size": 4, "num_generations": 2, "max_completion_length": 8,
                             "checkpoint_every": 0, "check_contract": False})
     assert "rewards/reward-model@latest/mean" in res.metrics
+    # --rm-reward vs-reference: the reward model's preference for each completion over the row's reference answer,
+    # through TRL's answer column and the contract check (which now runs): a probability, not a raw score
+    ref = runner.run("rl", {"model": str(tiny_model), "data": data.hash, "reward": ["reward-model@latest"],
+                            "rm_reward": "vs-reference", "scale_rewards": "none", "max_steps": 1, "batch_size": 4,
+                            "num_generations": 2, "max_completion_length": 8, "checkpoint_every": 0})
+    assert str(ref.status) == "finished"
+    assert 0.0 < ref.metrics["rewards/reward-model@latest/mean"] < 1.0, ref.metrics
     chain = {a.kind for a in registry.lineage_chain(res.artifact)}
     assert "reward-model" in chain
