@@ -7,7 +7,7 @@ The task is bench_rl's (single-digit addition, ``<answer>N</answer>``, the assis
 ``--response-prefix "<answer>"``): each prompt is a chat with bench_rl's system line, two solved problems as earlier
 turns (drawn from a pool of ten demonstration problems that are never asked, sums differing from the asked one)
 and the question. The other 90 problems go through the data stage split by problem (``--split-by problem``,
-``--eval-fraction``, default 0.8: 18 training, 72 held-out problems): the held-out problems are neither in the
+``--eval-fraction``, default 0.4: 54 training, 36 held-out problems): the held-out problems are neither in the
 reward model's training pairs nor trained on by the policy.
 
 Why pairs of the policy's own answers: the earlier design (bench_reward_model.py: wrong numbers drawn from the
@@ -20,11 +20,13 @@ the default) joined by every wrong number 0-18, so on the prompts GRPO trains on
 unseen by the reward model. Chosen: the tagged sum.
 
 Reward model: TRL ``RewardTrainer`` through the stage, LoRA r 16 on every linear layer plus the score head,
-``--rm-lr``, ``--rm-steps`` × 4 pairs; reported: held-out pairwise accuracy (trained and untrained).
+``--rm-lr``, ``--rm-steps`` (400) × 4 pairs; reported: held-out pairwise accuracy (trained and untrained).
 
 GRPO: bench_rl's settings (LoRA r 16, lr 5e-4 constant, 8 generations × 2 prompts per step, completions ≤ 8 tokens,
 temperature 1, KL penalty ``--beta`` towards the base model), reward = the reward model (``reward-model@<hash>``,
-weight 1), with ``--format-weight W`` also the built-in ``format`` for a bare number then ``</answer>`` (it says
+weight 1; ``--rm-reward vs-reference``, the default: its preference for the completion over the reference answer,
+``sigmoid(score - score of the reference)``, with ``--scale-rewards none``: advantage = reward minus the group
+mean), with ``--format-weight W`` also the built-in ``format`` for a bare number then ``</answer>`` (it says
 nothing about correctness: only the reward model does), plus bench_rl's ``exact_tag`` with weight 0 (logged, not
 trained on); the held-out greedy check (``exact_tag``) every
 ``--check-every`` steps. Per seed: the reward model's mean score of the sampled completions over the first vs the
@@ -32,8 +34,9 @@ last ``--window`` logs, and the held-out check at the start vs the end. The goal
 seeds). What a user would do instead: the verifiable reward itself (bench_rl, the same settings) — its figures are
 quoted in bench/RESULTS.md beside these.
 
-    PYTHONPATH=. python bench/bench_rlhf.py [--seeds 0,1,2] [--rm-steps 200] [--steps 50] [--beta 0.04]
-        [--format-weight 10] [--wrong-train 19] [--eval-fraction 0.8]
+    PYTHONPATH=. python bench/bench_rlhf.py [--seeds 0,1,2] [--rm-steps 400] [--steps 50] [--beta 0.04]
+        [--format-weight 1] [--wrong-train 19] [--eval-fraction 0.4] [--rm-reward vs-reference|score]
+        [--scale-rewards none|group]
     # GRPO seeds only, in parallel processes, rewarded by a reward model an earlier run trained:
     PYTHONPATH=. python bench/bench_rlhf.py --seeds 1 --home /tmp/bench-rlhf-XXXX/home --reuse-rm reward-model-XXXX
 """
@@ -164,19 +167,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="rejected answers per training problem (0: --wrong; 19: every wrong number 0-18 and the "
                          "policy's off-format answers, so the reward model has no unseen answer on the prompts it "
                          "rewards)")
-    ap.add_argument("--eval-fraction", type=float, default=0.8,
+    ap.add_argument("--eval-fraction", type=float, default=0.4,
                     help="problems held out (never trained on by the reward model or the policy)")
     ap.add_argument("--rm-lr", type=float, default=1e-3)
-    ap.add_argument("--rm-steps", type=int, default=200)
+    ap.add_argument("--rm-steps", type=int, default=400)
     ap.add_argument("--rm-batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=50, help="GRPO steps")
     ap.add_argument("--lr", type=float, default=5e-4, help="GRPO LoRA learning rate")
     ap.add_argument("--beta", type=float, default=0.0, help="GRPO KL penalty towards the base model")
-    ap.add_argument("--format-weight", type=float, default=10.0,
+    ap.add_argument("--format-weight", type=float, default=1.0,
                     help="also reward the built-in `format` (a bare number then </answer>) with this weight (0: off)")
-    ap.add_argument("--rm-reward", default="score", choices=["score", "vs-reference"],
+    ap.add_argument("--rm-reward", default="vs-reference", choices=["score", "vs-reference"],
                     help="the stage's --rm-reward: the raw score, or sigmoid(score - the reference answer's score)")
-    ap.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"],
+    ap.add_argument("--scale-rewards", default="none", choices=["group", "batch", "none"],
                     help="the stage's --scale-rewards (none: advantages are reward minus the group mean)")
     ap.add_argument("--check-every", type=int, default=10)
     ap.add_argument("--window", type=int, default=10, help="logs averaged for the reward's start and end")
