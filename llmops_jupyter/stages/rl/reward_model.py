@@ -145,7 +145,7 @@ class RewardModelScorer:
     ``baseline="vs-reference"`` (``--rm-reward vs-reference``) gives ``sigmoid(score - score of the reference)``,
     the reference being the row's answer (its last assistant turn, after ``--response-prefix``): the Bradley-Terry
     chance that the reward model prefers the completion to the reference. It is bounded, so an answer the reward
-    model over-scores gains at most 1 over one it scores like the reference, and with ``--scale-rewards none`` a
+    model over-scores gets at most 1, only 0.5 above one it scores like the reference, and with ``--scale-rewards none`` a
     group of answers all far below the reference gets (almost) no advantage instead of a push towards its
     best-scored one (the "Preference As Reward" shaping of Fu et al., 2025, arXiv:2502.18770)."""
 
