@@ -242,10 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
     train, held = problems(a.eval_size, a.shots, tok)
     assert not {(r["a"], r["b"]) for r in train} & {(r["a"], r["b"]) for r in held}
     ours_seeds, trl_seeds = _seeds(a.seeds), [] if a.no_trl else _seeds(a.trl_seeds)
-    plan = [("ours", s) for s in ours_seeds] + [("trl", s) for s in trl_seeds]
-    # the first seed of each, then the stage's other seeds (the goal's median), then TRL's
-    plan = plan[:1] + [x for x in plan if x[0] == "trl"][:1] + [x for x in plan[1:] if x[0] == "ours"] + \
-        [x for x in plan if x[0] == "trl"][1:]
+    o, t = [("ours", s) for s in ours_seeds], [("trl", s) for s in trl_seeds]
+    # the first seed of each, then the stage's other seeds (the goal's median), then TRL's (each once, also when
+    # one side has no seeds: `--seeds '' --trl-seeds 1` used to list TRL's seed 1 twice)
+    plan = o[:1] + t[:1] + o[1:] + t[1:]
     ours: list[dict] = []
     trl: list[dict] = []
     path: Path | None = None
