@@ -290,19 +290,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      "seq_len": 256, "log_every": 10, "name": "addition-rm"})
     if str(rm.status) != "finished":
         raise RuntimeError(f"reward-model run {rm.run_id} {rm.status}")
-    result["reward_model"] = {
-        "run": rm.run_id, "artifact": rm.artifact.hash, "wall_s": time.perf_counter() - t0,
-        "settings": {"lr": args.rm_lr, "steps": args.rm_steps, "batch_pairs": args.rm_batch, "lora_rank": 16,
-                     "lora_alpha": 32, "targets": "all-linear + score head", "seed": 0},
-        **{k: rm.metrics.get(k) for k in ("pairwise_accuracy", "pairwise_accuracy_start", "train_pairwise_accuracy",
-                                          "train_loss")},
-        "eval_pairs": rm.summary.get("eval_pairs"), "train_pairs": rm.summary.get("train_pairs")}
-    result["reward_model"]["goal_holds"] = (rm.metrics.get("pairwise_accuracy") or 0) >= GOAL_ACCURACY
+    result["reward_model"] = rm_figures(rm.run_id, rm.artifact.hash, rm.metrics, rm.summary,
+                                        wall_s=time.perf_counter() - t0,
+                                        settings={"lr": args.rm_lr, "steps": args.rm_steps,
+                                                  "batch_pairs": args.rm_batch, "lora_rank": 16, "lora_alpha": 32,
+                                                  "targets": "all-linear + score head", "seed": 0})
     print(json.dumps(result["reward_model"]), flush=True)
     save()
 
     grpo(args, registry, runner, base, rds, rm.artifact.hash, result, save, seeds)
     return result
+
+
+def rm_figures(run_id: str, artifact: str, metrics: dict, summary: dict, **extra: Any) -> dict[str, Any]:
+    """The reward model's figures in the result (a run trained here or reused from an earlier one)."""
+    return {"run": run_id, "artifact": artifact, **extra,
+            **{k: metrics.get(k) for k in ("pairwise_accuracy", "pairwise_accuracy_start", "train_pairwise_accuracy",
+                                           "train_loss")},
+            "eval_pairs": summary.get("eval_pairs"), "train_pairs": summary.get("train_pairs"),
+            "goal_holds": (metrics.get("pairwise_accuracy") or 0) >= GOAL_ACCURACY}
 
 
 def reuse_rm_grpo(args: Any, registry: Any, runner: Any, base: str, rds: Any, rm_run: dict, result: dict,
@@ -315,16 +321,11 @@ def reuse_rm_grpo(args: Any, registry: Any, runner: Any, base: str, rds: Any, rm
     assert {problem_of(p["prompt"]) for p in pds.eval} == held, "the reward model's held-out problems differ"
     assert not held & {problem_of(p["prompt"]) for p in pds.train}, "a held-out problem is in the training pairs"
     (art,) = registry.run_artifacts(rm_run["id"])
-    m = registry.metrics(rm_run["id"])
     result["data"] = {"train_prompts": len(rds.train), "eval_prompts": len(rds.eval), "train_pairs": len(pds.train),
                       "eval_pairs": len(pds.eval), "held_out_problems": sorted(held),
                       "reused_from": f"reward-model run {rm_run['id']} of the same registry (its pairs dataset)"}
-    result["reward_model"] = {
-        "run": rm_run["id"], "artifact": art.hash, "reused": True,
-        **{k: m.get(k) for k in ("pairwise_accuracy", "pairwise_accuracy_start", "train_pairwise_accuracy",
-                                 "train_loss")},
-        "eval_pairs": rm_run["summary"].get("eval_pairs"), "train_pairs": rm_run["summary"].get("train_pairs")}
-    result["reward_model"]["goal_holds"] = (m.get("pairwise_accuracy") or 0) >= GOAL_ACCURACY
+    result["reward_model"] = rm_figures(rm_run["id"], art.hash, registry.metrics(rm_run["id"]), rm_run["summary"],
+                                        reused=True)
     save()
     grpo(args, registry, runner, base, rds, art.hash, result, save, seeds)
 
