@@ -221,19 +221,30 @@ class Registry(EvalTables, TrafficTables, PromptTables, AuditTables):
         so they never fail for being concurrent. A connection lost before the write began is re-opened."""
         con = self._connect()
         try:
-            self.backend.begin(con)
-        except self.backend.Error:
-            if self.backend.alive(con):
-                raise
-            con = self._connect()  # lost since its last use (e.g. the server restarted): retry once, fresh
-            self.backend.begin(con)
-        try:
+            try:
+                self.backend.begin(con)
+            except self.backend.Error:
+                if self.backend.alive(con):
+                    raise
+                con = self._connect()  # lost since its last use (e.g. the server restarted): retry once, fresh
+                self.backend.begin(con)
             yield con
             con.execute("COMMIT")
         except BaseException:
-            if self.backend.alive(con):
-                con.execute("ROLLBACK")
+            # A signal handler can raise (KeyboardInterrupt, the runner's SIGTERM) just after BEGIN or just after
+            # COMMIT returned. The first leaves the transaction open on this thread's connection, so it is rolled
+            # back here; the second leaves nothing to roll back. Either way the interrupt, not a failed ROLLBACK,
+            # is what the caller sees.
+            self._undo(con)
             raise
+
+    def _undo(self, con: Any) -> None:
+        """Roll back ``con``'s open transaction, if it has one; a failure here never hides the error being raised."""
+        try:
+            if self.backend.alive(con) and con.in_transaction:
+                con.execute("ROLLBACK")
+        except self.backend.Error:
+            pass
 
     def _write_retrying(self, body: Any) -> Any:
         """``body(con)`` in one :meth:`_transaction`, run again once on a fresh connection when the connection died

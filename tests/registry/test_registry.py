@@ -171,3 +171,49 @@ def test_audit_rows_are_append_only(registry):
         with registry._transaction() as con:
             con.execute("UPDATE audit_log SET event='edited'")
     assert [r["event"] for r in registry.audit_rows()] == ["started", "card"]
+
+
+class _InterruptAfter:
+    """A registry connection on which a signal handler raises KeyboardInterrupt just after ``statement`` returned,
+    as SIGINT (or the runner's SIGTERM handler) does when the signal lands during that call."""
+
+    def __init__(self, con, statement):
+        self._con, self._statement = con, statement
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)
+
+    def execute(self, sql, *args):
+        cursor = self._con.execute(sql, *args)
+        if sql == self._statement:
+            raise KeyboardInterrupt
+        return cursor
+
+
+def test_an_interrupt_just_after_commit_or_begin_is_what_the_caller_sees_and_leaves_no_open_write(
+        registry, monkeypatch):
+    """CI once saw SIGTERM land right after COMMIT returned: the ROLLBACK that followed failed ('no transaction is
+    active') and that error replaced the interrupt, so the fine-tune exited 1 instead of 130."""
+    run = registry.create_run("data", {})
+    real = registry._connect()
+
+    registry._local.con = _InterruptAfter(real, "COMMIT")
+    with pytest.raises(KeyboardInterrupt):
+        registry.log_metrics(run, {"loss": 1.0}, step=1)
+    registry._local.con = real
+    assert [m["value"] for m in registry.metric_history(run)] == [1.0]  # COMMIT had returned: the row is kept
+
+    begin = registry.backend.begin
+
+    def begin_then_interrupt(con):
+        begin(con)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry.backend, "begin", begin_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        registry.log_metrics(run, {"loss": 2.0}, step=2)
+    monkeypatch.setattr(registry.backend, "begin", begin)
+    assert not real.in_transaction  # not left open, so the runner can still record the interrupt
+    registry.finish_run(run, RunStatus.INTERRUPTED, error="interrupted (SIGTERM)")
+    assert registry.get_run(run)["status"] == "interrupted"
+    assert [m["value"] for m in registry.metric_history(run)] == [1.0]
