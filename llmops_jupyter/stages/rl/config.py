@@ -20,6 +20,7 @@ __all__ = ["RLConfig", "RewardModelConfig", "reward_name"]
 METHODS = ("grpo", "rloo")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 GUARD_ACTIONS = ("alert", "stop")
+KEEP = ("last", "best-check")
 
 
 @dataclasses.dataclass
@@ -107,6 +108,9 @@ class RLConfig(StageConfig):
                                         "callable)")
     check_examples: int = option(8, "held-out prompts for the check (from the eval split, else the train split)",
                                  min=1)
+    keep: str = option("last", "which adapter the run stores: last (the final step's) or best-check (the one from "
+                               "the step whose held-out check scored best, as the Trainer's load_best_model_at_end; "
+                               "needs --check-every)", choices=KEEP)
     # RLAIF judge
     judge: str | None = option(None, "with --reward judge: the judge model (registry ref, provider) or an "
                                      "OpenAI-compatible URL")
@@ -153,6 +157,9 @@ class RLConfig(StageConfig):
                                fix="pass --judge <model or http(s) URL> (not the model being trained)")
         if not self.target_modules:
             raise self.invalid("target_modules", "must name at least one module", fix="use --target-modules auto")
+        if self.keep == "best-check" and not self.check_every and not self.resume:
+            raise self.invalid("keep", "best-check picks the adapter by the held-out check, and --check-every is 0",
+                               fix="add --check-every N (e.g. 10), or drop --keep")
         if self.rm_reward != "score" and self.reward and not any(
                 reward_name(r).startswith("reward-model") for r in self.reward):
             raise self.invalid("rm_reward", f"{self.rm_reward} applies to a reward-model@<ref> reward, and --reward "

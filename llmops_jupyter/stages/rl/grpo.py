@@ -29,6 +29,47 @@ if TYPE_CHECKING:
 RL_KEYS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completions/mean_length",
            "completions/clipped_ratio", "clip_ratio/region_mean")
 SAMPLES_FILE = "samples.jsonl"
+BEST_DIR = "best-check"  # in the run folder: step-<N>/ (the adapter) and best.json naming it, for --keep best-check
+
+
+def read_best(best_dir: Path) -> dict[str, Any] | None:
+    """The best held-out check so far ({"step", "score", "dir"}) of a ``--keep best-check`` run, or None. best.json is
+    written only once its adapter folder is complete, so a run killed mid-save still names a whole adapter."""
+    try:
+        best = json.loads((best_dir / "best.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return best if (best_dir / best.get("dir", "")).is_dir() else None
+
+
+def save_best(model: Any, best_dir: Path, step: int, score: float) -> dict[str, Any]:
+    """Save ``model``'s adapter as the best so far: its folder first, then best.json, then older folders go."""
+    import shutil
+
+    from llmops_jupyter.core.files import atomic_dir, atomic_write_json
+
+    name = f"step-{step}"
+    with atomic_dir(best_dir / name) as tmp:
+        model.save_pretrained(str(tmp), selected_adapters=["default"])
+    best = {"step": step, "score": score, "dir": name}
+    atomic_write_json(best_dir / "best.json", best)
+    for old in best_dir.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return best
+
+
+def keep_best(adapter_dir: Path, best_dir: Path) -> dict[str, Any] | None:
+    """Put the best check's adapter weights and config in place of the last step's in ``adapter_dir``."""
+    import shutil
+
+    best = read_best(best_dir)
+    if best is None:
+        return None
+    for f in (best_dir / best["dir"]).iterdir():
+        if f.is_file():
+            shutil.copy2(f, adapter_dir / f.name)
+    return best
 
 
 def reference(row: dict[str, Any]) -> str:
@@ -99,6 +140,8 @@ def _rl_callback_cls():
             self.model = None
             self.rewards_logged: list[float] = []
             self.checks: list[tuple[int, float]] = []
+            self.best_dir = samples_path.parent / BEST_DIR if cfg.keep == "best-check" else None
+            self.best = read_best(self.best_dir) if self.best_dir is not None else None  # a resumed run's so far
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             self.model = model
@@ -113,6 +156,8 @@ def _rl_callback_cls():
             score = self.check(self.model)
             self.checks.append((step, score))
             self.reporter.log_metrics({f"check/{self.cfg.check_reward}": score}, step=step)
+            if self.best_dir is not None and (self.best is None or score > self.best["score"]):
+                self.best = save_best(self.model, self.best_dir, step, score)
             self._alerts(self.guards.observe_check(step, score), control)
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -243,11 +288,20 @@ def train_rl(cfg: RLConfig, model_path: Path, train_rows: list[dict], eval_rows:
             if adapter_dir is not None and samples_path.exists():
                 adapter_dir.mkdir(parents=True, exist_ok=True)
                 (adapter_dir / SAMPLES_FILE).write_bytes(samples_path.read_bytes())
-            return finish_run(trainer, model, counter, metrics, dtype=dtype, batching=f"generate+score ({cfg.method})",
-                              train_examples=len(train), eval_examples=len(held), tokenizer=tokenizer,
-                              adapter_dir=adapter_dir, save_kwargs={"selected_adapters": ["default"]},
-                              rewards=list(rewards.names), reward_weights=list(rewards.weights),
-                              alerts=[str(a) for a in guards.fired.values()])
+            out = finish_run(trainer, model, counter, metrics, dtype=dtype, batching=f"generate+score ({cfg.method})",
+                             train_examples=len(train), eval_examples=len(held), tokenizer=tokenizer,
+                             adapter_dir=adapter_dir, save_kwargs={"selected_adapters": ["default"]},
+                             rewards=list(rewards.names), reward_weights=list(rewards.weights),
+                             alerts=[str(a) for a in guards.fired.values()])
+            if rl.best_dir is not None and adapter_dir is not None:
+                best = keep_best(adapter_dir, rl.best_dir)
+                if best is None:  # pragma: no cover - every run with a check saves one at its first check
+                    raise StageError("--keep best-check: no checked adapter was saved.", fix="rerun with --keep last")
+                out.metrics["check_kept"] = best["score"]
+                out.info.update(kept="best-check", kept_step=best["step"])
+            elif adapter_dir is not None:
+                out.info.update(kept="last", kept_step=trainer.state.global_step)
+            return out
         finally:
             release(trainer, hook)
             del trainer, model

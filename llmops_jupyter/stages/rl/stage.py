@@ -116,6 +116,9 @@ def effective_config(ctx: RunContext) -> tuple[RLConfig, dict[str, Any], Any]:
     if eff.max_steps and eff.max_steps <= ckpt[0]:
         raise StageError(f"--max-steps {eff.max_steps} is not past run {src['id']}'s last checkpoint (step {ckpt[0]}).",
                          fix=f"give --max-steps above {ckpt[0]} to train longer")
+    if eff.keep == "best-check" and not eff.check_every:
+        raise StageError(f"Run {src['id']} keeps its best-check adapter, and this --resume has no held-out check.",
+                         fix=f"pass --check-every N again (the run used {src['params'].get('check_every')})")
     pinned = {k: src["summary"].get(k) for k in ("dataset", "base_model_path") if src["summary"].get(k)}
     return eff, {"resumed_from": src["id"], "resumed_at_step": ckpt[0], **pinned}, ckpt[1]
 
@@ -159,6 +162,25 @@ def source_hashes(funcs: list[tuple[str, Any]]) -> dict[str, str]:
     return out
 
 
+def carry_best(ctx: RunContext, src_folder: Any, folder: Any, at_step: int) -> None:
+    """A resumed ``--keep best-check`` run starts from the interrupted run's best adapter when that was checked at
+    or before the checkpoint it resumes from (a later one came from steps the resumed run trains again)."""
+    import shutil
+
+    from llmops_jupyter.stages.rl.grpo import BEST_DIR, read_best
+
+    best = read_best(src_folder / BEST_DIR)
+    if best is None:
+        return
+    if best["step"] > at_step:
+        ctx.log(f"best check of the interrupted run (step {best['step']}) is past its checkpoint (step {at_step}); "
+                "the resumed run picks its best again from its own checks")
+        return
+    dest = folder / BEST_DIR
+    shutil.copytree(src_folder / BEST_DIR / best["dir"], dest / best["dir"], dirs_exist_ok=True)
+    (dest / "best.json").write_text(json.dumps(best), encoding="utf-8")
+
+
 def run_rl(ctx: RunContext) -> dict[str, Any]:
     from llmops_jupyter.core.capture import run_log_path
     from llmops_jupyter.models.refs import use_model
@@ -172,6 +194,8 @@ def run_rl(ctx: RunContext) -> dict[str, Any]:
         raise StageError(f"--model '{cfg.model}' is a {model.kind}; RL trains a LoRA adapter on a base model.",
                          fix="pass the base model (for an adapter: its merged model from `%llmops merge`)")
     folder = run_dir(ctx.registry, ctx.run_id)
+    if cfg.keep == "best-check" and resumed:
+        carry_best(ctx, run_dir(ctx.registry, resumed["resumed_from"]), folder, resumed["resumed_at_step"])
     funcs = resolve_rewards(ctx, cfg, model, folder)
     rewards = RewardSet(funcs, list(cfg.reward_weights), num_generations=cfg.num_generations, method=cfg.method,
                         scale_rewards=cfg.scale_rewards)

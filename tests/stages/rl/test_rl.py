@@ -198,3 +198,56 @@ def test_rl_with_the_judge_reward_and_the_policy_refused_as_its_own_judge(regist
 
     with pytest.raises(ConfigError, match="is the model being trained"):
         run_rl(registry, tiny_model, tiny_dataset, ["judge"], judge=str(tiny_model), max_steps=1)
+
+
+def scripted_check(scores):
+    """A reward that returns 0 while training and, for the greedy held-out check (no trainer state), the next of
+    ``scores`` for every prompt (0 once they run out)."""
+    left = list(scores)
+
+    def scripted(completions, trainer_state=None, **kw):
+        if trainer_state is not None:
+            return [0.0] * len(completions)
+        return [left.pop(0) if left else 0.0] * len(completions)
+
+    return scripted
+
+
+def test_keep_best_check_stores_the_best_checked_adapter_and_resume_carries_it(registry, tiny_model, tiny_dataset):
+    from safetensors.torch import load_file
+
+    def has_digit(completions, **kw):
+        return [float(any(ch.isdigit() for ch in c)) for c in completions]
+
+    checked = scripted_check([0.1, 0.9, 0.2, 0.3])  # checks at steps 0, 1, 2, 3: step 1 is the best
+    res = run_rl(registry, tiny_model, tiny_dataset, [has_digit, checked], reward_weights=[1.0, 0.0], max_steps=3,
+                 check_every=1, check_reward="scripted", check_examples=2, keep="best-check", checkpoint_every=1,
+                 keep_checkpoints=5, dominance_max=1.0, zero_std_max=1.0, clipped_max=1.0)
+    assert str(res.status) == "finished"
+    assert res.summary["kept"] == "best-check" and res.summary["kept_step"] == 1
+    assert res.metrics["check_kept"] == 0.9 and res.metrics["check_end"] == 0.3
+    kept = load_file(res.artifact.path / "adapter_model.safetensors")
+    ckpts = registry.home / "runs" / res.run_id / "checkpoints"
+    at_1 = load_file(ckpts / "checkpoint-1" / "adapter_model.safetensors")
+    at_3 = load_file(ckpts / "checkpoint-3" / "adapter_model.safetensors")
+    assert kept.keys() == at_1.keys()
+    assert all((kept[k] == at_1[k]).all() for k in kept)  # step 1's weights, not the last step's
+    assert any(not (kept[k] == at_3[k]).all() for k in kept)
+
+    # resumed: the interrupted run's best (step 1, at or before the checkpoint resumed from) stays the one to beat
+    more = run_rl(registry, tiny_model, tiny_dataset, [has_digit, scripted_check([0.5, 0.5])],
+                  reward_weights=[1.0, 0.0], resume=res.run_id, max_steps=5, check_every=1, clipped_max=1.0)
+    assert more.summary["resumed_at_step"] == 3 and more.summary["steps"] == 5
+    assert more.summary["kept_step"] == 1 and more.metrics["check_kept"] == 0.9
+    assert all((load_file(more.artifact.path / "adapter_model.safetensors")[k] == at_1[k]).all() for k in kept)
+
+
+def test_keep_best_check_without_the_held_out_check_is_refused_in_one_line(registry, tiny_model, tiny_dataset):
+    from llmops_jupyter.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        run_rl(registry, tiny_model, tiny_dataset, ["format"], keep="best-check")
+    assert "keep" in str(info.value) and "--check-every" in str(info.value)
+    assert len(str(info.value).splitlines()) <= 2
+    last = run_rl(registry, tiny_model, tiny_dataset, ["format"], max_steps=1, clipped_max=1.0, zero_std_max=1.0)
+    assert last.summary["kept"] == "last" and last.summary["kept_step"] == 1
