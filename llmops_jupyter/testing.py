@@ -386,3 +386,12 @@ class FakeOpenAI:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def sliced_kernel_manager() -> type:
+    """The kernel manager a test's ``NotebookClient`` / ``papermill.execute_notebook`` gets, as pipeline runs do
+    (``kernel_manager_class=``): its client never sleeps through a reply whose wake-up pyzmq lost
+    (:mod:`llmops_jupyter.pipelines.kernel_client`). Imported on call: jupyter_client is in the [batch] extra."""
+    from llmops_jupyter.pipelines.kernel_client import SlicedPollKernelManager
+
+    return SlicedPollKernelManager

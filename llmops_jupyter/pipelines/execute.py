@@ -93,7 +93,8 @@ def _ipc_prefix() -> str | None:
 
 
 def _kernel_manager_class(extra_env: dict[str, str], log_path: Path | None = None):
-    """An AsyncKernelManager that starts the kernel with ``extra_env`` on top of this process's environment.
+    """An AsyncKernelManager that starts the kernel with ``extra_env`` on top of this process's environment, its
+    client polling in short slices (:mod:`llmops_jupyter.pipelines.kernel_client`: no cell waits out a missed wake-up).
 
     Passing the environment to the kernel (instead of setting ``os.environ``) lets several pipelines run at once in
     threads (a Dask worker) without seeing each other's run ids or GPU pins. On POSIX the kernel talks over IPC
@@ -101,9 +102,9 @@ def _kernel_manager_class(extra_env: dict[str, str], log_path: Path | None = Non
     can connect to a pipeline's kernel. With ``log_path`` the kernel process's own stdout/stderr (its
     ``[IPKernelApp]`` messages, C libraries' prints) go to that file instead of this process's terminal.
     """
-    from jupyter_client import AsyncKernelManager
+    from llmops_jupyter.pipelines.kernel_client import SlicedPollKernelManager
 
-    class EnvKernelManager(AsyncKernelManager):
+    class EnvKernelManager(SlicedPollKernelManager):
         def __init__(self, **kw: Any) -> None:
             ipc = _ipc_prefix()
             if ipc is not None:  # a prefix of its own: kernels started at once in threads never share sockets

@@ -24,6 +24,8 @@ COUNT_ASSERT = re.compile(r"\bassert\b.*\.count\(\)")
 
 #: (file, the line stripped) → why this sleep is the workload of another process, not a wait of the test
 ALLOWED = {
+    ("tests/pipelines/test_kernel_client.py", "await asyncio.sleep(0)"):
+        "one event-loop turn inside a loop on the condition (the task's poll is registered), not a timed wait",
     ("tests/faults/test_concurrent_and_kernels.py",
      'f"import os, time\\nopen({str(pid_file)!r}, \'w\').write(str(os.getpid()))\\ntime.sleep(seconds)")'):
         "the kernel's cell: it runs until the test kills the kernel (the test waits for its pid file)",

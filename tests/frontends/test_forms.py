@@ -16,7 +16,7 @@ from IPython.utils.process import arg_split
 from llmops_jupyter.core.stage import discover, get_command
 from llmops_jupyter.frontends.argparsing import option_groups, parse_config
 from llmops_jupyter.frontends.forms import ConfigForm, build_form
-from llmops_jupyter.testing import tiny_records
+from llmops_jupyter.testing import sliced_kernel_manager, tiny_records
 
 pytest.importorskip("ipywidgets")
 
@@ -182,7 +182,8 @@ def test_form_in_a_real_kernel(home, jsonl):
                 nbformat.v4.new_code_cell(NOTEBOOK_FORM_CELL)]
     replies: list[dict] = []
     client = NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(home.parent)}},
-                            on_cell_executed=lambda cell, cell_index, execute_reply: replies.append(execute_reply))
+                            on_cell_executed=lambda cell, cell_index, execute_reply: replies.append(execute_reply),
+                            kernel_manager_class=sliced_kernel_manager())
     client.execute()
     text = "".join(o.get("text", "") for o in nb.cells[1].outputs)
     errors = json.loads(text.split("ERRORS ", 1)[1].splitlines()[0])

@@ -5,7 +5,7 @@ import json
 import nbformat
 import pytest
 
-from llmops_jupyter.testing import tiny_records
+from llmops_jupyter.testing import sliced_kernel_manager, tiny_records
 
 papermill = pytest.importorskip("papermill")
 
@@ -35,7 +35,7 @@ def test_notebook_runs_data_and_runs_magics(tmp_path):
     nbformat.write(nb, src)
     out = tmp_path / "quickstart.out.ipynb"
     papermill.execute_notebook(str(src), str(out), cwd=str(tmp_path), kernel_name="python3", progress_bar=False,
-                               log_output=False)
+                               log_output=False, kernel_manager_class=sliced_kernel_manager())
     text = outputs_text(nbformat.read(out, as_version=4))
     assert "Data report" in text and "dataset version" in text  # the data report (HTML + text)
     assert "application/vnd.plotly.v1+json" in text and "Example length" in text  # static length histogram

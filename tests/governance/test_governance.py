@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from llmops_jupyter.testing import sliced_kernel_manager
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -208,7 +210,8 @@ def test_audit_log_from_a_real_kernel(registry, home, tmp_path, monkeypatch, she
     monkeypatch.setenv("LLMOPS_SAMPLE_S", "0.05")
     monkeypatch.setenv("JUPYTERHUB_USER", "ada")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}},
+                   kernel_manager_class=sliced_kernel_manager()).execute()
 
     (run,) = registry.list_runs(stage="audit-copy")
     assert run["status"] == "finished" and run["notebook"] == str(nb_path)

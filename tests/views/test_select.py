@@ -8,7 +8,7 @@ import json
 import pytest
 
 from llmops_jupyter.core.runner import Runner
-from llmops_jupyter.testing import FakeOpenAI
+from llmops_jupyter.testing import FakeOpenAI, sliced_kernel_manager
 from llmops_jupyter.views.select import mark_pareto
 
 pytest.importorskip("httpx")
@@ -85,8 +85,8 @@ def test_selection_chart_renders_in_a_notebook_and_the_saved_ipynb(tmp_path):
         "                                '--metrics f1,latency')",
         "%llmops select eval@latest",
         "fake.close()")]
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-                            ).execute()
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}},
+                            kernel_manager_class=sliced_kernel_manager()).execute()
     nbformat.write(nb, str(tmp_path / "saved.ipynb"))
     saved = nbformat.read(str(tmp_path / "saved.ipynb"), as_version=4)
     outs = saved.cells[3]["outputs"]

@@ -27,6 +27,7 @@ from llmops_jupyter.stages.eval.metrics import (
     rouge_l,
     token_f1,
 )
+from llmops_jupyter.testing import sliced_kernel_manager
 
 pytest.importorskip("transformers")
 
@@ -363,7 +364,7 @@ def test_notebook_through_a_real_kernel_shows_the_summary_figure(tmp_path, tiny_
     src, out = tmp_path / "eval.ipynb", tmp_path / "eval.out.ipynb"
     nbformat.write(nb, src)
     papermill.execute_notebook(str(src), str(out), cwd=str(tmp_path), kernel_name="python3", progress_bar=False,
-                               log_output=False)
+                               log_output=False, kernel_manager_class=sliced_kernel_manager())
     saved = nbformat.read(out, as_version=4)
     mimes = [m for c in saved.cells for o in c.get("outputs", []) for m in o.get("data", {})]
     assert "application/vnd.plotly.v1+json" in mimes

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from llmops_jupyter.core.runner import Runner
+from llmops_jupyter.testing import sliced_kernel_manager
 
 
 def test_report_shows_an_explain_run(registry, tiny_model, tiny_dataset, tmp_path):
@@ -33,7 +34,8 @@ def test_pictures_survive_in_the_saved_notebook(tmp_path, tiny_model):
         f"r = get_ipython().run_line_magic('llmops', \"explain --model {tiny_model} --model {tiny_model} "
         "--prompt 'two plus two' --target four\")")]
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+                            resources={"metadata": {"path": str(tmp_path)}},
+                            kernel_manager_class=sliced_kernel_manager()).execute()
     nbformat.write(nb, str(tmp_path / "saved.ipynb"))
     saved = nbformat.read(str(tmp_path / "saved.ipynb"), as_version=4)
     outs = [o for o in saved.cells[1]["outputs"] if o.get("output_type") == "display_data"]

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from llmops_jupyter.core.runner import Runner
+from llmops_jupyter.testing import sliced_kernel_manager
 
 
 @pytest.fixture()
@@ -50,7 +51,8 @@ def _saved_notebook(tmp_path, tiny_model, cells):
         f"d = get_ipython().run_line_magic('llmops', 'data $recs --tokenizer {tiny_model} --eval-fraction 0.5')",
         *cells)]
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+                            resources={"metadata": {"path": str(tmp_path)}},
+                            kernel_manager_class=sliced_kernel_manager()).execute()
     nbformat.write(nb, str(tmp_path / "saved.ipynb"))
     return nbformat.read(str(tmp_path / "saved.ipynb"), as_version=4)
 

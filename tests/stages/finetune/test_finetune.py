@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llmops_jupyter.core.errors import ConfigError, ResourceError, StageError
-from llmops_jupyter.testing import wait_until
+from llmops_jupyter.testing import sliced_kernel_manager, wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -216,7 +216,8 @@ def test_saved_notebook_shows_static_loss_figure(tiny_model, tiny_dataset, home,
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}},
+                       kernel_manager_class=sliced_kernel_manager()).execute()
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from llmops_jupyter.testing import sliced_kernel_manager
+
 pytestmark = pytest.mark.slow  # real kernels, servers or killed processes: over ~20 s on 2 cores
 
 pytest.importorskip("fastapi")
@@ -56,7 +58,8 @@ def test_generated_key_is_not_in_the_saved_notebook_nor_the_registry(tiny_model,
                 nbformat.v4.new_code_cell("%llmops deployments"),
                 nbformat.v4.new_code_cell("%llmops serve --stop")]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    client = NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}},
+                            kernel_manager_class=sliced_kernel_manager())
     keys: list[str] = []
     with client.setup_kernel():
         for i in range(4):
