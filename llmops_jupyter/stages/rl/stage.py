@@ -167,6 +167,7 @@ def carry_best(ctx: RunContext, src_folder: Any, folder: Any, at_step: int) -> N
     or before the checkpoint it resumes from (a later one came from steps the resumed run trains again)."""
     import shutil
 
+    from llmops_jupyter.core.files import atomic_write_json
     from llmops_jupyter.stages.rl.grpo import BEST_DIR, read_best
 
     best = read_best(src_folder / BEST_DIR)
@@ -178,7 +179,7 @@ def carry_best(ctx: RunContext, src_folder: Any, folder: Any, at_step: int) -> N
         return
     dest = folder / BEST_DIR
     shutil.copytree(src_folder / BEST_DIR / best["dir"], dest / best["dir"], dirs_exist_ok=True)
-    (dest / "best.json").write_text(json.dumps(best), encoding="utf-8")
+    atomic_write_json(dest / "best.json", best)  # after the folder, as save_best writes them
 
 
 def run_rl(ctx: RunContext) -> dict[str, Any]:
