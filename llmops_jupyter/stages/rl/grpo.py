@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import warnings
 from collections.abc import Callable
@@ -44,25 +45,36 @@ def read_best(best_dir: Path) -> dict[str, Any] | None:
 
 def save_best(model: Any, best_dir: Path, step: int, score: float) -> dict[str, Any]:
     """Save ``model``'s adapter as the best so far: its folder first, then best.json, then older folders go."""
-    import shutil
-
-    from llmops_jupyter.core.files import atomic_dir, atomic_write_json
+    from llmops_jupyter.core.files import atomic_dir
 
     name = f"step-{step}"
     with atomic_dir(best_dir / name) as tmp:
         model.save_pretrained(str(tmp), selected_adapters=["default"])
-    best = {"step": step, "score": score, "dir": name}
+    return _publish_best(best_dir, {"step": step, "score": score, "dir": name})
+
+
+def copy_best(src_dir: Path, dest_dir: Path, best: dict[str, Any]) -> dict[str, Any]:
+    """Copy ``best`` (as :func:`read_best` returned it from ``src_dir``) into ``dest_dir``, in save_best's order."""
+    from llmops_jupyter.core.files import atomic_dir
+
+    with atomic_dir(dest_dir / best["dir"]) as tmp:
+        shutil.copytree(src_dir / best["dir"], tmp, dirs_exist_ok=True)
+    return _publish_best(dest_dir, best)
+
+
+def _publish_best(best_dir: Path, best: dict[str, Any]) -> dict[str, Any]:
+    """Name ``best`` in best.json once its folder is whole, then remove the older folders."""
+    from llmops_jupyter.core.files import atomic_write_json
+
     atomic_write_json(best_dir / "best.json", best)
     for old in best_dir.glob("step-*"):
-        if old.name != name:
+        if old.name != best["dir"]:
             shutil.rmtree(old, ignore_errors=True)
     return best
 
 
 def keep_best(adapter_dir: Path, best_dir: Path) -> dict[str, Any] | None:
     """Put the best check's adapter weights and config in place of the last step's in ``adapter_dir``."""
-    import shutil
-
     best = read_best(best_dir)
     if best is None:
         return None

@@ -165,10 +165,7 @@ def source_hashes(funcs: list[tuple[str, Any]]) -> dict[str, str]:
 def carry_best(ctx: RunContext, src_folder: Any, folder: Any, at_step: int) -> None:
     """A resumed ``--keep best-check`` run starts from the interrupted run's best adapter when that was checked at
     or before the checkpoint it resumes from (a later one came from steps the resumed run trains again)."""
-    import shutil
-
-    from llmops_jupyter.core.files import atomic_write_json
-    from llmops_jupyter.stages.rl.grpo import BEST_DIR, read_best
+    from llmops_jupyter.stages.rl.grpo import BEST_DIR, copy_best, read_best
 
     best = read_best(src_folder / BEST_DIR)
     if best is None:
@@ -177,9 +174,7 @@ def carry_best(ctx: RunContext, src_folder: Any, folder: Any, at_step: int) -> N
         ctx.log(f"best check of the interrupted run (step {best['step']}) is past its checkpoint (step {at_step}); "
                 "the resumed run picks its best again from its own checks")
         return
-    dest = folder / BEST_DIR
-    shutil.copytree(src_folder / BEST_DIR / best["dir"], dest / best["dir"], dirs_exist_ok=True)
-    atomic_write_json(dest / "best.json", best)  # after the folder, as save_best writes them
+    copy_best(src_folder / BEST_DIR, folder / BEST_DIR, best)
 
 
 def run_rl(ctx: RunContext) -> dict[str, Any]:
